@@ -1,0 +1,169 @@
+"""`dfd-data align`: detect, landmark and FFHQ-align every face photo in a folder.
+
+Each source photo becomes one record (or one per face with all_faces); photos without a
+face and files that are not usable images are recorded and reported, never fatal. Rerunning
+skips photos whose aligned image is present, unaltered, and made from a file of the same size.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import atomic_write_bytes, remove_stale_temp_files, sha256_bytes, sha256_file
+from .contact_sheet import contact_sheet
+from .dataset import Dataset, DatasetError, RecordLog
+from .faces import find_faces
+from .ffhq_alignment import TEMPLATE_LEFT_EYE, TEMPLATE_MOUTH, TEMPLATE_RIGHT_EYE, align_face, ffhq_quad
+from .image_io import decode_image, encode_jpeg, encode_png, read_bytes, read_image
+from .runner import BatchSummary, Outcome, SkipItem, Task, run_batch
+from .sources import Source, list_sources
+from .versions import tool_versions
+
+STEP = "align"
+PREVIEW_COUNT = 64
+
+
+@dataclass(frozen=True)
+class AlignParams:
+    size: int = 512
+    all_faces: bool = False
+
+
+@dataclass(frozen=True)
+class _Job:
+    source: Source
+    params: AlignParams
+    out_root: str
+
+
+def _round_points(points: np.ndarray, digits: int = 2) -> list[list[float]]:
+    return [[round(float(x), digits), round(float(y), digits)] for x, y in points]
+
+
+def align_source(task: Task) -> list[dict]:
+    """Worker: align the face(s) of one photo, write them, return their records."""
+    job: _Job = task.payload
+    source, params = job.source, job.params
+    data = read_bytes(source.path)
+    base = {"source": source.relpath, "source_sha256": sha256_bytes(data), "source_bytes": len(data)}
+    image = decode_image(data, source.path)
+    faces = find_faces(image)
+    if not faces:
+        raise SkipItem(f"{source.path}: no face found", [{"id": source.id, **base, "status": "no_face"}])
+    chosen = faces if params.all_faces else faces[:1]
+    records = []
+    for index, face in enumerate(chosen):
+        face_id = f"{source.id}_f{index}" if params.all_faces else source.id
+        quad = ffhq_quad(face.landmarks)
+        png = encode_png(align_face(image, quad, params.size))
+        relpath = f"images/{face_id}.png"
+        atomic_write_bytes(Path(job.out_root, relpath), png)
+        records.append({
+            "id": face_id, **base, "status": "aligned", "face_index": index, "faces_found": len(faces),
+            "image": relpath, "outputs": {relpath: sha256_bytes(png)},
+            "detection": {"box": list(face.box), "score": round(face.score, 4), "upsample": face.upsample},
+            "landmarks": _round_points(face.landmarks, 1), "quad": _round_points(quad, 3),
+        })
+    return records
+
+
+def _is_complete(dataset: Dataset, records: list[dict], source: Source) -> bool:
+    if not records or any(r.get("status") != "aligned" for r in records):
+        return False
+    try:
+        if source.path.stat().st_size != records[0].get("source_bytes"):
+            return False
+    except OSError:
+        return False
+    for record in records:
+        for relpath, digest in record.get("outputs", {}).items():
+            path = dataset.path(relpath)
+            if not path.is_file() or sha256_file(path) != digest:
+                return False
+    return True
+
+
+def align_folder(src: str | os.PathLike, dst: str | os.PathLike, params: AlignParams = AlignParams(), *,
+                 jobs: int = 1, backend: str = "loky", quiet: bool = False) -> BatchSummary:
+    src, dataset = Path(src), Dataset(dst)
+    if not src.is_dir():
+        raise DatasetError(f"{src}: source folder does not exist")
+    if params.size % 32 or params.size < 64:
+        raise DatasetError(f"--size {params.size}: must be a multiple of 32 and at least 64")
+    manifest = dataset.load_manifest()
+    previous = manifest["steps"].get(STEP)
+    if previous and previous.get("params") != asdict(params):
+        raise DatasetError(f"{dataset.root}: already aligned with {previous.get('params')}; use a new folder for {asdict(params)}")
+    source_root = str(src.resolve())
+    if manifest.get("sources") and manifest["sources"][0].get("path") != source_root:
+        raise DatasetError(f"{dataset.root}: built from {manifest['sources'][0]['path']}, not {source_root}; use a new folder")
+
+    sources, ignored = list_sources(src)
+    dataset.root.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(dataset.root)
+    log = RecordLog(dataset.records_path)
+    by_source: dict[str, list[dict]] = {}
+    for record in log.by_id.values():
+        by_source.setdefault(record["source"], []).append(record)
+    known = {s.relpath for s in sources}
+    for relpath in [r for r in by_source if r not in known]:  # photos removed from SRC
+        _drop(dataset, log, by_source.pop(relpath))
+
+    pending = [s for s in sources if not _is_complete(dataset, by_source.get(s.relpath, []), s)]
+    tasks = [Task(s.relpath, str(s.path), _Job(s, params, str(dataset.root))) for s in pending]
+
+    def on_outcome(outcome: Outcome) -> None:
+        old = by_source.get(outcome.task.key, [])
+        attributes = {r["id"]: r["attributes"] for r in old if r.get("attributes")}
+        if outcome.status == "failed":
+            source: Source = outcome.task.payload.source
+            new = [{"id": source.id, "source": source.relpath, "status": "error", "reason": outcome.message}]
+        else:
+            new = outcome.result
+        _drop(dataset, log, [r for r in old if r["id"] not in {n["id"] for n in new}])
+        for record in new:
+            if record["id"] in attributes:
+                record["attributes"] = attributes[record["id"]]
+            log.put(record)
+
+    manifest["resolution"] = params.size
+    manifest["sources"] = [{"path": source_root, "images": len(sources), "other_files_ignored": ignored}]
+    with log:
+        summary = run_batch(STEP, tasks, align_source, jobs=jobs, backend=backend, quiet=quiet,
+                            already_done=len(sources) - len(pending), on_outcome=on_outcome)
+    dataset.replace_errors(STEP, summary.reports)
+
+    statuses = [r["status"] for r in log.by_id.values()]
+    files = _write_preview(dataset)
+    dataset.record_step(manifest, STEP, {
+        "params": asdict(params),
+        "tools": tool_versions("numpy", "opencv", "pillow", "dlib"),
+        "records": dataset.records_path.name,
+        "files": files,
+        "counts": {status: statuses.count(status) for status in ("aligned", "no_face", "error")},
+    })
+    return summary
+
+
+def _drop(dataset: Dataset, log: RecordLog, records: list[dict]) -> None:
+    """Forget records that no longer describe anything, and delete their outputs."""
+    for record in records:
+        for relpath in record.get("outputs", {}):
+            dataset.path(relpath).unlink(missing_ok=True)
+        log.remove(record["id"])
+
+
+def _write_preview(dataset: Dataset) -> dict[str, str]:
+    """Contact sheet of the first aligned faces with the template eye and mouth positions."""
+    aligned = dataset.aligned()[:PREVIEW_COUNT]
+    if not aligned:
+        return {}
+    faces = [read_image(dataset.path(r["image"])) for r in aligned]
+    sheet = contact_sheet(faces, marks=[TEMPLATE_LEFT_EYE, TEMPLATE_RIGHT_EYE, TEMPLATE_MOUTH])
+    data = encode_jpeg(sheet)
+    relpath = "previews/align.jpg"
+    atomic_write_bytes(dataset.path(relpath), data)
+    return {relpath: sha256_bytes(data)}

@@ -1,0 +1,147 @@
+"""`dfd-data`: build a DeepFaceDrawing training set from a folder of face photos."""
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from . import __version__
+from .dataset import Dataset, DatasetError
+from .faces import ModelMissingError
+from .image_io import ImageError
+from .runner import BACKENDS, BatchSummary
+
+USER_ERRORS = (DatasetError, ModelMissingError, ImageError)
+
+
+def _batch_options(func):
+    func = click.option("--quiet", is_flag=True, help="No progress bar; only the summary line.")(func)
+    func = click.option("--backend", type=click.Choice(BACKENDS), default="loky", show_default=True,
+                        help="joblib backend: loky processes, or threads.")(func)
+    func = click.option("--jobs", "-j", type=click.IntRange(1, 256), default=os.cpu_count() or 1, show_default=True,
+                        help="Parallel workers.")(func)
+    return func
+
+
+def _finish(dataset: Dataset, summaries: list[BatchSummary], extra: str = "") -> None:
+    """Print one summary line per batch; exit non-zero when anything failed."""
+    for summary in summaries:
+        reported = f"; {len(summary.reports)} reported in {dataset.errors_path}" if summary.reports else ""
+        click.echo(summary.line() + reported + extra)
+    if any(summary.failed for summary in summaries):
+        sys.exit(1)
+
+
+class _Group(click.Group):
+    """Turns the toolkit's user-facing errors into one-line messages without a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except USER_ERRORS as error:
+            raise click.ClickException(str(error)) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(__version__, prog_name="dfd-data")
+def main():
+    """Prepare DeepFaceDrawing training data: align face photos, crop the five facial
+    components, label images, and keep a verifiable record of every file.
+
+    \b
+    Typical run:
+      dfd-data align photos/ dataset/
+      dfd-data label dataset/ attributes.csv
+      dfd-data crop-components dataset/
+      dfd-data verify dataset/
+    """
+
+
+@main.command()
+@click.argument("src", type=click.Path(file_okay=False, exists=True))
+@click.argument("dst", type=click.Path(file_okay=False))
+@click.option("--size", type=click.IntRange(64, 4096), default=512, help="Output size in pixels (multiple of 32).")
+@click.option("--all-faces", is_flag=True, help="Keep every face found, not just the largest.")
+@_batch_options
+def align(src, dst, size, all_faces, jobs, backend, quiet):
+    """Detect, landmark and FFHQ-align every face photo under SRC into the dataset DST.
+
+    Faces are found with dlib's HOG detector (upsampling for small faces) and aligned from
+    its 68 landmarks the way FFHQ and CelebA-HQ are, so the component windows fit. Photos
+    without a face and unusable files are listed in DST/errors.jsonl; rerunning resumes.
+
+    \b
+    Example:
+      dfd-data align ~/photos data/faces --size 512 --jobs 8
+    """
+    from .align import AlignParams, align_folder
+
+    summary = align_folder(src, dst, AlignParams(size=size, all_faces=all_faces), jobs=jobs, backend=backend, quiet=quiet)
+    dataset = Dataset(dst)
+    _finish(dataset, [summary], f"; preview {dataset.root / 'previews/align.jpg'}")
+
+
+@main.command("crop-components")
+@click.argument("dataset", type=click.Path(file_okay=False, exists=True))
+@click.option("--source", "sources", multiple=True, metavar="FOLDER",
+              help="images or sketches/<method>; repeatable. Default: images and every sketch set.")
+@_batch_options
+def crop_components(dataset, sources, jobs, backend, quiet):
+    """Crop left eye, right eye, nose, mouth and the whitened remainder from every aligned
+    photo and sketch, as PNGs under components/<source>/<component>/ and as stacked .npy
+    arrays (with ids.txt) that training memory-maps.
+
+    \b
+    Example:
+      dfd-data crop-components data/faces --source images
+    """
+    from .crop import crop_dataset
+
+    summaries = crop_dataset(dataset, list(sources) or None, jobs=jobs, backend=backend, quiet=quiet)
+    _finish(Dataset(dataset), summaries)
+
+
+@main.command()
+@click.argument("dataset", type=click.Path(file_okay=False, exists=True))
+@click.argument("file", type=click.Path(dir_okay=False, exists=True))
+def label(dataset, file):
+    """Attach attributes (gender: female/male, split: train/val/test, any other column) to
+    aligned images from a CSV, TSV or JSON FILE keyed by id, source path or file name.
+
+    \b
+    Example CSV:
+      source,gender,split
+      alice.jpg,female,train
+    """
+    from .labels import apply_labels
+
+    report = apply_labels(dataset, file)
+    click.echo(f"label: {report.labelled} images labelled from {report.rows} rows, {len(report.unmatched)} rows matched no image"
+               + (f" (first: {report.unmatched[0]!r})" if report.unmatched else ""))
+
+
+@main.command()
+@click.argument("dataset", type=click.Path(file_okay=False, exists=True))
+def verify(dataset):
+    """Re-check every file of DATASET against its records and manifest checksums and list
+    what is missing, altered or added. Exits non-zero if anything is."""
+    report = Dataset(dataset).verify()
+    for kind in ("missing", "altered", "added"):
+        for relpath in getattr(report, kind):
+            click.echo(f"{kind}: {relpath}")
+    click.echo(f"verify: {report.checked} files checked, {len(report.missing)} missing, "
+               f"{len(report.altered)} altered, {len(report.added)} added")
+    if not report.ok:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("folder", type=click.Path(file_okay=False))
+def samples(folder):
+    """Write the sample face photos that ship inside installed packages (matplotlib's
+    grace_hopper.jpg, scikit-image's astronaut) to FOLDER, for a first run with no data."""
+    from .samples import write_samples
+
+    for path in write_samples(folder):
+        click.echo(str(path))

@@ -1,0 +1,157 @@
+"""`dfd-data crop-components`: cut the five components out of every aligned photo and sketch.
+
+Per source folder (images/ or sketches/<method>/) it writes, under components/<source>/,
+one PNG per component and image (to look at) and, per component, one stacked uint8 .npy
+(N, S, S[, 3]) with ids.txt giving the row order (to memory-map in training).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .atomic import atomic_write_bytes, atomic_write_text, remove_stale_temp_files, sha256_bytes, sha256_file
+from .components import COMPONENTS, component_windows, crop_components
+from .contact_sheet import contact_sheet
+from .dataset import Dataset, DatasetError, RecordLog
+from .image_io import encode_jpeg, encode_png, read_image
+from .runner import BatchSummary, Outcome, Task, run_batch
+from .versions import tool_versions
+
+STEP_PREFIX = "crop-components:"
+PREVIEW_ROWS = 8
+
+
+@dataclass(frozen=True)
+class _Job:
+    record_id: str
+    input_relpath: str
+    gray: bool
+    resolution: int
+    root: str
+    out_dir: str  # components/<source>, relative to root
+
+
+def available_sources(dataset: Dataset) -> list[str]:
+    """images plus every sketch set present, as folder paths relative to the dataset."""
+    sources = ["images"]
+    sketches = dataset.root / "sketches"
+    if sketches.is_dir():
+        sources += sorted(f"sketches/{p.name}" for p in sketches.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sources
+
+
+def crop_one(task: Task) -> dict:
+    """Worker: crop one aligned image or sketch and write its five component PNGs."""
+    job: _Job = task.payload
+    path = Path(job.root, job.input_relpath)
+    image = read_image(path)
+    if image.shape[:2] != (job.resolution, job.resolution):
+        raise DatasetError(f"{path}: is {image.shape[1]}x{image.shape[0]}, expected {job.resolution}x{job.resolution} like the dataset")
+    if job.gray:
+        image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    outputs = {}
+    for name, crop in crop_components(image).items():
+        relpath = f"{job.out_dir}/{name}/{job.record_id}.png"
+        png = encode_png(crop)
+        atomic_write_bytes(Path(job.root, relpath), png)
+        outputs[relpath] = sha256_bytes(png)
+    return {"id": job.record_id, "input": job.input_relpath, "input_sha256": sha256_file(path), "outputs": outputs}
+
+
+def _is_complete(dataset: Dataset, record: dict | None, input_relpath: str) -> bool:
+    if not record or record.get("input") != input_relpath:
+        return False
+    paths = [input_relpath, *record["outputs"]]
+    digests = [record["input_sha256"], *record["outputs"].values()]
+    return all(dataset.path(p).is_file() and sha256_file(dataset.path(p)) == d for p, d in zip(paths, digests))
+
+
+def crop_dataset(root: str | os.PathLike, sources: list[str] | None = None, *, jobs: int = 1,
+                 backend: str = "loky", quiet: bool = False) -> list[BatchSummary]:
+    dataset = Dataset(root)
+    manifest = dataset.require()
+    resolution = manifest.get("resolution")
+    aligned = dataset.aligned()
+    if not aligned:
+        raise DatasetError(f"{dataset.root}: has no aligned images to crop")
+    known = available_sources(dataset)
+    for source in sources or []:
+        if source not in known:
+            raise DatasetError(f"{dataset.root}: no source folder {source!r} (available: {', '.join(known)})")
+    remove_stale_temp_files(dataset.root / "components")
+    return [_crop_source(dataset, manifest, source, aligned, resolution, jobs, backend, quiet) for source in sources or known]
+
+
+def _crop_source(dataset, manifest, source, aligned, resolution, jobs, backend, quiet) -> BatchSummary:
+    step = STEP_PREFIX + source
+    out_dir = f"components/{source}"
+    gray = source != "images"
+    log = RecordLog(dataset.path(out_dir) / "records.jsonl")
+    wanted = {r["id"]: (r["image"] if not gray else f"{source}/{r['id']}.png") for r in aligned}
+    for stale in [i for i in log.by_id if i not in wanted]:
+        for relpath in log.by_id[stale]["outputs"]:
+            dataset.path(relpath).unlink(missing_ok=True)
+        log.remove(stale)
+    pending = [i for i in sorted(wanted) if not _is_complete(dataset, log.by_id.get(i), wanted[i])]
+    tasks = [Task(i, str(dataset.path(wanted[i])), _Job(i, wanted[i], gray, resolution, str(dataset.root), out_dir))
+             for i in pending]
+
+    def on_outcome(outcome: Outcome) -> None:
+        if outcome.status == "done":
+            log.put(outcome.result)
+        else:
+            log.remove(outcome.task.key)
+
+    with log:
+        summary = run_batch(step, tasks, crop_one, jobs=jobs, backend=backend, quiet=quiet,
+                            already_done=len(wanted) - len(pending), on_outcome=on_outcome)
+    dataset.replace_errors(step, summary.reports)
+    ids = sorted(log.by_id)
+    files = _pack(dataset, out_dir, ids, gray, resolution) if ids else {}
+    files.update(_write_preview(dataset, source, out_dir, ids[:PREVIEW_ROWS]))
+    dataset.record_step(manifest, step, {
+        "params": {"resolution": resolution, "windows": {n: vars(w) for n, w in component_windows(resolution).items()}},
+        "tools": tool_versions("numpy", "opencv"),
+        "records": f"{out_dir}/records.jsonl",
+        "files": files,
+        "counts": {"cropped": len(ids), "failed": summary.failed},
+    })
+    return summary
+
+
+def _pack(dataset: Dataset, out_dir: str, ids: list[str], gray: bool, resolution: int) -> dict[str, str]:
+    """Stack each component's PNGs into one .npy in `ids` order, written atomically."""
+    files = {}
+    windows = component_windows(resolution)
+    for name in COMPONENTS:
+        size = windows[name].size
+        shape = (len(ids), size, size) if gray else (len(ids), size, size, 3)
+        target = dataset.path(f"{out_dir}/{name}.npy")
+        temp = target.with_name(f".dfd-tmp-{name}.npy")
+        stack = np.lib.format.open_memmap(temp, mode="w+", dtype=np.uint8, shape=shape)
+        for row, record_id in enumerate(ids):
+            image = cv2.imread(str(dataset.path(f"{out_dir}/{name}/{record_id}.png")), cv2.IMREAD_UNCHANGED)
+            stack[row] = image if gray else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        stack.flush()
+        del stack
+        os.replace(temp, target)
+        files[target.relative_to(dataset.root).as_posix()] = sha256_file(target)
+    ids_relpath = f"{out_dir}/ids.txt"
+    text = "".join(f"{i}\n" for i in ids)
+    atomic_write_text(dataset.path(ids_relpath), text)
+    files[ids_relpath] = sha256_bytes(text.encode("utf-8"))
+    return files
+
+
+def _write_preview(dataset: Dataset, source: str, out_dir: str, ids: list[str]) -> dict[str, str]:
+    if not ids:
+        return {}
+    tiles = [read_image(dataset.path(f"{out_dir}/{name}/{i}.png")) for i in ids for name in COMPONENTS]
+    data = encode_jpeg(contact_sheet(tiles, thumb=128, columns=len(COMPONENTS)))
+    relpath = f"previews/components-{source.replace('/', '-')}.jpg"
+    atomic_write_bytes(dataset.path(relpath), data)
+    return {relpath: sha256_bytes(data)}

@@ -1,0 +1,242 @@
+"""The dataset folder: its layout, per-image records, the manifest and the error log.
+
+Layout (see data_manifest.yaml at the repository root for the annotated schema):
+    data_manifest.yaml   what was done: sources, steps with parameters and tool versions,
+                         splits, counts, aggregate checksum
+    records.jsonl        one line per aligned face (or per source that failed), sorted by id
+    errors.jsonl         every file a step failed on or skipped, with the reason
+    images/<id>.png      aligned faces
+    sketches/<method>/   sketches per method (sketch-synthesis step)
+    components/<source>/ component crops of images/ or of a sketch set
+    previews/            contact sheets a person can look at
+
+Every record that a step writes names its output files with their sha256 under "outputs",
+so `verify` can re-check a dataset without knowing each step.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import yaml
+
+from . import __version__
+from .atomic import atomic_write_text, sha256_file
+
+FORMAT = "dfd-dataset"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "data_manifest.yaml"
+RECORDS_NAME = "records.jsonl"
+ERRORS_NAME = "errors.jsonl"
+
+
+class DatasetError(Exception):
+    """A dataset folder that is missing, malformed or inconsistent (one-line message)."""
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Read JSON lines; a torn last line (a run killed while appending) is dropped."""
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").split("\n")
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):  # only the unterminated last line may be torn
+                break
+            raise DatasetError(f"{path}: line {number} is not valid JSON") from None
+    return rows
+
+
+def jsonl_text(rows: Iterable[dict]) -> str:
+    return "".join(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in rows)
+
+
+class RecordLog:
+    """Records of one step, keyed by "id", appended as results arrive and sorted at the end."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.by_id = {row["id"]: row for row in read_jsonl(path)}
+        self._handle = None
+
+    def __enter__(self) -> "RecordLog":
+        self.rewrite()  # drops a torn line so appends start on a clean line
+        self._handle = open(self.path, "a", encoding="utf-8")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.close()
+        self._handle = None
+        self.rewrite()
+
+    def put(self, record: dict) -> None:
+        self.by_id[record["id"]] = record
+        if self._handle is not None:
+            self._handle.write(jsonl_text([record]))
+            self._handle.flush()
+
+    def remove(self, record_id: str) -> None:
+        self.by_id.pop(record_id, None)
+
+    def rewrite(self) -> None:
+        atomic_write_text(self.path, jsonl_text(self.by_id[key] for key in sorted(self.by_id)))
+
+
+def safe_relpath(root: Path, relpath: str) -> Path:
+    """The file `relpath` inside `root`; refuses paths that would leave the dataset."""
+    candidate = Path(relpath)
+    if candidate.is_absolute() or ".." in candidate.parts or not candidate.parts:
+        raise DatasetError(f"{root}: path {relpath!r} in the dataset records escapes the dataset folder")
+    return root / candidate
+
+
+@dataclass
+class VerifyReport:
+    checked: int = 0
+    missing: list[str] = field(default_factory=list)
+    altered: list[str] = field(default_factory=list)
+    added: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.altered or self.added)
+
+
+class Dataset:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / MANIFEST_NAME
+
+    @property
+    def records_path(self) -> Path:
+        return self.root / RECORDS_NAME
+
+    @property
+    def errors_path(self) -> Path:
+        return self.root / ERRORS_NAME
+
+    def path(self, relpath: str) -> Path:
+        return safe_relpath(self.root, relpath)
+
+    # -- manifest ---------------------------------------------------------------------------
+
+    def load_manifest(self) -> dict:
+        if not self.manifest_path.exists():
+            return {"format": FORMAT, "version": FORMAT_VERSION, "sources": [], "steps": {}}
+        try:
+            manifest = yaml.safe_load(self.manifest_path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as error:
+            raise DatasetError(f"{self.manifest_path}: not valid YAML ({' '.join(str(error).split())})") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise DatasetError(f"{self.manifest_path}: not a {FORMAT} manifest")
+        if manifest.get("version") != FORMAT_VERSION:
+            raise DatasetError(f"{self.manifest_path}: format version {manifest.get('version')} is not supported (expected {FORMAT_VERSION})")
+        manifest.setdefault("steps", {})
+        return manifest
+
+    def require(self) -> dict:
+        """The manifest of an existing dataset, or a clear error if this is not one."""
+        if not self.manifest_path.exists():
+            raise DatasetError(f"{self.root}: not a dataset folder (no {MANIFEST_NAME}; create one with `dfd-data align`)")
+        return self.load_manifest()
+
+    def save_manifest(self, manifest: dict) -> None:
+        """Write the manifest with counts, splits and the aggregate checksum brought up to date."""
+        records = read_jsonl(self.records_path)
+        aligned = [r for r in records if r.get("status") == "aligned"]
+        manifest["created_by"] = f"deepfacedrawing-toolkit {__version__}"
+        manifest["counts"] = {"images": len(aligned), "sources_failed": len(records) - len(aligned)}
+        manifest["splits"] = _tally(r.get("attributes", {}).get("split", "unassigned") for r in aligned)
+        manifest["attributes"] = {"gender": _tally(r.get("attributes", {}).get("gender", "unknown") for r in aligned)}
+        manifest["checksum"] = "sha256:" + aggregate_checksum(self.tracked_files(manifest))
+        ordered = {key: manifest[key] for key in ("format", "version", "created_by", "resolution", "sources",
+                                                   "steps", "counts", "splits", "attributes", "checksum") if key in manifest}
+        ordered.update({k: v for k, v in manifest.items() if k not in ordered})
+        text = "# DeepFaceDrawing dataset manifest; schema documented in data_manifest.yaml of the toolkit.\n"
+        atomic_write_text(self.manifest_path, text + yaml.safe_dump(ordered, sort_keys=False, allow_unicode=True))
+
+    def record_step(self, manifest: dict, name: str, entry: dict) -> None:
+        """Put a step's entry (params, tools, records file, files, counts) into the manifest."""
+        records = entry.get("records")
+        if records:
+            entry["records_sha256"] = sha256_file(self.path(records))
+        manifest["steps"][name] = entry
+        self.save_manifest(manifest)
+
+    # -- records and errors -----------------------------------------------------------------
+
+    def records(self) -> list[dict]:
+        return read_jsonl(self.records_path)
+
+    def aligned(self) -> list[dict]:
+        """Records of aligned faces, sorted by id."""
+        return [r for r in self.records() if r.get("status") == "aligned"]
+
+    def replace_errors(self, step: str, reports: list[dict]) -> None:
+        """Replace `step`'s lines in errors.jsonl by this run's reports."""
+        kept = [row for row in read_jsonl(self.errors_path) if row.get("step") != step]
+        rows = kept + sorted(reports, key=lambda row: row["file"])
+        if rows or self.errors_path.exists():
+            atomic_write_text(self.errors_path, jsonl_text(rows))
+
+    # -- verification -----------------------------------------------------------------------
+
+    def tracked_files(self, manifest: dict) -> dict[str, str]:
+        """Every file the manifest vouches for, relative path -> sha256."""
+        tracked: dict[str, str] = {}
+        for step in manifest.get("steps", {}).values():
+            records = step.get("records")
+            if records:
+                tracked[records] = step.get("records_sha256", "")
+                for row in read_jsonl(self.path(records)):
+                    tracked.update(row.get("outputs", {}))
+            tracked.update(step.get("files", {}))
+        return tracked
+
+    def verify(self) -> VerifyReport:
+        manifest = self.require()
+        tracked = self.tracked_files(manifest)
+        report = VerifyReport()
+        for relpath in sorted(tracked):
+            path = self.path(relpath)
+            report.checked += 1
+            if not path.is_file():
+                report.missing.append(relpath)
+            elif sha256_file(path) != tracked[relpath]:
+                report.altered.append(relpath)
+        if manifest.get("checksum") != "sha256:" + aggregate_checksum(tracked):
+            report.altered.append(MANIFEST_NAME + " (aggregate checksum)")
+        untracked_ok = {MANIFEST_NAME, ERRORS_NAME}
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                relpath = Path(dirpath, name).relative_to(self.root).as_posix()
+                if relpath not in tracked and relpath not in untracked_ok:
+                    report.added.append(relpath)
+        report.added.sort()
+        return report
+
+
+def aggregate_checksum(tracked: dict[str, str]) -> str:
+    digest = hashlib.sha256()
+    for relpath in sorted(tracked):
+        digest.update(f"{relpath}\t{tracked[relpath]}\n".encode("utf-8"))
+    return digest.hexdigest()
+
+
+def _tally(values: Iterable[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for value in values:
+        counts[str(value)] = counts.get(str(value), 0) + 1
+    return dict(sorted(counts.items()))

