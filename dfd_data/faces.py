@@ -21,6 +21,10 @@ DETECTION_MAX_SIDE = 1024
 # Retry with upsampling (finds faces down to ~40 px, then ~20 px) only while the upsampled
 # image stays small enough to be quick.
 UPSAMPLE_MAX_SIDE = 1200
+# HOG scores of real frontal faces are mostly well above this; round things (a badge, a
+# clock) sometimes pass the detector just above 0. Weak detections are kept only when
+# nothing stronger was found, so they can neither win "largest face" nor add false faces.
+CONFIDENT_SCORE = 0.5
 
 
 class ModelMissingError(RuntimeError):
@@ -72,8 +76,11 @@ def find_faces(image: np.ndarray) -> list[Face]:
         if rects or max(small.shape[:2]) * 2 ** (upsample + 1) > UPSAMPLE_MAX_SIDE:
             break
         upsample += 1
+    detections = list(zip(rects, scores))
+    if any(score >= CONFIDENT_SCORE for _rect, score in detections):
+        detections = [(rect, score) for rect, score in detections if score >= CONFIDENT_SCORE]
     faces = []
-    for rect, score in zip(rects, scores):
+    for rect, score in detections:
         box = tuple(int(round(v / scale)) for v in (rect.left(), rect.top(), rect.right(), rect.bottom()))
         shape = predictor(image, dlib.rectangle(*box))
         points = np.array([[shape.part(i).x, shape.part(i).y] for i in range(shape.num_parts)], dtype=np.float64)

@@ -56,9 +56,7 @@ class BatchSummary:
 
     def line(self) -> str:
         total_skipped = self.skipped + self.already_done
-        detail = f" ({self.already_done} already done)" if self.already_done and self.skipped else ""
-        if self.already_done and not self.skipped:
-            detail = " (already done)"
+        detail = f" ({self.already_done} already done)" if self.already_done else ""
         rate = self.done / self.seconds if self.seconds > 0 else 0.0
         return (f"{self.step}: {self.done} done, {total_skipped} skipped{detail}, {self.failed} failed "
                 f"in {self.seconds:.1f} s ({rate:.2f}/s)")

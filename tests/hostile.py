@@ -1,0 +1,84 @@
+"""Builds folders of hostile and awkward image files for the tests (nothing binary is
+committed: every file is made here from the package sample photos or from scratch)."""
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+EXIF_ORIENTATION = 0x0112
+
+
+def _encode(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A valid little PNG whose header declares a gigantic size."""
+    data = bytearray(_encode(Image.new("L", (8, 8)), "PNG"))
+    chunk = b"IHDR" + struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    data[8:33] = struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    return bytes(data)
+
+
+def exif_rotated_jpeg(rgb: np.ndarray) -> bytes:
+    """The photo stored lying on its side with EXIF orientation 6 (rotate 90 CW to view)."""
+    stored = Image.fromarray(np.rot90(rgb, k=1))  # what a camera held sideways stores
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6
+    return _encode(stored, "JPEG", exif=exif, quality=92)
+
+
+def good_variants(face: np.ndarray) -> dict[str, bytes]:
+    """The same face photo in every awkward-but-valid encoding a user may have."""
+    image = Image.fromarray(face)
+    rgba = image.convert("RGBA")
+    rgba.putalpha(255)
+    gray16 = (np.asarray(image.convert("L"), dtype=np.uint16) * 257).astype(np.uint16)
+    return {
+        "photo.webp": _encode(image, "WEBP", quality=90),
+        "photo.bmp": _encode(image, "BMP"),
+        "photo.tiff": _encode(image, "TIFF"),
+        "gray.png": _encode(image.convert("L"), "PNG"),
+        "gray16.png": _encode(Image.fromarray(gray16), "PNG"),
+        "cmyk.jpg": _encode(image.convert("CMYK"), "JPEG", quality=92),
+        "palette.png": _encode(image.quantize(colors=256), "PNG"),
+        "rgba.png": _encode(rgba, "PNG"),
+        "exif rotated.jpg": exif_rotated_jpeg(face),
+        "naïve café ünïcode.jpg": _encode(image, "JPEG", quality=92),
+    }
+
+
+def bad_files(face: np.ndarray) -> dict[str, bytes]:
+    """Files that must each be refused (or skipped) with one clear line."""
+    jpeg = _encode(Image.fromarray(face), "JPEG", quality=92)
+    png = _encode(Image.fromarray(face), "PNG")
+    rng = np.random.default_rng(0)
+    return {
+        "empty.jpg": b"",
+        "truncated.jpg": jpeg[: len(jpeg) // 3],
+        "truncated.png": png[: len(png) // 3],
+        "text.jpg": b"this is not an image, just some text\n" * 20,
+        "page.png": b"<!DOCTYPE html><html><body><p>saved web page</p></body></html>\n",
+        "bomb.png": bomb_png(),
+        "tiny.png": _encode(Image.new("RGB", (10, 10), (200, 150, 120)), "PNG"),
+        "noise-no-face.png": _encode(Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)), "PNG"),
+        "flat-no-face.jpg": _encode(Image.new("RGB", (300, 300), (240, 240, 240)), "JPEG"),
+    }
+
+
+def write_folder(folder: Path, files: dict[str, bytes], symlink_loop: bool = False) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    if symlink_loop:
+        os.symlink("loop.jpg", folder / "loop.jpg")  # points at itself
+        os.symlink(".", folder / "subdir-loop")  # a directory link back to the folder
+    return folder

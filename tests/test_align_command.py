@@ -1,0 +1,160 @@
+"""`dfd-data align` end to end: awkward and hostile inputs, resume, and a kill midway."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from dfd_data.atomic import TEMP_PREFIX
+from dfd_data.dataset import Dataset, read_jsonl
+from dfd_data.image_io import read_image
+from tests.conftest import REPO, dfd_data
+from tests.hostile import bad_files, good_variants, write_folder
+
+
+def all_files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def hostile_run(tmp_path_factory, sample_photos):
+    astronaut = read_image(sample_photos / "astronaut.png")
+    files = {**good_variants(astronaut), **bad_files(astronaut),
+             "grace hopper.jpg": (sample_photos / "grace_hopper.jpg").read_bytes(),
+             "notes.txt": b"not an image name: ignored"}
+    src = write_folder(tmp_path_factory.mktemp("hostile") / "photos", files, symlink_loop=True)
+    dst = src.parent / "faces"
+    result = dfd_data("align", src, dst, "--size", "128", "--jobs", "2")
+    return src, dst, result, files
+
+
+def test_hostile_folder_reports_every_bad_file_and_aligns_every_good_one(hostile_run):
+    src, dst, result, files = hostile_run
+    assert result.returncode == 1, result.stderr  # something failed, and the exit code says so
+    summary = result.stdout.strip().splitlines()[-1]
+    assert summary.startswith("align: 11 done, 2 skipped, 8 failed")
+    errors = {row["file"]: row for row in read_jsonl(dst / "errors.jsonl")}
+    bad = set(bad_files(np.zeros((8, 8, 3), np.uint8))) | {"loop.jpg"}
+    assert {Path(f).name for f in errors} == bad
+    for row in errors.values():
+        assert row["reason"].startswith(row["file"] + ": ") and "\n" not in row["reason"]
+        assert row["status"] == ("skipped" if "no-face" in row["file"] else "failed")
+    assert "no face found" in errors[str(src / "noise-no-face.png")]["reason"]
+
+    records = {r["source"]: r for r in Dataset(dst).records()}
+    good = set(good_variants(np.zeros((8, 8, 3), np.uint8))) | {"grace hopper.jpg"}
+    assert {s for s, r in records.items() if r["status"] == "aligned"} == good
+    assert {s for s, r in records.items() if r["status"] == "no_face"} == {"noise-no-face.png", "flat-no-face.jpg"}
+    images = sorted(p.name for p in (dst / "images").iterdir())
+    assert len(images) == len(good) and not [n for n in images if n.startswith(TEMP_PREFIX)]
+    for record in records.values():
+        if record["status"] == "aligned":
+            assert len(record["landmarks"]) == 68 and len(record["quad"]) == 4 and len(record["source_sha256"]) == 64
+            assert read_image(dst / record["image"]).shape == (128, 128, 3)
+
+
+def test_variants_of_one_photo_align_to_the_same_face(hostile_run):
+    """Format, colour mode and EXIF rotation must not move the face: every encoding of the
+    astronaut lands within a pixel of the plain one (gray ones too, on brightness)."""
+    _src, dst, _result, _files = hostile_run
+    records = [r for r in Dataset(dst).records() if r["status"] == "aligned" and "grace" not in r["source"]]
+    eyes = np.array([np.mean(r["landmarks"][36:42], axis=0) for r in records if "exif" not in r["source"]])
+    assert len(eyes) == 9
+    assert np.ptp(eyes, axis=0).max() < 3.0  # same landmarks within 3 px on the 512 px source
+    exif = next(r for r in records if "exif" in r["source"])
+    assert np.abs(np.mean(exif["landmarks"][36:42], axis=0) - eyes.mean(axis=0)).max() < 3.0  # upright like the rest
+
+
+def test_rerun_resumes_and_changes_nothing(hostile_run):
+    src, dst, _result, _files = hostile_run
+    before = all_files(dst)
+    again = dfd_data("align", src, dst, "--size", "128", "--jobs", "2")
+    assert again.returncode == 1
+    assert again.stdout.strip().splitlines()[-1].startswith("align: 0 done, 13 skipped (11 already done), 8 failed")
+    assert all_files(dst) == before
+
+
+def test_changing_parameters_needs_a_new_folder(hostile_run):
+    src, dst, _result, _files = hostile_run
+    result = dfd_data("align", src, dst, "--size", "256")
+    assert result.returncode == 1 and "already aligned with" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_source_folder_is_one_line(tmp_path):
+    result = dfd_data("align", tmp_path / "nope", tmp_path / "out")
+    assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def kill_midway(src: Path, dst: Path, after_records: int) -> None:
+    """Start align, SIGKILL it once `after_records` records are on disk."""
+    command = [sys.executable, "-m", "dfd_data", "align", str(src), str(dst), "--size", "128", "--jobs", "1", "--quiet"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    records = dst / "records.jsonl"
+    while time.monotonic() < deadline and process.poll() is None:
+        if records.exists() and records.read_text(encoding="utf-8").count("\n") >= after_records:
+            break
+        time.sleep(0.01)
+    assert process.poll() is None, "align finished before it could be killed; give it more work"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+@pytest.fixture(scope="module")
+def resume_source(tmp_path_factory, sample_photos) -> Path:
+    """Fourteen distinct face photos made from the two samples (scaled, flipped, tilted)."""
+    folder = tmp_path_factory.mktemp("resume") / "photos"
+    folder.mkdir()
+    for name in ("astronaut.png", "grace_hopper.jpg"):
+        image = read_image(sample_photos / name)
+        for index, (scale, flip, angle) in enumerate([(1.0, False, 0), (0.8, True, 0), (1.3, False, 8), (0.9, True, -6),
+                                                        (1.1, False, -10), (0.7, False, 4), (1.2, True, 3)]):
+            h, w = image.shape[:2]
+            matrix = cv2.getRotationMatrix2D((w / 2, h / 2), angle, scale)
+            variant = cv2.warpAffine(image, matrix, (w, h), borderMode=cv2.BORDER_REFLECT)
+            variant = variant[:, ::-1] if flip else variant
+            cv2.imwrite(str(folder / f"{Path(name).stem}-{index}.png"), cv2.cvtColor(variant, cv2.COLOR_RGB2BGR))
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 broken")
+    return folder
+
+
+@pytest.mark.parametrize("after_records", [2, 7])
+def test_killed_run_resumes_to_identical_output(tmp_path, resume_source, after_records):
+    reference = tmp_path / "reference"
+    assert dfd_data("align", resume_source, reference, "--size", "128", "--jobs", "1").returncode == 1  # broken.jpg
+    resumed = tmp_path / "resumed"
+    kill_midway(resume_source, resumed, after_records)
+    partial = len(list((resumed / "images").glob("*.png")))
+    assert 0 < partial < 14
+    result = dfd_data("align", resume_source, resumed, "--size", "128", "--jobs", "2")
+    assert result.returncode == 1
+    assert f"{14 - partial} done, {partial} skipped ({partial} already done), 1 failed" in result.stdout
+    assert all_files(resumed) == all_files(reference)
+    assert dfd_data("verify", resumed).returncode == 0
+
+
+def test_all_faces_keeps_every_face(tmp_path, sample_photos):
+    astronaut = read_image(sample_photos / "astronaut.png")
+    grace = cv2.resize(read_image(sample_photos / "grace_hopper.jpg"), (512, 600))
+    group = np.full((600, 1120, 3), 255, np.uint8)
+    group[:512, :512] = astronaut
+    group[:600, 608:1120] = grace
+    src = tmp_path / "group"
+    src.mkdir()
+    cv2.imwrite(str(src / "two.png"), cv2.cvtColor(group, cv2.COLOR_RGB2BGR))
+    assert dfd_data("align", src, tmp_path / "one", "--size", "128").returncode == 0
+    assert [r["id"] for r in Dataset(tmp_path / "one").aligned()] == ["two"]
+    assert dfd_data("align", src, tmp_path / "all", "--size", "128", "--all-faces").returncode == 0
+    records = Dataset(tmp_path / "all").aligned()
+    assert [r["id"] for r in records] == ["two_f0", "two_f1"]
+    assert all(r["faces_found"] == 2 for r in records)
+    assert json.loads((tmp_path / "all" / "records.jsonl").read_text().splitlines()[0])["face_index"] == 0

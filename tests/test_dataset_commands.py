@@ -1,0 +1,148 @@
+"""crop-components, label and verify on a small aligned dataset."""
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from dfd_data.components import COMPONENTS, component_windows, crop_components
+from dfd_data.dataset import Dataset, DatasetError, read_jsonl, safe_relpath
+from dfd_data.image_io import read_image
+from tests.conftest import dfd_data
+
+
+def test_windows_at_512_are_the_published_ones():
+    windows = component_windows(512)
+    assert [(w.x, w.y, w.size) for w in windows.values()] == [
+        (108, 156, 128), (255, 156, 128), (182, 232, 160), (169, 301, 192), (0, 0, 512)]
+
+
+@pytest.mark.parametrize("resolution", [128, 256, 384, 1024])
+def test_scaled_windows_stay_centred_and_divisible_by_32(resolution):
+    scale = resolution / 512
+    for name, window in component_windows(resolution).items():
+        base = component_windows(512)[name]
+        assert window.size % 32 == 0 and 0 <= window.x and window.x + window.size <= resolution
+        centre = (window.x + window.size / 2, window.y + window.size / 2)
+        if resolution - window.size in (window.x, window.y) and name != "remainder":
+            continue  # rounded up past the canvas edge (mouth at 128): shifted inwards instead
+        assert np.hypot(centre[0] - (base.x + base.size / 2) * scale, centre[1] - (base.y + base.size / 2) * scale) <= 1.0
+        assert abs(window.size - base.size * scale) <= 16
+
+
+def test_remainder_is_whitened_exactly_in_the_windows():
+    image = np.zeros((256, 256), np.uint8)
+    crops = crop_components(image)
+    windows = component_windows(256)
+    assert {name: crop.shape for name, crop in crops.items()} == {n: (w.size, w.size) for n, w in windows.items()}
+    inside = np.zeros((256, 256), bool)
+    for name in COMPONENTS[:4]:
+        w = windows[name]
+        inside[w.y:w.y + w.size, w.x:w.x + w.size] = True
+    assert (crops["remainder"][inside] == 255).all() and (crops["remainder"][~inside] == 0).all()
+
+
+def test_crops_as_png_and_stacked_arrays_agree(sample_dataset):
+    ids = (sample_dataset / "components/images/ids.txt").read_text().split()
+    assert ids == ["astronaut", "grace_hopper"]
+    for name, window in component_windows(128).items():
+        stack = np.load(sample_dataset / f"components/images/{name}.npy", mmap_mode="r")
+        assert stack.shape == (2, window.size, window.size, 3) and stack.dtype == np.uint8
+        for row, image_id in enumerate(ids):
+            assert np.array_equal(stack[row], read_image(sample_dataset / f"components/images/{name}/{image_id}.png"))
+            photo = read_image(sample_dataset / f"images/{image_id}.png")
+            if name != "remainder":
+                assert np.array_equal(stack[row], window.crop(photo))
+
+
+def test_sketch_sets_are_cropped_in_gray_and_a_missing_sketch_is_reported(dataset_copy):
+    sketch_dir = dataset_copy / "sketches" / "canny"
+    sketch_dir.mkdir(parents=True)
+    photo = read_image(dataset_copy / "images/astronaut.png")
+    sketch = 255 - cv2.Canny(cv2.cvtColor(photo, cv2.COLOR_RGB2GRAY), 100, 200)
+    cv2.imwrite(str(sketch_dir / "astronaut.png"), sketch)  # grace_hopper's sketch is missing
+    result = dfd_data("crop-components", dataset_copy, "--source", "sketches/canny", "--jobs", "1")
+    assert result.returncode == 1
+    assert "crop-components:sketches/canny: 1 done, 0 skipped, 1 failed" in result.stdout
+    errors = [row for row in read_jsonl(dataset_copy / "errors.jsonl") if row["step"] == "crop-components:sketches/canny"]
+    assert len(errors) == 1 and "grace_hopper.png" in errors[0]["file"] and "cannot read file" in errors[0]["reason"]
+    stack = np.load(dataset_copy / "components/sketches/canny/nose.npy")
+    assert stack.shape == (1, 32, 32)
+    assert np.array_equal(stack[0], component_windows(128)["nose"].crop(sketch))
+    rerun = dfd_data("crop-components", dataset_copy, "--jobs", "1")  # images already done; the sketch retried
+    assert "crop-components:images: 0 done, 2 skipped (2 already done), 0 failed" in rerun.stdout
+    assert rerun.returncode == 1
+
+
+def test_unknown_crop_source_is_a_clear_error(dataset_copy):
+    result = dfd_data("crop-components", dataset_copy, "--source", "sketches/nothing")
+    assert result.returncode == 1 and "no source folder 'sketches/nothing'" in result.stderr
+
+
+def test_verify_catches_changed_removed_and_added_files(dataset_copy):
+    ok = dfd_data("verify", dataset_copy)
+    assert ok.returncode == 0 and ", 0 missing, 0 altered, 0 added" in ok.stdout
+    changed = dataset_copy / "images/astronaut.png"
+    changed.write_bytes(changed.read_bytes()[:-1] + b"\x00")
+    (dataset_copy / "components/images/nose/grace_hopper.png").unlink()
+    (dataset_copy / "images/intruder.png").write_bytes(b"extra")
+    result = dfd_data("verify", dataset_copy)
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert "altered: images/astronaut.png" in lines
+    assert "missing: components/images/nose/grace_hopper.png" in lines
+    assert "added: images/intruder.png" in lines
+    assert lines[-1].endswith("1 missing, 1 altered, 1 added")
+
+
+def test_verify_catches_edited_records(dataset_copy):
+    records = dataset_copy / "records.jsonl"
+    records.write_text(records.read_text().replace('"status": "aligned"', '"status": "aligned" ', 1))
+    result = dfd_data("verify", dataset_copy)
+    assert result.returncode == 1 and "altered: records.jsonl" in result.stdout
+
+
+def test_labels_from_csv_are_kept_and_counted(dataset_copy, tmp_path):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("source,gender,split,smile\nastronaut.png,F,train,1\ngrace_hopper,male,test,0\nnobody.jpg,female,train,1\n")
+    result = dfd_data("label", dataset_copy, labels)
+    assert result.returncode == 0
+    assert result.stdout.startswith("label: 2 images labelled from 3 rows, 1 rows matched no image")
+    records = {r["id"]: r for r in Dataset(dataset_copy).aligned()}
+    assert records["astronaut"]["attributes"] == {"gender": "female", "split": "train", "smile": "1"}
+    assert records["grace_hopper"]["attributes"]["gender"] == "male"
+    manifest = Dataset(dataset_copy).load_manifest()
+    assert manifest["splits"] == {"test": 1, "train": 1}
+    assert manifest["attributes"]["gender"] == {"female": 1, "male": 1}
+    assert dfd_data("verify", dataset_copy).returncode == 0
+
+
+def test_labels_survive_a_rerun_of_align(dataset_copy, tmp_path, sample_photos):
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({"astronaut": {"gender": "female"}}))
+    assert dfd_data("label", dataset_copy, labels).returncode == 0
+    (dataset_copy / "images/astronaut.png").unlink()  # forces the photo to be aligned again
+    assert dfd_data("align", sample_photos, dataset_copy, "--size", "128").returncode == 0
+    record = next(r for r in Dataset(dataset_copy).aligned() if r["id"] == "astronaut")
+    assert record["attributes"] == {"gender": "female"}
+
+
+def test_bad_label_values_name_the_file_and_row(dataset_copy, tmp_path):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("id,gender\nastronaut,1\n")
+    result = dfd_data("label", dataset_copy, labels)
+    assert result.returncode == 1
+    assert f"{labels}: row 2: gender '1' is not one of female, male" in result.stderr
+
+
+def test_paths_cannot_escape_the_dataset(tmp_path):
+    for bad in ("../outside.png", "/etc/passwd", "images/../../x"):
+        with pytest.raises(DatasetError, match="escapes the dataset folder"):
+            safe_relpath(tmp_path, bad)
+
+
+def test_commands_on_a_non_dataset_folder_say_so(tmp_path):
+    result = dfd_data("verify", tmp_path)
+    assert result.returncode == 1 and "not a dataset folder" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,106 @@
+"""Image decoding: every valid encoding becomes 8-bit RGB the right way up; every bad file is
+refused with one line naming it; writes are atomic."""
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dfd_data import atomic
+from dfd_data.atomic import TEMP_PREFIX, atomic_write_bytes
+from dfd_data.image_io import ImageError, decode_image, read_image, write_image
+from tests.hostile import bad_files, bomb_png, exif_rotated_jpeg, good_variants
+
+
+
+@pytest.fixture(scope="module")
+def astronaut():
+    import skimage.data
+
+    return skimage.data.astronaut()
+
+
+def test_every_valid_encoding_decodes_to_rgb8(astronaut):
+    for name, data in good_variants(astronaut).items():
+        image = decode_image(data, name)
+        assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3, name
+        assert image.shape[:2] == astronaut.shape[:2], name
+        gray = astronaut.mean(axis=2)
+        assert abs(float(image.mean(axis=2).mean()) - float(gray.mean())) < 12, name  # same photo, same brightness
+
+
+def test_exif_orientation_is_applied(astronaut):
+    image = decode_image(exif_rotated_jpeg(astronaut), "rotated.jpg")
+    assert image.shape == astronaut.shape
+    assert np.abs(image.astype(int) - astronaut.astype(int)).mean() < 6  # upright again, not lying on its side
+
+
+def test_sixteen_bit_is_scaled_not_clipped():
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(ramp).save(buffer, "PNG")
+    image = decode_image(buffer.getvalue(), "ramp16.png")
+    assert image[0, 0, 0] == 0 and image[-1, -1, 0] == 255
+    assert 120 <= image[32, 0, 0] <= 135  # mid-grey stays mid-grey
+
+
+def test_transparency_composites_on_white():
+    rgba = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    rgba.paste((10, 20, 30, 255), (0, 0, 16, 32))
+    for mode in ("RGBA", "P"):
+        buffer = io.BytesIO()
+        (rgba if mode == "RGBA" else rgba.convert("P")).save(buffer, "PNG")
+        image = decode_image(buffer.getvalue(), f"{mode}.png")
+        assert tuple(image[5, 25]) == (255, 255, 255), mode
+        assert tuple(image[5, 5]) == (10, 20, 30), mode
+
+
+@pytest.mark.parametrize("name", sorted(bad_files(np.zeros((64, 64, 3), np.uint8)).keys() - {"noise-no-face.png", "flat-no-face.jpg"}))
+def test_bad_files_are_refused_with_one_line(tmp_path, astronaut, name):
+    path = tmp_path / name
+    path.write_bytes(bad_files(astronaut)[name])
+    with pytest.raises(ImageError) as raised:
+        read_image(path)
+    message = str(raised.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    expected = {"empty.jpg": "empty", "truncated.jpg": "truncated", "truncated.png": "truncated", "text.jpg": "not an image",
+                "page.png": "not an image", "bomb.png": "too large", "tiny.png": "too small"}[name]
+    assert expected in message
+
+
+def test_unreadable_paths_are_one_line(tmp_path):
+    os.symlink("loop.jpg", tmp_path / "loop.jpg")
+    with pytest.raises(ImageError, match=r"loop\.jpg: cannot read file"):
+        read_image(tmp_path / "loop.jpg")
+    with pytest.raises(ImageError, match="cannot read file"):
+        read_image(tmp_path / "missing.png")
+
+
+def test_bomb_header_is_refused_before_decoding():
+    with pytest.raises(ImageError, match="decompression bomb"):
+        decode_image(bomb_png(20_000, 20_000), "bomb.png")
+
+
+def test_write_image_round_trips(tmp_path, astronaut):
+    write_image(tmp_path / "a.png", astronaut)
+    assert np.array_equal(read_image(tmp_path / "a.png"), astronaut)
+    gray = astronaut[:, :, 0]
+    write_image(tmp_path / "g.png", gray)
+    assert np.array_equal(read_image(tmp_path / "g.png")[:, :, 0], gray)
+
+
+def test_atomic_write_leaves_nothing_when_interrupted(tmp_path, monkeypatch):
+    target = tmp_path / "out" / "file.bin"
+    atomic_write_bytes(target, b"old")
+
+    def fail(*_args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(atomic.os, "replace", fail)
+    with pytest.raises(OSError):
+        atomic_write_bytes(target, b"new content")
+    assert target.read_bytes() == b"old"
+    assert not [p for p in target.parent.iterdir() if p.name.startswith(TEMP_PREFIX)]
