@@ -146,3 +146,20 @@ def test_paths_cannot_escape_the_dataset(tmp_path):
 def test_commands_on_a_non_dataset_folder_say_so(tmp_path):
     result = dfd_data("verify", tmp_path)
     assert result.returncode == 1 and "not a dataset folder" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_written_manifest_follows_the_documented_schema(sample_dataset):
+    """data_manifest.yaml at the repository root documents the format the commands write."""
+    import yaml
+
+    from tests.conftest import REPO
+
+    documented = yaml.safe_load((REPO / "data_manifest.yaml").read_text())
+    written = Dataset(sample_dataset).load_manifest()
+    assert list(written) == list(documented)
+    for step in ("align", "crop-components:images"):
+        assert set(written["steps"][step]) == set(documented["steps"][step])
+    assert set(written["sources"][0]) == set(documented["sources"][0])
+    record = Dataset(sample_dataset).aligned()[0]
+    assert {"id", "source", "source_sha256", "source_bytes", "status", "image", "outputs", "face_index",
+            "faces_found", "detection", "landmarks", "quad"} == set(record)
