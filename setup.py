@@ -30,6 +30,7 @@ setup(
         "pyyaml>=6.0",
         "tqdm>=4.60",
         "safetensors>=0.4",
+        "h5py>=3.8",  # reads the HED weights shipped as Keras h5, once, when fetching them
         "matplotlib>=3.7",
     ],
     extras_require={

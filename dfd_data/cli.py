@@ -8,7 +8,7 @@ import click
 
 from . import __version__
 from .dataset import Dataset, DatasetError
-from .faces import ModelMissingError
+from .errors import ModelMissingError
 from .image_io import ImageError
 from .runner import BACKENDS, BatchSummary
 

