@@ -16,9 +16,10 @@ import numpy as np
 from .atomic import atomic_write_bytes, atomic_write_text, remove_stale_temp_files, sha256_bytes, sha256_file
 from .components import COMPONENTS, component_windows, crop_components
 from .contact_sheet import contact_sheet
-from .dataset import Dataset, DatasetError, RecordLog
+from .dataset import Dataset, DatasetError
+from .derived import run_derived_step
 from .image_io import encode_jpeg, encode_png, read_image
-from .runner import BatchSummary, Outcome, Task, run_batch
+from .runner import BatchSummary, Task
 from .versions import tool_versions
 
 STEP_PREFIX = "crop-components:"
@@ -62,14 +63,6 @@ def crop_one(task: Task) -> dict:
     return {"id": job.record_id, "input": job.input_relpath, "input_sha256": sha256_file(path), "outputs": outputs}
 
 
-def _is_complete(dataset: Dataset, record: dict | None, input_relpath: str) -> bool:
-    if not record or record.get("input") != input_relpath:
-        return False
-    paths = [input_relpath, *record["outputs"]]
-    digests = [record["input_sha256"], *record["outputs"].values()]
-    return all(dataset.path(p).is_file() and sha256_file(dataset.path(p)) == d for p, d in zip(paths, digests))
-
-
 def crop_dataset(root: str | os.PathLike, sources: list[str] | None = None, *, jobs: int = 1,
                  backend: str = "loky", quiet: bool = False) -> list[BatchSummary]:
     dataset = Dataset(root)
@@ -90,27 +83,10 @@ def _crop_source(dataset, manifest, source, aligned, resolution, jobs, backend, 
     step = STEP_PREFIX + source
     out_dir = f"components/{source}"
     gray = source != "images"
-    log = RecordLog(dataset.path(out_dir) / "records.jsonl")
     wanted = {r["id"]: (r["image"] if not gray else f"{source}/{r['id']}.png") for r in aligned}
-    for stale in [i for i in log.by_id if i not in wanted]:
-        for relpath in log.by_id[stale]["outputs"]:
-            dataset.path(relpath).unlink(missing_ok=True)
-        log.remove(stale)
-    pending = [i for i in sorted(wanted) if not _is_complete(dataset, log.by_id.get(i), wanted[i])]
-    tasks = [Task(i, str(dataset.path(wanted[i])), _Job(i, wanted[i], gray, resolution, str(dataset.root), out_dir))
-             for i in pending]
-
-    def on_outcome(outcome: Outcome) -> None:
-        if outcome.status == "done":
-            log.put(outcome.result)
-        else:
-            log.remove(outcome.task.key)
-
-    with log:
-        summary = run_batch(step, tasks, crop_one, jobs=jobs, backend=backend, quiet=quiet,
-                            already_done=len(wanted) - len(pending), on_outcome=on_outcome)
-    dataset.replace_errors(step, summary.reports)
-    ids = sorted(log.by_id)
+    summary, ids = run_derived_step(
+        dataset, step, out_dir, wanted, lambda i, relpath: _Job(i, relpath, gray, resolution, str(dataset.root), out_dir),
+        crop_one, jobs=jobs, backend=backend, quiet=quiet)
     files = _pack(dataset, out_dir, ids, gray, resolution) if ids else {}
     files.update(_write_preview(dataset, source, out_dir, ids[:PREVIEW_ROWS]))
     dataset.record_step(manifest, step, {

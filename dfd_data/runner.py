@@ -4,6 +4,10 @@ It runs a module-level work function over tasks with joblib (loky processes by d
 or threads), shows a progress bar, keeps going when one file fails, and ends with a one-line
 summary. Resume is the caller's part: it leaves out tasks whose outputs are already
 complete and valid and passes their count as `already_done`.
+
+Networks work best on batches: with `batch_size`, the work function receives a list of
+tasks and returns one result per task, where a result may be an exception instance (that
+task failed or was skipped, the others did not).
 """
 from __future__ import annotations
 
@@ -62,19 +66,34 @@ class BatchSummary:
                 f"in {self.seconds:.1f} s ({rate:.2f}/s)")
 
 
-def _run_task(work: Callable[[Task], Any], task: Task) -> Outcome:
-    """Runs in the worker: turns every exception into a one-line outcome."""
+def _outcome_of_error(task: Task, error: BaseException) -> Outcome:
+    """A one-line outcome for an exception raised while working on `task`."""
+    if isinstance(error, SkipItem):
+        return Outcome(task, "skipped", result=error.result, message=str(error))
+    message = " ".join(str(error).split()) or type(error).__name__
+    if not message.startswith(task.label):
+        last = traceback.extract_tb(error.__traceback__)[-1:]
+        where = f" at {last[0].filename.rsplit('/', 1)[-1]}:{last[0].lineno}" if last else ""
+        message = f"{task.label}: {type(error).__name__}: {message}{where}"
+    return Outcome(task, "failed", message=message)
+
+
+def _run_task(work: Callable[[Task], Any], task: Task) -> list[Outcome]:
+    """Runs in the worker: one task, every exception turned into an outcome."""
     try:
-        return Outcome(task, "done", work(task))
-    except SkipItem as skip:
-        return Outcome(task, "skipped", result=skip.result, message=str(skip))
+        return [Outcome(task, "done", work(task))]
     except Exception as error:  # one bad file must never stop the batch
-        message = " ".join(str(error).split()) or type(error).__name__
-        if not message.startswith(task.label):
-            last = traceback.extract_tb(error.__traceback__)[-1:]
-            where = f" at {last[0].filename.rsplit('/', 1)[-1]}:{last[0].lineno}" if last else ""
-            message = f"{task.label}: {type(error).__name__}: {message}{where}"
-        return Outcome(task, "failed", message=message)
+        return [_outcome_of_error(task, error)]
+
+
+def _run_batch_of_tasks(work: Callable[[list[Task]], list[Any]], tasks: list[Task]) -> list[Outcome]:
+    """Runs in the worker: a batch of tasks; a result that is an exception fails its task only."""
+    try:
+        results = work(tasks)
+    except Exception as error:  # the whole batch failed: say so for each of its files
+        return [_outcome_of_error(task, error) for task in tasks]
+    return [_outcome_of_error(task, result) if isinstance(result, BaseException) else Outcome(task, "done", result)
+            for task, result in zip(tasks, results)]
 
 
 def run_batch(
@@ -88,6 +107,7 @@ def run_batch(
     already_done: int = 0,
     on_outcome: Callable[[Outcome], None] | None = None,
     unit: str = "img",
+    batch_size: int | None = None,
 ) -> BatchSummary:
     """Run `work` over `tasks`; `on_outcome` is called in this process as each one ends."""
     if backend not in BACKENDS:
@@ -96,11 +116,15 @@ def run_batch(
     summary = BatchSummary(step, already_done=already_done)
     start = time.perf_counter()
     if tasks:
-        n_jobs = max(1, min(jobs, len(tasks)))
+        if batch_size:
+            calls = [joblib.delayed(_run_batch_of_tasks)(work, tasks[i:i + batch_size])
+                     for i in range(0, len(tasks), batch_size)]
+        else:
+            calls = [joblib.delayed(_run_task)(work, task) for task in tasks]
+        n_jobs = max(1, min(jobs, len(calls)))
         parallel = joblib.Parallel(n_jobs=n_jobs, backend=backend, return_as="generator_unordered")
-        outcomes = parallel(joblib.delayed(_run_task)(work, task) for task in tasks)
         with tqdm(total=len(tasks), desc=step, unit=unit, disable=quiet, dynamic_ncols=True) as bar:
-            for outcome in outcomes:
+            for outcome in (outcome for outcomes in parallel(calls) for outcome in outcomes):
                 if outcome.status == "done":
                     summary.done += 1
                 elif outcome.status == "skipped":

@@ -30,3 +30,19 @@ def test_failures_and_skips_do_not_stop_the_batch(backend):
 def test_unknown_backend_is_refused():
     with pytest.raises(ValueError, match="unknown backend"):
         run_batch("demo", [], square_or_fail, backend="mpi")
+
+
+def square_batch(tasks: list[Task]) -> list:
+    if any(task.payload == 99 for task in tasks):
+        raise RuntimeError("the whole batch broke")
+    return [ValueError(f"{t.label}: odd one out") if t.payload == 3 else t.payload ** 2 for t in tasks]
+
+
+def test_batches_fail_per_item_or_as_a_whole():
+    seen = {}
+    tasks = [Task(str(i), f"f{i}", i) for i in (0, 3, 2, 4, 99, 6)]
+    summary = run_batch("demo", tasks, square_batch, batch_size=3, quiet=True,
+                        on_outcome=lambda outcome: seen.__setitem__(outcome.task.key, outcome))
+    assert (summary.done, summary.failed) == (2, 4)  # f3 alone; f4, f99 and f6 share the broken batch
+    assert seen["2"].result == 4 and seen["3"].message == "f3: odd one out"
+    assert seen["6"].message.startswith("f6: RuntimeError: the whole batch broke")

@@ -1,0 +1,51 @@
+"""Running a step that derives files from each aligned image (sketches, component crops).
+
+Such a step keeps its records in <out_dir>/records.jsonl: per image id, the input file and
+its sha256, and the outputs with theirs. An image is redone when its input changed or any
+output is missing or altered; records of images that left the dataset are dropped together
+with their files.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from .atomic import sha256_file
+from .dataset import Dataset, RecordLog
+from .runner import BatchSummary, Outcome, Task, run_batch
+
+
+def is_complete(dataset: Dataset, record: dict | None, input_relpath: str) -> bool:
+    if not record or record.get("input") != input_relpath:
+        return False
+    paths = [input_relpath, *record["outputs"]]
+    digests = [record["input_sha256"], *record["outputs"].values()]
+    return all(dataset.path(p).is_file() and sha256_file(dataset.path(p)) == d for p, d in zip(paths, digests))
+
+
+def run_derived_step(dataset: Dataset, step: str, out_dir: str, inputs: dict[str, str],
+                     payload: Callable[[str, str], Any], work: Callable, *, jobs: int, backend: str,
+                     quiet: bool, batch_size: int | None = None) -> tuple[BatchSummary, list[str]]:
+    """Bring <out_dir> up to date for `inputs` (image id -> input relpath).
+
+    `payload(id, input_relpath)` makes what `work` needs for one image; `work` returns the
+    image's record (with "id", "input", "input_sha256", "outputs"). Returns the summary and
+    the sorted ids that now have complete outputs."""
+    log = RecordLog(dataset.path(out_dir) / "records.jsonl")
+    for stale in [i for i in log.by_id if i not in inputs]:
+        for relpath in log.by_id[stale]["outputs"]:
+            dataset.path(relpath).unlink(missing_ok=True)
+        log.remove(stale)
+    pending = [i for i in sorted(inputs) if not is_complete(dataset, log.by_id.get(i), inputs[i])]
+    tasks = [Task(i, str(dataset.path(inputs[i])), payload(i, inputs[i])) for i in pending]
+
+    def on_outcome(outcome: Outcome) -> None:
+        if outcome.status == "done":
+            log.put(outcome.result)
+        else:
+            log.remove(outcome.task.key)
+
+    with log:
+        summary = run_batch(step, tasks, work, jobs=jobs, backend=backend, quiet=quiet, batch_size=batch_size,
+                            already_done=len(inputs) - len(pending), on_outcome=on_outcome)
+    dataset.replace_errors(step, summary.reports)
+    return summary, sorted(log.by_id)

@@ -1,0 +1,74 @@
+"""Classical sketch filters: Canny edges, colour-dodge pencil, and a Photocopy emulation.
+
+Each takes an RGB uint8 face and returns a uint8 sketch (255 paper, 0 ink). They need no
+weights and run anywhere; Photocopy is the first half of DeepFaceDrawing's recipe.
+"""
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+
+PHOTOCOPY_THRESHOLD = 0.75  # fixed in GIMP's filter: darker than 3/4 of the neighbourhood is toner
+
+
+def _check_rgb(image: np.ndarray) -> None:
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an HxWx3 uint8 RGB image, got {image.dtype} {image.shape}")
+
+
+def canny(image: np.ndarray, low: int = 100, high: int = 200, sigma: float = 1.0, equalize: bool = True) -> np.ndarray:
+    """Canny edges as ink lines; histogram equalisation first evens out lighting."""
+    _check_rgb(image)
+    gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    if equalize:
+        gray = cv2.equalizeHist(gray)
+    if sigma > 0:
+        gray = cv2.GaussianBlur(gray, (0, 0), sigma)
+    return 255 - cv2.Canny(gray, low, high)
+
+
+def pencil(image: np.ndarray, sigma: float = 8.0) -> np.ndarray:
+    """Colour dodge of the gray image by its blurred negative: flat areas go white, edges grey."""
+    _check_rgb(image)
+    gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    blurred_negative = cv2.GaussianBlur(255 - gray, (0, 0), sigma)
+    return cv2.divide(gray, 255 - blurred_negative, scale=256)
+
+
+def _radius_sigma(radius: float) -> float:
+    """GIMP's radius-to-sigma rule: the Gaussian falls to 1/255 at the radius."""
+    return math.sqrt(radius * radius / (2.0 * math.log(255.0)))
+
+
+def photocopy(image: np.ndarray, mask_radius: float = 8.0, sharpness: float = 0.8,
+              pct_black: float = 0.2, pct_white: float = 0.2) -> np.ndarray:
+    """Photoshop-style Photocopy, following the formulas of GIMP's emulation: pixels darker
+    than their neighbourhood become toner, the rest is pushed to white.
+
+    mask_radius sets the neighbourhood, sharpness the detail blur (1 = none), pct_black and
+    pct_white the fraction of dark and light ratios that ramp to full black and white."""
+    _check_rgb(image)
+    rgb = image.astype(np.float32)
+    lightness = (rgb.max(axis=2) + rgb.min(axis=2)) / 2.0
+    detail = cv2.GaussianBlur(lightness, (0, 0), _radius_sigma(max(1.0, 10.0 * (1.0 - sharpness)) + 1.0))
+    neighbourhood = cv2.GaussianBlur(lightness, (0, 0), _radius_sigma(abs(mask_radius) + 1.0))
+    ratio = np.where(neighbourhood > 0, detail / np.maximum(neighbourhood, 1e-6), 2.0)
+
+    threshold = PHOTOCOPY_THRESHOLD
+    dark = ratio[ratio < threshold]
+    light = ratio[(ratio >= threshold) & (ratio < 2.0)]
+    ramp_down = threshold - np.quantile(dark, pct_black) if dark.size and pct_black > 0 else 1.0
+    ramp_up = np.quantile(light, 1.0 - pct_white) - threshold if light.size and pct_white > 0 else 0.0
+
+    below = ratio < threshold
+    out = np.empty_like(lightness)
+    if ramp_down > 0:
+        out[below] = detail[below] * (ramp_down - np.minimum(ramp_down, threshold - ratio[below])) / ramp_down
+    else:
+        out[below] = 0.0
+    above = ~below
+    mult = np.minimum(ramp_up, ratio[above] - threshold) / ramp_up if ramp_up > 0 else np.ones(int(above.sum()))
+    out[above] = 255.0 - (1.0 - mult) * (255.0 - detail[above])
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
