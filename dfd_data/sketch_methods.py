@@ -1,0 +1,158 @@
+"""The named sketch methods of `build-sketches` and how to run one on a batch of faces.
+
+A method is a base filter, optionally followed by the sketch-simplification network:
+`photocopy+simplify` is DeepFaceDrawing's recipe (Photocopy keeps facial detail, the
+simplifier turns its noise into clean, hand-drawn-looking lines). A resolved method has
+every parameter filled in and an id that names its output folder: the bare method name
+with default parameters, else the name plus a short hash of the parameters.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import sketch_filters
+from .atomic import sha256_file
+
+BASE_METHODS = ("canny", "pencil", "photocopy", "hed", "hed-raw")
+SIMPLIFY = "simplify"
+METHODS = BASE_METHODS + tuple(f"{base}+{SIMPLIFY}" for base in BASE_METHODS if base != "hed-raw")
+DEFAULT_METHOD = "photocopy+simplify"
+DEFAULT_PARAMS = {
+    "canny": {"low": 100, "high": 200, "sigma": 1.0, "equalize": True},
+    "pencil": {"sigma": 8.0},
+    "photocopy": {"mask_radius": 8.0, "sharpness": 0.8, "pct_black": 0.2, "pct_white": 0.2},
+    "hed": {"low": 0.1, "high": 0.3, "min_component": 10, "line_width": 1},
+    "hed-raw": {},
+    SIMPLIFY: {"weights": "compact"},
+}
+NETWORK_STAGES = ("hed", "hed-raw", SIMPLIFY)
+
+
+class MethodError(ValueError):
+    """A method name or parameter that does not exist (one-line message)."""
+
+
+@dataclass(frozen=True)
+class SketchMethod:
+    name: str
+    params: dict = field(default_factory=dict)  # stage -> {param: value}, fully resolved
+
+    @property
+    def stages(self) -> list[str]:
+        return self.name.split("+")
+
+    @property
+    def uses_network(self) -> bool:
+        return any(stage in NETWORK_STAGES for stage in self.stages)
+
+    @property
+    def id(self) -> str:
+        if all(self.params[stage] == _defaults(stage) for stage in self.stages):
+            return self.name
+        text = json.dumps(self.params, sort_keys=True)
+        return f"{self.name}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+    def describe(self) -> dict:
+        """What the manifest records: the stages with their parameters and weights' checksums."""
+        described = {"method": self.name, "id": self.id, "params": self.params}
+        weights = {}
+        if SIMPLIFY in self.stages:
+            weights["simplify"] = sha256_file(_simplifier_path(self.params[SIMPLIFY]["weights"]))
+        if any(stage.startswith("hed") for stage in self.stages):
+            from .weights import hed_weights_path
+
+            weights["hed"] = sha256_file(hed_weights_path())
+        if weights:
+            described["weights_sha256"] = weights
+        return described
+
+
+def _defaults(stage: str) -> dict:
+    return dict(DEFAULT_PARAMS[stage])
+
+
+def resolve_method(name: str, overrides: dict | None = None) -> SketchMethod:
+    """Fill in defaults; `overrides` maps parameter names to values and must each belong to
+    a stage of the method."""
+    if name not in METHODS:
+        raise MethodError(f"unknown sketch method {name!r}; choose from {', '.join(METHODS)}")
+    params = {stage: _defaults(stage) for stage in name.split("+")}
+    for key, value in (overrides or {}).items():
+        owners = [stage for stage in params if key in params[stage]]
+        if not owners:
+            raise MethodError(f"parameter {key!r} does not apply to method {name}")
+        for stage in owners:
+            params[stage][key] = _convert(key, value, params[stage][key])
+    method = SketchMethod(name, params)
+    if SIMPLIFY in method.stages:
+        _simplifier_path(params[SIMPLIFY]["weights"])  # fail now if the weights are missing
+    return method
+
+
+def _convert(key: str, value, default):
+    """Parse a command-line value to the type of the parameter's default."""
+    if isinstance(value, type(default)):
+        return value
+    text = str(value).strip().lower()
+    try:
+        if isinstance(default, bool):
+            if text not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(text)
+            return text in ("true", "1", "yes")
+        return type(default)(value)
+    except ValueError:
+        raise MethodError(f"parameter {key}={value!r} is not a valid {type(default).__name__}") from None
+
+
+def _simplifier_path(weights: str) -> Path:
+    from .simplifier import DEFAULT_SIMPLIFIER
+
+    if weights == "compact":
+        return DEFAULT_SIMPLIFIER
+    path = Path(weights)
+    if not path.is_file():
+        raise MethodError(f"{weights}: simplifier weights file not found")
+    return path
+
+
+@functools.lru_cache(maxsize=4)
+def _hed_model(device: str):
+    from .hed import load_hed
+
+    return load_hed(device)
+
+
+@functools.lru_cache(maxsize=4)
+def _simplifier_model(weights: str, device: str):
+    from .simplifier import load_released, load_simplifier
+
+    path = _simplifier_path(weights)
+    return load_simplifier(path, device) if path.suffix == ".safetensors" else load_released(path, device)
+
+
+def run_method(method: SketchMethod, images: list[np.ndarray], device: str = "auto", batch_size: int = 4) -> list[np.ndarray]:
+    """Sketch a batch of RGB uint8 faces with `method`; returns uint8 sketches (255 paper)."""
+    base, *rest = method.stages
+    params = method.params[base]
+    if base == "canny":
+        sketches = [sketch_filters.canny(image, **params) for image in images]
+    elif base == "pencil":
+        sketches = [sketch_filters.pencil(image, **params) for image in images]
+    elif base == "photocopy":
+        sketches = [sketch_filters.photocopy(image, **params) for image in images]
+    else:
+        from .hed import hed_soft_edges, soft_to_sketch, thin_edges
+
+        soft = hed_soft_edges(_hed_model(device), images, batch_size=batch_size)
+        sketches = [soft_to_sketch(s) if base == "hed-raw" else thin_edges(s, **params) for s in soft]
+    if rest:
+        from .simplifier import simplify
+
+        sketches = simplify(_simplifier_model(method.params[SIMPLIFY]["weights"], device), sketches, batch_size=batch_size)
+    return sketches
