@@ -1,0 +1,93 @@
+"""Sketch filters, method resolution and `dfd-data build-sketches` on a small dataset."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dfd_data.dataset import Dataset, read_jsonl
+from dfd_data.image_io import read_image
+from dfd_data.sketch_filters import canny, pencil, photocopy
+from dfd_data.sketch_methods import MethodError, resolve_method
+from tests.conftest import dfd_data
+
+
+@pytest.fixture(scope="module")
+def face(sample_dataset):
+    return read_image(sample_dataset / "images" / "astronaut.png")
+
+
+def ink(sketch: np.ndarray) -> float:
+    return float((sketch < 128).mean())
+
+
+def test_filters_give_mostly_paper_with_some_lines(face):
+    for sketch in (canny(face), pencil(face), photocopy(face)):
+        assert sketch.dtype == np.uint8 and sketch.shape == face.shape[:2]
+        assert 0.003 < ink(sketch) < 0.3
+
+
+def test_filters_leave_a_flat_photo_blank():
+    flat = np.full((96, 96, 3), 180, np.uint8)
+    for sketch in (canny(flat), pencil(flat), photocopy(flat)):
+        assert ink(sketch) == 0.0
+
+
+def test_photocopy_parameters_do_what_they_say(face):
+    assert (photocopy(face, pct_black=0.5) == 0).mean() > (photocopy(face, pct_black=0.05) == 0).mean()
+    assert (photocopy(face, pct_white=0.6) == 255).mean() > (photocopy(face, pct_white=0.05) == 255).mean()
+    assert np.array_equal(photocopy(face), photocopy(face))
+
+
+def test_canny_lines_are_pure_ink_on_paper(face):
+    assert set(np.unique(canny(face))) <= {0, 255}
+
+
+def test_filters_refuse_gray_input():
+    with pytest.raises(ValueError, match="HxWx3 uint8"):
+        photocopy(np.zeros((8, 8), np.uint8))
+
+
+def test_method_ids_name_the_parameters():
+    assert resolve_method("photocopy").id == "photocopy"
+    tuned = resolve_method("photocopy", {"mask_radius": "6"})
+    assert tuned.params["photocopy"]["mask_radius"] == 6.0
+    assert tuned.id.startswith("photocopy-") and tuned.id == resolve_method("photocopy", {"mask_radius": 6.0}).id
+    assert resolve_method("canny", {"equalize": "false"}).params["canny"]["equalize"] is False
+
+
+@pytest.mark.parametrize("name, overrides, message", [
+    ("sketchify", {}, "unknown sketch method 'sketchify'"),
+    ("canny", {"mask_radius": 3}, "parameter 'mask_radius' does not apply to method canny"),
+    ("canny", {"low": "many"}, "parameter low='many' is not a valid int"),
+    ("photocopy+simplify", {"weights": "/nowhere.safetensors"}, "/nowhere.safetensors: simplifier weights file not found"),
+])
+def test_bad_methods_are_one_line_errors(name, overrides, message):
+    with pytest.raises(MethodError, match=message.replace("+", r"\+").replace(".", r"\.")):
+        resolve_method(name, overrides)
+
+
+def test_build_sketches_writes_records_preview_and_resumes(dataset_copy):
+    result = dfd_data("build-sketches", dataset_copy, "--method", "photocopy", "--jobs", "2", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("build-sketches:photocopy: 2 done, 0 skipped, 0 failed")
+    for record in Dataset(dataset_copy).aligned():
+        sketch = read_image(dataset_copy / f"sketches/photocopy/{record['id']}.png")
+        assert sketch.shape == (128, 128, 3) and np.array_equal(sketch[:, :, 0], sketch[:, :, 2])  # stored gray
+    step = Dataset(dataset_copy).load_manifest()["steps"]["build-sketches:photocopy"]
+    assert step["params"]["params"]["photocopy"]["mask_radius"] == 8.0 and step["counts"]["sketched"] == 2
+    assert read_image(dataset_copy / "previews/sketches-photocopy.jpg").shape == (256, 4 * 256, 3)
+    again = dfd_data("build-sketches", dataset_copy, "--method", "photocopy", "--quiet")
+    assert again.stdout.startswith("build-sketches:photocopy: 0 done, 2 skipped (2 already done), 0 failed")
+    assert dfd_data("crop-components", dataset_copy, "--quiet").returncode == 0
+    assert np.load(dataset_copy / "components/sketches/photocopy/left_eye.npy").shape == (2, 32, 32)
+    assert dfd_data("verify", dataset_copy).returncode == 0
+
+
+def test_a_broken_aligned_image_fails_alone(dataset_copy):
+    (dataset_copy / "images/grace_hopper.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    result = dfd_data("build-sketches", dataset_copy, "--method", "canny", "--quiet")
+    assert result.returncode == 1
+    assert result.stdout.startswith("build-sketches:canny: 1 done, 0 skipped, 1 failed")
+    errors = [row for row in read_jsonl(dataset_copy / "errors.jsonl") if row["step"] == "build-sketches:canny"]
+    assert len(errors) == 1 and errors[0]["file"].endswith("grace_hopper.png")
+    assert not (dataset_copy / "sketches/canny/grace_hopper.png").exists()
