@@ -17,7 +17,7 @@ from .contact_sheet import contact_sheet
 from .dataset import Dataset, DatasetError, RecordLog
 from .faces import LANDMARK_MODEL_FILE, find_faces, package_model_path
 from .ffhq_alignment import TEMPLATE_LEFT_EYE, TEMPLATE_MOUTH, TEMPLATE_RIGHT_EYE, align_face, ffhq_quad
-from .image_io import decode_image, encode_jpeg, encode_png, read_bytes, read_image
+from .image_io import IMAGE_EXTENSIONS, decode_image, encode_jpeg, encode_png, read_bytes, read_image
 from .runner import BatchSummary, Outcome, SkipItem, Task, run_batch
 from .sources import Source, list_sources
 from .versions import tool_versions
@@ -103,6 +103,8 @@ def align_folder(src: str | os.PathLike, dst: str | os.PathLike, params: AlignPa
         raise DatasetError(f"{dataset.root}: built from {manifest['sources'][0]['path']}, not {source_root}; use a new folder")
 
     sources, ignored = list_sources(src)
+    if not sources:
+        raise DatasetError(f"{src}: no image files found (looked for {', '.join(IMAGE_EXTENSIONS)})")
     dataset.root.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(dataset.root)
     log = RecordLog(dataset.records_path)

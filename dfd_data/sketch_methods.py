@@ -27,7 +27,7 @@ DEFAULT_PARAMS = {
     "canny": {"low": 100, "high": 200, "sigma": 1.0, "equalize": True},
     "pencil": {"sigma": 8.0},
     "photocopy": {"mask_radius": 8.0, "sharpness": 0.8, "pct_black": 0.2, "pct_white": 0.2},
-    "hed": {"low": 0.1, "high": 0.3, "min_component": 10, "line_width": 1},
+    "hed": {"low": 0.25, "high": 0.5, "min_size": 20, "line_width": 2},  # thin_edges defaults
     "hed-raw": {},
     SIMPLIFY: {"weights": "compact"},
 }

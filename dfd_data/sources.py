@@ -18,12 +18,20 @@ class Source:
 
 
 def list_sources(folder: str | os.PathLike) -> tuple[list[Source], int]:
-    """Image files under `folder` (recursively, not following directory links, so a link
-    loop cannot trap the walk), sorted, with unique ids; also the count of other files."""
+    """Image files under `folder` (recursively, following directory links but never into a
+    folder already seen, so a link loop cannot trap the walk), sorted, with unique ids;
+    also the count of other files."""
     folder = Path(folder)
     found, ignored = [], 0
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    seen = {os.path.realpath(folder)}
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        kept = []
+        for name in sorted(d for d in dirnames if not d.startswith(".")):
+            real = os.path.realpath(os.path.join(dirpath, name))
+            if real not in seen:
+                seen.add(real)
+                kept.append(name)
+        dirnames[:] = kept
         for name in sorted(filenames):
             if is_image_name(name):
                 found.append(Path(dirpath, name).relative_to(folder).as_posix())

