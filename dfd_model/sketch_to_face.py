@@ -1,0 +1,174 @@
+"""The whole DeepFaceDrawing inference pipeline as one module: sketch in, RGB face out.
+
+    model = SketchToFace.from_pretrained("runs/celeba-512")       # or SketchToFace(ModelConfig())
+    with torch.inference_mode():
+        face = model(sketch_uint8, refine={"nose": 0.5}, gender="female")   # [B, 3, R, R] in [-1, 1]
+
+Steps: crop the four feature windows and the remainder (the whole sketch with those windows
+painted white), encode each with its component encoder, project each latent onto its
+component's feature bank and blend (skipped without banks), decode each latent to a feature
+map, fuse the maps by hard overwrite, and run the generator.
+"""
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from dfd_data.components import COMPONENTS
+
+from .config import ModelConfig
+from .networks import ComponentAutoEncoder, FeatureDecoder, GlobalGenerator, fuse_feature_maps, normalize_sketch
+from .projection import FeatureBank, blend, check_refine, project
+
+# Float sketches must already be normalised; allow a little slack around [-1, 1].
+_FLOAT_RANGE_SLACK = 1e-3
+
+
+def prepare_sketch(sketch, resolution: int) -> torch.Tensor:
+    """A sketch batch as float [B, 1, R, R] in [-1, 1] (paper +1, ink -1).
+
+    Accepts a tensor or numpy array shaped [R, R], [B, R, R] or [B, 1, R, R]: uint8 pixels
+    (0 ink .. 255 paper) are normalised; floats must already be in [-1, 1]."""
+    tensor = torch.as_tensor(sketch)
+    if tensor.ndim == 2:
+        tensor = tensor[None, None]
+    elif tensor.ndim == 3:
+        tensor = tensor[:, None]
+    if tensor.ndim != 4 or tensor.shape[1] != 1 or tuple(tensor.shape[2:]) != (resolution, resolution):
+        raise ValueError(f"expected sketches shaped [B, 1, {resolution}, {resolution}] (or [B, {resolution}, "
+                         f"{resolution}] or one [{resolution}, {resolution}]), got {list(tensor.shape)}")
+    if tensor.dtype == torch.uint8:
+        return normalize_sketch(tensor)
+    if not torch.is_floating_point(tensor):
+        raise ValueError(f"sketches must be uint8 pixels or floats in [-1, 1], got {tensor.dtype}")
+    if tensor.device.type != "meta" and tensor.numel():
+        low, high = float(tensor.min()), float(tensor.max())
+        if not (-1 - _FLOAT_RANGE_SLACK <= low and high <= 1 + _FLOAT_RANGE_SLACK):
+            raise ValueError(f"float sketches must be normalised to [-1, 1] (paper +1, ink -1), got values "
+                             f"{low:g}..{high:g}; pass uint8 pixels to have them normalised")
+    return tensor
+
+
+def crop_sketch_components(sketch: torch.Tensor, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Normalised sketches [B, 1, R, R] -> component name -> crop [B, 1, S, S].
+
+    The remainder is the whole sketch with the four feature windows set to paper (+1), as in
+    training; the input is not modified."""
+    windows = config.windows()
+    crops = {}
+    remainder = sketch.clone()
+    for name in COMPONENTS:
+        if name == "remainder":
+            continue
+        w = windows[name]
+        crops[name] = sketch[:, :, w.y:w.y + w.size, w.x:w.x + w.size]
+        remainder[:, :, w.y:w.y + w.size, w.x:w.x + w.size] = 1.0
+    crops["remainder"] = remainder
+    return crops
+
+
+class SketchToFace(nn.Module):
+    """Five component auto-encoders (their encoders serve inference, their image decoders
+    stage 1 training and shadows), five feature decoders, the generator, and optional banks.
+
+    `banks`, when given, must cover all five components with latents of `latent_dim`; they
+    follow the module across `.to()` and are saved beside the weights, not in the state dict.
+    """
+
+    def __init__(self, config: ModelConfig = ModelConfig(), banks: FeatureBank | None = None):
+        super().__init__()
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
+        self.config = config
+        sizes = config.component_sizes()
+        self.autoencoders = nn.ModuleDict({name: ComponentAutoEncoder(sizes[name], config) for name in COMPONENTS})
+        self.feature_decoders = nn.ModuleDict({name: FeatureDecoder(sizes[name], config) for name in COMPONENTS})
+        self.generator = GlobalGenerator(config)
+        self.banks: FeatureBank | None = None
+        self.set_banks(banks)
+
+    # ---- banks -------------------------------------------------------------------------------
+    def set_banks(self, banks: FeatureBank | None) -> None:
+        """Attach (or with None remove) the feature banks used by the projection."""
+        if banks is not None:
+            if not isinstance(banks, FeatureBank):
+                raise TypeError(f"banks must be a FeatureBank, got {type(banks).__name__}")
+            missing = [name for name in COMPONENTS if name not in banks.components]
+            if missing:
+                raise ValueError(f"feature banks lack the component{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
+            extra = [name for name in banks.components if name not in COMPONENTS]
+            if extra:
+                raise ValueError(f"feature banks have unknown components {', '.join(extra)}")
+            if banks.latent_dim != self.config.latent_dim:
+                raise ValueError(f"feature banks hold {banks.latent_dim}-value latents, the model "
+                                 f"{self.config.latent_dim}")
+            parameter = next(self.parameters(), None)
+            if parameter is not None and parameter.device.type != "meta":
+                banks = banks.to(parameter.device)
+        self.banks = banks
+
+    @property
+    def genders(self) -> tuple[str, ...]:
+        """Genders every component's bank has (empty without banks)."""
+        return self.banks.genders() if self.banks is not None else ()
+
+    def _apply(self, fn, *args, **kwargs):
+        # `.to()`, `.cuda()`, `.half()` and friends go through here: move the banks as well.
+        result = super()._apply(fn, *args, **kwargs)
+        if self.banks is not None:
+            self.banks = self.banks.apply(fn)
+        return result
+
+    # ---- pipeline ----------------------------------------------------------------------------
+    def _refine_per_component(self, refine) -> dict[str, float]:
+        if isinstance(refine, Mapping):
+            unknown = [str(name) for name in refine if name not in COMPONENTS]
+            if unknown:
+                raise ValueError(f"refine has unknown components {', '.join(unknown)} (known: {', '.join(COMPONENTS)})")
+            return {name: check_refine(refine.get(name, 1.0), f"refine[{name!r}]") for name in COMPONENTS}
+        value = check_refine(refine)
+        return {name: value for name in COMPONENTS}
+
+    def forward(self, sketch, refine: float | Mapping[str, float] = 1.0, gender: str | None = None) -> torch.Tensor:
+        """Sketches (uint8 pixels or floats in [-1, 1]; [B, 1, R, R], [B, R, R] or [R, R])
+        -> RGB faces [B, 3, R, R] in [-1, 1].
+
+        refine: 0 (use the sketch as drawn) .. 1 (fully projected onto the training data),
+            one number or per component (missing components take 1). Ignored without banks.
+        gender: which bank to search (see `genders`); None searches every vector.
+        """
+        weights = self._refine_per_component(refine)
+        if gender is not None and not isinstance(gender, str):
+            raise ValueError(f"gender must be a string or None, got {gender!r}")
+        parameter = next(self.parameters())
+        x = prepare_sketch(sketch, self.config.resolution).to(device=parameter.device, dtype=parameter.dtype)
+        crops = crop_sketch_components(x, self.config)
+        maps = {}
+        for name in COMPONENTS:
+            latent = self.autoencoders[name].encoder(crops[name])
+            if self.banks is not None and weights[name] > 0:
+                bank = self.banks.get(name, gender).to(device=latent.device, dtype=latent.dtype)
+                projected, _, _ = project(latent, bank, self.config.knn, self.config.lle_eps, self.config.projection)
+                latent = blend(latent, projected, weights[name])
+            maps[name] = self.feature_decoders[name](latent)
+        return self.generator(fuse_feature_maps(maps, self.config))
+
+    # ---- persistence -------------------------------------------------------------------------
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write config.json, model.safetensors and (with banks) banks.safetensors to `folder`."""
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, folder)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, device: str | torch.device = "auto") -> "SketchToFace":
+        """Rebuild a model saved by `save_pretrained` from the folder alone, in eval mode."""
+        from .checkpoint import load_pretrained
+
+        return load_pretrained(folder, device)
+
+
+__all__ = ["SketchToFace", "crop_sketch_components", "prepare_sketch"]

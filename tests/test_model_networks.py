@@ -1,0 +1,505 @@
+"""The model's networks, fusion, projection, the SketchToFace pipeline and its model folders.
+
+Everything runs on tiny configs (resolution 192, the smallest whose component windows reach
+the 64 px the networks need, a few channels each) or on the meta device, which builds the
+full-size 512 model without allocating its 563M parameters.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dfd_data.atomic import sha256_file
+from dfd_data.components import COMPONENTS, component_windows
+from dfd_data.errors import ModelMissingError
+from dfd_model.checkpoint import BANKS_FILE, CONFIG_FILE, WEIGHTS_FILE, CheckpointError, save_pretrained
+from dfd_model.config import ModelConfig
+from dfd_model.networks import (ComponentAutoEncoder, ComponentDecoder, ComponentEncoder, FeatureDecoder,
+                                GlobalGenerator, MultiscaleDiscriminator, NLayerDiscriminator, count_parameters,
+                                denormalize_image, fuse_feature_maps, normalize_sketch)
+from dfd_model.projection import FeatureBank, blend, project
+from dfd_model.sketch_to_face import SketchToFace, crop_sketch_components
+
+TINY = dict(resolution=192, latent_dim=32, ce_base_channels=4, fm_base_channels=4, fm_channels=8, ngf=8,
+            n_blocks=1, ndf=8, n_layers_d=3, num_d=2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # These networks are tiny; on a shared CPU, OpenMP threads spinning against another busy
+    # process make them ~50x slower than a single thread.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def tiny() -> ModelConfig:
+    return ModelConfig(**TINY)
+
+
+def random_banks(latent_dim: int, seed: int = 0) -> FeatureBank:
+    generator = torch.Generator().manual_seed(seed)
+    return FeatureBank({name: {"female": torch.randn(24, latent_dim, generator=generator),
+                               "male": torch.randn(9, latent_dim, generator=generator)} for name in COMPONENTS})
+
+
+def random_sketches(batch: int, resolution: int, seed: int = 0) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    sketch = np.full((batch, resolution, resolution), 255, np.uint8)
+    sketch[rng.random(sketch.shape) < 0.08] = 0
+    return torch.from_numpy(sketch)
+
+
+# ---- networks ---------------------------------------------------------------------------------
+def test_every_network_has_the_documented_shapes(tiny):
+    sizes = tiny.component_sizes()
+    assert sizes == {"left_eye": 64, "right_eye": 64, "nose": 64, "mouth": 64, "remainder": 192}
+    crop = torch.randn(2, 1, 64, 64)
+    encoder, decoder = ComponentEncoder(64, tiny), ComponentDecoder(64, tiny)
+    latent = encoder(crop)
+    assert latent.shape == (2, 32)
+    assert decoder(latent).shape == (2, 1, 64, 64)
+    assert FeatureDecoder(64, tiny)(latent).shape == (2, 8, 64, 64)
+    assert FeatureDecoder(192, tiny)(torch.randn(2, 32)).shape == (2, 8, 192, 192)
+    assert ComponentAutoEncoder(64, tiny)(crop).shape == (2, 1, 64, 64)
+    assert ComponentEncoder(192, tiny).fc.in_features == 64 * 6 * 6  # 16 * base channels x (192/32)^2
+
+    face = GlobalGenerator(tiny)(torch.randn(2, 8, 192, 192))
+    assert face.shape == (2, 3, 192, 192) and face.abs().max() <= 1
+
+    outputs = MultiscaleDiscriminator(tiny)(torch.randn(2, 8, 192, 192), face)
+    assert len(outputs) == 2 and all(len(features) == 5 for features in outputs)
+    assert [f.shape[1] for f in outputs[0]] == [8, 16, 32, 64, 1]
+    # pix2pixHD padding 2: 192 -> 97 -> 49 -> 25 (s2) -> 26 -> 27 (s1); the 1/2 scale starts at 96
+    assert outputs[0][-1].shape == (2, 1, 27, 27) and outputs[1][-1].shape == (2, 1, 15, 15)
+    assert len(NLayerDiscriminator(4, 8, n_layers=1)(torch.randn(1, 4, 32, 32))) == 3
+
+    with pytest.raises(ValueError, match=r"expects a tensor shaped \[B, 1, 64, 64\]"):
+        encoder(torch.randn(2, 1, 32, 32))
+    with pytest.raises(ValueError, match="latents shaped"):
+        decoder(torch.randn(2, 31))
+    with pytest.raises(ValueError, match="at least 64"):
+        ComponentEncoder(32, tiny)
+
+
+def test_encoder_slope_one_is_the_released_identity(tiny):
+    released = ModelConfig(**{**TINY, "encoder_slope": 1.0})
+    names = {type(m).__name__ for m in ComponentEncoder(64, released).modules()}
+    assert "LeakyReLU" not in names and "Identity" in names
+    slopes = {m.negative_slope for m in ComponentDecoder(64, tiny).modules() if isinstance(m, torch.nn.LeakyReLU)}
+    assert slopes == {0.2}
+    # the activation has no weights, so both variants share one state-dict layout
+    assert ComponentEncoder(64, released).state_dict().keys() == ComponentEncoder(64, tiny).state_dict().keys()
+
+
+def test_sketch_normalisation_round_trips():
+    pixels = torch.tensor([0, 1, 127, 128, 254, 255], dtype=torch.uint8)
+    normalised = normalize_sketch(pixels)
+    assert normalised[0] == -1 and normalised[-1] == 1 and normalised.dtype == torch.float32
+    assert torch.equal(denormalize_image(normalised), pixels)
+    assert denormalize_image(torch.tensor([-3.0, 3.0])).tolist() == [0, 255]
+    assert normalize_sketch(np.full((2, 2), 255, np.uint8)).eq(1).all()
+    with pytest.raises(ValueError, match="uint8"):
+        normalize_sketch(torch.zeros(3))
+
+
+def test_full_size_model_matches_the_released_parameter_counts():
+    config = ModelConfig()
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        model = SketchToFace(config)
+        discriminator = MultiscaleDiscriminator(config)
+    assert next(model.parameters()).is_meta
+    # Generator, ngf 56: conv7 32->56 (87,864) + four downs (4,799,760) + nine 896-channel
+    # residual blocks (130,072,320) + four ups (4,798,920) + conv7 56->3 (8,235) = 139,767,099.
+    assert count_parameters(model.generator) == 139_767_099
+    # The remainder encoder's Linear: 512 * 16 * 16 inputs -> 512 latents, plus bias.
+    assert count_parameters(model.autoencoders["remainder"].encoder.fc) == 512 * 16 * 16 * 512 + 512 == 67_109_376
+    assert count_parameters(model.autoencoders["remainder"].encoder) == 76_189_408  # 9,080,032 conv body
+    # The remainder image decoder's Linear: 512 -> 131,072 plus bias = 67,239,936.
+    assert count_parameters(model.autoencoders["remainder"].decoder.fc) == 67_239_936
+    assert count_parameters(model.feature_decoders["remainder"]) == 78_688_032
+    assert count_parameters(model.autoencoders["left_eye"].encoder) == 13_274_848  # Linear 4,194,816
+    # Everything SketchToFace holds: 5 encoders + 5 image decoders + 5 feature decoders + G.
+    assert count_parameters(model) == 562_801_888
+    # Two PatchGAN scales on 32 + 3 channels: 2 x 2,797,505.
+    assert count_parameters(discriminator) == 5_595_010
+    # The analytic counts (used to refuse huge configs before building) agree network by network.
+    counts = config.parameter_counts()
+    for name in COMPONENTS:
+        assert counts[f"encoder.{name}"] == count_parameters(model.autoencoders[name].encoder)
+        assert counts[f"image_decoder.{name}"] == count_parameters(model.autoencoders[name].decoder)
+        assert counts[f"feature_decoder.{name}"] == count_parameters(model.feature_decoders[name])
+    assert counts["generator"] == 139_767_099 and counts["discriminator"] == 5_595_010
+
+
+def test_analytic_counts_follow_every_option():
+    config = ModelConfig(**{**TINY, "instance_norm_affine": True, "d_condition": "sketch", "n_layers_d": 2,
+                            "num_d": 3, "n_downsample": 2, "n_blocks": 2})
+    with torch.device("meta"):
+        model, discriminator = SketchToFace(config), MultiscaleDiscriminator(config)
+    counts = config.parameter_counts()
+    assert counts["generator"] == count_parameters(model.generator)
+    assert counts["discriminator"] == count_parameters(discriminator)
+    assert sum(counts.values()) == count_parameters(model) + count_parameters(discriminator)
+
+
+# ---- fusion -------------------------------------------------------------------------------------
+def constant_maps(config: ModelConfig, channels: int = 1) -> dict[str, torch.Tensor]:
+    sizes = config.component_sizes()
+    return {name: torch.full((1, channels, sizes[name], sizes[name]), float(value))
+            for value, name in enumerate(["remainder", "mouth", "nose", "left_eye", "right_eye"])}
+
+
+def test_fusion_overwrites_the_released_windows_in_order():
+    config = ModelConfig()
+    maps = constant_maps(config)
+    # the nose map carries its row index, to show which rows land where
+    maps["nose"] = 10 + torch.arange(160, dtype=torch.float32).view(1, 1, 160, 1).expand(1, 1, 160, 160)
+    fused = fuse_feature_maps(maps, config)[0, 0]
+    assert fused.shape == (512, 512)
+    assert fused[10, 10] == 0 and fused[500, 100] == 0           # remainder outside every window
+    assert fused[400, 170] == 1 and fused[492, 360] == 1          # mouth, x 169..360, y 301..492
+    assert fused[300, 200] == 10 + (300 - 232)                    # nose over the mouth, its own row 68
+    assert fused[355, 200] == 10 + 123 and fused[356, 200] == 1   # only the top 124 nose rows are written
+    assert fused[250, 245] == 10 + 18                             # nose between the eyes (x 236..254)
+    assert fused[250, 200] == 3 and fused[156, 108] == 3          # left eye over the nose
+    assert fused[250, 300] == 4 and fused[283, 382] == 4          # right eye, x 255..382
+    assert fused[250, 383] == 0 and fused[284, 300] == 10 + 52      # right of both; below the eyes
+    assert fused[320, 341] == 10 + 88 and fused[320, 342] == 1      # the nose's right edge, then mouth
+    # and nothing else: rebuild the expected canvas by painting in the documented order
+    expected = torch.zeros(512, 512)
+    for name, (x, y, size, rows) in {"mouth": (169, 301, 192, 192), "nose": (182, 232, 160, 124),
+                                     "left_eye": (108, 156, 128, 128), "right_eye": (255, 156, 128, 128)}.items():
+        expected[y:y + rows, x:x + size] = maps[name][0, 0, :rows]
+    assert torch.equal(fused, expected)
+
+
+def test_fusion_at_a_small_resolution_follows_the_scaled_windows(tiny):
+    windows = component_windows(192)
+    assert windows["right_eye"].x < windows["left_eye"].x + windows["left_eye"].size  # the eyes overlap here
+    assert tiny.nose_rows == 47  # 124 * 192/512 = 46.5, rounded half up
+    maps = constant_maps(tiny, channels=3)
+    fused = fuse_feature_maps(maps, tiny)
+    expected = torch.zeros(192, 192)
+    for value, name in [(1, "mouth"), (2, "nose"), (3, "left_eye"), (4, "right_eye")]:
+        w = windows[name]
+        rows = 47 if name == "nose" else w.size
+        expected[w.y:w.y + rows, w.x:w.x + w.size] = value
+    assert torch.equal(fused[0, 1], expected)
+    assert maps["remainder"].eq(0).all(), "fusion must not modify its inputs"
+    for part in maps.values():
+        part.requires_grad_(True)
+    fuse_feature_maps(maps, tiny).sum().backward()
+    assert all(part.grad.abs().sum() > 0 for part in maps.values()), "gradients reach every written map"
+    assert maps["nose"].grad[0, 0, 47:].eq(0).all() and maps["nose"].grad[0, 0, 46, 10] == 1
+    maps["mouth"] = torch.zeros(1, 3, 32, 32)
+    with pytest.raises(ValueError, match="the mouth map must be"):
+        fuse_feature_maps(maps, tiny)
+
+
+def test_nose_rows_scale_and_can_be_set():
+    assert ModelConfig().nose_rows == 124
+    assert ModelConfig(resolution=256).nose_rows == 62
+    assert ModelConfig(resolution=1024).nose_rows == 248
+    assert ModelConfig(nose_fusion_rows=160).nose_rows == 160
+    with pytest.raises(ValueError, match="exceeds the nose window"):
+        ModelConfig(nose_fusion_rows=161)
+
+
+# ---- projection ---------------------------------------------------------------------------------
+def test_projection_weights_sum_to_one_and_bank_vectors_project_onto_themselves():
+    generator = torch.Generator().manual_seed(1)
+    bank = torch.randn(300, 48, generator=generator)
+    query = bank[[3, 70, 299]]
+    projected, indices, weights = project(query, bank, k=10)
+    assert indices.shape == weights.shape == (3, 10) and indices.dtype == torch.long
+    assert indices[:, 0].tolist() == [3, 70, 299]  # nearest first
+    assert torch.allclose(weights.sum(1), torch.ones(3), atol=1e-6)
+    assert (projected - query).abs().max() <= 1e-5
+    assert torch.allclose(weights[:, 0], torch.ones(3)) and weights[:, 1:].abs().max() <= 1e-6
+    # textbook LLE with the trace ridge leans towards uniform weights: one-hot-ish, not exact
+    projected, indices, weights = project(query, bank, k=10, method="gram")
+    assert torch.allclose(weights.sum(1), torch.ones(3), atol=1e-6)
+    assert (weights[:, 0] > 0.9).all() and indices[:, 0].tolist() == [3, 70, 299]
+
+
+@pytest.mark.parametrize("method", ["anchored", "gram"])
+def test_a_noisy_query_moves_onto_the_banks_subspace(method):
+    generator = torch.Generator().manual_seed(2)
+    basis, _ = torch.linalg.qr(torch.randn(40, 4, generator=generator))   # a 4-d affine subspace of R^40
+    centre = torch.randn(40, generator=generator)
+    bank = centre + torch.randn(500, 4, generator=generator) @ basis.T
+    clean = centre + torch.randn(6, 4, generator=generator) @ basis.T
+    noise = torch.randn(6, 40, generator=generator)
+    noise = 0.2 * (noise - (noise @ basis) @ basis.T)                      # off the subspace only
+    query = clean + noise
+
+    def off_subspace(points):
+        offsets = points - centre
+        return (offsets - (offsets @ basis) @ basis.T).norm(dim=1)
+
+    projected, _, weights = project(query, bank, k=10, method=method)
+    assert torch.allclose(weights.sum(1), torch.ones(6), atol=1e-5)
+    assert (off_subspace(query) > 0.1).all()
+    assert (off_subspace(projected) < 1e-4).all()  # affine combinations of its points stay on it
+    assert ((projected - clean).norm(dim=1) < (query - clean).norm(dim=1)).all()
+
+
+def test_projection_edge_cases():
+    bank = torch.randn(3, 8)
+    projected, indices, weights = project(torch.randn(2, 8), bank, k=10)
+    assert indices.shape == weights.shape == (2, 3) and sorted(indices[0].tolist()) == [0, 1, 2]
+    assert torch.allclose(weights.sum(1), torch.ones(2), atol=1e-6)
+    projected, indices, weights = project(torch.randn(2, 8), bank[:1], k=5)
+    assert weights.tolist() == [[1.0], [1.0]] and torch.equal(projected, bank[:1].expand(2, 8))
+    same = torch.ones(12, 8)  # every neighbour identical: the trace guard keeps the solve finite
+    for method in ("anchored", "gram"):
+        projected, _, weights = project(torch.zeros(1, 8), same, k=4, method=method)
+        assert torch.allclose(projected, torch.ones(1, 8)) and torch.isfinite(weights).all()
+    # many more neighbours than dimensions: the ridge keeps the system solvable
+    projected, _, weights = project(torch.randn(2, 3), torch.randn(50, 3), k=20)
+    assert torch.isfinite(projected).all() and torch.allclose(weights.sum(1), torch.ones(2), atol=1e-5)
+
+    with pytest.raises(ValueError, match="empty"):
+        project(torch.randn(1, 8), torch.empty(0, 8))
+    with pytest.raises(ValueError, match="empty"):
+        FeatureBank({"nose": torch.empty(0, 8)})
+    with pytest.raises(ValueError, match="8 values"):
+        project(torch.randn(1, 8), torch.randn(5, 7))
+    with pytest.raises(ValueError, match=r"\[B, D\]"):
+        project(torch.randn(8), bank)
+    with pytest.raises(ValueError, match="k must be"):
+        project(torch.randn(1, 8), bank, k=0)
+    with pytest.raises(ValueError, match="NaN"):
+        project(torch.full((1, 8), float("nan")), bank)
+
+
+def test_blend_limits_and_validation():
+    f, f_proj = torch.randn(2, 8), torch.randn(2, 8)
+    assert torch.equal(blend(f, f_proj, 0), f)
+    assert torch.equal(blend(f, f_proj, 1.0), f_proj)
+    assert torch.allclose(blend(f, f_proj, 0.25), 0.25 * f_proj + 0.75 * f)
+    for bad in (-0.01, 1.01, float("nan"), True, "1", None):
+        with pytest.raises(ValueError, match="refine must be a number from 0"):
+            blend(f, f_proj, bad)
+
+
+def test_feature_bank_genders():
+    banks = random_banks(4)
+    assert banks.genders() == ("female", "male")
+    assert banks.get("nose", "male").shape == (9, 4)
+    assert banks.get("nose").shape == (33, 4)  # no "all" bank: every gender together
+    assert FeatureBank({"nose": torch.zeros(2, 4)}).get("nose").shape == (2, 4)
+    assert banks.counts()["mouth"] == {"female": 24, "male": 9}
+    with pytest.raises(ValueError, match="no gender 'other'"):
+        banks.get("nose", "other")
+    with pytest.raises(ValueError, match="differs"):
+        FeatureBank({"nose": torch.zeros(2, 4), "mouth": torch.zeros(2, 5)})
+
+
+# ---- the pipeline --------------------------------------------------------------------------------
+def test_sketch_to_face_pipeline(tiny):
+    torch.manual_seed(0)
+    model = SketchToFace(tiny, random_banks(32)).eval()
+    sketches = random_sketches(2, 192)
+    with torch.no_grad():
+        face = model(sketches, refine={"nose": 0.5, "remainder": 0.0}, gender="male")
+        assert face.shape == (2, 3, 192, 192) and face.abs().max() <= 1
+        # the same sketch as [1, 1, R, R] uint8, as [R, R] and as normalised floats
+        one = model(sketches[:1, None], refine={"nose": 0.5, "remainder": 0.0}, gender="male")
+        assert torch.allclose(one, face[:1], atol=1e-5)
+        assert torch.equal(model(sketches[0]), model(normalize_sketch(sketches[:1])))
+        # refine 0 is the raw path: the same as a model without banks
+        raw = model(sketches, refine=0.0)
+        bankless = SketchToFace(tiny)
+        bankless.load_state_dict(model.state_dict())
+        assert torch.equal(raw, bankless.eval()(sketches))
+        assert not torch.equal(raw, model(sketches, refine=1.0))
+
+    model.double()  # banks follow the module's moves and casts
+    assert model.banks.get("nose", "male").dtype == torch.float64
+    with torch.no_grad():
+        assert model(sketches[:1]).dtype == torch.float64
+    with pytest.raises(ValueError, match="unknown components eyes"):
+        model(sketches, refine={"eyes": 1.0})
+    with pytest.raises(ValueError, match=r"refine\['nose'\] must be"):
+        model(sketches, refine={"nose": 2})
+    with pytest.raises(ValueError, match="no gender 'other'"):
+        model(sketches, gender="other")
+    with pytest.raises(ValueError, match="normalised to"):
+        model(sketches.float())
+    with pytest.raises(ValueError, match=r"expected sketches shaped \[B, 1, 192, 192\]"):
+        model(torch.zeros(1, 1, 64, 64, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="lack the component"):
+        SketchToFace(tiny, FeatureBank({"nose": torch.zeros(3, 32)}))
+
+
+def test_remainder_crop_is_whitened_at_the_four_windows(tiny):
+    sketch = torch.full((1, 1, 192, 192), -1.0)
+    crops = crop_sketch_components(sketch, tiny)
+    windows = tiny.windows()
+    painted = torch.zeros(192, 192, dtype=torch.bool)
+    for name in ("left_eye", "right_eye", "nose", "mouth"):
+        w = windows[name]
+        painted[w.y:w.y + w.size, w.x:w.x + w.size] = True
+        assert crops[name].shape == (1, 1, w.size, w.size) and crops[name].eq(-1).all()
+    assert torch.equal(crops["remainder"][0, 0] == 1, painted)
+    assert sketch.eq(-1).all()
+
+
+# ---- configs and model folders ---------------------------------------------------------------------
+def test_config_round_trips_and_refuses_bad_values():
+    config = ModelConfig(**{**TINY, "encoder_slope": 1, "nose_fusion_rows": 40})
+    assert config.encoder_slope == 1.0 and isinstance(config.encoder_slope, float)
+    assert ModelConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    bad = [
+        ({"resolution": 4096}, "resolution=4096 is outside 64..2048"),
+        ({"resolution": 500}, "multiple of 32"),
+        ({"resolution": 128}, "need 64"),
+        ({"latent_dim": 5000}, "latent_dim=5000 is outside"),
+        ({"latent_dim": "512"}, "latent_dim must be an integer"),
+        ({"ngf": 56.0}, "ngf must be an integer"),
+        ({"n_blocks": True}, "n_blocks must be an integer"),
+        ({"encoder_slope": float("inf")}, "finite number"),
+        ({"projection": "pca"}, "projection must be one of anchored, gram"),
+        ({"resolution": 2048, "latent_dim": 4096, "ce_base_channels": 32, "fm_base_channels": 32}, "parameters"),
+        ({"colour": 3}, "unknown key colour"),
+    ]
+    for change, message in bad:
+        with pytest.raises(ValueError, match=message) as caught:
+            ModelConfig.from_dict({**TINY, **change})
+        assert "\n" not in str(caught.value)
+    with pytest.raises(ValueError, match="missing keys"):
+        ModelConfig.from_dict({"resolution": 192}, complete=True)
+
+
+def rewrite_checksums(folder: Path) -> None:
+    """Make config.json name the folder's current files, as if they had been saved so."""
+    document = json.loads((folder / CONFIG_FILE).read_text())
+    for name, entry in document["files"].items():
+        entry.update(bytes=(folder / name).stat().st_size, sha256=sha256_file(folder / name))
+    (folder / CONFIG_FILE).write_text(json.dumps(document))
+
+
+@pytest.fixture
+def saved(tiny, tmp_path) -> tuple[SketchToFace, Path]:
+    torch.manual_seed(3)
+    model = SketchToFace(tiny, random_banks(32, seed=3))
+    with torch.no_grad():
+        model.train()(random_sketches(2, 192, seed=9))  # move the BatchNorm statistics off their defaults
+    model.eval()
+    save_pretrained(model, tmp_path / "model")
+    return model, tmp_path / "model"
+
+
+def test_save_and_load_give_identical_outputs(saved):
+    model, folder = saved
+    assert sorted(p.name for p in folder.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE, BANKS_FILE])
+    loaded = SketchToFace.from_pretrained(folder, device="cpu")
+    assert not loaded.training and loaded.config == model.config
+    assert loaded.banks.counts() == model.banks.counts()
+    restored = loaded.state_dict()
+    for key, value in model.state_dict().items():
+        assert torch.equal(restored[key], value), key
+    sketches = random_sketches(2, 192, seed=5)
+    with torch.no_grad():
+        for refine, gender in [(1.0, "female"), ({"mouth": 0.3}, "male"), (0.7, None)]:
+            assert torch.equal(loaded(sketches, refine, gender), model(sketches, refine, gender))
+    assert all(p.requires_grad for p in loaded.parameters())
+
+    # saving again without banks removes the stale banks file, and loading gives no banks
+    model.set_banks(None)
+    model.save_pretrained(folder)
+    assert not (folder / BANKS_FILE).exists()
+    assert SketchToFace.from_pretrained(folder, "cpu").banks is None
+
+
+def test_a_bad_config_is_refused_before_anything_is_built(saved, monkeypatch):
+    _, folder = saved
+    document = json.loads((folder / CONFIG_FILE).read_text())
+
+    def no_building(*args, **kwargs):
+        raise AssertionError("the model was built from a refused config")
+
+    monkeypatch.setattr(SketchToFace, "__init__", no_building)
+    for change, message in [({"resolution": 100_000}, "outside 64..2048"), ({"latent_dim": 10 ** 9}, "latent_dim"),
+                            ({"wings": 2}, "unknown key wings")]:
+        (folder / CONFIG_FILE).write_text(json.dumps({**document, "config": {**document["config"], **change}}))
+        with pytest.raises(CheckpointError, match=message) as caught:
+            SketchToFace.from_pretrained(folder, "cpu")
+        assert "\n" not in str(caught.value)
+    (folder / CONFIG_FILE).write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        SketchToFace.from_pretrained(folder, "cpu")
+
+
+def test_missing_files_and_mismatched_tensors_give_one_line_errors(saved, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, folder = saved
+    with pytest.raises(ModelMissingError, match="model folder not found"):
+        SketchToFace.from_pretrained(tmp_path / "nowhere", "cpu")
+    (folder / BANKS_FILE).rename(tmp_path / "banks.bak")
+    with pytest.raises(ModelMissingError, match="banks.safetensors: not found"):
+        SketchToFace.from_pretrained(folder, "cpu")
+    (tmp_path / "banks.bak").rename(folder / BANKS_FILE)
+
+    state = load_file(folder / WEIGHTS_FILE)
+    key = "generator.model.1.weight"
+    cases = [
+        ({**state, "extra.weight": torch.zeros(1)}, "1 unexpected tensor .*'extra.weight'"),
+        ({k: v for k, v in state.items() if k != key}, f"missing 1 tensor .*'{key}'"),
+        ({**state, key: torch.zeros(8, 8, 3, 3)}, rf"{key} has shape \[8, 8, 3, 3\], the config needs \[8, 8, 7, 7\]"),
+        ({**state, key: state[key].double()}, f"{key} is F64, expected F32"),
+        ({**state, key: torch.full_like(state[key], float("nan"))}, "NaN"),
+    ]
+    original = (folder / WEIGHTS_FILE).read_bytes()
+    for tensors, message in cases:
+        save_file(tensors, folder / WEIGHTS_FILE)
+        with pytest.raises(CheckpointError, match="differ from what config.json records"):
+            SketchToFace.from_pretrained(folder, "cpu")  # the file no longer matches the saved checksum
+        rewrite_checksums(folder)
+        with pytest.raises(CheckpointError, match=message) as caught:
+            SketchToFace.from_pretrained(folder, "cpu")
+        assert "\n" not in str(caught.value)
+        (folder / WEIGHTS_FILE).write_bytes(original)
+        rewrite_checksums(folder)
+    SketchToFace.from_pretrained(folder, "cpu")
+    (folder / WEIGHTS_FILE).unlink()
+    with pytest.raises(ModelMissingError, match="model.safetensors: not found"):
+        SketchToFace.from_pretrained(folder, "cpu")
+
+
+class _Payload:
+    """Unpickling this runs code that creates `marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+@pytest.mark.parametrize("planted", [WEIGHTS_FILE, BANKS_FILE])
+def test_a_planted_pickle_is_refused_and_never_run(saved, tmp_path, planted):
+    _, folder = saved
+    live = tmp_path / "payload-works"
+    pickle.loads(pickle.dumps(_Payload(live)))
+    assert live.exists(), "the payload must really run code when unpickled"
+
+    marker = tmp_path / "pickle-was-run"
+    (folder / planted).write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(CheckpointError, match="differ from what config.json records"):
+        SketchToFace.from_pretrained(folder, "cpu")
+    rewrite_checksums(folder)  # now only the safetensors reader stands between the file and us
+    with pytest.raises(CheckpointError, match="not a readable safetensors file") as caught:
+        SketchToFace.from_pretrained(folder, "cpu")
+    assert "\n" not in str(caught.value)
+    assert not marker.exists()
