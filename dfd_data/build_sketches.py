@@ -7,17 +7,19 @@ this process on batches, the network itself using every core (or CUDA).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import atomic_write_bytes, remove_stale_temp_files, sha256_bytes, sha256_file
+from .atomic import atomic_write_bytes, remove_stale_temp_files, sha256_bytes
 from .contact_sheet import contact_sheet
 from .dataset import Dataset, DatasetError
 from .derived import run_derived_step
-from .image_io import encode_jpeg, encode_png, read_image
+from .image_io import decode_image, encode_jpeg, encode_png, read_bytes, read_image
 from .runner import BatchSummary, Task
-from .sketch_methods import SketchMethod, run_method
+from .sketch_methods import SketchMethod, load_networks, run_method
 from .versions import tool_versions
 
 STEP_PREFIX = "build-sketches:"
@@ -35,26 +37,38 @@ class _Job:
 
 
 def sketch_batch(tasks: list[Task]) -> list:
-    """Worker: sketch a batch of aligned faces; a face that cannot be read fails alone."""
+    """Worker: sketch a batch of aligned faces; a face that fails, fails alone."""
     jobs: list[_Job] = [task.payload for task in tasks]
     results: list = [None] * len(jobs)
-    images, readable = [], []
+    inputs = {}  # index -> (bytes, image)
     for index, job in enumerate(jobs):
         try:
-            images.append(read_image(Path(job.root, job.input_relpath)))
-            readable.append(index)
+            data = read_bytes(Path(job.root, job.input_relpath))
+            inputs[index] = (data, decode_image(data, Path(job.root, job.input_relpath)))
         except Exception as error:  # reported for this face only
             results[index] = error
-    if images:
-        first = jobs[readable[0]]
-        sketches = run_method(first.method, images, device=first.device, batch_size=first.batch_size)
-        for index, sketch in zip(readable, sketches):
-            job = jobs[index]
+    if not inputs:
+        return results
+    method, device, batch_size = jobs[0].method, jobs[0].device, jobs[0].batch_size
+    try:
+        sketches = dict(zip(inputs, run_method(method, [image for _data, image in inputs.values()], device, batch_size)))
+    except Exception:  # find the face that broke the batch: run them one by one
+        sketches = {}
+        for index, (_data, image) in inputs.items():
+            try:
+                sketches[index] = run_method(method, [image], device, 1)[0]
+            except Exception as error:
+                results[index] = error
+    for index, sketch in sketches.items():
+        job = jobs[index]
+        try:
             png = encode_png(sketch)
             atomic_write_bytes(Path(job.root, job.out_relpath), png)
-            results[index] = {"id": job.record_id, "input": job.input_relpath,
-                              "input_sha256": sha256_file(Path(job.root, job.input_relpath)),
-                              "outputs": {job.out_relpath: sha256_bytes(png)}}
+        except Exception as error:
+            results[index] = error
+            continue
+        results[index] = {"id": job.record_id, "input": job.input_relpath, "input_sha256": sha256_bytes(inputs[index][0]),
+                          "outputs": {job.out_relpath: sha256_bytes(png)}}
     return results
 
 
@@ -65,7 +79,8 @@ def build_sketches(root: str | os.PathLike, method: SketchMethod, *, jobs: int =
     aligned = dataset.aligned()
     if not aligned:
         raise DatasetError(f"{dataset.root}: has no aligned images to sketch")
-    description = method.describe()  # also fails now, not per batch, if weights are missing
+    description = method.describe()
+    load_networks(method, device)  # missing weights or device fail now, once, not per batch
     out_dir = f"sketches/{method.id}"
     step = STEP_PREFIX + method.id
     if dataset.path(out_dir).exists():
@@ -77,7 +92,8 @@ def build_sketches(root: str | os.PathLike, method: SketchMethod, *, jobs: int =
 
     if method.uses_network:  # one process; the network parallelises inside
         jobs, backend = 1, "threading"
-    summary, ids = run_derived_step(dataset, step, out_dir, inputs, payload, sketch_batch, jobs=jobs,
+    recipe = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
+    summary, ids = run_derived_step(dataset, step, out_dir, inputs, recipe, payload, sketch_batch, jobs=jobs,
                                     backend=backend, quiet=quiet, batch_size=batch_size if method.uses_network else 1)
     files = _write_preview(dataset, method, inputs, ids[:preview]) if preview else {}
     dataset.record_step(manifest, step, {

@@ -7,14 +7,12 @@ import sys
 import click
 
 from . import __version__
-from .dataset import Dataset, DatasetError
-from .errors import ModelMissingError
-from .image_io import ImageError
+from .dataset import Dataset
+from .errors import UserError
 from .runner import BACKENDS, BatchSummary
 
-from .sketch_methods import DEFAULT_METHOD, DEFAULT_PARAMS, METHODS, MethodError
+from .sketch_methods import DEFAULT_METHOD, DEFAULT_PARAMS, METHODS
 
-USER_ERRORS = (DatasetError, ModelMissingError, ImageError, MethodError)
 
 
 def _batch_options(func):
@@ -41,7 +39,7 @@ class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except USER_ERRORS as error:
+        except UserError as error:
             raise click.ClickException(str(error)) from None
 
 
@@ -156,9 +154,9 @@ def build_sketches(dataset, method, settings, preview, device, batch_size, jobs,
 @click.option("--clean", "clean_dirs", multiple=True, type=click.Path(file_okay=False, exists=True),
               help="Folder of clean line drawings (255 paper), e.g. a dataset's sketches/hed; repeatable.")
 @click.option("--width", type=click.FloatRange(0.03, 1.0), default=0.25, help="Channel width (1 = the released network).")
-@click.option("--steps", type=click.IntRange(1), default=3000, help="Adam steps.")
+@click.option("--steps", type=click.IntRange(1), default=6000, help="Adam steps (the learning rate decays over them).")
 @click.option("--batch-size", type=click.IntRange(1), default=8)
-@click.option("--crop", type=click.IntRange(32, 1024), nargs=2, default=(128, 256), help="Crop size range MIN MAX.")
+@click.option("--crop", type=click.IntRange(32, 1024), nargs=2, default=(128, 128), help="Crop size range MIN MAX.")
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=2e-3, help="Peak learning rate.")
 @click.option("--procedural-fraction", type=click.FloatRange(0, 1), default=0.5,
               help="Share of pairs drawn from procedural clean lines rather than --clean folders.")

@@ -6,6 +6,7 @@ one PNG per component and image (to look at) and, per component, one stacked uin
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from .components import COMPONENTS, component_windows, crop_components
 from .contact_sheet import contact_sheet
 from .dataset import Dataset, DatasetError
 from .derived import run_derived_step
-from .image_io import encode_jpeg, encode_png, read_image
+from .image_io import decode_image, encode_jpeg, encode_png, read_bytes, read_image
 from .runner import BatchSummary, Task
 from .versions import tool_versions
 
@@ -49,7 +50,8 @@ def crop_one(task: Task) -> dict:
     """Worker: crop one aligned image or sketch and write its five component PNGs."""
     job: _Job = task.payload
     path = Path(job.root, job.input_relpath)
-    image = read_image(path)
+    data = read_bytes(path)
+    image = decode_image(data, path)
     if image.shape[:2] != (job.resolution, job.resolution):
         raise DatasetError(f"{path}: is {image.shape[1]}x{image.shape[0]}, expected {job.resolution}x{job.resolution} like the dataset")
     if job.gray:
@@ -60,7 +62,7 @@ def crop_one(task: Task) -> dict:
         png = encode_png(crop)
         atomic_write_bytes(Path(job.root, relpath), png)
         outputs[relpath] = sha256_bytes(png)
-    return {"id": job.record_id, "input": job.input_relpath, "input_sha256": sha256_file(path), "outputs": outputs}
+    return {"id": job.record_id, "input": job.input_relpath, "input_sha256": sha256_bytes(data), "outputs": outputs}
 
 
 def crop_dataset(root: str | os.PathLike, sources: list[str] | None = None, *, jobs: int = 1,
@@ -84,13 +86,15 @@ def _crop_source(dataset, manifest, source, aligned, resolution, jobs, backend, 
     out_dir = f"components/{source}"
     gray = source != "images"
     wanted = {r["id"]: (r["image"] if not gray else f"{source}/{r['id']}.png") for r in aligned}
+    windows = {name: vars(window) for name, window in component_windows(resolution).items()}
     summary, ids = run_derived_step(
-        dataset, step, out_dir, wanted, lambda i, relpath: _Job(i, relpath, gray, resolution, str(dataset.root), out_dir),
+        dataset, step, out_dir, wanted, json.dumps(windows, sort_keys=True),
+        lambda i, relpath: _Job(i, relpath, gray, resolution, str(dataset.root), out_dir),
         crop_one, jobs=jobs, backend=backend, quiet=quiet)
     files = _pack(dataset, out_dir, ids, gray, resolution) if ids else {}
     files.update(_write_preview(dataset, source, out_dir, ids[:PREVIEW_ROWS]))
     dataset.record_step(manifest, step, {
-        "params": {"resolution": resolution, "windows": {n: vars(w) for n, w in component_windows(resolution).items()}},
+        "params": {"resolution": resolution, "windows": windows},
         "tools": tool_versions("numpy", "opencv"),
         "records": f"{out_dir}/records.jsonl",
         "files": files,

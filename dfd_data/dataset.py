@@ -26,6 +26,7 @@ import yaml
 
 from . import __version__
 from .atomic import atomic_write_text, sha256_file
+from .errors import UserError
 
 FORMAT = "dfd-dataset"
 FORMAT_VERSION = 1
@@ -34,7 +35,7 @@ RECORDS_NAME = "records.jsonl"
 ERRORS_NAME = "errors.jsonl"
 
 
-class DatasetError(Exception):
+class DatasetError(UserError):
     """A dataset folder that is missing, malformed or inconsistent (one-line message)."""
 
 

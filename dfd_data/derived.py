@@ -1,9 +1,10 @@
 """Running a step that derives files from each aligned image (sketches, component crops).
 
 Such a step keeps its records in <out_dir>/records.jsonl: per image id, the input file and
-its sha256, and the outputs with theirs. An image is redone when its input changed or any
-output is missing or altered; records of images that left the dataset are dropped together
-with their files.
+its sha256, the outputs with theirs, and the step's recipe (a fingerprint of its parameters
+and weights). An image is redone when its input or the recipe changed or any output is
+missing or altered; records of images that left the dataset, or that failed this time, are
+dropped together with their files.
 """
 from __future__ import annotations
 
@@ -14,15 +15,15 @@ from .dataset import Dataset, RecordLog
 from .runner import BatchSummary, Outcome, Task, run_batch
 
 
-def is_complete(dataset: Dataset, record: dict | None, input_relpath: str) -> bool:
-    if not record or record.get("input") != input_relpath:
+def is_complete(dataset: Dataset, record: dict | None, input_relpath: str, recipe: str) -> bool:
+    if not record or record.get("input") != input_relpath or record.get("recipe") != recipe:
         return False
     paths = [input_relpath, *record["outputs"]]
     digests = [record["input_sha256"], *record["outputs"].values()]
     return all(dataset.path(p).is_file() and sha256_file(dataset.path(p)) == d for p, d in zip(paths, digests))
 
 
-def run_derived_step(dataset: Dataset, step: str, out_dir: str, inputs: dict[str, str],
+def run_derived_step(dataset: Dataset, step: str, out_dir: str, inputs: dict[str, str], recipe: str,
                      payload: Callable[[str, str], Any], work: Callable, *, jobs: int, backend: str,
                      quiet: bool, batch_size: int | None = None) -> tuple[BatchSummary, list[str]]:
     """Bring <out_dir> up to date for `inputs` (image id -> input relpath).
@@ -31,18 +32,22 @@ def run_derived_step(dataset: Dataset, step: str, out_dir: str, inputs: dict[str
     image's record (with "id", "input", "input_sha256", "outputs"). Returns the summary and
     the sorted ids that now have complete outputs."""
     log = RecordLog(dataset.path(out_dir) / "records.jsonl")
-    for stale in [i for i in log.by_id if i not in inputs]:
-        for relpath in log.by_id[stale]["outputs"]:
+
+    def forget(record_id: str) -> None:
+        for relpath in log.by_id.get(record_id, {}).get("outputs", {}):
             dataset.path(relpath).unlink(missing_ok=True)
-        log.remove(stale)
-    pending = [i for i in sorted(inputs) if not is_complete(dataset, log.by_id.get(i), inputs[i])]
+        log.remove(record_id)
+
+    for stale in [i for i in log.by_id if i not in inputs]:
+        forget(stale)
+    pending = [i for i in sorted(inputs) if not is_complete(dataset, log.by_id.get(i), inputs[i], recipe)]
     tasks = [Task(i, str(dataset.path(inputs[i])), payload(i, inputs[i])) for i in pending]
 
     def on_outcome(outcome: Outcome) -> None:
         if outcome.status == "done":
-            log.put(outcome.result)
+            log.put({**outcome.result, "recipe": recipe})
         else:
-            log.remove(outcome.task.key)
+            forget(outcome.task.key)
 
     with log:
         summary = run_batch(step, tasks, work, jobs=jobs, backend=backend, quiet=quiet, batch_size=batch_size,

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import DeviceError
+
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
@@ -12,5 +14,5 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+        raise DeviceError("--device cuda was asked for, but torch sees no CUDA device")
     return torch.device(name)

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .atomic import atomic_write_bytes
+from .errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 # Larger than any camera photo (a 150 MP medium-format frame), far below what a crafted
@@ -24,7 +25,7 @@ MAX_PIXELS = 178_000_000
 MIN_SIDE = 16
 
 
-class ImageError(Exception):
+class ImageError(UserError):
     """A file that cannot be used as an image; str() is '<file>: <reason>'."""
 
     def __init__(self, path: str | os.PathLike, reason: str):

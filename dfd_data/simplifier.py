@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 from .atomic import atomic_write_bytes
 from .devices import resolve_device
-from .errors import ModelMissingError
+from .errors import ModelMissingError, UserError
 
 # Input statistics of the released "gan" model (model_gan.py of the PyTorch conversion).
 GAN_MEAN = 0.9664114577640158
@@ -67,7 +67,7 @@ _LAYERS = (
 )
 
 
-class SimplifierWeightsError(ValueError):
+class SimplifierWeightsError(UserError, ValueError):
     """A weights file that is not a usable simplifier; str() is one line naming the file."""
 
 
@@ -309,13 +309,13 @@ def load_simplifier(path: str | os.PathLike, device="auto") -> Simplifier:
     return model.to(_as_device(device)).eval()
 
 
-def load_default_simplifier(device="auto") -> Simplifier:
-    """The compact simplifier shipped inside the package."""
+def default_simplifier_path() -> Path:
+    """The compact simplifier shipped inside the package, or a clear error if it is missing."""
     if not DEFAULT_SIMPLIFIER.is_file():
         raise ModelMissingError(
             f"the bundled sketch simplifier {DEFAULT_SIMPLIFIER} is missing; reinstall the toolkit, "
-            "or train one with dfd_data.train_simplifier.train_simplifier and pass its path")
-    return load_simplifier(DEFAULT_SIMPLIFIER, device)
+            "or train one with `dfd-data train-simplifier` and pass it with --set weights=PATH")
+    return DEFAULT_SIMPLIFIER
 
 
 def _cpu_count() -> int:

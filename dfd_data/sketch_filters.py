@@ -59,16 +59,23 @@ def photocopy(image: np.ndarray, mask_radius: float = 8.0, sharpness: float = 0.
     threshold = PHOTOCOPY_THRESHOLD
     dark = ratio[ratio < threshold]
     light = ratio[(ratio >= threshold) & (ratio < 2.0)]
-    ramp_down = threshold - np.quantile(dark, pct_black) if dark.size and pct_black > 0 else 1.0
-    ramp_up = np.quantile(light, 1.0 - pct_white) - threshold if light.size and pct_white > 0 else 0.0
+    # GIMP's edge cases: no dark ratios or pct_black 0 -> ramp 1; pct_black 1 -> ramp 0 (hard
+    # threshold); no light ratios or pct_white 1 -> ramp 0; pct_white 0 -> ramp 1.
+    if not dark.size or pct_black <= 0:
+        ramp_down = 1.0
+    else:
+        ramp_down = 0.0 if pct_black >= 1 else threshold - float(np.quantile(dark, pct_black))
+    if not light.size or pct_white >= 1:
+        ramp_up = 0.0
+    else:
+        ramp_up = 1.0 if pct_white <= 0 else float(np.quantile(light, 1.0 - pct_white)) - threshold
 
     below = ratio < threshold
     out = np.empty_like(lightness)
-    if ramp_down > 0:
-        out[below] = detail[below] * (ramp_down - np.minimum(ramp_down, threshold - ratio[below])) / ramp_down
-    else:
-        out[below] = 0.0
+    out[below] = detail[below] * (ramp_down - np.minimum(ramp_down, threshold - ratio[below])) / ramp_down \
+        if ramp_down > 0 else 0.0
     above = ~below
-    mult = np.minimum(ramp_up, ratio[above] - threshold) / ramp_up if ramp_up > 0 else np.ones(int(above.sum()))
+    mult = np.minimum(ramp_up, ratio[above] - threshold) / ramp_up if ramp_up > 0 else 1.0
     out[above] = 255.0 - (1.0 - mult) * (255.0 - detail[above])
+    out[neighbourhood <= 2.0] = 0.0  # GIMP: a (nearly) black neighbourhood is solid toner
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)

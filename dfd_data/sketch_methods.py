@@ -18,6 +18,7 @@ import numpy as np
 
 from . import sketch_filters
 from .atomic import sha256_file
+from .errors import UserError
 
 BASE_METHODS = ("canny", "pencil", "photocopy", "hed", "hed-raw")
 SIMPLIFY = "simplify"
@@ -32,13 +33,22 @@ DEFAULT_PARAMS = {
     SIMPLIFY: {"weights": "compact"},
 }
 NETWORK_STAGES = ("hed", "hed-raw", SIMPLIFY)
+# Allowed ranges (inclusive), so a bad value fails once here rather than on every image.
+PARAM_RANGES = {
+    ("canny", "low"): (0, 1000), ("canny", "high"): (0, 1000), ("canny", "sigma"): (0.0, 20.0),
+    ("pencil", "sigma"): (0.5, 100.0),
+    ("photocopy", "mask_radius"): (1.0, 50.0), ("photocopy", "sharpness"): (0.0, 1.0),
+    ("photocopy", "pct_black"): (0.0, 1.0), ("photocopy", "pct_white"): (0.0, 1.0),
+    ("hed", "low"): (0.0, 1.0), ("hed", "high"): (0.0, 1.0), ("hed", "min_size"): (0, 100000),
+    ("hed", "line_width"): (1, 9),
+}
 
 
-class MethodError(ValueError):
+class MethodError(UserError, ValueError):
     """A method name or parameter that does not exist (one-line message)."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class SketchMethod:
     name: str
     params: dict = field(default_factory=dict)  # stage -> {param: value}, fully resolved
@@ -89,6 +99,12 @@ def resolve_method(name: str, overrides: dict | None = None) -> SketchMethod:
             raise MethodError(f"parameter {key!r} does not apply to method {name}")
         for stage in owners:
             params[stage][key] = _convert(key, value, params[stage][key])
+    for (stage, key), (low, high) in PARAM_RANGES.items():
+        if stage in params and not low <= params[stage][key] <= high:
+            raise MethodError(f"parameter {key}={params[stage][key]} is outside {low}..{high}")
+    for stage in ("canny", "hed"):
+        if stage in params and params[stage]["low"] > params[stage]["high"]:
+            raise MethodError(f"parameter low={params[stage]['low']} is above high={params[stage]['high']}")
     method = SketchMethod(name, params)
     if SIMPLIFY in method.stages:
         _simplifier_path(params[SIMPLIFY]["weights"])  # fail now if the weights are missing
@@ -111,10 +127,10 @@ def _convert(key: str, value, default):
 
 
 def _simplifier_path(weights: str) -> Path:
-    from .simplifier import DEFAULT_SIMPLIFIER
-
     if weights == "compact":
-        return DEFAULT_SIMPLIFIER
+        from .simplifier import default_simplifier_path
+
+        return default_simplifier_path()
     path = Path(weights)
     if not path.is_file():
         raise MethodError(f"{weights}: simplifier weights file not found")
@@ -136,6 +152,15 @@ def _simplifier_model(weights: str, device: str):
     return load_simplifier(path, device) if path.suffix == ".safetensors" else load_released(path, device)
 
 
+def load_networks(method: SketchMethod, device: str = "auto") -> None:
+    """Load (and keep) the networks `method` needs, so missing or broken weights and absent
+    devices fail once, before any image is processed."""
+    if any(stage.startswith("hed") for stage in method.stages):
+        _hed_model(device)
+    if SIMPLIFY in method.stages:
+        _simplifier_model(method.params[SIMPLIFY]["weights"], device)
+
+
 def run_method(method: SketchMethod, images: list[np.ndarray], device: str = "auto", batch_size: int = 4) -> list[np.ndarray]:
     """Sketch a batch of RGB uint8 faces with `method`; returns uint8 sketches (255 paper)."""
     base, *rest = method.stages
@@ -146,11 +171,13 @@ def run_method(method: SketchMethod, images: list[np.ndarray], device: str = "au
         sketches = [sketch_filters.pencil(image, **params) for image in images]
     elif base == "photocopy":
         sketches = [sketch_filters.photocopy(image, **params) for image in images]
-    else:
+    elif base in ("hed", "hed-raw"):
         from .hed import hed_soft_edges, soft_to_sketch, thin_edges
 
         soft = hed_soft_edges(_hed_model(device), images, batch_size=batch_size)
         sketches = [soft_to_sketch(s) if base == "hed-raw" else thin_edges(s, **params) for s in soft]
+    else:
+        raise MethodError(f"unknown sketch stage {base!r}")
     if rest:
         from .simplifier import simplify
 

@@ -33,6 +33,7 @@ from torch.nn import functional as F
 from . import __version__
 from .atomic import atomic_write_bytes, atomic_write_text
 from .devices import resolve_device
+from .errors import UserError
 from .image_io import ImageError, is_image_name, read_image
 from .line_metrics import line_scores
 from .rough_sketches import RoughSketchGenerator
@@ -43,7 +44,7 @@ WEIGHT_WINDOW = 5
 STATS_SAMPLES = 32  # rough crops used to measure the input mean/std the network normalises by
 
 
-class TrainingError(ValueError):
+class TrainingError(UserError, ValueError):
     """A training setting or input that cannot work; str() is one line."""
 
 

@@ -17,7 +17,7 @@ from dfd_data import simplifier as simplifier_module
 from dfd_data.errors import ModelMissingError
 from dfd_data.line_metrics import distance_to_ink, line_f_score, line_scores
 from dfd_data.rough_sketches import RoughSketchGenerator, degrade, procedural_clean_lines
-from dfd_data.simplifier import (GAN_MEAN, GAN_STD, Simplifier, SimplifierWeightsError, load_default_simplifier,
+from dfd_data.simplifier import (GAN_MEAN, GAN_STD, Simplifier, SimplifierWeightsError, default_simplifier_path,
                                  load_released, load_simplifier, read_simplifier_metadata, save_simplifier,
                                  scaled_channels, simplify)
 from dfd_data.train_simplifier import (PairSource, evaluate_denoising, loss_weights, make_eval_pairs,
@@ -192,7 +192,7 @@ def test_load_simplifier_refuses_inconsistent_files(tmp_path):
 def test_missing_default_simplifier_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(simplifier_module, "DEFAULT_SIMPLIFIER", tmp_path / "simplifier_compact.safetensors")
     with pytest.raises(ModelMissingError) as error:
-        load_default_simplifier("cpu")
+        default_simplifier_path()
     assert "simplifier_compact.safetensors" in _one_line(error)
 
 

@@ -38,6 +38,13 @@ def test_photocopy_parameters_do_what_they_say(face):
     assert np.array_equal(photocopy(face), photocopy(face))
 
 
+def test_photocopy_prints_black_areas_as_toner_like_gimp():
+    half = np.full((64, 64, 3), 200, np.uint8)
+    half[:, :32] = 0
+    sketch = photocopy(half)
+    assert (sketch[:, :20] == 0).all() and (sketch[:, 44:] >= 250).all()
+
+
 def test_canny_lines_are_pure_ink_on_paper(face):
     assert set(np.unique(canny(face))) <= {0, 255}
 
@@ -60,6 +67,8 @@ def test_method_ids_name_the_parameters():
     ("canny", {"mask_radius": 3}, "parameter 'mask_radius' does not apply to method canny"),
     ("canny", {"low": "many"}, "parameter low='many' is not a valid int"),
     ("photocopy+simplify", {"weights": "/nowhere.safetensors"}, "/nowhere.safetensors: simplifier weights file not found"),
+    ("photocopy", {"pct_black": 2}, "parameter pct_black=2.0 is outside 0.0..1.0"),
+    ("hed", {"low": 0.6}, "parameter low=0.6 is above high=0.5"),
 ])
 def test_bad_methods_are_one_line_errors(name, overrides, message):
     with pytest.raises(MethodError, match=message.replace("+", r"\+").replace(".", r"\.")):
@@ -91,3 +100,15 @@ def test_a_broken_aligned_image_fails_alone(dataset_copy):
     errors = [row for row in read_jsonl(dataset_copy / "errors.jsonl") if row["step"] == "build-sketches:canny"]
     assert len(errors) == 1 and errors[0]["file"].endswith("grace_hopper.png")
     assert not (dataset_copy / "sketches/canny/grace_hopper.png").exists()
+
+
+def test_changed_recipe_redoes_the_sketches(dataset_copy):
+    """Outputs made with other parameters or weights (same folder id) are not kept."""
+    import json
+
+    assert dfd_data("build-sketches", dataset_copy, "--method", "canny", "--quiet").returncode == 0
+    records = dataset_copy / "sketches/canny/records.jsonl"
+    rows = [json.loads(line) for line in records.read_text().splitlines()]
+    records.write_text("".join(json.dumps({**row, "recipe": "made-by-an-older-version"}) + "\n" for row in rows))
+    again = dfd_data("build-sketches", dataset_copy, "--method", "canny", "--quiet")
+    assert again.stdout.startswith("build-sketches:canny: 2 done, 0 skipped, 0 failed")
