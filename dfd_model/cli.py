@@ -6,6 +6,7 @@ import torch
 
 from . import __version__
 from dfd_data.devices import DEVICE_CHOICES, resolve_device
+from dfd_data.errors import DeviceError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -20,7 +21,7 @@ def env(device):
     """Print the torch build, the device that --device picks, and the CPU threads in use."""
     try:
         chosen = resolve_device(device)
-    except RuntimeError as error:
+    except DeviceError as error:
         raise click.ClickException(str(error)) from None
     detail = f" ({torch.cuda.get_device_name(chosen)})" if chosen.type == "cuda" else ""
     click.echo(f"torch {torch.__version__}; device {chosen}{detail}; {torch.get_num_threads()} CPU threads; "
