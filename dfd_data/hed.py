@@ -14,9 +14,8 @@ HED's probability map is soft and thick (a face outline glows several pixels wid
 from __future__ import annotations
 
 import contextlib
-import os
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .devices import resolve_device
+from .devices import cpu_threads, resolve_device
 from .errors import ModelMissingError
 from .weights import FETCH_COMMAND, HED_H5_SHA256, HED_STAGES, hed_weights_path
 
@@ -115,22 +114,6 @@ def _check_images(images: Sequence[np.ndarray] | np.ndarray) -> list[np.ndarray]
     return checked
 
 
-@contextlib.contextmanager
-def _cpu_threads(device: torch.device, threads: int | None) -> Iterator[None]:
-    """Use `threads` (default: every CPU this process may run on) for torch ops on the CPU,
-    then restore the previous setting so callers running several workers are unaffected."""
-    if device.type != "cpu":
-        yield
-        return
-    wanted = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(wanted)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def hed_soft_edges(model: HED, images: Sequence[np.ndarray] | np.ndarray, batch_size: int = 8,
                    threads: int | None = None) -> list[np.ndarray]:
     """HED edge probabilities for HxWx3 uint8 RGB images: float32 HxW maps in [0, 1].
@@ -146,7 +129,7 @@ def hed_soft_edges(model: HED, images: Sequence[np.ndarray] | np.ndarray, batch_
     for index, image in enumerate(arrays):
         by_size.setdefault(image.shape, []).append(index)
     results: list[np.ndarray | None] = [None] * len(arrays)
-    with torch.inference_mode(), _cpu_threads(device, threads):
+    with torch.inference_mode(), (cpu_threads(threads) if device.type == "cpu" else contextlib.nullcontext()):
         for indices in by_size.values():
             for start in range(0, len(indices), batch_size):
                 chunk = indices[start:start + batch_size]

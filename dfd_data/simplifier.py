@@ -12,7 +12,6 @@ sees gray floats in [0, 1] normalised by the mean and std it was trained with.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pickle
@@ -25,7 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .atomic import atomic_write_bytes
-from .devices import resolve_device
+from .devices import cpu_threads, resolve_device
 from .errors import ModelMissingError, UserError
 
 # Input statistics of the released "gan" model (model_gan.py of the PyTorch conversion).
@@ -147,10 +146,6 @@ class Simplifier(nn.Sequential):
         return super().forward(x)[..., :height, :width]
 
 
-def _as_device(device) -> torch.device:
-    return device if isinstance(device, torch.device) else resolve_device(str(device))
-
-
 def _expected_shapes(model: Simplifier) -> dict[str, tuple[int, ...]]:
     return {key: tuple(value.shape) for key, value in model.state_dict().items()}
 
@@ -241,7 +236,7 @@ def load_released(path: str | os.PathLike, device="auto", mean: float | None = N
     if not all(torch.isfinite(value).all() for value in state.values()):
         raise SimplifierWeightsError(f"{path}: weights contain NaN or infinite values")
     model.load_state_dict({key: value.float() for key, value in state.items()})
-    return model.to(_as_device(device)).eval()
+    return model.to(resolve_device(device)).eval()
 
 
 def save_simplifier(model: Simplifier, path: str | os.PathLike, metadata: dict | None = None) -> None:
@@ -306,7 +301,7 @@ def load_simplifier(path: str | os.PathLike, device="auto") -> Simplifier:
         raise SimplifierWeightsError(f"{path}: tensors do not match the stored architecture: {problem}")
     model.load_state_dict(state)
     model.metadata = metadata
-    return model.to(_as_device(device)).eval()
+    return model.to(resolve_device(device)).eval()
 
 
 def default_simplifier_path() -> Path:
@@ -316,26 +311,6 @@ def default_simplifier_path() -> Path:
             f"the bundled sketch simplifier {DEFAULT_SIMPLIFIER} is missing; reinstall the toolkit, "
             "or train one with `dfd-data train-simplifier` and pass it with --set weights=PATH")
     return DEFAULT_SIMPLIFIER
-
-
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-@contextlib.contextmanager
-def all_cpu_threads(threads: int | None = None):
-    """Let torch use every CPU core we may run on (or `threads`) for the duration (it
-    defaults to the physical cores, or fewer under some launchers), then restore the
-    previous setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads if threads else max(before, _cpu_count()))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _check_sketch(index: int, sketch) -> np.ndarray:
@@ -362,7 +337,7 @@ def simplify(model: Simplifier, sketches: list[np.ndarray], batch_size: int = 4)
     was_training = model.training
     model.eval()
     try:
-        with all_cpu_threads(), torch.inference_mode():
+        with cpu_threads(), torch.inference_mode():
             for indices in groups.values():
                 for start in range(0, len(indices), batch_size):
                     chunk = indices[start:start + batch_size]

@@ -32,12 +32,12 @@ from torch.nn import functional as F
 
 from . import __version__
 from .atomic import atomic_write_bytes, atomic_write_text
-from .devices import resolve_device
+from .devices import cpu_threads, resolve_device
 from .errors import UserError
 from .image_io import ImageError, is_image_name, read_image
 from .line_metrics import line_scores
 from .rough_sketches import RoughSketchGenerator
-from .simplifier import Simplifier, all_cpu_threads, save_simplifier, simplify
+from .simplifier import Simplifier, save_simplifier, simplify
 
 WEIGHT_BINS = 10
 WEIGHT_WINDOW = 5
@@ -271,7 +271,7 @@ def train_simplifier(out_path, clean_dirs=(), width: float = 0.25, steps: int = 
     if not 0.0 <= procedural_fraction <= 1.0:
         raise TrainingError(f"procedural_fraction must be in [0, 1], got {procedural_fraction}")
     clean_paths = find_clean_sketches(clean_dirs)
-    torch_device = device if isinstance(device, torch.device) else resolve_device(str(device))
+    torch_device = resolve_device(device)
     ckpt_path, stats_path = _paths(out_path)
     config = {"width": width, "steps": steps, "batch_size": batch_size, "crop": [low, high], "lr": lr,
               "seed": seed, "procedural_fraction": procedural_fraction if clean_paths else 1.0,
@@ -305,7 +305,7 @@ def train_simplifier(out_path, clean_dirs=(), width: float = 0.25, steps: int = 
 
     bar = tqdm(total=steps, initial=start_step, disable=not progress, desc="simplifier", unit="step")
     net.train()
-    with all_cpu_threads(threads), bar:
+    with cpu_threads(threads), bar:
         began = time.perf_counter() - spent
         for step in range(start_step, steps):
             size = int(source.rng.integers(low // 8, high // 8 + 1)) * 8

@@ -202,7 +202,7 @@ def load_pretrained(folder: str | os.PathLike, device: str | torch.device = "aut
     ModelMissingError (a file is absent) or CheckpointError (a file is wrong)."""
     folder = Path(folder)
     config, document = read_config(folder)
-    target = device if isinstance(device, torch.device) else resolve_device(str(device))
+    target = resolve_device(device)
     files = document["files"]
 
     weights_path = _verified_file(folder, WEIGHTS_FILE, files[WEIGHTS_FILE])
