@@ -110,7 +110,8 @@ class NormalisedTrainer(nn.Module):
 
 
 def find_clean_sketches(clean_dirs) -> list[Path]:
-    """Image files under each folder (recursively), sorted so runs are reproducible."""
+    """Image files under each folder (recursively), sorted so runs are reproducible. Each is
+    decoded once here, so a broken file stops the run before training, not hours into it."""
     paths: list[Path] = []
     for folder in map(Path, clean_dirs):
         if not folder.is_dir():
@@ -118,6 +119,11 @@ def find_clean_sketches(clean_dirs) -> list[Path]:
         found = sorted(p for p in folder.rglob("*") if p.is_file() and is_image_name(p.name))
         if not found:
             raise TrainingError(f"{folder}: no PNG/JPG sketches in this folder")
+        for path in found:
+            try:
+                read_image(path)
+            except ImageError as error:
+                raise TrainingError(f"clean sketch {error}") from None
         paths.extend(found)
     return paths
 

@@ -338,3 +338,13 @@ def test_line_f_score_sanity():
     assert scores["precision"] == 1.0 and scores["recall"] < 0.8
     with pytest.raises(ValueError):
         line_scores(lines, lines[:30])
+
+
+def test_a_broken_clean_sketch_stops_training_before_it_starts(tmp_path):
+    from dfd_data.image_io import encode_png
+    from dfd_data.train_simplifier import TrainingError, find_clean_sketches
+
+    (tmp_path / "good.png").write_bytes(encode_png(np.full((64, 64), 255, np.uint8)))
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(TrainingError, match=r"clean sketch .*bad\.png: not an image"):
+        find_clean_sketches([tmp_path])
