@@ -83,7 +83,7 @@ def test_build_sketches_writes_records_preview_and_resumes(dataset_copy):
         sketch = read_image(dataset_copy / f"sketches/photocopy/{record['id']}.png")
         assert sketch.shape == (128, 128, 3) and np.array_equal(sketch[:, :, 0], sketch[:, :, 2])  # stored gray
     step = Dataset(dataset_copy).load_manifest()["steps"]["build-sketches:photocopy"]
-    assert step["params"]["params"]["photocopy"]["mask_radius"] == 8.0 and step["counts"]["sketched"] == 2
+    assert step["params"]["params"]["photocopy"]["mask_radius"] == 10.0 and step["counts"]["sketched"] == 2
     assert read_image(dataset_copy / "previews/sketches-photocopy.jpg").shape == (256, 4 * 256, 3)
     again = dfd_data("build-sketches", dataset_copy, "--method", "photocopy", "--quiet")
     assert again.stdout.startswith("build-sketches:photocopy: 0 done, 2 skipped (2 already done), 0 failed")
