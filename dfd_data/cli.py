@@ -130,7 +130,9 @@ _METHOD_PARAMS_HELP = "\n".join(
 def build_sketches(dataset, method, settings, preview, device, batch_size, jobs, backend, quiet):
     """Synthesise a sketch (white paper, dark lines) for every aligned face in DATASET, into
     sketches/<method id>/; default parameters give the bare method name as id, others add a
-    short hash. A contact sheet of photo|sketch pairs goes to previews/.
+    short hash. A contact sheet of photo|sketch pairs goes to previews/. Methods with a
+    network run in this process on batches, the network using every core (or CUDA); --jobs
+    and --backend apply to the filter methods.
 
     \b
     Examples:
