@@ -399,7 +399,7 @@ def _spurious_strokes(shape, clean_ink, rng, strength):
             g = np.array([gx[ys[k], xs[k]], gy[ys[k], xs[k]]])
             norm = np.hypot(*g)
             if norm < 1e-4:
-                g, norm = rng.normal(0, 1, 2), 1.0
+                g = rng.normal(0, 1, 2)
                 norm = np.hypot(*g)
             normal = g / norm
             tangent = np.array([-normal[1], normal[0]])
