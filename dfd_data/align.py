@@ -17,7 +17,7 @@ from .contact_sheet import contact_sheet
 from .dataset import Dataset, DatasetError, RecordLog
 from .faces import LANDMARK_MODEL_FILE, find_faces, package_model_path
 from .ffhq_alignment import TEMPLATE_LEFT_EYE, TEMPLATE_MOUTH, TEMPLATE_RIGHT_EYE, align_face, ffhq_quad
-from .image_io import IMAGE_EXTENSIONS, decode_image, encode_jpeg, encode_png, read_bytes, read_image
+from .image_io import IMAGE_EXTENSIONS, decode_image, encode_png, read_bytes, read_image
 from .runner import BatchSummary, Outcome, SkipItem, Task, run_batch
 from .sources import Source, list_sources
 from .versions import tool_versions
@@ -165,8 +165,4 @@ def _write_preview(dataset: Dataset) -> dict[str, str]:
     if not aligned:
         return {}
     faces = [read_image(dataset.path(r["image"])) for r in aligned]
-    sheet = contact_sheet(faces, marks=[TEMPLATE_LEFT_EYE, TEMPLATE_RIGHT_EYE, TEMPLATE_MOUTH])
-    data = encode_jpeg(sheet)
-    relpath = "previews/align.jpg"
-    atomic_write_bytes(dataset.path(relpath), data)
-    return {relpath: sha256_bytes(data)}
+    return dataset.write_preview("align", contact_sheet(faces, marks=[TEMPLATE_LEFT_EYE, TEMPLATE_RIGHT_EYE, TEMPLATE_MOUTH]))

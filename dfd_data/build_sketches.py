@@ -17,7 +17,7 @@ from .atomic import atomic_write_bytes, remove_stale_temp_files, sha256_bytes
 from .contact_sheet import contact_sheet
 from .dataset import Dataset, DatasetError
 from .derived import run_derived_step
-from .image_io import decode_image, encode_jpeg, encode_png, read_bytes, read_image
+from .image_io import decode_image, encode_png, read_bytes, read_image
 from .runner import BatchSummary, Task
 from .sketch_methods import SketchMethod, load_networks, run_method
 from .versions import tool_versions
@@ -113,7 +113,4 @@ def _write_preview(dataset: Dataset, method: SketchMethod, inputs: dict[str, str
     tiles = []
     for record_id in ids:
         tiles += [read_image(dataset.path(inputs[record_id])), read_image(dataset.path(f"sketches/{method.id}/{record_id}.png"))]
-    data = encode_jpeg(contact_sheet(tiles, thumb=256, columns=8))
-    relpath = f"previews/sketches-{method.id}.jpg"
-    atomic_write_bytes(dataset.path(relpath), data)
-    return {relpath: sha256_bytes(data)}
+    return dataset.write_preview(f"sketches-{method.id}", contact_sheet(tiles, thumb=256, columns=8))

@@ -19,7 +19,7 @@ from .components import COMPONENTS, component_windows, crop_components
 from .contact_sheet import contact_sheet
 from .dataset import Dataset, DatasetError
 from .derived import run_derived_step
-from .image_io import decode_image, encode_jpeg, encode_png, read_bytes, read_image
+from .image_io import decode_image, encode_png, read_bytes, read_image
 from .runner import BatchSummary, Task
 from .versions import tool_versions
 
@@ -131,7 +131,4 @@ def _write_preview(dataset: Dataset, source: str, out_dir: str, ids: list[str]) 
     if not ids:
         return {}
     tiles = [read_image(dataset.path(f"{out_dir}/{name}/{i}.png")) for i in ids for name in COMPONENTS]
-    data = encode_jpeg(contact_sheet(tiles, thumb=128, columns=len(COMPONENTS)))
-    relpath = f"previews/components-{source.replace('/', '-')}.jpg"
-    atomic_write_bytes(dataset.path(relpath), data)
-    return {relpath: sha256_bytes(data)}
+    return dataset.write_preview(f"components-{source.replace('/', '-')}", contact_sheet(tiles, thumb=128, columns=len(COMPONENTS)))

@@ -25,8 +25,9 @@ from typing import Iterable
 import yaml
 
 from . import __version__
-from .atomic import atomic_write_text, sha256_file
+from .atomic import atomic_write_bytes, atomic_write_text, sha256_file
 from .errors import UserError
+from .image_io import encode_jpeg
 
 FORMAT = "dfd-dataset"
 FORMAT_VERSION = 1
@@ -175,6 +176,13 @@ class Dataset:
             entry["records_sha256"] = sha256_file(self.path(records))
         manifest["steps"][name] = entry
         self.save_manifest(manifest)
+
+    def write_preview(self, name: str, sheet) -> dict[str, str]:
+        """Write a contact sheet as previews/<name>.jpg; returns {relpath: sha256} for the step's files."""
+        data = encode_jpeg(sheet)
+        relpath = f"previews/{name}.jpg"
+        atomic_write_bytes(self.path(relpath), data)
+        return {relpath: hashlib.sha256(data).hexdigest()}
 
     # -- records and errors -----------------------------------------------------------------
 
