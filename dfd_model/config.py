@@ -25,9 +25,6 @@ BASE_NOSE_FUSION_ROWS = 124
 # float32 weights; the default widths at 2048 hold 4.7G): larger is surely a mistake.
 MAX_PARAMETERS = 8_000_000_000
 
-# The component encoders end, and the decoders start, with a reflection-padded residual block
-# on a (size/32)^2 grid; reflection padding needs a grid of at least 2x2.
-MIN_COMPONENT_SIZE = 64
 
 PROJECTION_METHODS = ("anchored", "gram")
 D_CONDITIONS = ("features", "sketch")
@@ -136,13 +133,7 @@ class ModelConfig:
         if self.ngf * 2 ** self.n_downsample > 8192:
             raise ValueError(f"model config: ngf={self.ngf} doubled n_downsample={self.n_downsample} times "
                              "exceeds 8192 channels")
-        sizes = self.component_sizes()
-        smallest = min(sizes, key=sizes.get)
-        if sizes[smallest] < MIN_COMPONENT_SIZE:
-            raise ValueError(f"model config: at resolution {self.resolution} the {smallest} window is "
-                             f"{sizes[smallest]} px; the component networks need {MIN_COMPONENT_SIZE} "
-                             f"(resolution 192 or more)")
-        nose = sizes["nose"]
+        nose = self.component_sizes()["nose"]
         if self.nose_fusion_rows is not None and self.nose_fusion_rows > nose:
             raise ValueError(f"model config: nose_fusion_rows={self.nose_fusion_rows} exceeds the nose window "
                              f"({nose} rows at resolution {self.resolution})")

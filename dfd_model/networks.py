@@ -71,10 +71,14 @@ def _check_input(name: str, x: torch.Tensor, channels: int, size: int | None) ->
 class ResidualBlock(nn.Module):
     """x + [reflect pad 1, conv3x3, norm, ReLU, reflect pad 1, conv3x3, norm](x).
 
-    `norm` is "batch" (component networks) or "instance" (generator, pix2pixHD style)."""
+    `norm` is "batch" (component networks) or "instance" (generator, pix2pixHD style).
+    `grid` is the spatial side when known: reflection needs at least 2 pixels, so on a 1x1
+    grid (32-px component windows of 128-px models) the block pads by replication, which is
+    what reflection tends to as the grid shrinks."""
 
-    def __init__(self, channels: int, norm: str = "batch", affine: bool = False):
+    def __init__(self, channels: int, norm: str = "batch", affine: bool = False, grid: int | None = None):
         super().__init__()
+        pad = nn.ReplicationPad2d if grid == 1 else nn.ReflectionPad2d
         if norm == "batch":
             make_norm = lambda: nn.BatchNorm2d(channels)  # noqa: E731
         elif norm == "instance":
@@ -82,8 +86,8 @@ class ResidualBlock(nn.Module):
         else:
             raise ValueError(f"unknown norm {norm!r}; choose batch or instance")
         self.block = nn.Sequential(
-            nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3), make_norm(), nn.ReLU(True),
-            nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3), make_norm(),
+            pad(1), nn.Conv2d(channels, channels, 3), make_norm(), nn.ReLU(True),
+            pad(1), nn.Conv2d(channels, channels, 3), make_norm(),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,13 +95,12 @@ class ResidualBlock(nn.Module):
 
 
 def _check_component_size(size: int) -> None:
-    if size < 64 or size % 32:
-        raise ValueError(f"component size {size} must be a multiple of 32 and at least 64 (the residual "
-                         "blocks on the (size/32)^2 latent grid are reflection padded)")
+    if size < 32 or size % 32:
+        raise ValueError(f"component size {size} must be a positive multiple of 32 (the networks halve it five times)")
 
 
 class ComponentEncoder(nn.Module):
-    """One component's sketch crop [B, 1, S, S] in [-1, 1] -> latent [B, latent_dim] (S >= 64)."""
+    """One component's sketch crop [B, 1, S, S] in [-1, 1] -> latent [B, latent_dim] (S a multiple of 32)."""
 
     def __init__(self, size: int, config: ModelConfig = ModelConfig()):
         super().__init__()
@@ -112,7 +115,7 @@ class ComponentEncoder(nn.Module):
                           _activation(slope))
             for cin, cout in zip(chans[:-1], chans[1:])
         ])
-        self.last_block = ResidualBlock(chans[-1])
+        self.last_block = ResidualBlock(chans[-1], grid=size // 32)
         self.fc = nn.Linear(chans[-1] * (size // 32) ** 2, config.latent_dim)
         init_weights(self)
 
@@ -132,7 +135,7 @@ class _LatentDecoder(nn.Module):
         self.first_channels = chans[0]
         slope, momentum = config.encoder_slope, config.bn_momentum
         self.fc = nn.Linear(config.latent_dim, chans[0] * self.grid ** 2)
-        self.first_block = ResidualBlock(chans[0])
+        self.first_block = ResidualBlock(chans[0], grid=self.grid)
         self.stages = nn.Sequential(*[
             nn.Sequential(nn.ConvTranspose2d(cin, cout, 4, 2, 1), nn.BatchNorm2d(cout, momentum=momentum),
                           _activation(slope), ResidualBlock(cout))

@@ -85,8 +85,23 @@ def test_every_network_has_the_documented_shapes(tiny):
         encoder(torch.randn(2, 1, 32, 32))
     with pytest.raises(ValueError, match="latents shaped"):
         decoder(torch.randn(2, 31))
-    with pytest.raises(ValueError, match="at least 64"):
-        ComponentEncoder(32, tiny)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        ComponentEncoder(48, tiny)
+
+
+def test_128_px_models_pad_their_1x1_latent_grid_by_replication():
+    """At 128 px the eye and nose windows are 32 px, so the encoders end on a 1x1 grid where
+    reflection padding is undefined; the whole model must still run and train."""
+    config = ModelConfig(**{**TINY, "resolution": 128})
+    assert config.component_sizes() == {"left_eye": 32, "right_eye": 32, "nose": 32, "mouth": 64, "remainder": 128}
+    encoder = ComponentEncoder(32, config)
+    pads = {type(m).__name__ for m in encoder.last_block.modules()}
+    assert "ReplicationPad2d" in pads and "ReflectionPad2d" not in pads
+    model = SketchToFace(config)
+    face = model(torch.randint(0, 256, (2, 128, 128), dtype=torch.uint8))
+    assert face.shape == (2, 3, 128, 128)
+    face.mean().backward()
+    assert model.autoencoders["left_eye"].encoder.last_block.block[1].weight.grad.abs().sum() > 0
 
 
 def test_encoder_slope_one_is_the_released_identity(tiny):
@@ -362,7 +377,6 @@ def test_config_round_trips_and_refuses_bad_values():
     bad = [
         ({"resolution": 4096}, "resolution=4096 is outside 64..2048"),
         ({"resolution": 500}, "multiple of 32"),
-        ({"resolution": 128}, "need 64"),
         ({"latent_dim": 5000}, "latent_dim=5000 is outside"),
         ({"latent_dim": "512"}, "latent_dim must be an integer"),
         ({"ngf": 56.0}, "ngf must be an integer"),
