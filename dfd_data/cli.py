@@ -33,7 +33,7 @@ def _finish(dataset: Dataset, summaries: list[BatchSummary], extra: str = "") ->
         sys.exit(1)
 
 
-class _Group(click.Group):
+class UserErrorGroup(click.Group):
     """Turns the toolkit's user-facing errors into one-line messages without a traceback."""
 
     def invoke(self, ctx):
@@ -43,7 +43,7 @@ class _Group(click.Group):
             raise click.ClickException(str(error)) from None
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.group(cls=UserErrorGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(__version__, prog_name="dfd-data")
 def main():
     """Prepare DeepFaceDrawing training data: align face photos, crop the five facial
@@ -102,7 +102,7 @@ def crop_components(dataset, sources, jobs, backend, quiet):
     _finish(Dataset(dataset), summaries)
 
 
-def _parse_settings(settings: tuple[str, ...]) -> dict[str, str]:
+def parse_settings(settings: tuple[str, ...]) -> dict[str, str]:
     parsed = {}
     for setting in settings:
         key, sep, value = setting.partition("=")
@@ -143,7 +143,7 @@ def build_sketches(dataset, method, settings, preview, device, batch_size, jobs,
     from .build_sketches import build_sketches as run
     from .sketch_methods import resolve_method
 
-    resolved = resolve_method(method, _parse_settings(settings))
+    resolved = resolve_method(method, parse_settings(settings))
     summary = run(dataset, resolved, jobs=jobs, backend=backend, device=device, batch_size=batch_size,
                   preview=preview, quiet=quiet)
     root = Dataset(dataset).root

@@ -25,7 +25,7 @@ import torch
 from dfd_data import __version__
 from dfd_data.atomic import atomic_write_text, atomic_write_bytes, sha256_bytes, sha256_file
 from dfd_data.devices import resolve_device
-from dfd_data.errors import ModelMissingError
+from dfd_data.errors import ModelMissingError, UserError
 
 from .config import ModelConfig
 from .projection import FeatureBank
@@ -40,7 +40,7 @@ BANKS_FILE = "banks.safetensors"
 MAX_CONFIG_BYTES = 1 << 20
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A model folder that cannot be loaded; the message is one line and names the file."""
 
 

@@ -1,15 +1,20 @@
 """`dfd-model`: train DeepFaceDrawing and generate faces from sketches."""
 from __future__ import annotations
 
+from dataclasses import fields
+from pathlib import Path
+
 import click
 import torch
+import yaml
 
 from . import __version__
+from dfd_data.cli import UserErrorGroup, parse_settings
 from dfd_data.devices import DEVICE_CHOICES, resolve_device
 from dfd_data.errors import DeviceError
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.group(cls=UserErrorGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(__version__, prog_name="dfd-model")
 def main():
     """Train the two-stage DeepFaceDrawing model and turn sketches into faces."""
@@ -26,3 +31,156 @@ def env(device):
     detail = f" ({torch.cuda.get_device_name(chosen)})" if chosen.type == "cuda" else ""
     click.echo(f"torch {torch.__version__}; device {chosen}{detail}; {torch.get_num_threads()} CPU threads; "
                f"CUDA devices: {torch.cuda.device_count()}")
+
+
+def _split_settings(settings: tuple[str, ...]) -> tuple[dict, dict]:
+    """--set KEY=VALUE pairs -> (ModelConfig fields, TrainConfig fields), values parsed as YAML
+    scalars (numbers, true/false, null)."""
+    from .config import ModelConfig
+    from .training import TrainConfig
+
+    model_keys = {f.name for f in fields(ModelConfig)}
+    train_keys = {f.name for f in fields(TrainConfig)}
+    model, training = {}, {}
+    for key, text in parse_settings(settings).items():
+        try:
+            value = yaml.safe_load(text) if text else None
+        except yaml.YAMLError:
+            value = text
+        if key in model_keys:
+            model[key] = value
+        elif key in train_keys:
+            training[key] = value
+        else:
+            raise click.BadParameter(f"unknown setting {key!r}; model settings: {', '.join(sorted(model_keys))}; "
+                                     f"training settings: {', '.join(sorted(train_keys))}", param_hint="--set")
+    return model, training
+
+
+@main.command(epilog="""\b
+Examples:
+  dfd-model train data/faces --stage all --resolution 128 --steps 20 --batch-size 4 --out runs/smoke
+  dfd-model train data/faces --out runs/celeba-512 --device cuda          # the full 512 model
+  dfd-model train data/faces --out runs/celeba-512 --resume               # after an interruption
+  dfd-model train data/faces --resolution 256 --set ngf=32 --set l1_weight=0""")
+@click.argument("dataset", type=click.Path(file_okay=False, exists=True))
+@click.option("--stage", type=click.Choice(["1", "2", "all"]), default="all",
+              help="1: component auto-encoders and feature banks; 2: feature decoders, generator and "
+                   "discriminators (needs stage 1 in the same run folder); all: both.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Run folder. Default: the next free runs/run-NNN.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
+@click.option("--resolution", type=int, default=512, help="Side of sketches and faces (multiple of 32, >= 64).")
+@click.option("--steps", type=click.IntRange(1), default=50_000, help="Optimisation steps per stage.")
+@click.option("--batch-size", type=click.IntRange(1), default=8)
+@click.option("--lr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=2e-4, help="Adam learning rate.")
+@click.option("--sketches", default=None,
+              help="Sketch set under DATASET/sketches to train on. Default: photocopy+simplify, or the only one.")
+@click.option("--vgg-weights", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="torchvision VGG19 weights saved as safetensors; enables the perceptual loss.")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="Any ModelConfig or TrainConfig field (repeatable), e.g. --set ngf=32.")
+@click.option("--log-every", type=click.IntRange(1), default=50, help="Steps per stats.jsonl row.")
+@click.option("--grid-every", type=click.IntRange(1), default=1000, help="Steps between validation grids.")
+@click.option("--checkpoint-every", type=click.IntRange(1), default=1000, help="Steps between checkpoints.")
+@click.option("--seed", type=click.IntRange(0), default=0)
+@click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def train(dataset, stage, out, resume, resolution, steps, batch_size, lr, sketches, vgg_weights, settings,
+          log_every, grid_every, checkpoint_every, seed, device, quiet):
+    """Train DeepFaceDrawing on a dataset made by dfd-data (aligned faces, sketches, labels).
+
+    The run folder receives train_config.json (written before any work), stats.jsonl, grids/
+    (validation sheets), checkpoints/ and model/ (the SketchToFace folder that `dfd-model
+    generate` loads). Faces labelled split=val or test are held out for the grids; banks are
+    split by gender when the dataset records it.
+    """
+    from .config import ModelConfig
+    from .training import TrainConfig, Trainer, next_run_folder
+
+    model_settings, train_settings = _split_settings(settings)
+    try:
+        model_config = ModelConfig.from_dict({"resolution": resolution, **model_settings})
+        train_config = TrainConfig.from_dict({
+            "steps": steps, "batch_size": batch_size, "lr": lr, "sketches": sketches, "vgg_weights": vgg_weights,
+            "log_every": log_every, "grid_every": grid_every, "checkpoint_every": checkpoint_every, "seed": seed,
+            **train_settings})
+    except (TypeError, ValueError) as error:
+        raise click.BadParameter(str(error)) from None
+    run_folder = Path(out) if out else next_run_folder(Path("runs"))
+    trainer = Trainer(dataset, run_folder, model_config, train_config, resolve_device(device), resume=resume,
+                      quiet=quiet, echo=click.echo)
+    click.echo(trainer.describe())
+    click.echo(trainer.run(stage))
+
+
+def _parse_refine(values: tuple[str, ...]) -> float | dict[str, float]:
+    """--refine 0.5 (all components) and/or --refine nose=0.2 (one component) -> refine argument."""
+    from dfd_data.components import COMPONENTS
+
+    overall, per_component = 1.0, {}
+    for value in values:
+        name, sep, number = value.rpartition("=")
+        try:
+            amount = float(number)
+        except ValueError:
+            raise click.BadParameter(f"{value!r}: expected a number or COMPONENT=NUMBER", param_hint="--refine") from None
+        if not 0.0 <= amount <= 1.0:
+            raise click.BadParameter(f"{value!r}: refinement must be within 0..1", param_hint="--refine")
+        if not sep:
+            overall = amount
+        elif name in COMPONENTS:
+            per_component[name] = amount
+        else:
+            raise click.BadParameter(f"{value!r}: unknown component {name!r} (known: {', '.join(COMPONENTS)})",
+                                     param_hint="--refine")
+    if not per_component:
+        return overall
+    return {name: per_component.get(name, overall) for name in COMPONENTS}
+
+
+@main.command(epilog="""\b
+Examples:
+  dfd-model generate --model runs/run-001/model my_sketch.png -o faces/
+  dfd-model generate --model runs/run-001/model sketches/ -o faces/ --refine 0.5 --refine mouth=1 --grid
+  dfd-model generate --model runs/run-001/model photo.jpg -o faces/ --from-photo photocopy+simplify""")
+@click.option("--model", "model_folder", required=True, type=click.Path(file_okay=False, exists=True),
+              help="A model folder (a training run's model/).")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Folder for the faces.")
+@click.option("--refine", "refine", multiple=True, metavar="X|COMPONENT=X",
+              help="How far to pull each component towards the training sketches: 0 = as drawn, 1 = fully "
+                   "projected (default 1). Repeat with COMPONENT=X (left_eye, right_eye, nose, mouth, "
+                   "remainder) to override one component.")
+@click.option("--gender", default=None, help="Search only this gender's bank (as the model's banks name them).")
+@click.option("--from-photo", default=None, metavar="METHOD",
+              help="Accept photos: align each and draw it with this dfd-data sketch method first.")
+@click.option("--grid", is_flag=True, help="Also write grid.jpg: sketch | projected sketch | face per input.")
+@click.option("--batch-size", type=click.IntRange(1), default=4)
+@click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def generate(model_folder, inputs, out, refine, gender, from_photo, grid, batch_size, device, quiet):
+    """Turn sketches (files or folders of images, any size; white paper, dark lines) into faces,
+    written to OUT as <input name>.png. Non-square sketches are letterboxed on white."""
+    import time
+
+    from dfd_data.sketch_methods import METHODS
+    from .generate import generate as run
+    from .sketch_to_face import SketchToFace
+
+    if from_photo is not None and from_photo not in METHODS:
+        raise click.BadParameter(f"unknown sketch method {from_photo!r} (known: {', '.join(METHODS)})",
+                                 param_hint="--from-photo")
+    refine_value = _parse_refine(refine)
+    started = time.time()
+    model = SketchToFace.from_pretrained(model_folder, device=device)
+    if gender is not None and gender not in model.genders:
+        known = ", ".join(model.genders) or "none: the model's banks are not split by gender"
+        raise click.BadParameter(f"{gender!r} is not one of the model's genders ({known})", param_hint="--gender")
+    result = run(model, list(inputs), out, refine=refine_value, gender=gender, from_photo=from_photo,
+                 batch_size=batch_size, grid=grid, quiet=quiet)
+    for line in result.errors:
+        click.echo(line, err=True)
+    click.echo(result.line(time.time() - started))
+    if result.errors:
+        raise SystemExit(1)

@@ -132,10 +132,12 @@ class SketchToFace(nn.Module):
         value = check_refine(refine)
         return {name: value for name in COMPONENTS}
 
-    def forward(self, sketch, refine: float | Mapping[str, float] = 1.0, gender: str | None = None) -> torch.Tensor:
-        """Sketches (uint8 pixels or floats in [-1, 1]; [B, 1, R, R], [B, R, R] or [R, R])
-        -> RGB faces [B, 3, R, R] in [-1, 1].
+    def encode(self, sketch, refine: float | Mapping[str, float] = 1.0,
+               gender: str | None = None) -> dict[str, torch.Tensor]:
+        """Sketches -> component name -> latent [B, latent_dim], projected and blended.
 
+        sketch: uint8 pixels (0 ink .. 255 paper) or floats in [-1, 1]; [B, 1, R, R], [B, R, R]
+            or [R, R].
         refine: 0 (use the sketch as drawn) .. 1 (fully projected onto the training data),
             one number or per component (missing components take 1). Ignored without banks.
         gender: which bank to search (see `genders`); None searches every vector.
@@ -146,15 +148,35 @@ class SketchToFace(nn.Module):
         parameter = next(self.parameters())
         x = prepare_sketch(sketch, self.config.resolution).to(device=parameter.device, dtype=parameter.dtype)
         crops = crop_sketch_components(x, self.config)
-        maps = {}
+        latents = {}
         for name in COMPONENTS:
             latent = self.autoencoders[name].encoder(crops[name])
             if self.banks is not None and weights[name] > 0:
                 bank = self.banks.get(name, gender).to(device=latent.device, dtype=latent.dtype)
                 projected, _, _ = project(latent, bank, self.config.knn, self.config.lle_eps, self.config.projection)
                 latent = blend(latent, projected, weights[name])
-            maps[name] = self.feature_decoders[name](latent)
+            latents[name] = latent
+        return latents
+
+    def synthesize(self, latents: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Component latents -> RGB faces [B, 3, R, R] in [-1, 1] (feature decoders, fusion, generator)."""
+        maps = {name: self.feature_decoders[name](latents[name]) for name in COMPONENTS}
         return self.generator(fuse_feature_maps(maps, self.config))
+
+    def draw(self, latents: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Component latents -> the sketch they stand for [B, 1, R, R] in [-1, 1]: each component's
+        image decoder output on its window, the remainder underneath (what a projected sketch
+        looks like; stage 1's reconstructions)."""
+        canvas = self.autoencoders["remainder"].decode(latents["remainder"]).clone()
+        for name, window in self.config.windows().items():
+            if name != "remainder":
+                canvas[:, :, window.y:window.y + window.size, window.x:window.x + window.size] = \
+                    self.autoencoders[name].decode(latents[name])
+        return canvas.clamp(-1, 1)
+
+    def forward(self, sketch, refine: float | Mapping[str, float] = 1.0, gender: str | None = None) -> torch.Tensor:
+        """Sketches -> RGB faces [B, 3, R, R] in [-1, 1]; arguments as for `encode`."""
+        return self.synthesize(self.encode(sketch, refine, gender))
 
     # ---- persistence -------------------------------------------------------------------------
     def save_pretrained(self, folder: str | os.PathLike) -> None:

@@ -1,0 +1,165 @@
+"""`dfd-model generate`: sketch files in, face PNGs out (and optional sketch | projection | face sheets).
+
+Inputs of any size and format are read with dfd_data's image reader. A sketch that is not
+square is letterboxed onto white paper, then resized to the model's resolution. A photo given
+by mistake (colour, little white paper) is refused, or, when `from_photo` names a sketch
+method, aligned like a training face and turned into a sketch with that method. One bad file
+is reported on one line and never stops the others.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dfd_data.atomic import atomic_write_bytes
+from dfd_data.contact_sheet import contact_sheet
+from dfd_data.errors import UserError
+from dfd_data.image_io import ImageError, encode_jpeg, encode_png, is_image_name, read_image
+
+from .networks import denormalize_image
+from .sketch_to_face import SketchToFace
+
+# A sketch is dark lines on paper: at least this share of near-white pixels ...
+MIN_PAPER_FRACTION = 0.4
+PAPER_LEVEL = 200
+# ... and (almost) no colour: the mean spread between the RGB channels stays below this.
+MAX_COLOUR_SPREAD = 12.0
+# Photos given with --from-photo are aligned at this size (the sketch methods' tuning), then resized.
+PHOTO_ALIGN_SIZE = 512
+# The --grid sheet shows at most this many inputs (sketch | projected sketch | face each).
+GRID_ROWS = 64
+
+
+def photo_reason(image: np.ndarray) -> str | None:
+    """Why an RGB image looks like a photo rather than a sketch, or None if it looks like a sketch."""
+    spread = float(np.mean(image.max(axis=2).astype(np.int16) - image.min(axis=2)))
+    if spread > MAX_COLOUR_SPREAD:
+        return f"looks like a colour photo (mean channel spread {spread:.0f})"
+    paper = float(np.mean(image.min(axis=2) >= PAPER_LEVEL))
+    if paper < MIN_PAPER_FRACTION:
+        return f"looks like a photo, not a sketch (only {paper:.0%} of it is white paper)"
+    return None
+
+
+def letterbox(gray: np.ndarray, resolution: int) -> np.ndarray:
+    """Centre a gray image on a square of white paper and resize it to resolution x resolution."""
+    height, width = gray.shape
+    side = max(height, width)
+    if height != width:
+        square = np.full((side, side), 255, np.uint8)
+        top, left = (side - height) // 2, (side - width) // 2
+        square[top:top + height, left:left + width] = gray
+        gray = square
+    if side != resolution:
+        interpolation = cv2.INTER_AREA if side > resolution else cv2.INTER_CUBIC
+        gray = cv2.resize(gray, (resolution, resolution), interpolation=interpolation)
+    return gray
+
+
+def sketch_from_photo(image: np.ndarray, path, method_name: str, device: str) -> np.ndarray:
+    """Align the largest face of a photo and draw it with a dfd-data sketch method."""
+    from dfd_data.faces import find_faces
+    from dfd_data.ffhq_alignment import align_face, ffhq_quad
+    from dfd_data.sketch_methods import resolve_method, run_method
+
+    faces = find_faces(image)
+    if not faces:
+        raise ImageError(path, "no face found in the photo to turn into a sketch")
+    aligned = align_face(image, ffhq_quad(faces[0].landmarks), PHOTO_ALIGN_SIZE)
+    return run_method(resolve_method(method_name), [aligned], device=device, batch_size=1)[0]
+
+
+def load_sketch(path: str | os.PathLike, resolution: int, from_photo: str | None = None,
+                device: str = "cpu") -> np.ndarray:
+    """A sketch file as uint8 [R, R] (255 paper), or ImageError naming the file and the problem."""
+    image = read_image(path)
+    reason = photo_reason(image)
+    if reason is not None:
+        if from_photo is None:
+            raise ImageError(path, f"{reason}; pass --from-photo METHOD (e.g. photocopy+simplify) to turn photos "
+                                   "into sketches first")
+        gray = sketch_from_photo(image, path, from_photo, device)
+    else:
+        gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    return letterbox(gray, resolution)
+
+
+def collect_inputs(inputs: list[str]) -> list[Path]:
+    """Files as given, and the image files directly inside given folders (sorted)."""
+    found = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found += sorted(p for p in path.iterdir() if p.is_file() and is_image_name(p.name))
+        else:
+            found.append(path)
+    return found
+
+
+def _output_names(paths: list[Path]) -> list[str]:
+    names, seen = [], {}
+    for path in paths:
+        stem = path.stem
+        seen[stem] = seen.get(stem, 0) + 1
+        names.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
+    return names
+
+
+@dataclass
+class GenerateResult:
+    written: list[Path] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    grid: Path | None = None
+
+    def line(self, seconds: float) -> str:
+        failed = f", {len(self.errors)} failed" if self.errors else ""
+        grid = f"; grid {self.grid}" if self.grid else ""
+        return f"generate: {len(self.written)} faces{failed} in {seconds:.1f} s{grid}"
+
+
+def generate(model: SketchToFace, inputs: list[str], out: str | os.PathLike, *,
+             refine: float | Mapping[str, float] = 1.0, gender: str | None = None, from_photo: str | None = None,
+             batch_size: int = 4, grid: bool = False, quiet: bool = False) -> GenerateResult:
+    """Write OUT/<input stem>.png for every readable sketch; see the module docstring."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    resolution = model.config.resolution
+    device = next(model.parameters()).device
+    paths = collect_inputs(inputs)
+    result, tiles = GenerateResult(), []
+    names = _output_names(paths)
+    loaded: list[tuple[str, np.ndarray]] = []
+    for path, name in zip(paths, names):
+        try:
+            loaded.append((name, load_sketch(path, resolution, from_photo, device.type)))
+        except (UserError, OSError) as error:
+            result.errors.append(str(error))
+    starts = range(0, len(loaded), batch_size)
+    for start in (starts if quiet else tqdm(starts, desc="generate", unit="batch")):
+        chunk = loaded[start:start + batch_size]
+        sketches = torch.from_numpy(np.stack([sketch for _, sketch in chunk]))
+        with torch.inference_mode():
+            latents = model.encode(sketches, refine, gender)
+            faces = denormalize_image(model.synthesize(latents)).permute(0, 2, 3, 1).cpu().numpy()
+            drawn = denormalize_image(model.draw(latents))[:, 0].cpu().numpy() if grid else None
+        for index, ((name, sketch), face) in enumerate(zip(chunk, faces)):
+            target = out / f"{name}.png"
+            atomic_write_bytes(target, encode_png(face))
+            result.written.append(target)
+            if grid and len(tiles) < 3 * GRID_ROWS:
+                tiles += [sketch, drawn[index], face]
+    if grid and tiles:
+        result.grid = out / "grid.jpg"
+        sheet = contact_sheet(tiles, thumb=min(256, resolution), columns=3)
+        atomic_write_bytes(result.grid, encode_jpeg(sheet))
+    return result
+
+
+__all__ = ["GenerateResult", "collect_inputs", "generate", "letterbox", "load_sketch", "photo_reason"]

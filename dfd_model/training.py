@@ -1,0 +1,395 @@
+"""Two-stage training of DeepFaceDrawing (DESIGN section 3), resumable and reproducible.
+
+Stage 1 trains the five component auto-encoders on the sketch crops (MSE), then encodes every
+training sketch into per-component feature banks (per gender when the dataset records it).
+Stage 2 freezes the encoders and trains the feature decoders, the generator and the
+multi-scale discriminators together on raw (unprojected) latents: LSGAN, discriminator
+feature matching, a pixel L1 term, and the VGG19 perceptual loss when VGG weights are given.
+
+A run folder holds:
+    train_config.json     the resolved model and training configuration (written first)
+    data/                 the training pairs stacked at the model's resolution
+    stats.jsonl           losses, seconds per step and images per second, every log_every steps
+    grids/                validation sheets (stage 1: sketch | reconstruction;
+                          stage 2: sketch | face | photo), every grid_every steps
+    checkpoints/          the newest checkpoints and latest.json (see training_checkpoint)
+    model/                the SketchToFace folder (after stage 1, again after stage 2)
+
+Batches depend only on (seed, step) and the RNG is checkpointed, so on the CPU a resumed run
+repeats the losses of an uninterrupted one exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from dfd_data.atomic import atomic_write_bytes, atomic_write_text
+from dfd_data.components import COMPONENTS
+from dfd_data.contact_sheet import contact_sheet
+from dfd_data.dataset import Dataset, read_jsonl
+from dfd_data.errors import UserError
+from dfd_data.image_io import encode_jpeg
+
+from .config import ModelConfig
+from .losses import VGG19Features, feature_matching_loss, lsgan_loss, perceptual_loss
+from .networks import MultiscaleDiscriminator, denormalize_image, fuse_feature_maps
+from .projection import FeatureBank
+from .sketch_to_face import SketchToFace, crop_sketch_components
+from .training_checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .training_data import (BatchOrder, PairSet, TrainingDataError, UNKNOWN_GENDER, build_pair_set,
+                            choose_sketch_folder, load_pair, split_records)
+
+VALIDATION_FACES = 8
+CONFIG_FILE = "train_config.json"
+STATS_FILE = "stats.jsonl"
+# Settings a resumed run may change; any other difference means a different experiment.
+RESUMABLE_CHANGES = ("steps", "log_every", "grid_every", "checkpoint_every")
+
+
+class TrainingError(UserError):
+    """A run that cannot start or continue; one line."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train (model sizes live in ModelConfig).
+
+    steps: optimisation steps per stage. l1_weight: pixel L1 between face and photo, not in
+    pix2pixHD; it anchors colours early when no VGG weights are available (0 turns it off).
+    vgg_weights: a safetensors file of torchvision's VGG19 (see losses.VGG19Features).
+    amp: mixed precision on CUDA (bf16 where supported, else fp16 with a loss scaler).
+    """
+
+    steps: int = 50_000
+    batch_size: int = 8
+    lr: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    feature_matching_weight: float = 10.0
+    l1_weight: float = 10.0
+    vgg_weight: float = 10.0
+    vgg_weights: str | None = None
+    log_every: int = 50
+    grid_every: int = 1000
+    checkpoint_every: int = 1000
+    seed: int = 0
+    sketches: str | None = None
+    amp: bool = True
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "log_every", "grid_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"training config: {name} must be a positive integer, got {value!r}")
+        for name in ("lr", "beta1", "beta2", "feature_matching_weight", "l1_weight", "vgg_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"training config: {name} must be a non-negative number, got {value!r}")
+        if not 0 < self.lr < 1 or not self.beta1 < 1 or not self.beta2 < 1:
+            raise ValueError("training config: lr must be in (0, 1) and the betas below 1")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"training config: seed must be a non-negative integer, got {self.seed!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"training config: unknown key {unknown[0]} (known: {', '.join(sorted(names))})")
+        return cls(**data)
+
+
+# ---- the run folder ---------------------------------------------------------------------------------
+def next_run_folder(parent: Path) -> Path:
+    """parent/run-NNN with the next free number."""
+    numbers = [int(p.name[4:]) for p in parent.glob("run-[0-9][0-9][0-9]*") if p.name[4:].isdigit()] \
+        if parent.is_dir() else []
+    return parent / f"run-{max(numbers, default=0) + 1:03d}"
+
+
+def _amp_context(device: torch.device, enabled: bool):
+    if device.type != "cuda" or not enabled:
+        return contextlib.nullcontext, None
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    return (lambda: torch.autocast("cuda", dtype=dtype)), scaler
+
+
+class Trainer:
+    """One run: `Trainer(...).run(stage)`; see the module docstring for the folder it fills."""
+
+    def __init__(self, dataset: str | Path, out: Path, model_config: ModelConfig, train_config: TrainConfig,
+                 device: torch.device, *, resume: bool = False, quiet: bool = False, echo=print):
+        self.dataset, self.out, self.device, self.quiet, self.echo = Dataset(dataset), Path(out), device, quiet, echo
+        self.dataset.require()
+        self.model_config, self.config = self._resolve_configs(model_config, train_config, resume)
+        torch.manual_seed(self.config.seed)
+        self.model = SketchToFace(self.model_config).to(device)
+        self.discriminator = MultiscaleDiscriminator(self.model_config).to(device)
+        self.vgg = VGG19Features.from_safetensors(self.config.vgg_weights).to(device) \
+            if self.config.vgg_weights else None
+        betas = (self.config.beta1, self.config.beta2)
+        self.optimizers = {
+            "autoencoders": torch.optim.Adam(self.model.autoencoders.parameters(), self.config.lr, betas),
+            "generator": torch.optim.Adam([*self.model.feature_decoders.parameters(),
+                                           *self.model.generator.parameters()], self.config.lr, betas),
+            "discriminator": torch.optim.Adam(self.discriminator.parameters(), self.config.lr, betas),
+        }
+        self.autocast, self.scaler = _amp_context(device, self.config.amp)
+        self.stage, self.step, self.banks = 1, 0, None
+        checkpoint = latest_checkpoint(self.out)
+        if checkpoint is not None:
+            if not resume:
+                raise TrainingError(f"{self.out}: already holds a training run; pass --resume to continue it "
+                                    "or choose another --out")
+            state, self.banks = load_checkpoint(checkpoint, modules=self._modules(), optimizers=self.optimizers,
+                                                device=device)
+            self.stage, self.step = state["stage"], state["step"]
+            if self.scaler is not None and state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+            self.echo(f"resuming {self.out} from {checkpoint.name} (stage {self.stage}, step {self.step})")
+        self._trim_stats()
+        self.pairs, self.validation = self._load_data()
+
+    # ---- configuration ----------------------------------------------------------------------------
+    def _resolve_configs(self, model_config, train_config, resume):
+        path = self.out / CONFIG_FILE
+        wanted = {"model": model_config.to_dict(), "training": asdict(train_config)}
+        if path.is_file() and resume:
+            saved = json.loads(path.read_text())
+            differ = [f"{section}.{key}" for section in ("model", "training") for key in saved[section]
+                      if saved[section][key] != wanted[section].get(key) and key not in RESUMABLE_CHANGES]
+            if differ:
+                raise TrainingError(f"{path}: the run was started with other settings ({', '.join(differ)}); "
+                                    "resume with the same options or start a new --out")
+            saved["training"].update({key: wanted["training"][key] for key in RESUMABLE_CHANGES})
+            wanted = saved
+        elif path.is_file() and latest_checkpoint(self.out) is None:
+            pass  # a run that died before its first checkpoint starts afresh
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(wanted, indent=2, sort_keys=True) + "\n")
+        return ModelConfig.from_dict(wanted["model"], complete=True), TrainConfig.from_dict(wanted["training"])
+
+    def describe(self) -> str:
+        """The resolved configuration, printed before work starts."""
+        counts = self.model_config.parameter_counts()
+        total = sum(value for key, value in counts.items() if key != "discriminator")
+        model = ", ".join(f"{k}={v}" for k, v in self.model_config.to_dict().items())
+        training = ", ".join(f"{k}={v}" for k, v in asdict(self.config).items())
+        return (f"run folder {self.out}\nmodel: {model}\ntraining: {training}\n"
+                f"parameters: {total / 1e6:.1f}M in the inference model, {counts['discriminator'] / 1e6:.1f}M in "
+                f"the discriminators; device {self.device}; {len(self.pairs)} training pairs, "
+                f"{len(self.validation)} validation faces")
+
+    # ---- data ----------------------------------------------------------------------------------------
+    def _load_data(self) -> tuple[PairSet, list[tuple[str, np.ndarray, np.ndarray]]]:
+        sketch_folder = choose_sketch_folder(self.dataset, self.config.sketches)
+        train_rows, held_out = split_records(self.dataset, sketch_folder)
+        if not train_rows:
+            raise TrainingDataError(f"{self.dataset.root}: no aligned face with a {sketch_folder} sketch is in the "
+                                    "training split")
+        resolution = self.model_config.resolution
+        progress = (lambda rows: rows) if self.quiet else \
+            (lambda rows: tqdm(rows, desc="load pairs", unit="pair", leave=False))
+        pairs, errors = build_pair_set(self.dataset, train_rows, resolution, self.out / "data", progress)
+        for line in errors:
+            self.echo(f"skipped: {line}")
+        source = held_out or train_rows
+        picks = [source[i] for i in np.linspace(0, len(source) - 1, min(VALIDATION_FACES, len(source))).round()
+                 .astype(int)]
+        validation = []
+        for row in dict.fromkeys(map(json.dumps, picks)):
+            row = json.loads(row)
+            try:
+                validation.append((row["id"], *load_pair(self.dataset, row, resolution)))
+            except UserError as error:
+                self.echo(f"skipped for the validation grid: {error}")
+        return pairs, validation
+
+    # ---- bookkeeping ---------------------------------------------------------------------------------
+    def _modules(self) -> dict[str, torch.nn.Module]:
+        return {"model": self.model, "discriminator": self.discriminator}
+
+    def _trim_stats(self) -> None:
+        """Drop stats rows written after the checkpoint we resume from (they will be redone)."""
+        path = self.out / STATS_FILE
+        if path.is_file():
+            keep = [row for row in read_jsonl(path) if (row["stage"], row["step"]) <= (self.stage, self.step)]
+            atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in keep))
+
+    def _checkpoint(self) -> None:
+        state = {"stage": self.stage, "step": self.step, "model_config": self.model_config.to_dict(),
+                 "train_config": asdict(self.config),
+                 "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+        save_checkpoint(self.out, f"stage{self.stage}-step{self.step:07d}", modules=self._modules(),
+                        optimizers=self.optimizers, banks=self.banks, state=state)
+
+    def _save_model(self) -> None:
+        self.model.set_banks(self.banks)
+        self.model.save_pretrained(self.out / "model")
+
+    def _write_grid(self) -> None:
+        sketches = torch.from_numpy(np.stack([s for _, s, _ in self.validation])).float()[:, None]
+        sketches = ((sketches - 127.5) / 127.5).to(self.device)
+        tiles = []
+        with torch.no_grad(), self.autocast():
+            self.model.eval()
+            latents = self.model.encode(sketches, refine=0.0)
+            output = self.model.draw(latents) if self.stage == 1 else self.model.synthesize(latents)
+            output = denormalize_image(output.float()).cpu().numpy()
+        for (_, sketch, photo), result in zip(self.validation, output):
+            result = result[0] if result.shape[0] == 1 else result.transpose(1, 2, 0)
+            tiles += [sketch, result] + ([photo] if self.stage == 2 else [])
+        columns = 2 if self.stage == 1 else 3
+        sheet = contact_sheet(tiles, thumb=min(256, self.model_config.resolution), columns=columns * 2)
+        atomic_write_bytes(self.out / "grids" / f"stage{self.stage}-step{self.step:07d}.jpg", encode_jpeg(sheet))
+
+    # ---- training steps ------------------------------------------------------------------------------
+    def _backward_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(optimizer)
+        else:
+            loss.backward()
+            optimizer.step()
+
+    def stage1_step(self, sketches: torch.Tensor) -> dict[str, float]:
+        self.model.autoencoders.train()
+        crops = crop_sketch_components(sketches, self.model_config)
+        with self.autocast():
+            losses = {name: F.mse_loss(self.model.autoencoders[name](crops[name]).float(), crops[name])
+                      for name in COMPONENTS}
+            total = sum(losses.values())
+        self._backward_step(total, self.optimizers["autoencoders"])
+        if self.scaler is not None:
+            self.scaler.update()
+        return {"total": float(total.detach()), **{name: float(value.detach()) for name, value in losses.items()}}
+
+    def stage2_step(self, sketches: torch.Tensor, photos: torch.Tensor) -> dict[str, float]:
+        self.model.autoencoders.eval()
+        self.model.feature_decoders.train()
+        self.model.generator.train()
+        self.discriminator.train()
+        crops = crop_sketch_components(sketches, self.model_config)
+        with self.autocast():
+            with torch.no_grad():
+                latents = {name: self.model.autoencoders[name].encoder(crops[name]) for name in COMPONENTS}
+            maps = {name: self.model.feature_decoders[name](latents[name]) for name in COMPONENTS}
+            fused = fuse_feature_maps(maps, self.model_config)
+            fake = self.model.generator(fused)
+            condition = fused if self.model_config.d_condition == "features" else sketches
+            # pix2pixHD order: every loss from the same discriminator, then G steps, then D.
+            pred_fake_detached = self.discriminator(condition.detach(), fake.detach())
+            pred_real = self.discriminator(condition.detach(), photos)
+            pred_fake = self.discriminator(condition, fake)
+            losses = {"g_gan": lsgan_loss(pred_fake, True),
+                      "g_feat": self.config.feature_matching_weight * feature_matching_loss(pred_fake, pred_real)}
+            if self.config.l1_weight:
+                losses["g_l1"] = self.config.l1_weight * F.l1_loss(fake.float(), photos)
+            if self.vgg is not None:
+                losses["g_vgg"] = self.config.vgg_weight * perceptual_loss(self.vgg, fake.float(), photos)
+            loss_g = sum(losses.values())
+            loss_d = 0.5 * (lsgan_loss(pred_fake_detached, False) + lsgan_loss(pred_real, True))
+        self._backward_step(loss_g, self.optimizers["generator"])
+        self._backward_step(loss_d, self.optimizers["discriminator"])
+        if self.scaler is not None:
+            self.scaler.update()
+        return {"g_total": float(loss_g.detach()), **{k: float(v.detach()) for k, v in losses.items()}, "d": float(loss_d.detach())}
+
+    def build_banks(self) -> FeatureBank:
+        """Encode every training sketch per component; one bank per gender when recorded."""
+        self.model.autoencoders.eval()
+        latents = {name: [] for name in COMPONENTS}
+        rows = range(0, len(self.pairs), 32)
+        with torch.no_grad():
+            for start in (rows if self.quiet else tqdm(rows, desc="feature banks", unit="batch", leave=False)):
+                sketches, _ = self.pairs.batch(range(start, min(start + 32, len(self.pairs))))
+                for name, latent in self.model.encode(sketches.to(self.device), refine=0.0).items():
+                    latents[name].append(latent.float())
+        stacked = {name: torch.cat(parts) for name, parts in latents.items()}
+        genders = np.array(self.pairs.genders)
+        known = sorted(set(genders) - {UNKNOWN_GENDER})
+        if not known:
+            return FeatureBank(stacked)
+        # Faces without a recorded gender are plausible for either, so they join every bank.
+        return FeatureBank({name: {g: vectors[torch.from_numpy((genders == g) | (genders == UNKNOWN_GENDER))]
+                                   for g in known} for name, vectors in stacked.items()})
+
+    # ---- the loop --------------------------------------------------------------------------------------
+    def run(self, stage: str) -> str:
+        """Train `stage` ("1", "2" or "all") to its end; returns a one-line summary."""
+        if stage == "2" and self.stage == 1:
+            raise TrainingError(f"{self.out}: stage 2 needs a finished stage 1 in this run folder; run --stage 1 "
+                                "(or --stage all) first")
+        last_stage = 1 if stage == "1" else 2
+        started, summary = time.time(), []
+        while self.stage <= last_stage:
+            if self.step < self.config.steps:
+                summary.append(self._train_stage())
+            if self.stage == 1:
+                self.banks = self.build_banks()
+                self.stage, self.step = 2, 0
+                self._checkpoint()
+                self._save_model()
+                if last_stage == 1:
+                    break
+            else:
+                self._save_model()
+                break
+        elapsed = time.time() - started
+        return (f"train: {'; '.join(summary) or 'nothing left to do'}; {elapsed:.0f} s; model saved to "
+                f"{self.out / 'model'}")
+
+    def _train_stage(self) -> str:
+        stage, interval, tick = self.stage, [], time.time()
+        order = BatchOrder(len(self.pairs), self.config.batch_size, self.config.seed, stream=stage)
+        bar = None if self.quiet else tqdm(total=self.config.steps, initial=self.step, desc=f"stage {stage}",
+                                           unit="step")
+        if self.step == 0:
+            self._write_grid()
+        while self.step < self.config.steps:
+            sketches, photos = self.pairs.batch(order.rows(self.step))
+            sketches = sketches.to(self.device, non_blocking=True)
+            photos = photos.to(self.device, non_blocking=True)
+            losses = self.stage1_step(sketches) if stage == 1 else self.stage2_step(sketches, photos)
+            if not all(math.isfinite(v) for v in losses.values()):
+                raise TrainingError(f"stage {stage} step {self.step + 1}: the loss became {losses}; lower --lr "
+                                    f"or resume from the last checkpoint")
+            interval.append(losses)
+            self.step += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.3f}" for k, v in list(losses.items())[:4]})
+            end = self.step == self.config.steps
+            if self.step % self.config.log_every == 0 or end:
+                seconds = (time.time() - tick) / len(interval)
+                row = {"stage": stage, "step": self.step,
+                       "losses": {k: sum(d[k] for d in interval) / len(interval) for k in interval[0]},
+                       "sec_per_step": round(seconds, 4),
+                       "images_per_s": round(self.config.batch_size / seconds, 2), "time": round(time.time(), 1)}
+                with open(self.out / STATS_FILE, "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(row) + "\n")
+                interval, tick = [], time.time()
+            if self.step % self.config.grid_every == 0 or end:
+                self._write_grid()
+            if self.step % self.config.checkpoint_every == 0 or end:
+                self._checkpoint()
+        if bar is not None:
+            bar.close()
+        rows = [r for r in read_jsonl(self.out / STATS_FILE) if r["stage"] == stage]
+        first, last = rows[0]["losses"], rows[-1]["losses"]
+        key = "total" if stage == 1 else "g_total"
+        return f"stage {stage}: {self.step} steps, loss {first[key]:.4f} -> {last[key]:.4f}"
+
+
+__all__ = ["TrainConfig", "Trainer", "TrainingError", "next_run_folder"]

@@ -1,0 +1,156 @@
+"""Training checkpoints: everything a resumed run needs, in safetensors + JSON, never pickle.
+
+A checkpoint is a folder `checkpoints/<stage>-<step>/` holding `tensors.safetensors` (model,
+discriminator, optimiser moments, feature banks, RNG states) and `state.json` (stage, step,
+configs, optimiser hyper-parameters, loss-scaler state, the sha256 of the tensors file). It is
+written under a temporary name and renamed whole; `checkpoints/latest.json`, written last,
+names it and its digest. A checkpoint that was being written when the process died is
+therefore never named, and one whose bytes changed is refused.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from dfd_data.atomic import atomic_write_bytes, atomic_write_text, sha256_bytes, sha256_file
+from dfd_data.errors import UserError
+
+from .projection import FeatureBank
+
+FORMAT = "dfd-training-checkpoint"
+FORMAT_VERSION = 1
+TENSORS_FILE = "tensors.safetensors"
+STATE_FILE = "state.json"
+LATEST = "latest.json"
+KEEP = 2  # checkpoints kept on disk (the newest ones)
+
+
+class TrainingCheckpointError(UserError, ValueError):
+    """A checkpoint that cannot be resumed from; one line naming the file."""
+
+
+def _flatten_optimizer(name: str, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{name}.{index}.{key}"] = value
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _restore_optimizer(name: str, optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    state: dict[int, dict] = {}
+    prefix = f"optimizer.{name}."
+    for key, value in tensors.items():
+        if key.startswith(prefix):
+            index, field = key[len(prefix):].split(".", 1)
+            state.setdefault(int(index), {})[field] = value
+    for index, values in meta["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(run: Path, name: str, *, modules: dict[str, torch.nn.Module],
+                    optimizers: dict[str, torch.optim.Optimizer], banks: FeatureBank | None, state: dict) -> Path:
+    """Write checkpoint `name` under run/checkpoints and point latest.json at it."""
+    from safetensors.torch import save
+
+    folder = run / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix, module in modules.items():
+        tensors.update({f"{prefix}.{key}": value for key, value in module.state_dict().items()})
+    optimizer_meta = {}
+    for prefix, optimizer in optimizers.items():
+        flat, optimizer_meta[prefix] = _flatten_optimizer(prefix, optimizer)
+        tensors.update(flat)
+    if banks is not None:
+        tensors.update({f"banks.{key}": value for key, value in banks.flat().items()})
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    data = save({key: value.detach().to("cpu").contiguous() for key, value in tensors.items()})
+    temp = folder / f".tmp-{name}"
+    shutil.rmtree(temp, ignore_errors=True)
+    temp.mkdir()
+    atomic_write_bytes(temp / TENSORS_FILE, data)
+    document = {"format": FORMAT, "format_version": FORMAT_VERSION, "optimizers": optimizer_meta,
+                "tensors_sha256": sha256_bytes(data), **state}
+    atomic_write_text(temp / STATE_FILE, json.dumps(document, indent=1, sort_keys=True))
+    final = folder / name
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(temp, final)
+    atomic_write_text(folder / LATEST, json.dumps({"checkpoint": name, "tensors_sha256": document["tensors_sha256"]}))
+    _prune(folder, keep=name)
+    return final
+
+
+def _prune(folder: Path, keep: str) -> None:
+    olds = sorted((p for p in folder.iterdir() if p.is_dir() and p.name != keep and not p.name.startswith(".")),
+                  key=lambda p: p.stat().st_mtime)
+    for path in olds[:max(0, len(olds) - (KEEP - 1))]:
+        shutil.rmtree(path, ignore_errors=True)
+    for temp in folder.glob(".tmp-*"):
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    """The checkpoint folder latest.json names, or None when the run has none yet."""
+    pointer = run / "checkpoints" / LATEST
+    if not pointer.is_file():
+        return None
+    try:
+        entry = json.loads(pointer.read_text())
+        name = entry["checkpoint"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise TrainingCheckpointError(f"{pointer}: unreadable; delete it to resume from the checkpoints listed "
+                                      "beside it by hand") from None
+    if not isinstance(name, str) or "/" in name or name.startswith("."):
+        raise TrainingCheckpointError(f"{pointer}: names an invalid checkpoint {name!r}")
+    return run / "checkpoints" / name
+
+
+def load_checkpoint(path: Path, *, modules: dict[str, torch.nn.Module],
+                    optimizers: dict[str, torch.optim.Optimizer], device: torch.device) -> tuple[dict, FeatureBank | None]:
+    """Restore modules, optimisers and RNG from `path`; returns (state.json, banks or None)."""
+    from safetensors.torch import load_file
+
+    state_path, tensors_path = path / STATE_FILE, path / TENSORS_FILE
+    if not state_path.is_file() or not tensors_path.is_file():
+        raise TrainingCheckpointError(f"{path}: incomplete checkpoint (needs {STATE_FILE} and {TENSORS_FILE})")
+    try:
+        state = json.loads(state_path.read_text())
+    except json.JSONDecodeError as error:
+        raise TrainingCheckpointError(f"{state_path}: not valid JSON ({error})") from None
+    if state.get("format") != FORMAT or state.get("format_version") != FORMAT_VERSION:
+        raise TrainingCheckpointError(f"{state_path}: not a {FORMAT} version {FORMAT_VERSION} checkpoint")
+    if sha256_file(tensors_path) != state.get("tensors_sha256"):
+        raise TrainingCheckpointError(f"{tensors_path}: contents differ from what {STATE_FILE} records; "
+                                      "the checkpoint is damaged")
+    tensors = load_file(str(tensors_path))
+    for prefix, module in modules.items():
+        own = {key[len(prefix) + 1:]: value for key, value in tensors.items() if key.startswith(prefix + ".")}
+        try:
+            module.load_state_dict(own, strict=True)
+        except RuntimeError as error:
+            raise TrainingCheckpointError(f"{tensors_path}: {prefix} does not match the run's architecture "
+                                          f"({' '.join(str(error).split())[:200]})") from None
+    for prefix, optimizer in optimizers.items():
+        _restore_optimizer(prefix, optimizer, tensors, state["optimizers"][prefix])
+    bank_tensors = {key[len("banks."):]: value for key, value in tensors.items() if key.startswith("banks.")}
+    banks = FeatureBank.from_flat(bank_tensors).to(device) if bank_tensors else None
+    torch.set_rng_state(tensors["rng.cpu"])
+    cuda_states = [tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count()) if f"rng.cuda.{i}" in tensors]
+    if cuda_states and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
+    return state, banks
+
+
+__all__ = ["TrainingCheckpointError", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
