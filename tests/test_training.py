@@ -1,0 +1,226 @@
+"""Two-stage training, resume, checkpoints and generation on real aligned faces.
+
+Models are tiny (a few hundred thousand parameters at 128 px) so each step takes tens of
+milliseconds on one core; what is checked is behaviour: losses fall on real sketch crops,
+an interrupted and resumed run repeats the uninterrupted run's losses exactly, damaged
+checkpoints are refused, and the saved model folder generates faces from sketch files.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dfd_data.components import COMPONENTS
+from dfd_data.image_io import ImageError, encode_png, read_image
+from dfd_data.samples import write_samples
+from dfd_model.config import ModelConfig
+from dfd_model.generate import letterbox, load_sketch, photo_reason
+from dfd_model.sketch_to_face import SketchToFace
+from dfd_model.training import TrainConfig, Trainer, TrainingError
+from dfd_model.training_checkpoint import TrainingCheckpointError
+
+from tests.conftest import REPO, dfd_data
+
+TINY_128 = dict(resolution=128, latent_dim=32, ce_base_channels=4, fm_base_channels=4, fm_channels=8, ngf=8,
+                n_blocks=1, ndf=8, n_layers_d=2, num_d=2)
+TINY_SETTINGS = [arg for key, value in TINY_128.items() if key != "resolution" for arg in ("--set", f"{key}={value}")]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _label(root: Path, rows: list[tuple[str, str, str]]) -> None:
+    table = root.parent / "labels.csv"
+    table.write_text("id,gender,split\n" + "".join(f"{i},{g},{s}\n" for i, g, s in rows))
+    assert dfd_data("label", root, table).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def sketched_dataset(tmp_path_factory) -> Path:
+    """The two package sample photos aligned at 128 px with photocopy sketches, one labelled
+    female and one male (a fresh clone has these without ../shared/data)."""
+    photos = tmp_path_factory.mktemp("train-photos")
+    write_samples(photos)
+    root = tmp_path_factory.mktemp("train-dataset") / "faces"
+    assert dfd_data("align", photos, root, "--size", "128", "--jobs", "1").returncode == 0
+    result = dfd_data("build-sketches", root, "--method", "photocopy", "--jobs", "1", "--quiet")
+    assert result.returncode == 0, result.stderr
+    ids = sorted(json.loads(line)["id"] for line in (root / "records.jsonl").read_text().splitlines())
+    _label(root, [(ids[0], "female", "train"), (ids[1], "male", "train")])
+    return root
+
+
+@pytest.fixture(scope="module")
+def real_dataset(tmp_path_factory, shared_data) -> Path:
+    """12 female and 12 male CelebA-HQ photos of ../shared/data aligned at 128 px, photocopy
+    sketches, genders from the file names, every sixth face held out as the test split."""
+    photos = tmp_path_factory.mktemp("celeba")
+    files = sorted((shared_data / "celebahq").iterdir())  # female_* first, then male_*
+    for path in files[:12] + files[-12:]:
+        shutil.copy(path, photos / path.name)
+    root = tmp_path_factory.mktemp("real-dataset") / "faces"
+    assert dfd_data("align", photos, root, "--size", "128", "--jobs", "2").returncode == 0
+    assert dfd_data("build-sketches", root, "--method", "photocopy", "--jobs", "2", "--quiet").returncode == 0
+    ids = sorted(json.loads(line)["id"] for line in (root / "records.jsonl").read_text().splitlines())
+    _label(root, [(i, "female" if "female" in i else "male", "test" if n % 6 == 5 else "train")
+                  for n, i in enumerate(ids)])
+    return root
+
+
+def _trainer(dataset, out, resume=False, **train) -> Trainer:
+    config = TrainConfig(**{"steps": 6, "batch_size": 2, "log_every": 1, "grid_every": 3, "checkpoint_every": 2,
+                            "l1_weight": 10.0, **train})
+    return Trainer(dataset, out, ModelConfig(**TINY_128), config, torch.device("cpu"), resume=resume, quiet=True,
+                   echo=lambda line: None)
+
+
+def _losses(run: Path) -> list[tuple[int, int, dict]]:
+    return [(row["stage"], row["step"], row["losses"])
+            for row in map(json.loads, (run / "stats.jsonl").read_text().splitlines())]
+
+
+def _window_mean(values: list[float], first: bool, size: int = 8) -> float:
+    return float(np.mean(values[:size] if first else values[-size:]))
+
+
+def test_both_stages_learn_on_real_sketch_crops(real_dataset, tmp_path):
+    trainer = _trainer(real_dataset, tmp_path / "run", steps=40, batch_size=4, grid_every=100, checkpoint_every=100)
+    assert len(trainer.pairs) == 20 and len(trainer.validation) == 4  # the test split is held out
+    trainer.run("all")
+    rows = _losses(tmp_path / "run")
+    stage1 = [losses["total"] for stage, _, losses in rows if stage == 1]
+    stage2 = [losses["g_l1"] for stage, _, losses in rows if stage == 2]
+    assert _window_mean(stage1, False) < 0.75 * _window_mean(stage1, True)
+    assert _window_mean(stage2, False) < 0.9 * _window_mean(stage2, True)
+    model = SketchToFace.from_pretrained(tmp_path / "run" / "model", device="cpu")
+    assert model.genders == ("female", "male")
+    counts = model.banks.counts()
+    assert sum(counts["nose"].values()) == 20  # every training sketch, split by gender
+    grids = sorted(p.name for p in (tmp_path / "run" / "grids").iterdir())
+    assert grids == ["stage1-step0000000.jpg", "stage1-step0000040.jpg", "stage2-step0000000.jpg",
+                     "stage2-step0000040.jpg"]
+    assert read_image(tmp_path / "run" / "grids" / "stage2-step0000040.jpg").shape == (2 * 128, 6 * 128, 3)  # two faces a row
+
+
+def test_a_resumed_run_repeats_the_uninterrupted_losses(sketched_dataset, tmp_path, monkeypatch):
+    _trainer(sketched_dataset, tmp_path / "whole").run("all")
+    expected = _losses(tmp_path / "whole")
+    assert [(stage, step) for stage, step, _ in expected] == [(s, n) for s in (1, 2) for n in range(1, 7)]
+
+    crash_at = {"calls": 0}
+    original = Trainer.stage2_step
+
+    def crashing(self, *args):
+        crash_at["calls"] += 1
+        if crash_at["calls"] == 4:  # stage 2 step 4 dies after the step-2 checkpoint was written
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    monkeypatch.setattr(Trainer, "stage2_step", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        _trainer(sketched_dataset, tmp_path / "cut").run("all")
+    monkeypatch.setattr(Trainer, "stage2_step", original)
+    with pytest.raises(TrainingError, match="pass --resume"):
+        _trainer(sketched_dataset, tmp_path / "cut")
+    resumed = _trainer(sketched_dataset, tmp_path / "cut", resume=True)
+    assert (resumed.stage, resumed.step) == (2, 2)
+    resumed.run("all")
+    assert _losses(tmp_path / "cut") == expected
+    whole = SketchToFace.from_pretrained(tmp_path / "whole" / "model", device="cpu").state_dict()
+    cut = SketchToFace.from_pretrained(tmp_path / "cut" / "model", device="cpu").state_dict()
+    assert all(torch.equal(whole[key], cut[key]) for key in whole)
+
+
+def test_stage_two_needs_stage_one_and_settings_must_match_on_resume(sketched_dataset, tmp_path):
+    with pytest.raises(TrainingError, match="needs a finished stage 1"):
+        _trainer(sketched_dataset, tmp_path / "run").run("2")
+    _trainer(sketched_dataset, tmp_path / "run", steps=2).run("1")
+    assert (tmp_path / "run" / "model" / "banks.safetensors").is_file()
+    with pytest.raises(TrainingError, match="training.lr"):
+        _trainer(sketched_dataset, tmp_path / "run", resume=True, steps=2, lr=1e-3)
+    summary = _trainer(sketched_dataset, tmp_path / "run", resume=True, steps=2).run("2")
+    assert summary.startswith("train: stage 2: 2 steps")
+
+
+def test_a_damaged_checkpoint_is_refused(sketched_dataset, tmp_path):
+    _trainer(sketched_dataset, tmp_path / "run", steps=2).run("1")
+    latest = json.loads((tmp_path / "run" / "checkpoints" / "latest.json").read_text())["checkpoint"]
+    tensors = tmp_path / "run" / "checkpoints" / latest / "tensors.safetensors"
+    data = bytearray(tensors.read_bytes())
+    data[-1] ^= 0xFF
+    tensors.write_bytes(bytes(data))
+    with pytest.raises(TrainingCheckpointError, match="damaged"):
+        _trainer(sketched_dataset, tmp_path / "run", resume=True, steps=2)
+
+
+def test_smoke_command_then_generate(sketched_dataset, tmp_path):
+    """The issue's one-command smoke run (tiny widths), then generation from sketch files."""
+    run = tmp_path / "smoke"
+    command = [sys.executable, "-m", "dfd_model", "train", str(sketched_dataset), "--stage", "all", "--resolution",
+               "128", "--steps", "3", "--batch-size", "2", "--out", str(run), "--quiet", *TINY_SETTINGS]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert "resolution=128" in result.stdout and "train: stage 1: 3 steps" in result.stdout
+    assert json.loads((run / "train_config.json").read_text())["model"]["ngf"] == 8
+    again = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    assert again.returncode == 1 and "pass --resume" in again.stderr and "Traceback" not in again.stderr
+
+    sketch = read_image(next((sketched_dataset / "sketches" / "photocopy").glob("*.png")))[:, :, 0]
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "wide.png").write_bytes(encode_png(np.pad(sketch, ((0, 0), (40, 40)), constant_values=255)))
+    (inputs / "photo.png").write_bytes(encode_png(read_image(sketched_dataset / "images" /
+                                                             next((sketched_dataset / "images").iterdir()).name)))
+    out = tmp_path / "faces"
+    result = subprocess.run([sys.executable, "-m", "dfd_model", "generate", "--model", str(run / "model"),
+                             str(inputs), "-o", str(out), "--grid", "--refine", "0.5", "--refine", "nose=1",
+                             "--gender", "male", "--quiet"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 1  # the photo failed, and says why and what to do
+    assert "photo.png: looks like a" in result.stderr and "--from-photo" in result.stderr
+    assert "generate: 1 faces, 1 failed" in result.stdout
+    assert read_image(out / "wide.png").shape == (128, 128, 3)
+    assert read_image(out / "grid.jpg").shape == (128, 3 * 128, 3)
+    bad = subprocess.run([sys.executable, "-m", "dfd_model", "generate", "--model", str(run / "model"),
+                          str(inputs), "-o", str(out), "--refine", "chin=0.5"], capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 2 and "unknown component 'chin'" in bad.stderr
+
+
+def test_sketch_inputs_are_letterboxed_and_photos_recognised(sample_photos, tmp_path):
+    wide = np.full((50, 100), 255, np.uint8)
+    wide[:, 10] = 0
+    boxed = letterbox(wide, 64)
+    assert boxed.shape == (64, 64) and boxed[:16].min() == 255 and boxed[16:48].min() < 128
+    photo = read_image(sample_photos / "astronaut.png")
+    assert photo_reason(photo) is not None
+    assert photo_reason(np.repeat(boxed[:, :, None], 3, axis=2)) is None
+    with pytest.raises(ImageError, match="astronaut.png: looks like"):
+        load_sketch(sample_photos / "astronaut.png", 128)
+    sketch = load_sketch(sample_photos / "astronaut.png", 128, from_photo="photocopy")
+    assert sketch.shape == (128, 128) and np.mean(sketch > 200) > 0.5
+
+
+def test_components_reach_every_output(sketched_dataset, tmp_path):
+    """Generation uses every component: changing one window's strokes changes the face there."""
+    _trainer(sketched_dataset, tmp_path / "run", steps=2).run("all")
+    model = SketchToFace.from_pretrained(tmp_path / "run" / "model", device="cpu")
+    sketch = torch.full((1, 128, 128), 255, dtype=torch.uint8)
+    with torch.inference_mode():
+        base = model(sketch, refine=0.0)
+        window = model.config.windows()["mouth"]
+        marked = sketch.clone()
+        marked[:, window.y + 10:window.y + 14, window.x + 5:window.x + 50] = 0
+        changed = model(marked, refine=0.0)
+    assert not torch.equal(base, changed)
+    assert set(model.encode(sketch, refine=0.0)) == set(COMPONENTS)
