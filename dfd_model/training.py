@@ -135,8 +135,12 @@ class Trainer:
         torch.manual_seed(self.config.seed)
         self.model = SketchToFace(self.model_config).to(device)
         self.discriminator = MultiscaleDiscriminator(self.model_config).to(device)
-        self.vgg = VGG19Features.from_safetensors(self.config.vgg_weights).to(device) \
-            if self.config.vgg_weights else None
+        self.vgg = None
+        if self.config.vgg_weights:
+            try:
+                self.vgg = VGG19Features.from_safetensors(self.config.vgg_weights).to(device)
+            except ValueError as error:
+                raise TrainingError(str(error)) from None
         betas = (self.config.beta1, self.config.beta2)
         self.optimizers = {
             "autoencoders": torch.optim.Adam(self.model.autoencoders.parameters(), self.config.lr, betas),

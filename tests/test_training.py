@@ -224,3 +224,27 @@ def test_components_reach_every_output(sketched_dataset, tmp_path):
         changed = model(marked, refine=0.0)
     assert not torch.equal(base, changed)
     assert set(model.encode(sketch, refine=0.0)) == set(COMPONENTS)
+
+
+def test_perceptual_loss_runs_only_with_user_vgg_weights(sketched_dataset, tmp_path):
+    from safetensors.torch import save_file
+
+    from dfd_model.losses import VGG19Features
+
+    weights = tmp_path / "vgg19.safetensors"
+    save_file({f"features.{key}": value.contiguous() for key, value in VGG19Features().features.state_dict().items()},
+              str(weights))
+    _trainer(sketched_dataset, tmp_path / "run", steps=1, vgg_weights=str(weights)).run("all")
+    stage2 = [losses for stage, _, losses in _losses(tmp_path / "run") if stage == 2]
+    assert stage2 and stage2[0]["g_vgg"] > 0
+    _trainer(sketched_dataset, tmp_path / "plain", steps=1).run("all")
+    assert all("g_vgg" not in losses for _, _, losses in _losses(tmp_path / "plain"))
+
+    truncated = tmp_path / "partial.safetensors"
+    save_file({"features.0.weight": torch.zeros(64, 3, 3, 3)}, str(truncated))
+    with pytest.raises(TrainingError, match="lacks VGG19 tensor"):
+        _trainer(sketched_dataset, tmp_path / "bad", steps=1, vgg_weights=str(truncated))
+    pickled = tmp_path / "vgg19.pth"
+    torch.save({"features.0.weight": torch.zeros(1)}, pickled)
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        VGG19Features.from_safetensors(pickled)
