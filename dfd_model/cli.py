@@ -184,3 +184,41 @@ def generate(model_folder, inputs, out, refine, gender, from_photo, grid, batch_
     click.echo(result.line(time.time() - started))
     if result.errors:
         raise SystemExit(1)
+
+
+@main.command(epilog="""\b
+Example:
+  dfd-model evaluate --model runs/run-001/model --pairs heldout/ --out runs/run-001/evaluation""")
+@click.option("--model", "model_folder", required=True, type=click.Path(file_okay=False, exists=True),
+              help="A model folder (a training run's model/).")
+@click.option("--pairs", required=True, type=click.Path(file_okay=False, exists=True),
+              help="Folder with sketches/<name>.* and photos/<name>.* (aligned like training faces).")
+@click.option("--out", default="evaluation", type=click.Path(file_okay=False),
+              help="Folder for metrics.json, grid.jpg and faces/.")
+@click.option("--refine", type=click.FloatRange(0, 1), default=1.0, help="Refinement for every component.")
+@click.option("--gender", default=None, help="Search only this gender's bank.")
+@click.option("--sketch-method", default="photocopy", help="dfd-data method that re-draws the generated faces.")
+@click.option("--tol", type=click.FloatRange(0, min_open=True), default=2.0, help="Line tolerance (px) of the F-score.")
+@click.option("--batch-size", type=click.IntRange(1), default=4)
+@click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def evaluate(model_folder, pairs, out, refine, gender, sketch_method, tol, batch_size, device, quiet):
+    """Generate a face for every (sketch, photo) pair and report face detection rate, landmark
+    error, sketch fidelity and the Frechet distance of face embeddings (see metrics.json for
+    one sentence per metric)."""
+    from dfd_data.sketch_methods import METHODS
+    from .evaluate import evaluate as run
+    from .sketch_to_face import SketchToFace
+
+    if sketch_method not in METHODS:
+        raise click.BadParameter(f"unknown sketch method {sketch_method!r} (known: {', '.join(METHODS)})",
+                                 param_hint="--sketch-method")
+    model = SketchToFace.from_pretrained(model_folder, device=device)
+    if gender is not None and gender not in model.genders:
+        raise click.BadParameter(f"{gender!r} is not one of the model's genders ({', '.join(model.genders) or 'none'})",
+                                 param_hint="--gender")
+    result = run(model, pairs, out, refine=refine, gender=gender, sketch_method=sketch_method, tol=tol,
+                 batch_size=batch_size, quiet=quiet)
+    click.echo(result.table())
+    click.echo(f"evaluate: {result.counts['pairs']} pairs; metrics {Path(out) / 'metrics.json'}; grid "
+               f"{Path(out) / 'grid.jpg'}")

@@ -248,3 +248,27 @@ def test_perceptual_loss_runs_only_with_user_vgg_weights(sketched_dataset, tmp_p
     torch.save({"features.0.weight": torch.zeros(1)}, pickled)
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         VGG19Features.from_safetensors(pickled)
+
+
+def test_evaluate_prints_all_four_metrics(real_dataset, tmp_path):
+    """evaluate on a model trained from ../shared/data and its held-out faces."""
+    _trainer(real_dataset, tmp_path / "run", steps=4).run("all")
+    pairs = tmp_path / "pairs"
+    (pairs / "sketches").mkdir(parents=True)
+    (pairs / "photos").mkdir()
+    held_out = [json.loads(line) for line in (real_dataset / "records.jsonl").read_text().splitlines()]
+    held_out = [r for r in held_out if r.get("attributes", {}).get("split") == "test"]
+    for record in held_out:
+        shutil.copy(real_dataset / "sketches" / "photocopy" / f"{record['id']}.png", pairs / "sketches")
+        shutil.copy(real_dataset / record["image"], pairs / "photos")
+    out = tmp_path / "evaluation"
+    result = subprocess.run([sys.executable, "-m", "dfd_model", "evaluate", "--model", str(tmp_path / "run" / "model"),
+                             "--pairs", str(pairs), "--out", str(out), "--quiet"], capture_output=True, text=True,
+                            cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    for metric in ("detection_rate", "landmark_error", "sketch_f_score", "frechet_distance"):
+        assert metric in result.stdout
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["counts"]["pairs"] == len(held_out) == 4
+    assert 0 <= report["metrics"]["detection_rate"] <= 1 and report["metrics"]["frechet_distance"] > 0
+    assert len(list((out / "faces").glob("*.png"))) == 4 and (out / "grid.jpg").is_file()
