@@ -42,6 +42,7 @@ setup(
         "console_scripts": [
             "dfd-data=dfd_data.cli:main",
             "dfd-model=dfd_model.cli:main",
+            "dfd-pipeline=pipelines.cli:main",
         ],
     },
 )

@@ -1,0 +1,4 @@
+"""`python -m pipelines` is the same as `dfd-pipeline`."""
+from .cli import main
+
+main()

@@ -1,0 +1,114 @@
+"""Running a recipe: an ordered list of steps, each a `dfd-data` / `dfd-model` command or a
+small Python function, with one manifest (`pipeline.json`) for the whole run.
+
+A step is skipped when the manifest records it finished with the same command and its
+declared outputs are still there; otherwise it runs (the commands resume their own partial
+work, so an interrupted step picks up where it stopped). The first failing step stops the
+run with its exit status; the manifest says which step failed and how long each took.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from dfd_data.atomic import atomic_write_text
+from dfd_data.errors import UserError
+
+MANIFEST = "pipeline.json"
+# The toolkit's command lines, run with this interpreter so a virtual environment is kept.
+TOOLS = {"dfd-data": "dfd_data", "dfd-model": "dfd_model"}
+
+
+class PipelineError(UserError):
+    """A step that failed; one line naming it."""
+
+
+@dataclass
+class Step:
+    """One step: `command` (argv starting with dfd-data or dfd-model) or `function` (called with
+    no arguments), and the paths that exist once it has finished. `partial_ok`: the step
+    processes many files and exits non-zero when some failed (each is listed in the dataset's
+    errors.jsonl); the run goes on when its outputs exist all the same."""
+
+    name: str
+    description: str
+    command: list[str] | None = None
+    function: Callable[[], None] | None = None
+    outputs: list[Path] = field(default_factory=list)
+    partial_ok: bool = False
+
+    def fingerprint(self) -> str:
+        what = self.command if self.command is not None else f"{self.function.__module__}.{self.function.__qualname__}"
+        return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
+
+    def shown(self) -> str:
+        return shlex.join(self.command) if self.command else f"(python) {self.description}"
+
+
+def _argv(command: list[str]) -> list[str]:
+    tool, *rest = command
+    if tool not in TOOLS:
+        raise ValueError(f"pipeline commands must start with {' or '.join(TOOLS)}, got {tool!r}")
+    return [sys.executable, "-m", TOOLS[tool], *rest]
+
+
+def _load(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def run_pipeline(name: str, steps: list[Step], out: Path, echo=print) -> dict:
+    """Run `steps` in order into `out`; returns the manifest (also written to out/pipeline.json)."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / MANIFEST
+    previous = {row["name"]: row for row in _load(path).get("steps", [])}
+    manifest = {"pipeline": name, "out": str(out), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "steps": []}
+    started = time.time()
+    for number, step in enumerate(steps, 1):
+        header = f"[{number}/{len(steps)}] {step.name}: {step.description}"
+        before = previous.get(step.name, {})
+        row = {"name": step.name, "description": step.description, "command": step.shown(),
+               "fingerprint": step.fingerprint()}
+        if before.get("status") == "done" and before.get("fingerprint") == row["fingerprint"] \
+                and all(p.exists() for p in step.outputs):
+            echo(f"{header} (already done, skipped)")
+            manifest["steps"].append({**row, "status": "done", "seconds": before.get("seconds"), "skipped": True})
+            continue
+        echo(f"{header}\n    $ {step.shown()}")
+        tick = time.time()
+        manifest["steps"].append({**row, "status": "running"})
+        atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")
+        if step.command is not None:
+            code = subprocess.run(_argv(step.command)).returncode
+        else:
+            try:
+                step.function()
+                code = 0
+            except UserError as error:
+                echo(f"    {error}")
+                code = 1
+        status = "done" if code == 0 else "failed"
+        if code != 0 and step.partial_ok and step.outputs and all(p.exists() for p in step.outputs):
+            echo(f"    {step.name} failed on some files (listed in errors.jsonl); going on with the rest")
+            status = "done"
+        manifest["steps"][-1].update(status=status, seconds=round(time.time() - tick, 1), returncode=code)
+        manifest["total_seconds"] = round(time.time() - started, 1)
+        atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")
+        if status != "done":
+            raise PipelineError(f"pipeline {name}: step {step.name} failed (exit status {code}); fix the cause and "
+                                f"rerun the same command to continue from it")
+    manifest["total_seconds"] = round(time.time() - started, 1)
+    atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+__all__ = ["MANIFEST", "PipelineError", "Step", "run_pipeline"]
