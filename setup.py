@@ -18,7 +18,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["dfd_data", "dfd_data.*", "dfd_model", "dfd_model.*", "pipelines", "pipelines.*"]),
     # The compact sketch simplifier we train ourselves ships with the package.
-    package_data={"dfd_data": ["weights/*.safetensors"]},
+    package_data={"dfd_data": ["weights/*.safetensors"], "dfd_model": ["app/*.html"]},
     install_requires=[
         "numpy>=1.24",
         "opencv-python-headless>=4.8",
@@ -36,7 +36,7 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=7.4"],
+        "test": ["pytest>=7.4", "selenium>=4.20"],
     },
     entry_points={
         "console_scripts": [

@@ -222,3 +222,38 @@ def evaluate(model_folder, pairs, out, refine, gender, sketch_method, tol, batch
     click.echo(result.table())
     click.echo(f"evaluate: {result.counts['pairs']} pairs; metrics {Path(out) / 'metrics.json'}; grid "
                f"{Path(out) / 'grid.jpg'}")
+
+
+@main.command(epilog="""\b
+API (JSON; images as base64 PNG data URLs):
+  GET  /api/info      -> {"resolution", "genders", "components", "has_banks"}
+  POST /api/generate  {"sketch": "data:image/png;base64,...", "refine": 1 | {"nose": 0.5},
+                       "gender": null | "female", "shadow": false}
+                      -> {"face": "data:image/png;base64,...", "shadow": ... | null, "seconds": 0.4}
+  Errors: {"error": "..."} with 400, 404, 411, 413 (body over 8 MiB) or 503 (busy).
+\b
+Example:
+  dfd-model serve --model runs/run-001/model        # then open http://127.0.0.1:8000/""")
+@click.option("--model", "model_folder", required=True, type=click.Path(file_okay=False, exists=True),
+              help="A model folder (a training run's model/).")
+@click.option("--host", default="127.0.0.1", help="Address to bind; 0.0.0.0 exposes the app to the network.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, help="Port (0 picks a free one).")
+@click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto")
+def serve(model_folder, host, port, device):
+    """Start the drawing app: draw a sketch in the browser and watch the face follow every
+    stroke, with shadow guidance, gender and per-component refinement."""
+    from .serve import make_server
+    from .sketch_to_face import SketchToFace
+
+    model = SketchToFace.from_pretrained(model_folder, device=device)
+    server = make_server(model, host, port)
+    bound_host, bound_port = server.server_address[:2]
+    click.echo(f"serving {model_folder} ({model.config.resolution} px, device "
+               f"{next(model.parameters()).device}) at http://{bound_host}:{bound_port}/ ; Ctrl+C stops",
+               )
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

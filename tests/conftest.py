@@ -2,6 +2,7 @@
 packages, and a small aligned dataset built once per test session."""
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -37,6 +38,48 @@ def sample_dataset(tmp_path_factory, sample_photos) -> Path:
     assert dfd_data("align", sample_photos, root, "--size", "128", "--jobs", "1").returncode == 0
     assert dfd_data("crop-components", root, "--jobs", "1").returncode == 0
     return root
+
+
+def label_dataset(root: Path, rows: list[tuple[str, str, str]]) -> None:
+    table = root.parent / "labels.csv"
+    table.write_text("id,gender,split\n" + "".join(f"{i},{g},{s}\n" for i, g, s in rows))
+    assert dfd_data("label", root, table).returncode == 0
+
+
+@pytest.fixture(scope="session")
+def sketched_dataset(tmp_path_factory) -> Path:
+    """The two package sample photos aligned at 128 px with photocopy sketches, one labelled
+    female and one male (a fresh clone has these without ../shared/data)."""
+    photos = tmp_path_factory.mktemp("train-photos")
+    write_samples(photos)
+    root = tmp_path_factory.mktemp("train-dataset") / "faces"
+    assert dfd_data("align", photos, root, "--size", "128", "--jobs", "1").returncode == 0
+    result = dfd_data("build-sketches", root, "--method", "photocopy", "--jobs", "1", "--quiet")
+    assert result.returncode == 0, result.stderr
+    ids = sorted(json.loads(line)["id"] for line in (root / "records.jsonl").read_text().splitlines())
+    label_dataset(root, [(ids[0], "female", "train"), (ids[1], "male", "train")])
+    return root
+
+
+# A model small enough to train in seconds on one core (a few hundred thousand parameters).
+TINY_128 = dict(resolution=128, latent_dim=32, ce_base_channels=4, fm_base_channels=4, fm_channels=8, ngf=8,
+                n_blocks=1, ndf=8, n_layers_d=2, num_d=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_folder(sketched_dataset, tmp_path_factory) -> Path:
+    """A TINY_128 model trained 40 steps per stage on `sketched_dataset` (enough for its
+    encoders' BatchNorm statistics to settle, so latents follow the sketch), with gender banks."""
+    import torch
+
+    from dfd_model.config import ModelConfig
+    from dfd_model.training import TrainConfig, Trainer
+
+    run = tmp_path_factory.mktemp("tiny-run") / "run"
+    config = TrainConfig(steps=40, batch_size=2, log_every=10, grid_every=100, checkpoint_every=100)
+    Trainer(sketched_dataset, run, ModelConfig(**TINY_128), config, torch.device("cpu"), quiet=True,
+            echo=lambda line: None).run("all")
+    return run / "model"
 
 
 @pytest.fixture

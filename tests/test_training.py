@@ -26,10 +26,8 @@ from dfd_model.sketch_to_face import SketchToFace
 from dfd_model.training import TrainConfig, Trainer, TrainingError
 from dfd_model.training_checkpoint import TrainingCheckpointError
 
-from tests.conftest import REPO, dfd_data
+from tests.conftest import REPO, TINY_128, dfd_data, label_dataset
 
-TINY_128 = dict(resolution=128, latent_dim=32, ce_base_channels=4, fm_base_channels=4, fm_channels=8, ngf=8,
-                n_blocks=1, ndf=8, n_layers_d=2, num_d=2)
 TINY_SETTINGS = [arg for key, value in TINY_128.items() if key != "resolution" for arg in ("--set", f"{key}={value}")]
 
 
@@ -39,27 +37,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
-
-
-def _label(root: Path, rows: list[tuple[str, str, str]]) -> None:
-    table = root.parent / "labels.csv"
-    table.write_text("id,gender,split\n" + "".join(f"{i},{g},{s}\n" for i, g, s in rows))
-    assert dfd_data("label", root, table).returncode == 0
-
-
-@pytest.fixture(scope="module")
-def sketched_dataset(tmp_path_factory) -> Path:
-    """The two package sample photos aligned at 128 px with photocopy sketches, one labelled
-    female and one male (a fresh clone has these without ../shared/data)."""
-    photos = tmp_path_factory.mktemp("train-photos")
-    write_samples(photos)
-    root = tmp_path_factory.mktemp("train-dataset") / "faces"
-    assert dfd_data("align", photos, root, "--size", "128", "--jobs", "1").returncode == 0
-    result = dfd_data("build-sketches", root, "--method", "photocopy", "--jobs", "1", "--quiet")
-    assert result.returncode == 0, result.stderr
-    ids = sorted(json.loads(line)["id"] for line in (root / "records.jsonl").read_text().splitlines())
-    _label(root, [(ids[0], "female", "train"), (ids[1], "male", "train")])
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +51,7 @@ def real_dataset(tmp_path_factory, shared_data) -> Path:
     assert dfd_data("align", photos, root, "--size", "128", "--jobs", "2").returncode == 0
     assert dfd_data("build-sketches", root, "--method", "photocopy", "--jobs", "2", "--quiet").returncode == 0
     ids = sorted(json.loads(line)["id"] for line in (root / "records.jsonl").read_text().splitlines())
-    _label(root, [(i, "female" if "female" in i else "male", "test" if n % 6 == 5 else "train")
+    label_dataset(root, [(i, "female" if "female" in i else "male", "test" if n % 6 == 5 else "train")
                   for n, i in enumerate(ids)])
     return root
 

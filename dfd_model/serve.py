@@ -1,0 +1,209 @@
+"""`dfd-model serve`: the drawing app, a local web server around one SketchToFace model.
+
+API (JSON over HTTP; images travel as base64 PNG data URLs):
+
+    GET  /                 the drawing page
+    GET  /api/info         {"resolution", "genders", "components", "has_banks"}
+    POST /api/generate     {"sketch": "data:image/png;base64,...",     (required; any size/format)
+                            "refine": 0.7 | {"nose": 0.3, ...},         (default 1)
+                            "gender": "female" | null,                  (default: every bank)
+                            "shadow": true}                             (default false)
+                        -> {"face": "data:image/png;base64,...", "shadow": "data:..." | null,
+                            "seconds": 0.41}
+
+Errors are JSON {"error": "one line"} with 400 (malformed request or image), 404, 405, 411,
+413 (body over the limit) or 503 (too many requests waiting; try again). The server binds
+127.0.0.1 unless told otherwise, never reads a file a client names, and runs one inference
+at a time (the model uses every core), with a short queue in front.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import threading
+import time
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+
+import cv2
+import numpy as np
+import torch
+
+from dfd_data.components import COMPONENTS
+from dfd_data.image_io import ImageError, decode_image, encode_png
+
+from .generate import letterbox
+from .networks import denormalize_image
+from .projection import check_refine
+from .shadows import shadow_image
+from .sketch_to_face import SketchToFace
+
+MAX_BODY_BYTES = 8 * 1024 * 1024
+# Requests allowed to wait for the model at once; more get 503 at once instead of piling up.
+MAX_WAITING = 8
+WAIT_SECONDS = 60.0
+
+
+class RequestError(Exception):
+    def __init__(self, status: HTTPStatus, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _decode_data_url(value) -> bytes:
+    if not isinstance(value, str) or not value:
+        raise RequestError(HTTPStatus.BAD_REQUEST, "'sketch' must be a base64 image or a data: URL")
+    payload = value.split(",", 1)[1] if value.startswith("data:") else value
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(HTTPStatus.BAD_REQUEST, "'sketch' is not valid base64") from None
+
+
+def _png_data_url(image: np.ndarray) -> str:
+    return "data:image/png;base64," + base64.b64encode(encode_png(image)).decode("ascii")
+
+
+class FaceService:
+    """Parses requests and runs the model; one inference at a time, MAX_WAITING in line."""
+
+    def __init__(self, model: SketchToFace):
+        self.model = model
+        self.lock = threading.Lock()
+        self.waiting = threading.BoundedSemaphore(MAX_WAITING)
+
+    def info(self) -> dict:
+        return {"resolution": self.model.config.resolution, "genders": list(self.model.genders),
+                "components": list(COMPONENTS), "has_banks": self.model.banks is not None}
+
+    def _parse(self, request) -> tuple[np.ndarray, float | dict, str | None, bool]:
+        if not isinstance(request, dict):
+            raise RequestError(HTTPStatus.BAD_REQUEST, "the body must be a JSON object")
+        unknown = sorted(set(request) - {"sketch", "refine", "gender", "shadow"})
+        if unknown:
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"unknown field {unknown[0]!r}")
+        try:
+            image = decode_image(_decode_data_url(request.get("sketch")), "sketch")
+        except ImageError as error:
+            raise RequestError(HTTPStatus.BAD_REQUEST, str(error)) from None
+        sketch = letterbox(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), self.model.config.resolution)
+        refine = request.get("refine", 1.0)
+        try:
+            if isinstance(refine, dict):
+                unknown = [k for k in refine if k not in COMPONENTS]
+                if unknown:
+                    raise ValueError(f"refine names unknown component {unknown[0]!r}")
+                refine = {name: check_refine(refine.get(name, 1.0), f"refine.{name}") for name in COMPONENTS}
+            else:
+                refine = check_refine(refine)
+        except ValueError as error:
+            raise RequestError(HTTPStatus.BAD_REQUEST, str(error)) from None
+        gender = request.get("gender")
+        if gender is not None and gender not in self.model.genders:
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"gender {gender!r} is not one of the model's "
+                                                       f"({', '.join(self.model.genders) or 'none'})")
+        shadow = request.get("shadow", False)
+        if not isinstance(shadow, bool):
+            raise RequestError(HTTPStatus.BAD_REQUEST, "'shadow' must be true or false")
+        return sketch, refine, gender, shadow
+
+    def generate(self, request) -> dict:
+        sketch, refine, gender, want_shadow = self._parse(request)
+        if not self.waiting.acquire(blocking=False):
+            raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, "busy: too many requests are waiting; try again")
+        try:
+            if not self.lock.acquire(timeout=WAIT_SECONDS):
+                raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, "busy: the model did not free up in time")
+            try:
+                started = time.perf_counter()
+                with torch.inference_mode():
+                    face = denormalize_image(self.model(torch.from_numpy(sketch), refine, gender))[0]
+                    face = face.permute(1, 2, 0).cpu().numpy()
+                shadow = None
+                if want_shadow and self.model.banks is not None:
+                    shadow = _png_data_url(shadow_image(self.model, torch.from_numpy(sketch), gender)[0].numpy())
+                seconds = time.perf_counter() - started
+            finally:
+                self.lock.release()
+        finally:
+            self.waiting.release()
+        return {"face": _png_data_url(face), "shadow": shadow, "seconds": round(seconds, 3)}
+
+
+def _page() -> bytes:
+    return resources.files("dfd_model").joinpath("app/index.html").read_bytes()
+
+
+def make_handler(service: FaceService):
+    page = _page()
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "dfd-model"
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format, *args):  # noqa: A002 - the base class's name
+            pass  # one line per request would drown the terminal while drawing
+
+        def _send(self, status: HTTPStatus, body: bytes, content_type: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("X-Content-Type-Options", "nosniff")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _json(self, status: HTTPStatus, document: dict) -> None:
+            self._send(status, json.dumps(document).encode(), "application/json")
+
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            path = self.path.split("?", 1)[0]
+            if path in ("/", "/index.html"):
+                self._send(HTTPStatus.OK, page, "text/html; charset=utf-8")
+            elif path == "/api/info":
+                self._json(HTTPStatus.OK, service.info())
+            else:
+                self._json(HTTPStatus.NOT_FOUND, {"error": f"no such page {path!r}"})
+
+        def do_POST(self):  # noqa: N802
+            try:
+                if self.path.split("?", 1)[0] != "/api/generate":
+                    raise RequestError(HTTPStatus.NOT_FOUND, f"no such endpoint {self.path!r}")
+                length = self.headers.get("Content-Length")
+                if length is None or not length.isdigit():
+                    raise RequestError(HTTPStatus.LENGTH_REQUIRED, "a Content-Length header is required")
+                if int(length) > MAX_BODY_BYTES:
+                    self.close_connection = True
+                    raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                                       f"the body is {int(length)} bytes; the limit is {MAX_BODY_BYTES}")
+                body = self.rfile.read(int(length))
+                try:
+                    request = json.loads(body)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    raise RequestError(HTTPStatus.BAD_REQUEST, "the body is not valid JSON") from None
+                self._json(HTTPStatus.OK, service.generate(request))
+            except RequestError as error:
+                self._json(error.status, {"error": str(error)})
+
+        def do_PUT(self):  # noqa: N802
+            self._json(HTTPStatus.METHOD_NOT_ALLOWED, {"error": "use GET or POST"})
+
+        do_DELETE = do_PATCH = do_PUT
+
+    return Handler
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # Bursts of connections (a page reloading, a script) queue in the kernel instead of being reset.
+    request_queue_size = 256
+
+
+def make_server(model: SketchToFace, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
+    """A ready-to-serve HTTP server (port 0 picks a free one: see server.server_address)."""
+    return _Server((host, port), make_handler(FaceService(model)))
+
+
+__all__ = ["FaceService", "MAX_BODY_BYTES", "make_server"]

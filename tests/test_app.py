@@ -1,0 +1,179 @@
+"""The drawing app: its JSON API (limits, malformed input, load) and the page itself in a real
+headless Chromium driven with pointer events."""
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import threading
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dfd_data.image_io import decode_image, encode_png
+from dfd_model.projection import FeatureBank
+from dfd_model.serve import MAX_BODY_BYTES, make_server
+from dfd_model.sketch_to_face import SketchToFace
+from tests.hostile import bomb_png
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_folder):
+    """The app on the tiny trained model. Its banks hold only two sketches and its image
+    decoders have barely learned, so shadows would hardly change with the sketch: each bank
+    gets 40 latents scattered around the real ones and the decoders' last convolution random
+    weights, so that neighbours, and therefore shadows, differ visibly between sketches."""
+    model = SketchToFace.from_pretrained(tiny_model_folder, device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    model.set_banks(FeatureBank({
+        name: {gender: model.banks.get(name, gender) + 0.3 * torch.randn(40, model.config.latent_dim, generator=generator)
+               for gender in model.genders} for name in model.banks.components}))
+    with torch.no_grad():
+        for autoencoder in model.autoencoders.values():
+            autoencoder.decoder.head[1].weight.normal_(0, 0.5, generator=generator)
+    httpd = make_server(model, "127.0.0.1", 0)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _post(url: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(url + "/api/generate", data=body, method="POST",
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def _sketch_url(size: int = 128, line: bool = True) -> str:
+    sketch = np.full((size, size), 255, np.uint8)
+    if line:
+        sketch[size // 2, size // 4: 3 * size // 4] = 0
+    return "data:image/png;base64," + base64.b64encode(encode_png(sketch)).decode()
+
+
+def _image(data_url: str) -> np.ndarray:
+    return decode_image(base64.b64decode(data_url.split(",", 1)[1]))
+
+
+def test_generate_returns_a_face_and_a_shadow(server):
+    with urllib.request.urlopen(server + "/api/info") as response:
+        info = json.loads(response.read())
+    assert info == {"resolution": 128, "genders": ["female", "male"],
+                    "components": ["left_eye", "right_eye", "nose", "mouth", "remainder"], "has_banks": True}
+    status, answer = _post(server, json.dumps({"sketch": _sketch_url(300), "shadow": True, "gender": "male",
+                                               "refine": {"nose": 0.5}}).encode())
+    assert status == 200, answer
+    assert _image(answer["face"]).shape == (128, 128, 3) and _image(answer["shadow"]).shape == (128, 128, 3)
+    status, same = _post(server, json.dumps({"sketch": _sketch_url(300), "shadow": True, "gender": "male",
+                                             "refine": {"nose": 0.5}}).encode())
+    assert same["face"] == answer["face"]  # deterministic: the same sketch gives the same face
+
+
+@pytest.mark.parametrize("body, status, message", [
+    (b"not json", 400, "not valid JSON"),
+    (json.dumps({"sketch": "@@@"}).encode(), 400, "not valid base64"),
+    (json.dumps({"sketch": base64.b64encode(b"<html>hello</html>").decode()}).encode(), 400, "sketch:"),
+    (json.dumps({"sketch": base64.b64encode(bomb_png()).decode()}).encode(), 400, "sketch:"),
+    (json.dumps({"sketch": _sketch_url(), "refine": 3}).encode(), 400, "refine must be"),
+    (json.dumps({"sketch": _sketch_url(), "refine": {"chin": 1}}).encode(), 400, "unknown component"),
+    (json.dumps({"sketch": _sketch_url(), "gender": "robot"}).encode(), 400, "gender 'robot'"),
+    (json.dumps({"sketch": _sketch_url(), "path": "/etc/passwd"}).encode(), 400, "unknown field 'path'"),
+])
+def test_malformed_requests_get_a_400_with_a_reason(server, body, status, message):
+    code, answer = _post(server, body)
+    assert code == status and message in answer["error"]
+
+
+def test_oversized_bodies_and_unknown_paths_are_refused(server):
+    request = urllib.request.Request(server + "/api/generate", data=b"x", method="POST",
+                                     headers={"Content-Length": str(MAX_BODY_BYTES + 1)})
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=30)
+    assert caught.value.code == 413
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(server + "/../../etc/passwd", timeout=30)
+    assert caught.value.code == 404
+
+
+def test_many_concurrent_requests_are_answered_or_refused_and_the_server_survives(server):
+    body = json.dumps({"sketch": _sketch_url()}).encode()
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        codes = [code for code, _ in pool.map(lambda _: _post(server, body), range(200))]
+    assert set(codes) <= {200, 503} and codes.count(200) >= 8
+    assert _post(server, body)[0] == 200
+
+
+# ---- the page in a real browser -------------------------------------------------------------------
+def _browser():
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not chromium or not driver:
+        pytest.skip("Chromium or chromedriver is not installed (Debian: apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--window-size=1400,900"):
+        options.add_argument(argument)
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def test_drawing_in_chromium_updates_face_and_shadow(server, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = _browser()
+    try:
+        browser.get(server + "/")
+        wait = WebDriverWait(browser, 60)
+        face = browser.find_element("id", "face")
+        wait.until(lambda _: face.get_attribute("data-seq") != "0")
+        blank = face.get_attribute("src")
+
+        def settled(previous_seq: str):
+            """Wait for an answer newer than `previous_seq` and for no request to be pending."""
+            wait.until(lambda _: face.get_attribute("data-seq") != previous_seq
+                       and browser.execute_script("return sequence") == int(face.get_attribute("data-seq")))
+            return face.get_attribute("src")
+
+        canvas = browser.find_element("id", "sketch")
+        seq = face.get_attribute("data-seq")
+        shadow_before = browser.find_element("id", "shadow").get_attribute("src")
+        actions = ActionChains(browser)
+        actions.move_to_element_with_offset(canvas, -120, -60).click_and_hold()
+        for _ in range(12):
+            actions.move_by_offset(20, 8)
+        actions.release().perform()
+        drawn = settled(seq)
+        assert drawn != blank
+        assert browser.find_element("id", "shadow").get_attribute("src") != shadow_before
+        ink = browser.execute_script(
+            "const d = context.getImageData(0, 0, 512, 512).data; let n = 0;"
+            "for (let i = 3; i < d.length; i += 4) n += d[i] > 0; return n;")
+        assert ink > 500  # the stroke is on the canvas
+        browser.save_screenshot(str(tmp_path / "drawing.png"))
+
+        seq = face.get_attribute("data-seq")
+        browser.find_element("id", "undo").click()
+        assert settled(seq) == blank  # the sketch is blank again, so is the face
+
+        seq = face.get_attribute("data-seq")
+        browser.execute_script(
+            "const s = document.getElementById('refine-all'); s.value = 0;"
+            "s.dispatchEvent(new Event('input')); s.dispatchEvent(new Event('change'));")
+        assert settled(seq) != blank  # unprojected latents give another face
+        assert Path(tmp_path / "drawing.png").stat().st_size > 10_000
+    finally:
+        browser.quit()
