@@ -62,7 +62,8 @@ Examples:
   dfd-model train data/faces --stage all --resolution 128 --steps 20 --batch-size 4 --out runs/smoke
   dfd-model train data/faces --out runs/celeba-512 --device cuda          # the full 512 model
   dfd-model train data/faces --out runs/celeba-512 --resume               # after an interruption
-  dfd-model train data/faces --resolution 256 --set ngf=32 --set l1_weight=0""")
+  dfd-model train data/faces --resolution 256 --set ngf=32 --set l1_weight=0
+  torchrun --nproc-per-node 4 -m dfd_model train data/faces --out runs/celeba-512 --device cuda""")
 @click.argument("dataset", type=click.Path(file_okay=False, exists=True))
 @click.option("--stage", type=click.Choice(["1", "2", "all"]), default="all",
               help="1: component auto-encoders and feature banks; 2: feature decoders, generator and "
@@ -89,6 +90,8 @@ Examples:
 def train(dataset, stage, out, resume, resolution, steps, batch_size, lr, sketches, vgg_weights, settings,
           log_every, grid_every, checkpoint_every, seed, device, quiet):
     """Train DeepFaceDrawing on a dataset made by dfd-data (aligned faces, sketches, labels).
+    Runs unchanged under `torchrun --nproc-per-node N -m dfd_model train ...` (one process per
+    GPU, or gloo on CPUs): --batch-size is then per process.
 
     The run folder receives train_config.json (written before any work), stats.jsonl, grids/
     (validation sheets), checkpoints/ and model/ (the SketchToFace folder that `dfd-model
@@ -110,8 +113,12 @@ def train(dataset, stage, out, resume, resolution, steps, batch_size, lr, sketch
     run_folder = Path(out) if out else next_run_folder(Path("runs"))
     trainer = Trainer(dataset, run_folder, model_config, train_config, resolve_device(device), resume=resume,
                       quiet=quiet, echo=click.echo)
-    click.echo(trainer.describe())
-    click.echo(trainer.run(stage))
+    try:
+        trainer.echo(trainer.describe())
+        summary = trainer.run(stage)
+        trainer.echo(summary)
+    finally:
+        trainer.close()
 
 
 def _parse_refine(values: tuple[str, ...]) -> float | dict[str, float]:

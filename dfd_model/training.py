@@ -16,7 +16,8 @@ A run folder holds:
     model/                the SketchToFace folder (after stage 1, again after stage 2)
 
 Batches depend only on (seed, step) and the RNG is checkpointed, so on the CPU a resumed run
-repeats the losses of an uninterrupted one exactly.
+repeats the losses of an uninterrupted one exactly. Under torchrun each process trains on its
+share of every global batch (see dfd_model.distributed); rank 0 alone writes.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
@@ -39,6 +41,7 @@ from dfd_data.dataset import Dataset, read_jsonl
 from dfd_data.errors import UserError
 from dfd_data.image_io import encode_jpeg
 
+from . import distributed
 from .config import ModelConfig
 from .losses import VGG19Features, feature_matching_loss, lsgan_loss, perceptual_loss
 from .networks import MultiscaleDiscriminator, denormalize_image, fuse_feature_maps
@@ -124,12 +127,46 @@ def _amp_context(device: torch.device, enabled: bool):
     return (lambda: torch.autocast("cuda", dtype=dtype)), scaler
 
 
+class AutoEncoderSet(nn.Module):
+    """The five component auto-encoders as one module (one DDP wrapper for stage 1)."""
+
+    def __init__(self, autoencoders: nn.ModuleDict):
+        super().__init__()
+        self.autoencoders = autoencoders
+
+    def forward(self, crops: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: self.autoencoders[name](crops[name]) for name in COMPONENTS}
+
+
+class FeaturesToFace(nn.Module):
+    """Feature decoders, fusion and generator: latents -> (fused map, face); stage 2's G side."""
+
+    def __init__(self, model: SketchToFace):
+        super().__init__()
+        self.feature_decoders, self.generator, self.config = model.feature_decoders, model.generator, model.config
+
+    def forward(self, latents: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        maps = {name: self.feature_decoders[name](latents[name]) for name in COMPONENTS}
+        fused = fuse_feature_maps(maps, self.config)
+        return fused, self.generator(fused)
+
+
+def _split_halves(outputs: list[list[torch.Tensor]]) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
+    """Discriminator outputs on [first; second] batches -> (outputs on first, on second)."""
+    first = [[layer.chunk(2)[0] for layer in scale] for scale in outputs]
+    second = [[layer.chunk(2)[1] for layer in scale] for scale in outputs]
+    return first, second
+
+
 class Trainer:
     """One run: `Trainer(...).run(stage)`; see the module docstring for the folder it fills."""
 
     def __init__(self, dataset: str | Path, out: Path, model_config: ModelConfig, train_config: TrainConfig,
                  device: torch.device, *, resume: bool = False, quiet: bool = False, echo=print):
-        self.dataset, self.out, self.device, self.quiet, self.echo = Dataset(dataset), Path(out), device, quiet, echo
+        self.ranks, device = distributed.start(device)
+        main = self.ranks.main
+        self.dataset, self.out, self.device = Dataset(dataset), Path(out), device
+        self.quiet, self.echo = quiet or not main, echo if main else (lambda line: None)
         self.dataset.require()
         self.model_config, self.config = self._resolve_configs(model_config, train_config, resume)
         torch.manual_seed(self.config.seed)
@@ -150,6 +187,7 @@ class Trainer:
         }
         self.autocast, self.scaler = _amp_context(device, self.config.amp)
         self.stage, self.step, self.banks = 1, 0, None
+        distributed.barrier(self.ranks)  # rank 0 wrote train_config.json; nobody reads a half-made run
         checkpoint = latest_checkpoint(self.out)
         if checkpoint is not None:
             if not resume:
@@ -161,13 +199,24 @@ class Trainer:
             if self.scaler is not None and state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
             self.echo(f"resuming {self.out} from {checkpoint.name} (stage {self.stage}, step {self.step})")
-        self._trim_stats()
-        self.pairs, self.validation = self._load_data()
+        if main:
+            self._trim_stats()
+            self.pairs, self.validation = self._load_data()
+        distributed.barrier(self.ranks)  # the others read the pairs rank 0 has stacked
+        if not main:
+            self.pairs, self.validation = self._load_data()
+        self.autoencoder_net = distributed.wrap(AutoEncoderSet(self.model.autoencoders), self.ranks, device)
+        self.generator_net = distributed.wrap(FeaturesToFace(self.model), self.ranks, device)
+        self.discriminator_net = distributed.wrap(self.discriminator, self.ranks, device)
 
     # ---- configuration ----------------------------------------------------------------------------
     def _resolve_configs(self, model_config, train_config, resume):
         path = self.out / CONFIG_FILE
         wanted = {"model": model_config.to_dict(), "training": asdict(train_config)}
+        if not self.ranks.main:
+            distributed.barrier(self.ranks)  # wait for rank 0 to write the resolved config
+            saved = json.loads(path.read_text())
+            return ModelConfig.from_dict(saved["model"], complete=True), TrainConfig.from_dict(saved["training"])
         if path.is_file() and resume:
             saved = json.loads(path.read_text())
             differ = [f"{section}.{key}" for section in ("model", "training") for key in saved[section]
@@ -181,6 +230,7 @@ class Trainer:
             pass  # a run that died before its first checkpoint starts afresh
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(wanted, indent=2, sort_keys=True) + "\n")
+        distributed.barrier(self.ranks)
         return ModelConfig.from_dict(wanted["model"], complete=True), TrainConfig.from_dict(wanted["training"])
 
     def describe(self) -> str:
@@ -192,7 +242,9 @@ class Trainer:
         return (f"run folder {self.out}\nmodel: {model}\ntraining: {training}\n"
                 f"parameters: {total / 1e6:.1f}M in the inference model, {counts['discriminator'] / 1e6:.1f}M in "
                 f"the discriminators; device {self.device}; {len(self.pairs)} training pairs, "
-                f"{len(self.validation)} validation faces")
+                f"{len(self.validation)} validation faces" +
+                (f"; {self.ranks.world} processes, global batch {self.config.batch_size * self.ranks.world}"
+                 if self.ranks.active else ""))
 
     # ---- data ----------------------------------------------------------------------------------------
     def _load_data(self) -> tuple[PairSet, list[tuple[str, np.ndarray, np.ndarray]]]:
@@ -231,6 +283,11 @@ class Trainer:
             atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in keep))
 
     def _checkpoint(self) -> None:
+        if not distributed.parameters_agree([self.model, self.discriminator], self.ranks, self.device):
+            raise TrainingError(f"stage {self.stage} step {self.step}: the processes' parameters differ; "
+                                "distributed training went out of sync")
+        if not self.ranks.main:
+            return
         state = {"stage": self.stage, "step": self.step, "model_config": self.model_config.to_dict(),
                  "train_config": asdict(self.config),
                  "scaler": self.scaler.state_dict() if self.scaler is not None else None}
@@ -238,10 +295,14 @@ class Trainer:
                         optimizers=self.optimizers, banks=self.banks, state=state)
 
     def _save_model(self) -> None:
+        if not self.ranks.main:
+            return
         self.model.set_banks(self.banks)
         self.model.save_pretrained(self.out / "model")
 
     def _write_grid(self) -> None:
+        if not self.ranks.main:
+            return
         sketches = torch.from_numpy(np.stack([s for _, s, _ in self.validation])).float()[:, None]
         sketches = ((sketches - 127.5) / 127.5).to(self.device)
         tiles = []
@@ -271,8 +332,8 @@ class Trainer:
         self.model.autoencoders.train()
         crops = crop_sketch_components(sketches, self.model_config)
         with self.autocast():
-            losses = {name: F.mse_loss(self.model.autoencoders[name](crops[name]).float(), crops[name])
-                      for name in COMPONENTS}
+            reconstructions = self.autoencoder_net(crops)
+            losses = {name: F.mse_loss(reconstructions[name].float(), crops[name]) for name in COMPONENTS}
             total = sum(losses.values())
         self._backward_step(total, self.optimizers["autoencoders"])
         if self.scaler is not None:
@@ -288,13 +349,14 @@ class Trainer:
         with self.autocast():
             with torch.no_grad():
                 latents = {name: self.model.autoencoders[name].encoder(crops[name]) for name in COMPONENTS}
-            maps = {name: self.model.feature_decoders[name](latents[name]) for name in COMPONENTS}
-            fused = fuse_feature_maps(maps, self.model_config)
-            fake = self.model.generator(fused)
+            fused, fake = self.generator_net(latents)
             condition = fused if self.model_config.d_condition == "features" else sketches
-            # pix2pixHD order: every loss from the same discriminator, then G steps, then D.
-            pred_fake_detached = self.discriminator(condition.detach(), fake.detach())
-            pred_real = self.discriminator(condition.detach(), photos)
+            # As in pix2pixHD every loss comes from the same discriminator, then G steps, then D.
+            # D sees fake and real in one batch (one DDP forward); for G's loss its parameters
+            # are frozen, so G's backward neither fills nor synchronises D's gradients.
+            both = self.discriminator_net(torch.cat([condition.detach()] * 2), torch.cat([fake.detach(), photos]))
+            pred_fake_detached, pred_real = _split_halves(both)
+            self.discriminator.requires_grad_(False)
             pred_fake = self.discriminator(condition, fake)
             losses = {"g_gan": lsgan_loss(pred_fake, True),
                       "g_feat": self.config.feature_matching_weight * feature_matching_loss(pred_fake, pred_real)}
@@ -305,6 +367,7 @@ class Trainer:
             loss_g = sum(losses.values())
             loss_d = 0.5 * (lsgan_loss(pred_fake_detached, False) + lsgan_loss(pred_real, True))
         self._backward_step(loss_g, self.optimizers["generator"])
+        self.discriminator.requires_grad_(True)
         self._backward_step(loss_d, self.optimizers["discriminator"])
         if self.scaler is not None:
             self.scaler.update()
@@ -330,6 +393,10 @@ class Trainer:
                                    for g in known} for name, vectors in stacked.items()})
 
     # ---- the loop --------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Leave the process group (torchrun runs); the trainer cannot be used afterwards."""
+        distributed.stop(self.ranks)
+
     def run(self, stage: str) -> str:
         """Train `stage` ("1", "2" or "all") to its end; returns a one-line summary."""
         if stage == "2" and self.stage == 1:
@@ -341,7 +408,7 @@ class Trainer:
             if self.step < self.config.steps:
                 summary.append(self._train_stage())
             if self.stage == 1:
-                self.banks = self.build_banks()
+                self.banks = self.build_banks() if self.ranks.main else None
                 self.stage, self.step = 2, 0
                 self._checkpoint()
                 self._save_model()
@@ -351,21 +418,24 @@ class Trainer:
                 self._save_model()
                 break
         elapsed = time.time() - started
+        distributed.barrier(self.ranks)
         return (f"train: {'; '.join(summary) or 'nothing left to do'}; {elapsed:.0f} s; model saved to "
                 f"{self.out / 'model'}")
 
     def _train_stage(self) -> str:
         stage, interval, tick = self.stage, [], time.time()
-        order = BatchOrder(len(self.pairs), self.config.batch_size, self.config.seed, stream=stage)
+        order = BatchOrder(len(self.pairs), self.config.batch_size * self.ranks.world, self.config.seed, stream=stage)
+        share = slice(self.ranks.rank * self.config.batch_size, (self.ranks.rank + 1) * self.config.batch_size)
         bar = None if self.quiet else tqdm(total=self.config.steps, initial=self.step, desc=f"stage {stage}",
                                            unit="step")
         if self.step == 0:
             self._write_grid()
         while self.step < self.config.steps:
-            sketches, photos = self.pairs.batch(order.rows(self.step))
+            sketches, photos = self.pairs.batch(order.rows(self.step)[share])
             sketches = sketches.to(self.device, non_blocking=True)
             photos = photos.to(self.device, non_blocking=True)
             losses = self.stage1_step(sketches) if stage == 1 else self.stage2_step(sketches, photos)
+            losses = distributed.mean_over_ranks(losses, self.ranks, self.device)
             if not all(math.isfinite(v) for v in losses.values()):
                 raise TrainingError(f"stage {stage} step {self.step + 1}: the loss became {losses}; lower --lr "
                                     f"or resume from the last checkpoint")
@@ -375,7 +445,7 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in list(losses.items())[:4]})
             end = self.step == self.config.steps
-            if self.step % self.config.log_every == 0 or end:
+            if (self.step % self.config.log_every == 0 or end) and self.ranks.main:
                 seconds = (time.time() - tick) / len(interval)
                 row = {"stage": stage, "step": self.step,
                        "losses": {k: sum(d[k] for d in interval) / len(interval) for k in interval[0]},
@@ -390,6 +460,8 @@ class Trainer:
                 self._checkpoint()
         if bar is not None:
             bar.close()
+        if not self.ranks.main:
+            return ""
         rows = [r for r in read_jsonl(self.out / STATS_FILE) if r["stage"] == stage]
         first, last = rows[0]["losses"], rows[-1]["losses"]
         key = "total" if stage == 1 else "g_total"
