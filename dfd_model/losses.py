@@ -27,18 +27,20 @@ def lsgan_loss(outputs: list[list[torch.Tensor]], real: bool) -> torch.Tensor:
     """Least-squares GAN loss summed over discriminator scales: mean (score - target)^2 with
     target 1 for real, 0 for fake; `outputs` is MultiscaleDiscriminator's return value."""
     target = 1.0 if real else 0.0
-    return sum(F.mse_loss(scale[-1], torch.full_like(scale[-1], target)) for scale in outputs)
+    # float32 even under autocast: the squared scores of half-precision outputs lose too much
+    return sum(F.mse_loss(scale[-1].float(), torch.full_like(scale[-1], target, dtype=torch.float32))
+               for scale in outputs)
 
 
 def feature_matching_loss(fake: list[list[torch.Tensor]], real: list[list[torch.Tensor]]) -> torch.Tensor:
     """L1 between the discriminators' intermediate features on fake and real images (the real
     side detached), each layer weighted 4 / (layers + 1) and each scale 1 / scales."""
-    total = fake[0][0].new_zeros(())
+    total = fake[0][0].new_zeros((), dtype=torch.float32)
     scales = len(fake)
     for fake_scale, real_scale in zip(fake, real):
         layer_weight = 4.0 / (len(fake_scale) - 1)  # n_layers_d + 2 groups: 4 / (n_layers_d + 1)
         for fake_layer, real_layer in zip(fake_scale[:-1], real_scale[:-1]):
-            total = total + layer_weight / scales * F.l1_loss(fake_layer, real_layer.detach())
+            total = total + layer_weight / scales * F.l1_loss(fake_layer.float(), real_layer.detach().float())
     return total
 
 

@@ -29,7 +29,7 @@ SDIST_NAME = "face_recognition-1.3.0.tar.gz"
 SDIST_IMAGES = "face_recognition-1.3.0/tests/test_images/"
 SKETCHES = "photocopy+simplify"
 # A small model that trains both stages in a few minutes on 2 cores and still shows faces.
-DEMO_MODEL = {"latent_dim": 128, "ce_base_channels": 8, "fm_base_channels": 8, "ngf": 16, "n_blocks": 4}
+DEMO_MODEL = {"latent_dim": 128, "ce_base_channels": 8, "fm_base_channels": 8, "ngf": 16, "n_blocks": 4, "ndf": 32}
 DEMO_STEPS = 400
 ROUGH_SEED = 7
 

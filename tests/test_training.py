@@ -273,3 +273,29 @@ def test_torchrun_with_two_cpu_processes_matches_one_process(sketched_dataset, t
     assert np.allclose(first_two, first_one, rtol=0.15)
     model = SketchToFace.from_pretrained(tmp_path / "double" / "model", device="cpu")
     assert sum(model.banks.counts()["nose"].values()) == 2
+
+
+def test_generate_over_a_hostile_folder(tiny_model_folder, sample_photos, tmp_path):
+    """Every unusable file gets one line naming it, every usable sketch a face, exit status 1,
+    and nothing half-written is left in the output folder."""
+    from tests.hostile import bad_files, write_folder
+
+    photo = read_image(sample_photos / "astronaut.png")
+    sketch = np.full((300, 200), 255, np.uint8)
+    sketch[100:104, 40:160] = 0
+    good = {"line sketch.png": encode_png(sketch), "été.png": encode_png(sketch.T.copy()),
+            "blank.png": encode_png(np.full((64, 64), 255, np.uint8))}
+    bad = {**bad_files(photo), "solid-black.png": encode_png(np.zeros((64, 64), np.uint8)),
+           "photo.png": encode_png(photo)}
+    folder = write_folder(tmp_path / "in", {**good, **bad})
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "dfd_model", "generate", "--model", str(tiny_model_folder),
+                             str(folder), "-o", str(out), "--quiet"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    refused = {Path(line.split(":", 1)[0]).name for line in lines}
+    # a flat gray photo reads as blank paper: a valid (empty) sketch
+    assert refused == set(bad) - {"flat-no-face.jpg"} and len(lines) == len(refused)
+    written = sorted(p.name for p in out.iterdir())
+    assert written == sorted(["line sketch.png", "été.png", "blank.png", "flat-no-face.png"])
+    assert all(read_image(out / name).shape == (128, 128, 3) for name in written)
