@@ -73,6 +73,7 @@ class FeatureBank:
         self._banks = banks
         self.latent_dim: int = latent_dim
         self._pooled: dict[str, torch.Tensor] = {}
+        self._norms: dict[tuple[str, str | None], torch.Tensor] = {}
 
     # ---- access ------------------------------------------------------------------------------
     @property
@@ -109,6 +110,14 @@ class FeatureBank:
             raise ValueError(f"feature bank {component} has no gender {gender!r} "
                              f"(it has {', '.join(per_gender)}; pass gender=None to search them all)")
         return per_gender[gender]
+
+    def squared_norms(self, component: str, gender: str | None = None) -> torch.Tensor:
+        """|row|^2 of `get(component, gender)`, computed once: the matmul search needs them."""
+        key = (component, gender)
+        if key not in self._norms:
+            bank = self.get(component, gender)
+            self._norms[key] = bank.pow(2).sum(1) if bank.device.type != "meta" else bank.new_empty(bank.shape[0])
+        return self._norms[key]
 
     def counts(self) -> dict[str, dict[str, int]]:
         """component -> gender -> number of vectors."""
@@ -169,18 +178,42 @@ def _ridge(trace: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.where(trace > 0, eps * trace, torch.ones_like(trace))
 
 
-def nearest(query: torch.Tensor, bank: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(distances [B, k], indices [B, k]) of the k nearest bank rows by L2, nearest first."""
+# Banks larger than this are searched with one matrix product (|b|^2 - 2 q.b) for candidates,
+# which are then re-ranked by exact distances; smaller ones are searched exactly at once.
+MATMUL_SEARCH_ROWS = 2048
+# Extra candidates kept from the matrix-product scores before the exact re-ranking.
+RERANK_MARGIN = 16
+
+
+def _exact_distances(query: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """query [B, D], rows [B, C, D] (or [C, D]) -> L2 distances [B, C], computed directly so
+    that a vector's distance to itself is exactly 0."""
+    return (rows - query[:, None, :]).pow(2).sum(-1).sqrt()
+
+
+def nearest(query: torch.Tensor, bank: torch.Tensor, k: int,
+            bank_squared_norms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(distances [B, k], indices [B, k]) of the k nearest bank rows by L2, nearest first.
+
+    Large banks are scored with one matrix product (pass `bank_squared_norms`, e.g. from
+    FeatureBank.squared_norms, to skip recomputing them) and the best k + RERANK_MARGIN
+    candidates re-ranked exactly, so a bank vector is always its own nearest neighbour."""
     work = torch.promote_types(torch.promote_types(query.dtype, bank.dtype), torch.float32)
-    # The direct (non-matmul) distance is exact for identical vectors, so a bank vector is
-    # always its own nearest neighbour.
-    distances = torch.cdist(query.to(work), bank.to(device=query.device, dtype=work),
-                            compute_mode="donot_use_mm_for_euclid_dist")
-    return torch.topk(distances, min(k, bank.shape[0]), dim=1, largest=False, sorted=True)
+    q, rows = query.to(work), bank.to(device=query.device, dtype=work)
+    count = min(k, rows.shape[0])
+    if rows.shape[0] <= MATMUL_SEARCH_ROWS:
+        return torch.topk(_exact_distances(q, rows[None]), count, dim=1, largest=False, sorted=True)
+    norms = rows.pow(2).sum(1) if bank_squared_norms is None else bank_squared_norms.to(q.device, work)
+    scores = norms[None, :] - 2.0 * (q @ rows.T)  # |b|^2 - 2 q.b: the distance order, shifted by |q|^2
+    candidates = torch.topk(scores, min(rows.shape[0], k + RERANK_MARGIN), dim=1, largest=False).indices
+    exact = _exact_distances(q, rows[candidates])
+    distances, order = torch.topk(exact, count, dim=1, largest=False, sorted=True)
+    return distances, candidates.gather(1, order)
 
 
 def project(query: torch.Tensor, bank: torch.Tensor, k: int = 10, eps: float = 1e-3,
-            method: str = "anchored") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            method: str = "anchored", bank_squared_norms: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Project each query latent onto the bank's manifold.
 
     query [B, D], bank [N, D] -> (projected [B, D], indices LongTensor [B, k], weights [B, k]),
@@ -188,7 +221,7 @@ def project(query: torch.Tensor, bank: torch.Tensor, k: int = 10, eps: float = 1
     all N rows (the returned tensors then have N columns). See the module docstring for the
     two `method`s and what `eps` regularises."""
     _check_projection_inputs(query, bank, k, eps, method)
-    _, indices = nearest(query, bank, k)
+    _, indices = nearest(query, bank, k, bank_squared_norms)
     neighbours = bank.to(query.device)[indices].to(torch.float64)  # [B, k, D]
     target = query.to(torch.float64)
     batch, count = indices.shape

@@ -44,7 +44,8 @@ def shadow_darkness(model: SketchToFace, sketch, gender: str | None = None) -> t
         autoencoder = model.autoencoders[name]
         latent = autoencoder.encoder(crops[name])
         bank = model.banks.get(name, gender).to(device=latent.device, dtype=latent.dtype)
-        _, indices, weights = project(latent, bank, model.config.knn, model.config.lle_eps, model.config.projection)
+        _, indices, weights = project(latent, bank, model.config.knn, model.config.lle_eps, model.config.projection,
+                                      model.banks.squared_norms(name, gender))
         positive = weights.clamp(min=0)
         positive = positive / positive.sum(1, keepdim=True).clamp(min=1e-12)
         window = windows[name]

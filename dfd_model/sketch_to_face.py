@@ -153,7 +153,8 @@ class SketchToFace(nn.Module):
             latent = self.autoencoders[name].encoder(crops[name])
             if self.banks is not None and weights[name] > 0:
                 bank = self.banks.get(name, gender).to(device=latent.device, dtype=latent.dtype)
-                projected, _, _ = project(latent, bank, self.config.knn, self.config.lle_eps, self.config.projection)
+                projected, _, _ = project(latent, bank, self.config.knn, self.config.lle_eps, self.config.projection,
+                                          self.banks.squared_norms(name, gender))
                 latent = blend(latent, projected, weights[name])
             latents[name] = latent
         return latents

@@ -517,3 +517,20 @@ def test_a_planted_pickle_is_refused_and_never_run(saved, tmp_path, planted):
         SketchToFace.from_pretrained(folder, "cpu")
     assert "\n" not in str(caught.value)
     assert not marker.exists()
+
+
+def test_large_banks_are_searched_by_matrix_product_and_reranked_exactly():
+    """Banks above MATMUL_SEARCH_ROWS take the fast path; it must find the same neighbours as
+    an exhaustive exact search, and a bank vector must still project onto itself exactly."""
+    from dfd_model.projection import MATMUL_SEARCH_ROWS, nearest
+
+    generator = torch.Generator().manual_seed(3)
+    bank = torch.randn(MATMUL_SEARCH_ROWS * 2, 64, generator=generator)
+    banks = FeatureBank({"nose": bank})
+    queries = bank[:20] + 0.2 * torch.randn(20, 64, generator=generator)
+    distances, indices = nearest(queries, bank, 10, banks.squared_norms("nose"))
+    exact = torch.cdist(queries, bank, compute_mode="donot_use_mm_for_euclid_dist")
+    expected_distances, expected = torch.topk(exact, 10, largest=False)
+    assert torch.equal(indices, expected) and torch.allclose(distances, expected_distances, atol=1e-5)
+    projected, own, weights = project(bank[7:8], bank, 10, bank_squared_norms=banks.squared_norms("nose"))
+    assert own[0, 0] == 7 and torch.equal(projected, bank[7:8]) and weights[0, 0] == 1
