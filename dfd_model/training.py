@@ -187,12 +187,8 @@ class Trainer:
         }
         self.autocast, self.scaler = _amp_context(device, self.config.amp)
         self.stage, self.step, self.banks = 1, 0, None
-        distributed.barrier(self.ranks)  # rank 0 wrote train_config.json; nobody reads a half-made run
         checkpoint = latest_checkpoint(self.out)
         if checkpoint is not None:
-            if not resume:
-                raise TrainingError(f"{self.out}: already holds a training run; pass --resume to continue it "
-                                    "or choose another --out")
             state, self.banks = load_checkpoint(checkpoint, modules=self._modules(), optimizers=self.optimizers,
                                                 device=device)
             self.stage, self.step = state["stage"], state["step"]
@@ -217,6 +213,9 @@ class Trainer:
             distributed.barrier(self.ranks)  # wait for rank 0 to write the resolved config
             saved = json.loads(path.read_text())
             return ModelConfig.from_dict(saved["model"], complete=True), TrainConfig.from_dict(saved["training"])
+        if latest_checkpoint(self.out) is not None and not resume:
+            raise TrainingError(f"{self.out}: already holds a training run; pass --resume to continue it "
+                                "or choose another --out")
         if path.is_file() and resume:
             saved = json.loads(path.read_text())
             differ = [f"{section}.{key}" for section in ("model", "training") for key in saved[section]
@@ -226,8 +225,6 @@ class Trainer:
                                     "resume with the same options or start a new --out")
             saved["training"].update({key: wanted["training"][key] for key in RESUMABLE_CHANGES})
             wanted = saved
-        elif path.is_file() and latest_checkpoint(self.out) is None:
-            pass  # a run that died before its first checkpoint starts afresh
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(wanted, indent=2, sort_keys=True) + "\n")
         distributed.barrier(self.ranks)

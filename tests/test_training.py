@@ -125,6 +125,8 @@ def test_stage_two_needs_stage_one_and_settings_must_match_on_resume(sketched_da
         _trainer(sketched_dataset, tmp_path / "run").run("2")
     _trainer(sketched_dataset, tmp_path / "run", steps=2).run("1")
     assert (tmp_path / "run" / "model" / "banks.safetensors").is_file()
+    with pytest.raises(TrainingError, match="pass --resume"):  # and train_config.json is left as it was
+        _trainer(sketched_dataset, tmp_path / "run", steps=2, lr=1e-3)
     with pytest.raises(TrainingError, match="training.lr"):
         _trainer(sketched_dataset, tmp_path / "run", resume=True, steps=2, lr=1e-3)
     summary = _trainer(sketched_dataset, tmp_path / "run", resume=True, steps=2).run("2")
