@@ -175,7 +175,7 @@ def evaluate(model: SketchToFace, pairs_dir: str | os.PathLike, out: str | os.Pa
         with torch.inference_mode():
             faces = denormalize_image(model(torch.from_numpy(np.stack([s for _, s, _ in chunk])), refine, gender))
         faces = faces.permute(0, 2, 3, 1).cpu().numpy()
-        redrawn = run_method(method, list(faces), device="cpu")
+        redrawn = run_method(method, list(faces), device=next(model.parameters()).device.type)
         for (name, sketch, photo), face, again in zip(chunk, faces, redrawn):
             atomic_write_bytes(out / "faces" / f"{name}.png", encode_png(face))
             face_points, sketch_points = landmarks_of(face), landmarks_of(sketch)
