@@ -37,7 +37,7 @@ from dfd_data.image_io import ImageError, decode_image, encode_png
 from .generate import letterbox
 from .networks import denormalize_image
 from .projection import check_refine
-from .shadows import shadow_image
+from .shadows import ShadowRenderer
 from .sketch_to_face import SketchToFace
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -71,6 +71,7 @@ class FaceService:
 
     def __init__(self, model: SketchToFace):
         self.model = model
+        self.shadows = ShadowRenderer(model)
         self.lock = threading.Lock()
         self.waiting = threading.BoundedSemaphore(MAX_WAITING)
 
@@ -123,7 +124,7 @@ class FaceService:
                     face = face.permute(1, 2, 0).cpu().numpy()
                 shadow = None
                 if want_shadow and self.model.banks is not None:
-                    shadow = _png_data_url(shadow_image(self.model, torch.from_numpy(sketch), gender)[0].numpy())
+                    shadow = _png_data_url(self.shadows.image(torch.from_numpy(sketch), gender)[0].numpy())
                 seconds = time.perf_counter() - started
             finally:
                 self.lock.release()

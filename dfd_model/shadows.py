@@ -8,6 +8,8 @@ five are combined by taking the darkest value at each pixel.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 
 from dfd_data.components import COMPONENTS
@@ -17,6 +19,8 @@ from .sketch_to_face import SketchToFace, crop_sketch_components, prepare_sketch
 
 # Share of a window's side over which its shadow fades out towards the border.
 FADE_FRACTION = 0.2
+# Decoded neighbours kept per component (the remainder's are 512 x 512 float16: 0.5 MiB each).
+CACHE_PER_COMPONENT = 64
 
 
 def _fade_mask(size: int, device) -> torch.Tensor:
@@ -27,41 +31,82 @@ def _fade_mask(size: int, device) -> torch.Tensor:
     return edge[:, None] * edge[None, :]
 
 
-@torch.inference_mode()
-def shadow_darkness(model: SketchToFace, sketch, gender: str | None = None) -> torch.Tensor:
-    """Sketch (as SketchToFace accepts) -> darkness [B, R, R] in [0, 1] (1 = black line).
+class ShadowRenderer:
+    """Shadows for one model. Decoding neighbours dominates the cost (at 512 px the remainder's
+    image decoder is the largest network after the generator), and successive strokes mostly
+    retrieve the same neighbours, so decoded neighbours are kept in a small LRU cache per
+    component; only neighbours with a positive weight are decoded at all."""
 
-    Needs a model with feature banks; raises ValueError otherwise."""
-    if model.banks is None:
-        raise ValueError("shadow guidance needs a model with feature banks (train stage 1 to make them)")
-    parameter = next(model.parameters())
-    x = prepare_sketch(sketch, model.config.resolution).to(device=parameter.device, dtype=parameter.dtype)
-    crops = crop_sketch_components(x, model.config)
-    windows = model.config.windows()
-    batch, resolution = x.shape[0], model.config.resolution
-    darkness = torch.zeros(batch, resolution, resolution, device=x.device)
-    for name in COMPONENTS:
-        autoencoder = model.autoencoders[name]
-        latent = autoencoder.encoder(crops[name])
-        bank = model.banks.get(name, gender).to(device=latent.device, dtype=latent.dtype)
-        _, indices, weights = project(latent, bank, model.config.knn, model.config.lle_eps, model.config.projection,
-                                      model.banks.squared_norms(name, gender))
-        positive = weights.clamp(min=0)
-        positive = positive / positive.sum(1, keepdim=True).clamp(min=1e-12)
-        window = windows[name]
-        decoded = autoencoder.decode(bank[indices.reshape(-1)])  # [B*k, 1, S, S]
-        ink = ((1 - decoded) / 2).clamp(0, 1).view(batch, indices.shape[1], window.size, window.size)
-        blended = torch.einsum("bk,bkhw->bhw", positive.to(ink.dtype), ink)
-        if name != "remainder":
-            blended = blended * _fade_mask(window.size, ink.device)
-        region = darkness[:, window.y:window.y + window.size, window.x:window.x + window.size]
-        darkness[:, window.y:window.y + window.size, window.x:window.x + window.size] = torch.maximum(region, blended)
-    return darkness
+    def __init__(self, model: SketchToFace, capacity: int = CACHE_PER_COMPONENT):
+        self.model, self.capacity = model, capacity
+        self._cache: dict[str, OrderedDict] = {name: OrderedDict() for name in COMPONENTS}
+        self._banks = None
+
+    def _ink(self, name: str, gender: str | None, indices: list[int]) -> dict[int, torch.Tensor]:
+        """Bank row -> decoded ink [S, S] (float16, 1 = black) for the rows asked for."""
+        if self.model.banks is not self._banks:  # new banks: row numbers mean other vectors
+            self._banks = self.model.banks
+            for cache in self._cache.values():
+                cache.clear()
+        cache = self._cache[name]
+        missing = sorted({i for i in indices if (gender, i) not in cache})
+        if missing:
+            parameter = next(self.model.parameters())
+            bank = self.model.banks.get(name, gender)
+            decoded = self.model.autoencoders[name].decode(bank[missing].to(parameter.device, parameter.dtype))
+            for row, image in zip(missing, ((1 - decoded[:, 0]) / 2).clamp(0, 1).half()):
+                cache[(gender, row)] = image
+        found = {}
+        for row in indices:
+            cache.move_to_end((gender, row))
+            found[row] = cache[(gender, row)]
+        while len(cache) > self.capacity:
+            cache.popitem(last=False)
+        return found
+
+    @torch.inference_mode()
+    def darkness(self, sketch, gender: str | None = None) -> torch.Tensor:
+        """Sketch (as SketchToFace accepts) -> darkness [B, R, R] in [0, 1] (1 = black line).
+
+        Needs a model with feature banks; raises ValueError otherwise."""
+        model = self.model
+        if model.banks is None:
+            raise ValueError("shadow guidance needs a model with feature banks (train stage 1 to make them)")
+        parameter = next(model.parameters())
+        x = prepare_sketch(sketch, model.config.resolution).to(device=parameter.device, dtype=parameter.dtype)
+        crops = crop_sketch_components(x, model.config)
+        windows = model.config.windows()
+        batch, resolution = x.shape[0], model.config.resolution
+        darkness = torch.zeros(batch, resolution, resolution, device=x.device)
+        for name in COMPONENTS:
+            latent = model.autoencoders[name].encoder(crops[name])
+            bank = model.banks.get(name, gender).to(device=latent.device, dtype=latent.dtype)
+            _, indices, weights = project(latent, bank, model.config.knn, model.config.lle_eps,
+                                          model.config.projection, model.banks.squared_norms(name, gender))
+            positive = weights.clamp(min=0)
+            positive = positive / positive.sum(1, keepdim=True).clamp(min=1e-12)
+            window = windows[name]
+            wanted = [int(i) for i, w in zip(indices.flatten(), positive.flatten()) if w > 0]
+            ink = self._ink(name, gender, wanted)
+            blended = torch.zeros(batch, window.size, window.size, device=x.device)
+            for item in range(batch):
+                for row, weight in zip(indices[item].tolist(), positive[item].tolist()):
+                    if weight > 0:
+                        blended[item] += weight * ink[row].float()
+            if name != "remainder":
+                blended = blended * _fade_mask(window.size, x.device)
+            area = (slice(None), slice(window.y, window.y + window.size), slice(window.x, window.x + window.size))
+            darkness[area] = torch.maximum(darkness[area], blended)
+        return darkness
+
+    def image(self, sketch, gender: str | None = None) -> torch.Tensor:
+        """The shadows as uint8 gray pictures [B, R, R] (255 paper, darker where lines are likely)."""
+        return (255 - self.darkness(sketch, gender) * 255).round().clamp(0, 255).to(torch.uint8).cpu()
 
 
 def shadow_image(model: SketchToFace, sketch, gender: str | None = None) -> torch.Tensor:
-    """The shadows as uint8 gray pictures [B, R, R] (255 paper, darker where lines are likely)."""
-    return (255 - shadow_darkness(model, sketch, gender) * 255).round().clamp(0, 255).to(torch.uint8).cpu()
+    """One-off shadows (no cache kept): uint8 [B, R, R], 255 paper."""
+    return ShadowRenderer(model).image(sketch, gender)
 
 
-__all__ = ["shadow_darkness", "shadow_image"]
+__all__ = ["ShadowRenderer", "shadow_image"]

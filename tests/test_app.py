@@ -177,3 +177,23 @@ def test_drawing_in_chromium_updates_face_and_shadow(server, tmp_path):
         assert Path(tmp_path / "drawing.png").stat().st_size > 10_000
     finally:
         browser.quit()
+
+
+def test_shadow_cache_gives_the_same_shadows_and_decodes_each_neighbour_once(tiny_model_folder):
+    from dfd_model.shadows import ShadowRenderer, shadow_image
+
+    model = SketchToFace.from_pretrained(tiny_model_folder, device="cpu")
+    generator = torch.Generator().manual_seed(1)
+    model.set_banks(FeatureBank({name: model.banks.get(name)[:1] + 0.3 * torch.randn(30, 32, generator=generator)
+                                 for name in model.banks.components}))
+    sketch = torch.full((1, 128, 128), 255, dtype=torch.uint8)
+    sketch[0, 50:53, 20:100] = 0
+    renderer, decoded = ShadowRenderer(model), []
+    for autoencoder in model.autoencoders.values():
+        autoencoder.decoder.register_forward_hook(lambda module, args, out: decoded.append(args[0].shape[0]))
+    first = renderer.image(sketch)
+    count = sum(decoded)
+    assert 0 < count <= 5 * model.config.knn  # positive-weight neighbours only
+    assert torch.equal(renderer.image(sketch), first) and sum(decoded) == count  # all from the cache
+    decoded.clear()
+    assert (shadow_image(model, sketch).int() - first.int()).abs().max() <= 1  # float16 cache: within one level
