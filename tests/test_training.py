@@ -301,3 +301,35 @@ def test_generate_over_a_hostile_folder(tiny_model_folder, sample_photos, tmp_pa
     written = sorted(p.name for p in out.iterdir())
     assert written == sorted(["line sketch.png", "été.png", "blank.png", "flat-no-face.png"])
     assert all(read_image(out / name).shape == (128, 128, 3) for name in written)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_train_killed_at_a_random_moment_resumes_to_the_same_losses(sketched_dataset, tmp_path, seed):
+    """SIGKILL `dfd-model train` at a random point (maybe while it writes a checkpoint or a
+    stats line), rerun it with --resume until it finishes: the losses and the saved model
+    equal those of a run never interrupted."""
+    import random
+    import signal
+    import time
+
+    common = [sys.executable, "-m", "dfd_model", "train", str(sketched_dataset), "--stage", "all", "--resolution",
+              "128", "--steps", "10", "--batch-size", "2", "--log-every", "1", "--checkpoint-every", "3", "--quiet",
+              *TINY_SETTINGS]
+    whole = subprocess.run([*common, "--out", str(tmp_path / "whole")], capture_output=True, text=True, cwd=REPO)
+    assert whole.returncode == 0, whole.stderr
+    run = tmp_path / "killed"
+    process = subprocess.Popen([*common, "--out", str(run)], cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (run / "stats.jsonl").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    time.sleep(random.Random(seed).uniform(0.0, 1.5))
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL  # it was still training
+    assert len(_losses(run)) < 20
+    resumed = subprocess.run([*common, "--out", str(run), "--resume"], capture_output=True, text=True, cwd=REPO)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _losses(run) == _losses(tmp_path / "whole")
+    killed = SketchToFace.from_pretrained(run / "model", device="cpu").state_dict()
+    expected = SketchToFace.from_pretrained(tmp_path / "whole" / "model", device="cpu").state_dict()
+    assert all(torch.equal(killed[key], expected[key]) for key in expected)
