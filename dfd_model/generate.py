@@ -27,7 +27,7 @@ from .networks import denormalize_image
 from .sketch_to_face import SketchToFace
 
 # A sketch is dark lines on paper: at least this share of near-white pixels ...
-MIN_PAPER_FRACTION = 0.4
+MIN_PAPER_FRACTION = 0.25
 PAPER_LEVEL = 200
 # ... and (almost) no colour: the mean spread between the RGB channels stays below this.
 MAX_COLOUR_SPREAD = 12.0
