@@ -23,6 +23,18 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny networks in this process run on one thread: on a shared CPU, OpenMP threads
+    spinning against another busy process make them ~50x slower than a single thread."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def sample_photos(tmp_path_factory) -> Path:
     """grace_hopper.jpg and astronaut.png, copied from matplotlib and scikit-image."""

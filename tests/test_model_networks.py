@@ -29,14 +29,7 @@ TINY = dict(resolution=192, latent_dim=32, ce_base_channels=4, fm_base_channels=
             n_blocks=1, ndf=8, n_layers_d=3, num_d=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These networks are tiny; on a shared CPU, OpenMP threads spinning against another busy
-    # process make them ~50x slower than a single thread.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ import torch
 
 from dfd_data.components import COMPONENTS
 from dfd_data.image_io import ImageError, encode_png, read_image
-from dfd_data.samples import write_samples
 from dfd_model.config import ModelConfig
 from dfd_model.generate import letterbox, load_sketch, photo_reason
 from dfd_model.sketch_to_face import SketchToFace
@@ -31,12 +30,7 @@ from tests.conftest import REPO, TINY_128, dfd_data, label_dataset
 TINY_SETTINGS = [arg for key, value in TINY_128.items() if key != "resolution" for arg in ("--set", f"{key}={value}")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
