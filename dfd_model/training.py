@@ -342,10 +342,9 @@ class Trainer:
         self.model.feature_decoders.train()
         self.model.generator.train()
         self.discriminator.train()
-        crops = crop_sketch_components(sketches, self.model_config)
         with self.autocast():
             with torch.no_grad():
-                latents = {name: self.model.autoencoders[name].encoder(crops[name]) for name in COMPONENTS}
+                latents = self.model.encode(sketches, refine=0.0)  # raw latents: training never projects
             fused, fake = self.generator_net(latents)
             condition = fused if self.model_config.d_condition == "features" else sketches
             # As in pix2pixHD every loss comes from the same discriminator, then G steps, then D.
