@@ -3,7 +3,8 @@
 Outputs go to sketches/<method id>/<image id>.png with records beside them; the method and
 its parameters (and the checksums of any network weights) are recorded in the manifest.
 Classical filters run one photo per task over all cores; methods with a network run in
-this process on batches, the network itself using every core (or CUDA).
+this process on batches, the network itself using every core (or CUDA), except on a dask
+or ray cluster, where every worker takes batches with its own copy of the network.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import atomic_write_bytes, remove_stale_temp_files, sha256_bytes
+from .cluster import CLUSTER_BACKENDS
 from .contact_sheet import contact_sheet
 from .dataset import Dataset, DatasetError
 from .derived import run_derived_step
@@ -90,7 +92,7 @@ def build_sketches(root: str | os.PathLike, method: SketchMethod, *, jobs: int =
     def payload(record_id: str, input_relpath: str) -> _Job:
         return _Job(record_id, input_relpath, str(dataset.root), f"{out_dir}/{record_id}.png", method, device, batch_size)
 
-    if method.uses_network:  # one process; the network parallelises inside
+    if method.uses_network and backend not in CLUSTER_BACKENDS:  # one process; the network parallelises inside
         jobs, backend = 1, "threading"
     recipe = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
     summary, ids = run_derived_step(dataset, step, out_dir, inputs, recipe, payload, sketch_batch, jobs=jobs,

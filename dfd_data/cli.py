@@ -7,18 +7,21 @@ import sys
 import click
 
 from . import __version__
+from .cluster import cluster_session
 from .dataset import Dataset
 from .errors import UserError
 from .runner import BACKENDS, BatchSummary
-
 from .sketch_methods import DEFAULT_METHOD, DEFAULT_PARAMS, METHODS
 
 
 
 def _batch_options(func):
     func = click.option("--quiet", is_flag=True, help="No progress bar; only the summary line.")(func)
+    func = click.option("--scheduler", metavar="ADDRESS",
+                        help="dask scheduler to connect to (default with --backend dask: a local cluster of --jobs workers).")(func)
     func = click.option("--backend", type=click.Choice(BACKENDS), default="loky", show_default=True,
-                        help="joblib backend: loky processes, or threads.")(func)
+                        help="joblib backend: loky processes, threads, or a dask or ray cluster "
+                             "(extras [dask], [ray]; ray connects to RAY_ADDRESS when set).")(func)
     func = click.option("--jobs", "-j", type=click.IntRange(1, 256), default=os.cpu_count() or 1, show_default=True,
                         help="Parallel workers.")(func)
     return func
@@ -34,13 +37,17 @@ def _finish(dataset: Dataset, summaries: list[BatchSummary], extra: str = "") ->
 
 
 class UserErrorGroup(click.Group):
-    """Turns the toolkit's user-facing errors into one-line messages without a traceback."""
+    """Turns the toolkit's user-facing errors, and the system's refusals (disk full, no
+    permission), into one-line messages without a traceback."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except UserError as error:
             raise click.ClickException(str(error)) from None
+        except OSError as error:
+            where = f"{error.filename}: " if error.filename else ""
+            raise click.ClickException(f"{where}{error.strerror or error}") from None
 
 
 @click.group(cls=UserErrorGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -64,7 +71,7 @@ def main():
 @click.option("--size", type=click.IntRange(64, 4096), default=512, help="Output size in pixels (multiple of 32).")
 @click.option("--all-faces", is_flag=True, help="Keep every face found, not just the largest.")
 @_batch_options
-def align(src, dst, size, all_faces, jobs, backend, quiet):
+def align(src, dst, size, all_faces, jobs, backend, scheduler, quiet):
     """Detect, landmark and FFHQ-align every face photo under SRC into the dataset DST.
 
     Faces are found with dlib's HOG detector (upsampling for small faces) and aligned from
@@ -74,10 +81,12 @@ def align(src, dst, size, all_faces, jobs, backend, quiet):
     \b
     Example:
       dfd-data align ~/photos data/faces --size 512 --jobs 8
+      dfd-data align /shared/photos /shared/faces --backend dask --scheduler tcp://head:8786
     """
     from .align import AlignParams, align_folder
 
-    summary = align_folder(src, dst, AlignParams(size=size, all_faces=all_faces), jobs=jobs, backend=backend, quiet=quiet)
+    with cluster_session(backend, jobs, scheduler):
+        summary = align_folder(src, dst, AlignParams(size=size, all_faces=all_faces), jobs=jobs, backend=backend, quiet=quiet)
     dataset = Dataset(dst)
     _finish(dataset, [summary], f"; preview {dataset.root / 'previews/align.jpg'}")
 
@@ -87,7 +96,7 @@ def align(src, dst, size, all_faces, jobs, backend, quiet):
 @click.option("--source", "sources", multiple=True, metavar="FOLDER",
               help="images or sketches/<method>; repeatable. Default: images and every sketch set.")
 @_batch_options
-def crop_components(dataset, sources, jobs, backend, quiet):
+def crop_components(dataset, sources, jobs, backend, scheduler, quiet):
     """Crop left eye, right eye, nose, mouth and the whitened remainder from every aligned
     photo and sketch, as PNGs under components/<source>/<component>/ and as stacked .npy
     arrays (with ids.txt) that training memory-maps.
@@ -98,7 +107,8 @@ def crop_components(dataset, sources, jobs, backend, quiet):
     """
     from .crop import crop_dataset
 
-    summaries = crop_dataset(dataset, list(sources) or None, jobs=jobs, backend=backend, quiet=quiet)
+    with cluster_session(backend, jobs, scheduler):
+        summaries = crop_dataset(dataset, list(sources) or None, jobs=jobs, backend=backend, quiet=quiet)
     _finish(Dataset(dataset), summaries)
 
 
@@ -127,12 +137,12 @@ _METHOD_PARAMS_HELP = "\n".join(
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", help="For network methods.")
 @click.option("--batch-size", type=click.IntRange(1, 256), default=4, help="Images per network batch.")
 @_batch_options
-def build_sketches(dataset, method, settings, preview, device, batch_size, jobs, backend, quiet):
+def build_sketches(dataset, method, settings, preview, device, batch_size, jobs, backend, scheduler, quiet):
     """Synthesise a sketch (white paper, dark lines) for every aligned face in DATASET, into
     sketches/<method id>/; default parameters give the bare method name as id, others add a
     short hash. A contact sheet of photo|sketch pairs goes to previews/. Methods with a
-    network run in this process on batches, the network using every core (or CUDA); --jobs
-    and --backend apply to the filter methods.
+    network run in this process on batches, the network using every core (or CUDA), unless
+    --backend is a cluster: then each worker process loads the network once and takes batches.
 
     \b
     Examples:
@@ -144,8 +154,9 @@ def build_sketches(dataset, method, settings, preview, device, batch_size, jobs,
     from .sketch_methods import resolve_method
 
     resolved = resolve_method(method, parse_settings(settings))
-    summary = run(dataset, resolved, jobs=jobs, backend=backend, device=device, batch_size=batch_size,
-                  preview=preview, quiet=quiet)
+    with cluster_session(backend, jobs, scheduler):
+        summary = run(dataset, resolved, jobs=jobs, backend=backend, device=device, batch_size=batch_size,
+                      preview=preview, quiet=quiet)
     root = Dataset(dataset).root
     _finish(Dataset(dataset), [summary], f"; sketches in {root / 'sketches' / resolved.id}"
             + (f"; preview {root / 'previews' / f'sketches-{resolved.id}.jpg'}" if preview else ""))

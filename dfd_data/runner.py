@@ -1,7 +1,7 @@
 """The batch runner behind every `dfd-data` command that works file by file.
 
 It runs a module-level work function over tasks with joblib (loky processes by default,
-or threads), shows a progress bar, keeps going when one file fails, and ends with a one-line
+threads, or a dask or ray cluster: see cluster.py), shows a progress bar, keeps going when one file fails, and ends with a one-line
 summary. Resume is the caller's part: it leaves out tasks whose outputs are already
 complete and valid and passes their count as `already_done`.
 
@@ -14,12 +14,17 @@ from __future__ import annotations
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import joblib
 from tqdm import tqdm
 
-BACKENDS = ("loky", "threading")
+from .cluster import CLUSTER_BACKENDS, cluster_session
+
+BACKENDS = ("loky", "threading", *CLUSTER_BACKENDS)
+# ray's joblib backend returns results only as a whole list: it runs in rounds of this many
+# calls per worker slot, so the progress bar and the records still advance as work ends.
+LIST_ONLY_BACKENDS = {"ray": 4}
 
 
 class SkipItem(Exception):
@@ -121,10 +126,9 @@ def run_batch(
                      for i in range(0, len(tasks), batch_size)]
         else:
             calls = [joblib.delayed(_run_task)(work, task) for task in tasks]
-        n_jobs = max(1, min(jobs, len(calls)))
-        parallel = joblib.Parallel(n_jobs=n_jobs, backend=backend, return_as="generator_unordered")
-        with tqdm(total=len(tasks), desc=step, unit=unit, disable=quiet, dynamic_ncols=True) as bar:
-            for outcome in (outcome for outcomes in parallel(calls) for outcome in outcomes):
+        with cluster_session(backend, jobs), \
+                tqdm(total=len(tasks), desc=step, unit=unit, disable=quiet, dynamic_ncols=True) as bar:
+            for outcome in _outcomes(calls, jobs, backend):
                 if outcome.status == "done":
                     summary.done += 1
                 elif outcome.status == "skipped":
@@ -140,3 +144,18 @@ def run_batch(
     summary.reports.sort(key=lambda report: report["file"])
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _outcomes(calls: list, jobs: int, backend: str) -> Iterator[Outcome]:
+    """Outcomes in the order the calls finish. A cluster decides its own parallelism."""
+    n_jobs = -1 if backend in CLUSTER_BACKENDS else max(1, min(jobs, len(calls)))
+    with joblib.parallel_config(backend=backend, n_jobs=n_jobs):
+        if backend not in LIST_ONLY_BACKENDS:
+            for outcomes in joblib.Parallel(return_as="generator_unordered")(calls):
+                yield from outcomes
+            return
+        parallel = joblib.Parallel(return_as="list")
+        round_size = LIST_ONLY_BACKENDS[backend] * max(jobs, 1)
+        for start in range(0, len(calls), round_size):
+            for outcomes in parallel(calls[start:start + round_size]):
+                yield from outcomes

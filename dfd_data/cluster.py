@@ -1,0 +1,84 @@
+"""Cluster backends for the batch runner: dask and ray, through joblib's backend mechanism.
+
+Users who already run a dask scheduler or a ray cluster can spread `align`,
+`build-sketches` and `crop-components` over it; without an address, a local cluster with
+`jobs` single-threaded worker processes is started for the command and stopped after it.
+Workers receive file paths, so on a real cluster the dataset must be on storage every
+worker sees. Both libraries are optional extras: asking for one that is not installed is a
+one-line error that names the extra.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+from .errors import UserError
+
+CLUSTER_BACKENDS = ("dask", "ray")
+
+_active: str | None = None  # the backend whose session is open in this process
+
+
+def _missing_extra(backend: str, error: ImportError) -> UserError:
+    return UserError(f"--backend {backend} needs the {backend} extra ({error.name} is not installed): "
+                     f"pip install 'deepfacedrawing-toolkit[{backend}]'")
+
+
+@contextmanager
+def _dask_session(jobs: int, scheduler: str | None) -> Iterator[None]:
+    try:
+        from dask.distributed import Client, LocalCluster
+    except ImportError as error:
+        raise _missing_extra("dask", error) from None
+    if scheduler:
+        try:
+            client = Client(scheduler, timeout="10s")
+        except (OSError, TimeoutError) as error:
+            raise UserError(f"--scheduler {scheduler}: cannot reach the dask scheduler ({error})") from None
+        with client:
+            yield
+        return
+    # The nanny gives each worker OMP_NUM_THREADS=1, so torch in `jobs` workers does not
+    # oversubscribe the cores.
+    with LocalCluster(n_workers=jobs, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster):
+        yield
+
+
+@contextmanager
+def _ray_session(jobs: int) -> Iterator[None]:
+    try:
+        import ray
+        from ray.util.joblib import register_ray
+    except ImportError as error:
+        raise _missing_extra("ray", error) from None
+    address = os.environ.get("RAY_ADDRESS")
+    options = {"address": address} if address else {"num_cpus": jobs, "include_dashboard": False}
+    ray.init(logging_level=logging.WARNING, **options)
+    register_ray()
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@contextmanager
+def cluster_session(backend: str, jobs: int, scheduler: str | None = None) -> Iterator[None]:
+    """Connect to (or start) the cluster of `backend` for the duration of the block; a no-op
+    for the local joblib backends and when a session of that backend is already open."""
+    global _active
+    if scheduler and backend != "dask":
+        raise UserError(f"--scheduler is a dask address; --backend {backend} does not use it"
+                        + (" (ray reads RAY_ADDRESS)" if backend == "ray" else ""))
+    if backend not in CLUSTER_BACKENDS or _active == backend:
+        yield
+        return
+    session = _dask_session(jobs, scheduler) if backend == "dask" else _ray_session(jobs)
+    with session:
+        _active = backend
+        try:
+            yield
+        finally:
+            _active = None

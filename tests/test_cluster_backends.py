@@ -1,0 +1,90 @@
+"""`--backend dask` and `--backend ray` on a local 2-worker cluster give the same dataset,
+records and error reports as the default loky run, for align, build-sketches (a filter and
+a network method) and crop-components."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dfd_data.dataset import read_jsonl
+from dfd_data.image_io import read_image
+from tests.conftest import dfd_data
+from tests.hostile import bad_files, good_variants, write_folder
+
+NETWORK_METHOD = "photocopy+simplify"
+
+
+def files_under(root: Path, folder: str) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted((root / folder).rglob("*")) if p.is_file()}
+
+
+def records(path: Path) -> list[dict]:
+    return sorted(read_jsonl(path), key=lambda row: json.dumps(row, sort_keys=True))
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory, sample_photos) -> Path:
+    astronaut = read_image(sample_photos / "astronaut.png")
+    bad = bad_files(astronaut)
+    files = {**good_variants(astronaut), "empty.jpg": bad["empty.jpg"], "text.jpg": bad["text.jpg"],
+             "grace hopper.jpg": (sample_photos / "grace_hopper.jpg").read_bytes()}
+    return write_folder(tmp_path_factory.mktemp("cluster") / "photos", files)
+
+
+def prepare(photos: Path, root: Path, *backend_args: str) -> dict[str, int]:
+    """align + two sketch sets + crops with the given backend; returns each command's exit code."""
+    codes = {"align": dfd_data("align", photos, root, "--size", "128", "--jobs", "2", *backend_args).returncode}
+    for method in ("photocopy", NETWORK_METHOD):
+        result = dfd_data("build-sketches", root, "--method", method, "--jobs", "2", "--quiet", "--preview", "0",
+                          *backend_args)
+        assert result.returncode == 0, result.stderr
+        codes[method] = result.returncode
+    codes["crop"] = dfd_data("crop-components", root, "--jobs", "2", *backend_args).returncode
+    return codes
+
+
+@pytest.fixture(scope="module")
+def loky_run(photos) -> Path:
+    root = photos.parent / "loky"
+    assert prepare(photos, root) == {"align": 1, "photocopy": 0, NETWORK_METHOD: 0, "crop": 0}
+    return root
+
+
+@pytest.mark.parametrize("backend", ["dask", "ray"])
+def test_cluster_backend_builds_the_same_dataset_as_loky(photos, loky_run, backend, one_torch_thread):
+    pytest.importorskip({"dask": "dask.distributed", "ray": "ray"}[backend],
+                        reason=f"the [{backend}] extra is not installed")
+    root = photos.parent / backend
+    # align exits 1 like loky: the two broken photos failed, the others did not.
+    assert prepare(photos, root, "--backend", backend) == {"align": 1, "photocopy": 0, NETWORK_METHOD: 0, "crop": 0}
+
+    for folder in ("images", "sketches/photocopy", "components"):
+        assert files_under(root, folder) == files_under(loky_run, folder), folder
+    assert records(root / "records.jsonl") == records(loky_run / "records.jsonl")
+    assert records(root / "errors.jsonl") == records(loky_run / "errors.jsonl")
+    assert {row["file"].rsplit("/", 1)[-1] for row in read_jsonl(root / "errors.jsonl")} == {"empty.jpg", "text.jpg"}
+
+    # The network ran in worker processes (one thread each) instead of this process: the same
+    # sketches up to rounding of a few pixels.
+    ours, theirs = files_under(root, f"sketches/{NETWORK_METHOD}"), files_under(loky_run, f"sketches/{NETWORK_METHOD}")
+    assert ours.keys() == theirs.keys() and len(ours) == 12  # 11 sketches + records.jsonl
+    for relpath in ours:
+        if relpath.endswith(".png"):
+            a, b = read_image(root / relpath).astype(int), read_image(loky_run / relpath).astype(int)
+            assert np.mean(np.abs(a - b) > 2) < 0.001, relpath
+
+
+def test_scheduler_address_only_goes_with_dask(photos, tmp_path):
+    result = dfd_data("align", photos, tmp_path / "faces", "--backend", "ray", "--scheduler", "tcp://x:1")
+    assert result.returncode == 1
+    assert "--scheduler is a dask address" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unreachable_dask_scheduler_is_one_clear_line(photos, tmp_path):
+    pytest.importorskip("dask.distributed", reason="the [dask] extra is not installed")
+    result = dfd_data("align", photos, tmp_path / "faces", "--backend", "dask", "--scheduler", "tcp://127.0.0.1:9")
+    assert result.returncode == 1
+    assert "cannot reach the dask scheduler" in result.stderr and "Traceback" not in result.stderr
