@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .devices import cpu_threads, resolve_device
+from .devices import compute_precision, cpu_threads, prepare_for_inference, resolve_device
 from .errors import ModelMissingError
 from .weights import FETCH_COMMAND, HED_H5_SHA256, HED_STAGES, hed_weights_path
 
@@ -68,7 +68,8 @@ class HED(nn.Module):
 
 
 def to_hed_input(batch: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
-    """(N, H, W, 3) uint8 RGB -> (N, 3, H, W) float32 BGR minus BGR_MEAN, on `device`.
+    """(N, H, W, 3) uint8 RGB -> (N, 3, H, W) float32 BGR minus BGR_MEAN, on `device`, in
+    channels-last layout (the photo's own layout, so no transposing copy is made).
 
     The uint8 batch is moved first (a quarter of the bytes of float) and converted there."""
     if isinstance(batch, np.ndarray):
@@ -77,11 +78,12 @@ def to_hed_input(batch: np.ndarray | torch.Tensor, device: torch.device | str = 
         raise ValueError(f"expected an (N, H, W, 3) uint8 RGB batch, got {tuple(batch.shape)} {batch.dtype}")
     x = batch.to(device).flip(-1).permute(0, 3, 1, 2).float()
     mean = torch.tensor(BGR_MEAN, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    return (x - mean).contiguous()
+    return (x - mean).contiguous(memory_format=torch.channels_last)
 
 
-def load_hed(device: str = "auto") -> HED:
-    """HED with the fetched BSDS500 weights, in eval mode, on `device` (auto: CUDA if present).
+def load_hed(device: str = "auto", precision: str = "auto") -> HED:
+    """HED with the fetched BSDS500 weights, ready for inference on `device` (auto: CUDA if
+    present) in `precision` (see devices.resolve_precision; fp32 reproduces the reference).
 
     Weights are read with safetensors (never pickle) and must match the module exactly."""
     from safetensors import SafetensorError, safe_open
@@ -97,7 +99,7 @@ def load_hed(device: str = "auto") -> HED:
         raise ModelMissingError(f"{path} is damaged ({error}); fetch it again with `{FETCH_COMMAND}`") from None
     model = HED()
     model.load_state_dict(state, strict=True)
-    return model.to(resolve_device(device)).eval()
+    return prepare_for_inference(model, resolve_device(device), precision)
 
 
 def _check_images(images: Sequence[np.ndarray] | np.ndarray) -> list[np.ndarray]:
@@ -129,7 +131,8 @@ def hed_soft_edges(model: HED, images: Sequence[np.ndarray] | np.ndarray, batch_
     for index, image in enumerate(arrays):
         by_size.setdefault(image.shape, []).append(index)
     results: list[np.ndarray | None] = [None] * len(arrays)
-    with torch.inference_mode(), (cpu_threads(threads) if device.type == "cpu" else contextlib.nullcontext()):
+    with torch.inference_mode(), compute_precision(model, device), \
+            (cpu_threads(threads) if device.type == "cpu" else contextlib.nullcontext()):
         for indices in by_size.values():
             for start in range(0, len(indices), batch_size):
                 chunk = indices[start:start + batch_size]

@@ -24,7 +24,7 @@ import torch
 
 from dfd_data import __version__
 from dfd_data.atomic import atomic_write_text, atomic_write_bytes, sha256_bytes, sha256_file
-from dfd_data.devices import resolve_device
+from dfd_data.devices import prepare_for_inference, resolve_device
 from dfd_data.errors import ModelMissingError, UserError
 
 from .config import ModelConfig
@@ -196,10 +196,12 @@ def _load_tensors(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_pretrained(folder: str | os.PathLike, device: str | torch.device = "auto") -> SketchToFace:
-    """Rebuild a SketchToFace from a folder written by `save_pretrained`, in eval mode on
-    `device` ("auto", "cpu", "cuda" or a torch.device). Every problem is a one-line
-    ModelMissingError (a file is absent) or CheckpointError (a file is wrong)."""
+def load_pretrained(folder: str | os.PathLike, device: str | torch.device = "auto",
+                    precision: str = "auto") -> SketchToFace:
+    """Rebuild a SketchToFace from a folder written by `save_pretrained`, ready for inference
+    on `device` ("auto", "cpu", "cuda" or a torch.device) in `precision` (see
+    dfd_data.devices.resolve_precision). Every problem is a one-line ModelMissingError (a
+    file is absent) or CheckpointError (a file is wrong)."""
     folder = Path(folder)
     config, document = read_config(folder)
     target = resolve_device(device)
@@ -235,7 +237,7 @@ def load_pretrained(folder: str | os.PathLike, device: str | torch.device = "aut
         model.set_banks(banks)
     except ValueError as error:
         raise CheckpointError(f"{folder}: {error}") from None
-    return model.eval()
+    return prepare_for_inference(model, target, precision)
 
 
 __all__ = ["BANKS_FILE", "CONFIG_FILE", "CheckpointError", "FORMAT", "FORMAT_VERSION", "WEIGHTS_FILE",

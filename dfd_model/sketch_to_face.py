@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from dfd_data.components import COMPONENTS
+from dfd_data.devices import compute_precision
 
 from .config import ModelConfig
 from .networks import ComponentAutoEncoder, FeatureDecoder, GlobalGenerator, fuse_feature_maps, normalize_sketch
@@ -160,9 +161,14 @@ class SketchToFace(nn.Module):
         return latents
 
     def synthesize(self, latents: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Component latents -> RGB faces [B, 3, R, R] in [-1, 1] (feature decoders, fusion, generator)."""
-        maps = {name: self.feature_decoders[name](latents[name]) for name in COMPONENTS}
-        return self.generator(fuse_feature_maps(maps, self.config))
+        """Component latents -> RGB faces [B, 3, R, R] in [-1, 1] (feature decoders, fusion,
+        generator), in the weights' dtype. The encoders and the projection keep that dtype;
+        this step, nearly all of the inference work, computes in the dtype from_pretrained chose."""
+        parameter = next(self.parameters())
+        with compute_precision(self, parameter.device):
+            maps = {name: self.feature_decoders[name](latents[name]) for name in COMPONENTS}
+            face = self.generator(fuse_feature_maps(maps, self.config))
+        return face.to(parameter.dtype)
 
     def draw(self, latents: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Component latents -> the sketch they stand for [B, 1, R, R] in [-1, 1]: each component's
@@ -187,11 +193,14 @@ class SketchToFace(nn.Module):
         save_pretrained(self, folder)
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, device: str | torch.device = "auto") -> "SketchToFace":
-        """Rebuild a model saved by `save_pretrained` from the folder alone, in eval mode."""
+    def from_pretrained(cls, folder: str | os.PathLike, device: str | torch.device = "auto",
+                        precision: str = "auto") -> "SketchToFace":
+        """Rebuild a model saved by `save_pretrained` from the folder alone, ready for
+        inference (eval mode, channels-last, bf16 where the hardware has it natively unless
+        `precision` is "fp32"; see dfd_data.devices.resolve_precision)."""
         from .checkpoint import load_pretrained
 
-        return load_pretrained(folder, device)
+        return load_pretrained(folder, device, precision)
 
 
 __all__ = ["SketchToFace", "crop_sketch_components", "prepare_sketch"]

