@@ -186,9 +186,9 @@ def projection_rows(runs: int) -> list[Row]:
     rows = []
     for size in BANK_SIZES:
         bank = torch.randn(size, 512, generator=generator)
-        norms = FeatureBank({"nose": bank}).squared_norms("nose")
+        index = FeatureBank({"nose": bank}).index("nose")
         query = torch.randn(1, 512, generator=generator)
-        ours = median_seconds(lambda: project(query, bank, 10, bank_squared_norms=norms), runs * 20)
+        ours = median_seconds(lambda: project(query, bank, 10, index=index), runs * 20)
         bank_np, query_np = bank.numpy(), query.numpy()[0]
         brute = median_seconds(lambda: np.argsort(((bank_np - query_np) ** 2).sum(1))[:10], runs * 4)
         rows.append(Row(f"projection_ms_bank{size}", ours * 1000, "ms", "brute-force numpy search", brute * 1000,

@@ -15,15 +15,21 @@ Two solves of the locally linear weights are offered (`method`):
   w /= sum(w). The ridge pulls towards uniform weights; with eps = 1e-3 a bank vector
   queried projects about 1-2% of a neighbour distance away from itself.
 
-Both solve in float64 and return tensors in the query's dtype.
+Both solve in float64 and return tensors in the query's dtype. The neighbour search is exact
+for banks up to MATMUL_SEARCH_ROWS vectors; larger banks are scored with one matrix product
+(in bf16 where the hardware computes it natively) and the best candidates re-ranked exactly.
 """
 from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from typing import Callable, Mapping
 
+import numpy as np
 import torch
+
+from dfd_data.devices import native_bf16
 
 ALL = "all"
 METHODS = ("anchored", "gram")
@@ -73,7 +79,7 @@ class FeatureBank:
         self._banks = banks
         self.latent_dim: int = latent_dim
         self._pooled: dict[str, torch.Tensor] = {}
-        self._norms: dict[tuple[str, str | None], torch.Tensor] = {}
+        self._indexes: dict[tuple[str, str | None], SearchIndex] = {}
 
     # ---- access ------------------------------------------------------------------------------
     @property
@@ -111,13 +117,12 @@ class FeatureBank:
                              f"(it has {', '.join(per_gender)}; pass gender=None to search them all)")
         return per_gender[gender]
 
-    def squared_norms(self, component: str, gender: str | None = None) -> torch.Tensor:
-        """|row|^2 of `get(component, gender)`, computed once: the matmul search needs them."""
+    def index(self, component: str, gender: str | None = None) -> "SearchIndex":
+        """The search index of `get(component, gender)`, built once: every query reuses it."""
         key = (component, gender)
-        if key not in self._norms:
-            bank = self.get(component, gender)
-            self._norms[key] = bank.pow(2).sum(1) if bank.device.type != "meta" else bank.new_empty(bank.shape[0])
-        return self._norms[key]
+        if key not in self._indexes:
+            self._indexes[key] = SearchIndex.of(self.get(component, gender))
+        return self._indexes[key]
 
     def counts(self) -> dict[str, dict[str, int]]:
         """component -> gender -> number of vectors."""
@@ -172,17 +177,47 @@ def _check_projection_inputs(query, bank, k, eps, method) -> None:
         raise ValueError("project: the query contains NaN or infinite values")
 
 
-def _ridge(trace: torch.Tensor, eps: float) -> torch.Tensor:
-    # A zero trace means every neighbour coincides (with the anchor, or with the query): any
-    # positive ridge then gives the right answer, so use 1.
-    return torch.where(trace > 0, eps * trace, torch.ones_like(trace))
+def _ridge(gram: np.ndarray, eps: float) -> np.ndarray:
+    """eps * trace(gram) on each diagonal, [B, n, n]. A zero trace means every neighbour
+    coincides (with the anchor, or with the query): any positive ridge then gives the right
+    answer, so use 1."""
+    trace = np.trace(gram, axis1=1, axis2=2)
+    scale = np.where(trace > 0, eps * trace, 1.0)
+    return scale[:, None, None] * np.eye(gram.shape[-1])
 
 
 # Banks larger than this are searched with one matrix product (|b|^2 - 2 q.b) for candidates,
 # which are then re-ranked by exact distances; smaller ones are searched exactly at once.
 MATMUL_SEARCH_ROWS = 2048
-# Extra candidates kept from the matrix-product scores before the exact re-ranking.
-RERANK_MARGIN = 16
+# Extra candidates kept from the matrix-product scores before the exact re-ranking; enough to
+# absorb the rounding of bf16 scores (about 0.1 on squared distances of a few hundred).
+RERANK_MARGIN = 32
+
+
+@dataclass(frozen=True)
+class SearchIndex:
+    """What the matrix-product search of one bank needs, computed once per bank: its rows'
+    squared norms and, where the hardware computes bf16 natively (see
+    dfd_data.devices.native_bf16), a bf16 copy of the rows. One query reads the whole bank,
+    so the copy halves the memory traffic that bounds the search."""
+
+    squared_norms: torch.Tensor
+    rows_bf16: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, bank: torch.Tensor) -> "SearchIndex":
+        if bank.device.type == "meta":
+            return cls(bank.new_empty(bank.shape[0]))
+        rows = bank.float()
+        low = rows.to(torch.bfloat16) if native_bf16(bank.device) and bank.shape[0] > MATMUL_SEARCH_ROWS else None
+        return cls(rows.pow(2).sum(1), low)
+
+    def scores(self, query: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """|b|^2 - 2 q.b for every row b: the distance order, shifted by |q|^2."""
+        bank, q = (self.rows_bf16, query.to(torch.bfloat16)) if self.rows_bf16 is not None else (rows, query)
+        # one query is a matrix-vector product: torch.mv reads the bank once, at memory speed
+        dots = torch.mv(bank, q[0])[None] if q.shape[0] == 1 else q @ bank.T
+        return self.squared_norms.to(query)[None, :] - 2.0 * dots.to(query.dtype)
 
 
 def _exact_distances(query: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -192,19 +227,18 @@ def _exact_distances(query: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 def nearest(query: torch.Tensor, bank: torch.Tensor, k: int,
-            bank_squared_norms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            index: SearchIndex | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(distances [B, k], indices [B, k]) of the k nearest bank rows by L2, nearest first.
 
-    Large banks are scored with one matrix product (pass `bank_squared_norms`, e.g. from
-    FeatureBank.squared_norms, to skip recomputing them) and the best k + RERANK_MARGIN
-    candidates re-ranked exactly, so a bank vector is always its own nearest neighbour."""
+    Large banks are scored with one matrix product (pass the bank's `index`, e.g. from
+    FeatureBank.index, to reuse it) and the best k + RERANK_MARGIN candidates re-ranked
+    exactly, so a bank vector is always its own nearest neighbour."""
     work = torch.promote_types(torch.promote_types(query.dtype, bank.dtype), torch.float32)
     q, rows = query.to(work), bank.to(device=query.device, dtype=work)
     count = min(k, rows.shape[0])
     if rows.shape[0] <= MATMUL_SEARCH_ROWS:
         return torch.topk(_exact_distances(q, rows[None]), count, dim=1, largest=False, sorted=True)
-    norms = rows.pow(2).sum(1) if bank_squared_norms is None else bank_squared_norms.to(q.device, work)
-    scores = norms[None, :] - 2.0 * (q @ rows.T)  # |b|^2 - 2 q.b: the distance order, shifted by |q|^2
+    scores = (index or SearchIndex.of(rows)).scores(q, rows)
     candidates = torch.topk(scores, min(rows.shape[0], k + RERANK_MARGIN), dim=1, largest=False).indices
     exact = _exact_distances(q, rows[candidates])
     distances, order = torch.topk(exact, count, dim=1, largest=False, sorted=True)
@@ -212,40 +246,41 @@ def nearest(query: torch.Tensor, bank: torch.Tensor, k: int,
 
 
 def project(query: torch.Tensor, bank: torch.Tensor, k: int = 10, eps: float = 1e-3,
-            method: str = "anchored", bank_squared_norms: torch.Tensor | None = None
+            method: str = "anchored", index: SearchIndex | None = None
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Project each query latent onto the bank's manifold.
 
     query [B, D], bank [N, D] -> (projected [B, D], indices LongTensor [B, k], weights [B, k]),
     neighbours nearest first, weights summing to 1 (possibly negative). k larger than N uses
     all N rows (the returned tensors then have N columns). See the module docstring for the
-    two `method`s and what `eps` regularises."""
+    two `method`s and what `eps` regularises; `index` as for `nearest`."""
     _check_projection_inputs(query, bank, k, eps, method)
-    _, indices = nearest(query, bank, k, bank_squared_norms)
-    neighbours = bank.to(query.device)[indices].to(torch.float64)  # [B, k, D]
-    target = query.to(torch.float64)
-    batch, count = indices.shape
+    _, indices = nearest(query, bank, k, index)
+    # The k x k solves are tiny: numpy float64 on the CPU does them in microseconds, where
+    # a dozen small torch kernels would cost more than the search itself.
+    neighbours = bank.to(query.device)[indices].detach().cpu().double().numpy()  # [B, k, D]
+    weights = _lle_weights(neighbours, query.detach().cpu().double().numpy(), eps, method)
+    projected = np.einsum("bk,bkd->bd", weights, neighbours)
+    as_query = dict(device=query.device, dtype=query.dtype)
+    return torch.from_numpy(projected).to(**as_query), indices, torch.from_numpy(weights).to(**as_query)
+
+
+def _lle_weights(neighbours: np.ndarray, target: np.ndarray, eps: float, method: str) -> np.ndarray:
+    """Locally linear weights [B, k] (summing to one) of neighbours [B, k, D] for targets [B, D]."""
+    batch, count = neighbours.shape[:2]
     if count == 1:
-        weights = torch.ones(batch, 1, dtype=torch.float64, device=query.device)
-    elif method == "anchored":
+        return np.ones((batch, 1))
+    if method == "anchored":
         anchor = neighbours[:, 0]
         spans = neighbours[:, 1:] - anchor[:, None]  # [B, k-1, D]
-        gram = spans @ spans.transpose(1, 2)
+        gram = spans @ spans.transpose(0, 2, 1)
         rhs = spans @ (target - anchor)[:, :, None]
-        ridge = _ridge(gram.diagonal(dim1=1, dim2=2).sum(-1), eps)
-        eye = torch.eye(count - 1, dtype=torch.float64, device=query.device)
-        steps = torch.linalg.solve(gram + ridge[:, None, None] * eye, rhs)[:, :, 0]
-        weights = torch.cat([1 - steps.sum(-1, keepdim=True), steps], dim=1)
-    else:
-        offsets = neighbours - target[:, None]
-        gram = offsets @ offsets.transpose(1, 2)
-        ridge = _ridge(gram.diagonal(dim1=1, dim2=2).sum(-1), eps)
-        eye = torch.eye(count, dtype=torch.float64, device=query.device)
-        ones = torch.ones(batch, count, 1, dtype=torch.float64, device=query.device)
-        raw = torch.linalg.solve(gram + ridge[:, None, None] * eye, ones)[:, :, 0]
-        weights = raw / raw.sum(-1, keepdim=True)
-    projected = torch.einsum("bk,bkd->bd", weights, neighbours)
-    return projected.to(query.dtype), indices, weights.to(query.dtype)
+        steps = np.linalg.solve(gram + _ridge(gram, eps), rhs)[:, :, 0]
+        return np.concatenate([1 - steps.sum(-1, keepdims=True), steps], axis=1)
+    offsets = neighbours - target[:, None]
+    gram = offsets @ offsets.transpose(0, 2, 1)
+    raw = np.linalg.solve(gram + _ridge(gram, eps), np.ones((batch, count, 1)))[:, :, 0]
+    return raw / raw.sum(-1, keepdims=True)
 
 
 def check_refine(refine, name: str = "refine") -> float:
@@ -267,4 +302,4 @@ def blend(f: torch.Tensor, f_proj: torch.Tensor, refine: float) -> torch.Tensor:
     return refine * f_proj + (1.0 - refine) * f
 
 
-__all__ = ["ALL", "METHODS", "FeatureBank", "blend", "check_refine", "nearest", "project"]
+__all__ = ["ALL", "METHODS", "FeatureBank", "SearchIndex", "blend", "check_refine", "nearest", "project"]

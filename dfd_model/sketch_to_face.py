@@ -155,7 +155,7 @@ class SketchToFace(nn.Module):
             if self.banks is not None and weights[name] > 0:
                 bank = self.banks.get(name, gender).to(device=latent.device, dtype=latent.dtype)
                 projected, _, _ = project(latent, bank, self.config.knn, self.config.lle_eps, self.config.projection,
-                                          self.banks.squared_norms(name, gender))
+                                          self.banks.index(name, gender))
                 latent = blend(latent, projected, weights[name])
             latents[name] = latent
         return latents

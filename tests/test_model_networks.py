@@ -529,9 +529,18 @@ def test_large_banks_are_searched_by_matrix_product_and_reranked_exactly():
     bank = torch.randn(MATMUL_SEARCH_ROWS * 2, 64, generator=generator)
     banks = FeatureBank({"nose": bank})
     queries = bank[:20] + 0.2 * torch.randn(20, 64, generator=generator)
-    distances, indices = nearest(queries, bank, 10, banks.squared_norms("nose"))
+    distances, indices = nearest(queries, bank, 10, banks.index("nose"))
     exact = torch.cdist(queries, bank, compute_mode="donot_use_mm_for_euclid_dist")
     expected_distances, expected = torch.topk(exact, 10, largest=False)
     assert torch.equal(indices, expected) and torch.allclose(distances, expected_distances, atol=1e-5)
-    projected, own, weights = project(bank[7:8], bank, 10, bank_squared_norms=banks.squared_norms("nose"))
+    projected, own, weights = project(bank[7:8], bank, 10, index=banks.index("nose"))
     assert own[0, 0] == 7 and torch.equal(projected, bank[7:8]) and weights[0, 0] == 1
+
+    # one query at a time (the matrix-vector path; bf16 scores on AMX CPUs), at the released
+    # bank size and latent width
+    bank = torch.randn(17_703, 512, generator=generator)
+    index = FeatureBank({"nose": bank}).index("nose")
+    for row in range(0, 17_703, 3_001):
+        query = bank[row:row + 1] + 0.5 * torch.randn(1, 512, generator=generator)
+        exact = torch.cdist(query, bank, compute_mode="donot_use_mm_for_euclid_dist")
+        assert torch.equal(nearest(query, bank, 10, index)[1], torch.topk(exact, 10, largest=False)[1])
