@@ -34,13 +34,23 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def thread_budget() -> int:
+    """CPU threads one process may use: OMP_NUM_THREADS where a launcher set it (joblib's
+    loky workers, dask's nanny and ray workers each get their share that way, so workers
+    never oversubscribe the cores), else every usable CPU."""
+    try:
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    except (KeyError, ValueError):
+        return usable_cpus()
+
+
 @contextlib.contextmanager
 def cpu_threads(threads: int | None = None):
-    """Let torch use `threads` (default: every usable CPU; torch's own default can be fewer
+    """Let torch use `threads` (default: thread_budget(); torch's own default can be fewer
     under some launchers) for the duration, then restore the previous setting so callers
     running several workers are unaffected."""
     before = torch.get_num_threads()
-    torch.set_num_threads(threads or usable_cpus())
+    torch.set_num_threads(threads or thread_budget())
     try:
         yield
     finally:

@@ -46,3 +46,17 @@ def test_batches_fail_per_item_or_as_a_whole():
     assert (summary.done, summary.failed) == (2, 4)  # f3 alone; f4, f99 and f6 share the broken batch
     assert seen["2"].result == 4 and seen["3"].message == "f3: odd one out"
     assert seen["6"].message.startswith("f6: RuntimeError: the whole batch broke")
+
+
+def test_network_threads_follow_the_workers_share(monkeypatch):
+    """A worker that joblib, dask or ray gave OMP_NUM_THREADS=1 runs torch on one thread, not
+    on every core (which would oversubscribe the machine as many times as there are workers)."""
+    import torch
+
+    from dfd_data.devices import cpu_threads, thread_budget, usable_cpus
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    with cpu_threads():
+        assert torch.get_num_threads() == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert thread_budget() == usable_cpus()
