@@ -5,12 +5,23 @@ so a reader (or a resumed run) never sees half of a file: it is either absent or
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
 from pathlib import Path
 
+from .errors import UserError
+
 TEMP_PREFIX = ".dfd-tmp-"
+
+
+class WriteError(UserError, OSError):
+    """An output that could not be written (disk full, no permission): one line naming the
+    file the step meant to write, not the temporary file it was writing through."""
+
+    def __str__(self) -> str:
+        return f"{self.filename}: cannot write ({self.strerror})"
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -26,19 +37,25 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` so that `path` is never observed half-written."""
+    """Write `data` to `path` so that `path` is never observed half-written; when the system
+    refuses (disk full, no permission) the temporary file is removed and WriteError raised."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=path.parent)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as error:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise WriteError(error.errno, error.strerror or str(error), str(path)) from None
         raise
 
 

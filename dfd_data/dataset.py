@@ -15,9 +15,11 @@ so `verify` can re-check a dataset without knowing each step.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -25,7 +27,7 @@ from typing import Iterable
 import yaml
 
 from . import __version__
-from .atomic import atomic_write_bytes, atomic_write_text, sha256_file
+from .atomic import WriteError, atomic_write_bytes, atomic_write_text, sha256_file
 from .errors import UserError
 from .image_io import encode_jpeg
 
@@ -34,6 +36,9 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "data_manifest.yaml"
 RECORDS_NAME = "records.jsonl"
 ERRORS_NAME = "errors.jsonl"
+# Record ids name output files (images/<id>.png, sketches/<method>/<id>.png): only a plain
+# file name is accepted, so that an edited records.jsonl cannot make a step write elsewhere.
+SAFE_ID = re.compile(r"[\w\-][\w.\-]*")
 
 
 class DatasetError(UserError):
@@ -76,15 +81,19 @@ class RecordLog:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._handle.close()
-        self._handle = None
+        handle, self._handle = self._handle, None
+        with contextlib.suppress(OSError):  # a failed append; rewrite() reports a disk still full
+            handle.close()
         self.rewrite()
 
     def put(self, record: dict) -> None:
         self.by_id[record["id"]] = record
         if self._handle is not None:
-            self._handle.write(jsonl_text([record]))
-            self._handle.flush()
+            try:
+                self._handle.write(jsonl_text([record]))
+                self._handle.flush()
+            except OSError as error:  # disk full: a torn line is dropped when the log is read again
+                raise WriteError(error.errno, error.strerror or str(error), str(self.path)) from None
 
     def remove(self, record_id: str) -> None:
         self.by_id.pop(record_id, None)
@@ -187,18 +196,25 @@ class Dataset:
     # -- records and errors -----------------------------------------------------------------
 
     def records(self) -> list[dict]:
-        return read_jsonl(self.records_path)
+        rows = read_jsonl(self.records_path)
+        for row in rows:
+            if not isinstance(row.get("id"), str) or not SAFE_ID.fullmatch(row["id"]):
+                raise DatasetError(f"{self.records_path}: record id {row.get('id')!r} is not a plain file name")
+        return rows
 
     def aligned(self) -> list[dict]:
         """Records of aligned faces, sorted by id."""
         return [r for r in self.records() if r.get("status") == "aligned"]
 
     def replace_errors(self, step: str, reports: list[dict]) -> None:
-        """Replace `step`'s lines in errors.jsonl by this run's reports."""
+        """Replace `step`'s lines in errors.jsonl by this run's reports; with none left the file
+        goes, so that a run finished after a failed one leaves what an unbroken run leaves."""
         kept = [row for row in read_jsonl(self.errors_path) if row.get("step") != step]
         rows = kept + sorted(reports, key=lambda row: row["file"])
-        if rows or self.errors_path.exists():
+        if rows:
             atomic_write_text(self.errors_path, jsonl_text(rows))
+        else:
+            self.errors_path.unlink(missing_ok=True)
 
     # -- verification -----------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -23,6 +24,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 # at twice its own 89.5 MP warning level, which is about the same figure.
 MAX_PIXELS = 178_000_000
 MIN_SIDE = 16
+# Three times the raw RGB size of MAX_PIXELS: no real image file is larger.
+MAX_FILE_BYTES = 3 * 3 * MAX_PIXELS
 
 
 class ImageError(UserError):
@@ -41,6 +44,11 @@ def is_image_name(name: str) -> bool:
 def read_bytes(path: str | os.PathLike) -> bytes:
     """Read a file's bytes, turning OS failures into one-line ImageErrors."""
     try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):  # a FIFO would block the read, a device never end it
+            raise ImageError(path, "not a regular file")
+        if info.st_size > MAX_FILE_BYTES:
+            raise ImageError(path, f"file too large ({info.st_size:,} bytes > {MAX_FILE_BYTES:,})")
         data = Path(path).read_bytes()
     except OSError as error:
         raise ImageError(path, f"cannot read file ({error.strerror or error})") from None
@@ -54,11 +62,12 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return decode_image(read_bytes(path), path)
 
 
-def decode_image(data: bytes, path: str | os.PathLike = "<bytes>") -> np.ndarray:
+def decode_image(data: bytes, path: str | os.PathLike = "<bytes>", max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode encoded image bytes to HxWx3 uint8 RGB, upright per EXIF orientation.
 
     Grayscale, palette, CMYK and 16-bit images are converted; transparency is composited
-    on white (paper), which is what both photos and sketches expect behind them.
+    on white (paper), which is what both photos and sketches expect behind them. Images over
+    `max_pixels` are refused from their header, before any pixel is decoded.
     """
     if not data:
         raise ImageError(path, "empty file (0 bytes)")
@@ -73,8 +82,8 @@ def decode_image(data: bytes, path: str | os.PathLike = "<bytes>") -> np.ndarray
         except (OSError, SyntaxError, ValueError, EOFError) as error:
             raise _decode_error(path, error) from None
         width, height = image.size
-        if width * height > MAX_PIXELS:
-            raise ImageError(path, f"image too large ({width}x{height} > {MAX_PIXELS:,} pixels; possible decompression bomb)")
+        if width * height > max_pixels:
+            raise ImageError(path, f"image too large ({width}x{height} > {max_pixels:,} pixels; possible decompression bomb)")
         if min(width, height) < MIN_SIDE:
             raise ImageError(path, f"image too small ({width}x{height}; need at least {MIN_SIDE} px a side)")
         try:
