@@ -212,7 +212,8 @@ Example:
 def evaluate(model_folder, pairs, out, refine, gender, sketch_method, tol, batch_size, device, quiet):
     """Generate a face for every (sketch, photo) pair and report face detection rate, landmark
     error, sketch fidelity and the Frechet distance of face embeddings (see metrics.json for
-    one sentence per metric)."""
+    one sentence per metric). An unreadable sketch or photo leaves its pair out with one line
+    on stderr, and the exit status is then 1."""
     from dfd_data.sketch_methods import METHODS
     from .evaluate import evaluate as run
     from .sketch_to_face import SketchToFace
@@ -226,9 +227,14 @@ def evaluate(model_folder, pairs, out, refine, gender, sketch_method, tol, batch
                                  param_hint="--gender")
     result = run(model, pairs, out, refine=refine, gender=gender, sketch_method=sketch_method, tol=tol,
                  batch_size=batch_size, quiet=quiet)
+    for line in result.skipped:
+        click.echo(line, err=True)
     click.echo(result.table())
-    click.echo(f"evaluate: {result.counts['pairs']} pairs; metrics {Path(out) / 'metrics.json'}; grid "
+    skipped = f", {len(result.skipped)} skipped (unreadable)" if result.skipped else ""
+    click.echo(f"evaluate: {result.counts['pairs']} pairs{skipped}; metrics {Path(out) / 'metrics.json'}; grid "
                f"{Path(out) / 'grid.jpg'}")
+    if result.skipped:
+        raise SystemExit(1)
 
 
 @main.command(epilog="""\b

@@ -122,7 +122,7 @@ def find_pairs(folder: str | os.PathLike) -> list[tuple[str, Path, Path]]:
         path = folder / side
         if not path.is_dir():
             raise EvaluateError(f"{folder}: needs a {side}/ folder (pairs are sketches/<name>.* with photos/<name>.*)")
-        sides[side] = {p.stem: p for p in sorted(path.iterdir()) if p.is_file() and is_image_name(p.name)}
+        sides[side] = {p.stem: p for p in sorted(path.iterdir()) if not p.is_dir() and is_image_name(p.name)}
     names = sorted(set(sides["sketches"]) & set(sides["photos"]))
     if not names:
         raise EvaluateError(f"{folder}: no file name appears in both sketches/ and photos/")
@@ -134,6 +134,7 @@ class Evaluation:
     metrics: dict[str, float | None]
     counts: dict[str, int]
     per_pair: list[dict]
+    skipped: list[str]  # one line per pair left out: the unreadable file and why
 
     def table(self) -> str:
         lines = [f"{'metric':<18} {'value':>9}  meaning"]
@@ -196,7 +197,7 @@ def evaluate(model: SketchToFace, pairs_dir: str | os.PathLike, out: str | os.Pa
         "frechet_distance": frechet_distance(np.stack(fakes), np.stack(reals)),
     }
     counts = {"pairs": len(rows), "unreadable": len(skipped), "landmark_pairs": len(errors)}
-    result = Evaluation(metrics, counts, rows)
+    result = Evaluation(metrics, counts, rows, skipped)
     atomic_write_text(out / "metrics.json", json.dumps({
         "metrics": metrics, "meaning": METRICS, "counts": counts, "skipped": skipped,
         "settings": {"refine": refine, "gender": gender, "sketch_method": sketch_method, "tol": tol},

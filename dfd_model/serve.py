@@ -4,7 +4,7 @@ API (JSON over HTTP; images travel as base64 PNG data URLs):
 
     GET  /                 the drawing page
     GET  /api/info         {"resolution", "genders", "components", "has_banks"}
-    POST /api/generate     {"sketch": "data:image/png;base64,...",     (required; any size/format)
+    POST /api/generate     {"sketch": "data:image/png;base64,...",     (required; any format, <= 16 MP)
                             "refine": 0.7 | {"nose": 0.3, ...},         (default 1)
                             "gender": "female" | null,                  (default: every bank)
                             "shadow": true}                             (default false)
@@ -12,7 +12,8 @@ API (JSON over HTTP; images travel as base64 PNG data URLs):
                             "seconds": 0.41}
 
 Errors are JSON {"error": "one line"} with 400 (malformed request or image), 404, 405, 411,
-413 (body over the limit) or 503 (too many requests waiting; try again). The server binds
+413 (body over the limit), 503 (too many requests waiting; try again) or, for a bug, 500.
+Sketches over MAX_SKETCH_PIXELS are refused from their header. The server binds
 127.0.0.1 unless told otherwise, never reads a file a client names, and runs one inference
 at a time (the model uses every core), with a short queue in front.
 """
@@ -41,6 +42,9 @@ from .shadows import ShadowRenderer
 from .sketch_to_face import SketchToFace
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
+# A sketch is resized to the model's resolution anyway; larger images (an 8 MiB PNG can
+# declare 178 MP) would only cost memory, once per request thread.
+MAX_SKETCH_PIXELS = 4096 * 4096
 # Requests allowed to wait for the model at once; more get 503 at once instead of piling up.
 MAX_WAITING = 8
 WAIT_SECONDS = 60.0
@@ -86,7 +90,7 @@ class FaceService:
         if unknown:
             raise RequestError(HTTPStatus.BAD_REQUEST, f"unknown field {unknown[0]!r}")
         try:
-            image = decode_image(_decode_data_url(request.get("sketch")), "sketch")
+            image = decode_image(_decode_data_url(request.get("sketch")), "sketch", max_pixels=MAX_SKETCH_PIXELS)
         except ImageError as error:
             raise RequestError(HTTPStatus.BAD_REQUEST, str(error)) from None
         sketch = letterbox(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), self.model.config.resolution)
@@ -111,10 +115,11 @@ class FaceService:
         return sketch, refine, gender, shadow
 
     def generate(self, request) -> dict:
-        sketch, refine, gender, want_shadow = self._parse(request)
+        """Decoding happens inside a waiting slot too, so at most MAX_WAITING images are in memory."""
         if not self.waiting.acquire(blocking=False):
             raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, "busy: too many requests are waiting; try again")
         try:
+            sketch, refine, gender, want_shadow = self._parse(request)
             if not self.lock.acquire(timeout=WAIT_SECONDS):
                 raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, "busy: the model did not free up in time")
             try:
@@ -187,6 +192,9 @@ def make_handler(service: FaceService):
                 self._json(HTTPStatus.OK, service.generate(request))
             except RequestError as error:
                 self._json(error.status, {"error": str(error)})
+            except Exception as error:  # a bug: the client still gets an answer, the server keeps serving
+                self.close_connection = True
+                self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error: {type(error).__name__}"})
 
         def do_PUT(self):  # noqa: N802
             self._json(HTTPStatus.METHOD_NOT_ALLOWED, {"error": "use GET or POST"})
@@ -207,4 +215,4 @@ def make_server(model: SketchToFace, host: str = "127.0.0.1", port: int = 8000) 
     return _Server((host, port), make_handler(FaceService(model)))
 
 
-__all__ = ["FaceService", "MAX_BODY_BYTES", "make_server"]
+__all__ = ["FaceService", "MAX_BODY_BYTES", "MAX_SKETCH_PIXELS", "make_server"]
