@@ -106,3 +106,12 @@ def dfd_data(*args, check: bool = False, **kwargs) -> subprocess.CompletedProces
     command = [sys.executable, "-m", "dfd_data", *map(str, args), "--quiet"] if args[0] in ("align", "crop-components") \
         else [sys.executable, "-m", "dfd_data", *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, check=check, cwd=REPO, **kwargs)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The hostile-input tally of tests/hostile.py, when this session tried any."""
+    from tests.hostile import TALLY
+
+    if TALLY.tried:
+        terminalreporter.write_sep("-", "hostile inputs")
+        terminalreporter.write_line(TALLY.line())

@@ -6,8 +6,10 @@ import io
 import os
 import struct
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -36,13 +38,13 @@ def exif_rotated_jpeg(rgb: np.ndarray) -> bytes:
     return _encode(stored, "JPEG", exif=exif, quality=92)
 
 
-def good_variants(face: np.ndarray) -> dict[str, bytes]:
-    """The same face photo in every awkward-but-valid encoding a user may have."""
+def good_variants(face: np.ndarray, prefix: str = "") -> dict[str, bytes]:
+    """The same face photo (or RGB sketch) in every awkward-but-valid encoding a user may have."""
     image = Image.fromarray(face)
     rgba = image.convert("RGBA")
     rgba.putalpha(255)
     gray16 = (np.asarray(image.convert("L"), dtype=np.uint16) * 257).astype(np.uint16)
-    return {
+    variants = {
         "photo.webp": _encode(image, "WEBP", quality=90),
         "photo.bmp": _encode(image, "BMP"),
         "photo.tiff": _encode(image, "TIFF"),
@@ -54,6 +56,36 @@ def good_variants(face: np.ndarray) -> dict[str, bytes]:
         "exif rotated.jpg": exif_rotated_jpeg(face),
         "naïve café ünïcode.jpg": _encode(image, "JPEG", quality=92),
     }
+    return {prefix + name: data for name, data in variants.items()}
+
+
+def palette_with_transparency(rgb: np.ndarray, border: int = 40) -> bytes:
+    """A 255-colour palette PNG whose outer band is the transparent palette entry."""
+    quantized = Image.fromarray(rgb).quantize(colors=255)
+    indices = np.asarray(quantized).copy()
+    indices[:border] = indices[-border:] = indices[:, :border] = indices[:, -border:] = 255
+    image = Image.fromarray(indices, "P")
+    image.putpalette(quantized.getpalette())
+    return _encode(image, "PNG", transparency=255)
+
+
+def side_by_side(*photos: np.ndarray, height: int = 512) -> np.ndarray:
+    """Photos scaled to one height and joined left to right (a group photo)."""
+    return np.concatenate([cv2.resize(p, (round(p.shape[1] * height / p.shape[0]), height)) for p in photos], axis=1)
+
+
+def huge_jpeg(face: np.ndarray, size: tuple[int, int] = (12000, 9000), face_side: int = 4000) -> bytes:
+    """A size[0] x size[1] JPEG, flat but for the photo scaled up in its middle (2 MB, 108 MP)."""
+    width, height = size
+    canvas = np.empty((height, width, 3), np.uint8)
+    canvas[:] = (200, 190, 180)
+    top, left = (height - face_side) // 2, (width - face_side) // 2
+    canvas[top:top + face_side, left:left + face_side] = cv2.resize(face, (face_side, face_side))
+    return _encode(Image.fromarray(canvas), "JPEG", quality=80)
+
+
+def png(image: np.ndarray) -> bytes:
+    return _encode(Image.fromarray(image), "PNG")
 
 
 def bad_files(face: np.ndarray) -> dict[str, bytes]:
@@ -74,11 +106,36 @@ def bad_files(face: np.ndarray) -> dict[str, bytes]:
     }
 
 
-def write_folder(folder: Path, files: dict[str, bytes], symlink_loop: bool = False) -> Path:
+SPECIAL_FILES = ("fifo.png", "zero.jpg")
+
+
+def write_folder(folder: Path, files: dict[str, bytes], symlink_loop: bool = False, special: bool = False) -> Path:
+    """Write `files`; optionally a self-link loop.jpg and a link back to the folder, and
+    SPECIAL_FILES: a FIFO (reading it would block) and a link to /dev/zero (it never ends)."""
     folder.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
         (folder / name).write_bytes(data)
     if symlink_loop:
         os.symlink("loop.jpg", folder / "loop.jpg")  # points at itself
         os.symlink(".", folder / "subdir-loop")  # a directory link back to the folder
+    if special:
+        os.mkfifo(folder / "fifo.png")
+        os.symlink("/dev/zero", folder / "zero.jpg")
     return folder
+
+
+@dataclass
+class Tally:
+    """What the hostile-input tests tried and found, summed over the session and printed at
+    its end (tests/conftest.py): each count is added where a test makes the check."""
+
+    tried: int = 0
+    crashes: int = 0
+    lost_or_corrupted: int = 0
+
+    def line(self) -> str:
+        return (f"hostile inputs tried: {self.tried}, crashes: {self.crashes}, "
+                f"files lost or corrupted: {self.lost_or_corrupted}")
+
+
+TALLY = Tally()
