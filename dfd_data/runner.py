@@ -20,6 +20,7 @@ import joblib
 from tqdm import tqdm
 
 from .cluster import CLUSTER_BACKENDS, cluster_session
+from .errors import UserError
 
 BACKENDS = ("loky", "threading", *CLUSTER_BACKENDS)
 # ray's joblib backend returns results only as a whole list: it runs in rounds of this many
@@ -78,7 +79,8 @@ def _outcome_of_error(task: Task, error: BaseException) -> Outcome:
     message = " ".join(str(error).split()) or type(error).__name__
     if not message.startswith(task.label):
         last = traceback.extract_tb(error.__traceback__)[-1:]
-        where = f" at {last[0].filename.rsplit('/', 1)[-1]}:{last[0].lineno}" if last else ""
+        # where in the code an unexpected error came from; a user error's message is the whole story
+        where = f" at {last[0].filename.rsplit('/', 1)[-1]}:{last[0].lineno}" if last and not isinstance(error, UserError) else ""
         message = f"{task.label}: {type(error).__name__}: {message}{where}"
     return Outcome(task, "failed", message=message)
 

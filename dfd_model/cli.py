@@ -10,8 +10,13 @@ import yaml
 
 from . import __version__
 from dfd_data.cli import UserErrorGroup, parse_settings
-from dfd_data.devices import DEVICE_CHOICES, resolve_device
+from dfd_data.devices import DEVICE_CHOICES, PRECISIONS, resolve_device, resolve_precision
 from dfd_data.errors import DeviceError
+
+# Inference precision of generate, evaluate and serve (see dfd_data.devices.resolve_precision).
+precision_option = click.option(
+    "--precision", type=click.Choice(PRECISIONS), default="auto",
+    help="auto: bf16 where the hardware computes it natively (AMX CPUs, CUDA), else fp32 (the same numbers everywhere).")
 
 
 @click.group(cls=UserErrorGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -23,14 +28,16 @@ def main():
 @main.command()
 @click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", help="Device to report on.")
 def env(device):
-    """Print the torch build, the device that --device picks, and the CPU threads in use."""
+    """Print the torch build, the device that --device picks, the CPU threads in use, and the
+    precision `--precision auto` infers in on that device."""
     try:
         chosen = resolve_device(device)
     except DeviceError as error:
         raise click.ClickException(str(error)) from None
     detail = f" ({torch.cuda.get_device_name(chosen)})" if chosen.type == "cuda" else ""
+    precision = str(resolve_precision("auto", chosen)).split(".")[-1]
     click.echo(f"torch {torch.__version__}; device {chosen}{detail}; {torch.get_num_threads()} CPU threads; "
-               f"CUDA devices: {torch.cuda.device_count()}")
+               f"CUDA devices: {torch.cuda.device_count()}; inference precision (auto): {precision}")
 
 
 def _split_settings(settings: tuple[str, ...]) -> tuple[dict, dict]:
@@ -165,8 +172,9 @@ Examples:
 @click.option("--grid", is_flag=True, help="Also write grid.jpg: sketch | projected sketch | face per input.")
 @click.option("--batch-size", type=click.IntRange(1), default=4)
 @click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto")
+@precision_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def generate(model_folder, inputs, out, refine, gender, from_photo, grid, batch_size, device, quiet):
+def generate(model_folder, inputs, out, refine, gender, from_photo, grid, batch_size, device, precision, quiet):
     """Turn sketches (files or folders of images, any size; white paper, dark lines) into faces,
     written to OUT as <input name>.png. Non-square sketches are letterboxed on white."""
     import time
@@ -180,7 +188,7 @@ def generate(model_folder, inputs, out, refine, gender, from_photo, grid, batch_
                                  param_hint="--from-photo")
     refine_value = _parse_refine(refine)
     started = time.time()
-    model = SketchToFace.from_pretrained(model_folder, device=device)
+    model = SketchToFace.from_pretrained(model_folder, device=device, precision=precision)
     if gender is not None and gender not in model.genders:
         known = ", ".join(model.genders) or "none: the model's banks are not split by gender"
         raise click.BadParameter(f"{gender!r} is not one of the model's genders ({known})", param_hint="--gender")
@@ -208,8 +216,9 @@ Example:
 @click.option("--tol", type=click.FloatRange(0, min_open=True), default=2.0, help="Line tolerance (px) of the F-score.")
 @click.option("--batch-size", type=click.IntRange(1), default=4)
 @click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto")
+@precision_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def evaluate(model_folder, pairs, out, refine, gender, sketch_method, tol, batch_size, device, quiet):
+def evaluate(model_folder, pairs, out, refine, gender, sketch_method, tol, batch_size, device, precision, quiet):
     """Generate a face for every (sketch, photo) pair and report face detection rate, landmark
     error, sketch fidelity and the Frechet distance of face embeddings (see metrics.json for
     one sentence per metric). An unreadable sketch or photo leaves its pair out with one line
@@ -221,7 +230,7 @@ def evaluate(model_folder, pairs, out, refine, gender, sketch_method, tol, batch
     if sketch_method not in METHODS:
         raise click.BadParameter(f"unknown sketch method {sketch_method!r} (known: {', '.join(METHODS)})",
                                  param_hint="--sketch-method")
-    model = SketchToFace.from_pretrained(model_folder, device=device)
+    model = SketchToFace.from_pretrained(model_folder, device=device, precision=precision)
     if gender is not None and gender not in model.genders:
         raise click.BadParameter(f"{gender!r} is not one of the model's genders ({', '.join(model.genders) or 'none'})",
                                  param_hint="--gender")
@@ -252,13 +261,14 @@ Example:
 @click.option("--host", default="127.0.0.1", help="Address to bind; 0.0.0.0 exposes the app to the network.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, help="Port (0 picks a free one).")
 @click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto")
-def serve(model_folder, host, port, device):
+@precision_option
+def serve(model_folder, host, port, device, precision):
     """Start the drawing app: draw a sketch in the browser and watch the face follow every
     stroke, with shadow guidance, gender and per-component refinement."""
     from .serve import make_server
     from .sketch_to_face import SketchToFace
 
-    model = SketchToFace.from_pretrained(model_folder, device=device)
+    model = SketchToFace.from_pretrained(model_folder, device=device, precision=precision)
     server = make_server(model, host, port)
     bound_host, bound_port = server.server_address[:2]
     click.echo(f"serving {model_folder} ({model.config.resolution} px, device "
