@@ -1,7 +1,8 @@
-"""Classical sketch filters: Canny edges, colour-dodge pencil, and a Photocopy emulation.
+"""Classical sketch filters: Canny edges, colour-dodge pencil, and a Photocopy emulation,
+plus the levels step that inks the simplifier's grey lines.
 
-Each takes an RGB uint8 face and returns a uint8 sketch (255 paper, 0 ink). They need no
-weights and run anywhere; Photocopy is the first half of DeepFaceDrawing's recipe.
+Each filter takes an RGB uint8 face and returns a uint8 sketch (255 paper, 0 ink). They need
+no weights and run anywhere; Photocopy is the first half of DeepFaceDrawing's recipe.
 """
 from __future__ import annotations
 
@@ -79,3 +80,13 @@ def photocopy(image: np.ndarray, mask_radius: float = 8.0, sharpness: float = 0.
     out[above] = 255.0 - (1.0 - mult) * (255.0 - detail[above])
     out[neighbourhood <= 2.0] = 0.0  # GIMP: a (nearly) black neighbourhood is solid toner
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def levels(sketch: np.ndarray, ink: int, paper: int) -> np.ndarray:
+    """Stretch a uint8 sketch's tones: `ink` and darker become black, `paper` and lighter
+    white, linear in between (ink=0, paper=255 changes nothing). The simplifier draws its
+    lines in mid grey, as probabilities; this turns them into strokes as dark as a pencil's."""
+    if not 0 <= ink < paper <= 255:
+        raise ValueError(f"levels need 0 <= ink < paper <= 255, got ink={ink}, paper={paper}")
+    tones = (np.arange(256, dtype=np.float32) - ink) * (255.0 / (paper - ink))
+    return cv2.LUT(sketch, np.clip(np.rint(tones), 0, 255).astype(np.uint8))

@@ -6,7 +6,7 @@ import pytest
 
 from dfd_data.dataset import Dataset, read_jsonl
 from dfd_data.image_io import read_image
-from dfd_data.sketch_filters import canny, pencil, photocopy
+from dfd_data.sketch_filters import canny, levels, pencil, photocopy
 from dfd_data.sketch_methods import MethodError, resolve_method
 from tests.conftest import dfd_data
 
@@ -54,6 +54,16 @@ def test_filters_refuse_gray_input():
         photocopy(np.zeros((8, 8), np.uint8))
 
 
+def test_levels_turn_grey_lines_to_ink_and_light_grey_to_paper():
+    ramp = np.arange(256, dtype=np.uint8)[None, :]
+    out = levels(ramp, 192, 250)[0]
+    assert (out[:193] == 0).all() and (out[250:] == 255).all()
+    assert 0 < out[221] < 255 and (np.diff(out.astype(int)) >= 0).all()
+    assert np.array_equal(levels(ramp, 0, 255), ramp)
+    with pytest.raises(ValueError, match="ink < paper"):
+        levels(ramp, 200, 200)
+
+
 def test_method_ids_name_the_parameters():
     assert resolve_method("photocopy").id == "photocopy"
     tuned = resolve_method("photocopy", {"mask_radius": "6"})
@@ -69,6 +79,7 @@ def test_method_ids_name_the_parameters():
     ("photocopy+simplify", {"weights": "/nowhere.safetensors"}, "/nowhere.safetensors: simplifier weights file not found"),
     ("photocopy", {"pct_black": 2}, "parameter pct_black=2.0 is outside 0.0..1.0"),
     ("hed", {"low": 0.6}, "parameter low=0.6 is above high=0.5"),
+    ("photocopy+simplify", {"ink": 250}, "parameter ink=250 is not below paper=250"),
 ])
 def test_bad_methods_are_one_line_errors(name, overrides, message):
     with pytest.raises(MethodError, match=message.replace("+", r"\+").replace(".", r"\.")):
