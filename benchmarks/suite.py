@@ -144,11 +144,10 @@ def hed_rows(faces: list[np.ndarray], rates: Rates, runs: int) -> list[Row]:
 
 
 def simplifier_rows(faces: list[np.ndarray], rates: Rates, runs: int) -> list[Row]:
-    from dfd_data.simplifier import simplify
-    from dfd_data.sketch_methods import _simplifier_model
+    from dfd_data.simplifier import default_simplifier_path, load_simplifier, simplify
 
     sketches = run_method(resolve_method("photocopy"), faces[:BATCH], "cpu", BATCH)
-    model = _simplifier_model(resolve_method("photocopy+simplify").params["simplify"]["weights"], "cpu")
+    model = load_simplifier(default_simplifier_path(), "cpu")
     plain = eager_copy(model)
     rows = []
     for batch in (1, BATCH):
@@ -160,7 +159,7 @@ def simplifier_rows(faces: list[np.ndarray], rates: Rates, runs: int) -> list[Ro
 
         flops = forward_flops(lambda: plain(x))
         rows += network_rows("simplify", lambda: simplify(model, sketches[:batch], batch_size=batch), eager, flops,
-                             batch, getattr(model, "compute_dtype", torch.float32), rates, runs,
+                             batch, model.compute_dtype, rates, runs,
                              {"weights": "shipped compact simplifier"})
     return rows
 

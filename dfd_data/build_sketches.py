@@ -35,6 +35,7 @@ class _Job:
     out_relpath: str
     method: SketchMethod
     device: str
+    precision: str
     batch_size: int
 
 
@@ -51,14 +52,15 @@ def sketch_batch(tasks: list[Task]) -> list:
             results[index] = error
     if not inputs:
         return results
-    method, device, batch_size = jobs[0].method, jobs[0].device, jobs[0].batch_size
+    method, device, precision, batch_size = jobs[0].method, jobs[0].device, jobs[0].precision, jobs[0].batch_size
     try:
-        sketches = dict(zip(inputs, run_method(method, [image for _data, image in inputs.values()], device, batch_size)))
+        sketches = dict(zip(inputs, run_method(method, [image for _data, image in inputs.values()], device, batch_size,
+                                               precision)))
     except Exception:  # find the face that broke the batch: run them one by one
         sketches = {}
         for index, (_data, image) in inputs.items():
             try:
-                sketches[index] = run_method(method, [image], device, 1)[0]
+                sketches[index] = run_method(method, [image], device, 1, precision)[0]
             except Exception as error:
                 results[index] = error
     for index, sketch in sketches.items():
@@ -75,14 +77,18 @@ def sketch_batch(tasks: list[Task]) -> list:
 
 
 def build_sketches(root: str | os.PathLike, method: SketchMethod, *, jobs: int = 1, backend: str = "loky",
-                   device: str = "auto", batch_size: int = 4, preview: int = 16, quiet: bool = False) -> BatchSummary:
+                   device: str = "auto", precision: str = "auto", batch_size: int = 4, preview: int = 16,
+                   quiet: bool = False) -> BatchSummary:
     dataset = Dataset(root)
     manifest = dataset.require()
     aligned = dataset.aligned()
     if not aligned:
         raise DatasetError(f"{dataset.root}: has no aligned images to sketch")
     description = method.describe()
-    load_networks(method, device)  # missing weights or device fail now, once, not per batch
+    # missing weights or device fail now, once, not per batch
+    compute_dtype = load_networks(method, device, precision)
+    if compute_dtype:  # bf16 and fp32 sketches differ by rounding: a change of precision redoes them
+        description["compute_dtype"] = compute_dtype
     out_dir = f"sketches/{method.id}"
     step = STEP_PREFIX + method.id
     if dataset.path(out_dir).exists():
@@ -90,7 +96,8 @@ def build_sketches(root: str | os.PathLike, method: SketchMethod, *, jobs: int =
     inputs = {r["id"]: r["image"] for r in aligned}
 
     def payload(record_id: str, input_relpath: str) -> _Job:
-        return _Job(record_id, input_relpath, str(dataset.root), f"{out_dir}/{record_id}.png", method, device, batch_size)
+        return _Job(record_id, input_relpath, str(dataset.root), f"{out_dir}/{record_id}.png", method, device, precision,
+                    batch_size)
 
     if method.uses_network and backend not in CLUSTER_BACKENDS:  # one process; the network parallelises inside
         jobs, backend = 1, "threading"

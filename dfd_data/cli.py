@@ -9,6 +9,7 @@ import click
 from . import __version__
 from .cluster import cluster_session
 from .dataset import Dataset
+from .devices import PRECISIONS
 from .errors import UserError
 from .runner import BACKENDS, BatchSummary
 from .sketch_methods import DEFAULT_METHOD, DEFAULT_PARAMS, METHODS
@@ -135,9 +136,12 @@ _METHOD_PARAMS_HELP = "\n".join(
               help="Set a method parameter (repeatable), e.g. --set mask_radius=6.")
 @click.option("--preview", type=click.IntRange(0, 256), default=16, help="Photo|sketch pairs on the contact sheet.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", help="For network methods.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto",
+              help="Of network methods. auto: bf16 where the hardware computes it natively (AMX CPUs, CUDA), "
+                   "else fp32 (the same sketches everywhere).")
 @click.option("--batch-size", type=click.IntRange(1, 256), default=4, help="Images per network batch.")
 @_batch_options
-def build_sketches(dataset, method, settings, preview, device, batch_size, jobs, backend, scheduler, quiet):
+def build_sketches(dataset, method, settings, preview, device, precision, batch_size, jobs, backend, scheduler, quiet):
     """Synthesise a sketch (white paper, dark lines) for every aligned face in DATASET, into
     sketches/<method id>/; default parameters give the bare method name as id, others add a
     short hash. A contact sheet of photo|sketch pairs goes to previews/. Methods with a
@@ -155,8 +159,8 @@ def build_sketches(dataset, method, settings, preview, device, batch_size, jobs,
 
     resolved = resolve_method(method, parse_settings(settings))
     with cluster_session(backend, jobs, scheduler):
-        summary = run(dataset, resolved, jobs=jobs, backend=backend, device=device, batch_size=batch_size,
-                      preview=preview, quiet=quiet)
+        summary = run(dataset, resolved, jobs=jobs, backend=backend, device=device, precision=precision,
+                      batch_size=batch_size, preview=preview, quiet=quiet)
     root = Dataset(dataset).root
     _finish(Dataset(dataset), [summary], f"; sketches in {root / 'sketches' / resolved.id}"
             + (f"; preview {root / 'previews' / f'sketches-{resolved.id}.jpg'}" if preview else ""))

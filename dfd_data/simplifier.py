@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .atomic import atomic_write_bytes
-from .devices import cpu_threads, resolve_device
+from .devices import compute_precision, cpu_threads, prepare_for_inference, resolve_device
 from .errors import ModelMissingError, UserError
 
 # Input statistics of the released "gan" model (model_gan.py of the PyTorch conversion).
@@ -211,9 +211,10 @@ def _load_failure(error: Exception) -> str:
 
 
 def load_released(path: str | os.PathLike, device="auto", mean: float | None = None,
-                  std: float | None = None) -> Simplifier:
+                  std: float | None = None, precision: str = "auto") -> Simplifier:
     """Load the released full-width weights (a user-given .pth, or a .t7 converted to a torch
-    file) into a width 1.0 Simplifier on `device`.
+    file) into a width 1.0 Simplifier ready for inference on `device` in `precision` (see
+    devices.resolve_precision).
 
     The file is read with torch's weights-only unpickler: anything but tensors and plain
     containers is refused without being executed. `mean`/`std` default to the values stored
@@ -236,7 +237,7 @@ def load_released(path: str | os.PathLike, device="auto", mean: float | None = N
     if not all(torch.isfinite(value).all() for value in state.values()):
         raise SimplifierWeightsError(f"{path}: weights contain NaN or infinite values")
     model.load_state_dict({key: value.float() for key, value in state.items()})
-    return model.to(resolve_device(device)).eval()
+    return prepare_for_inference(model, resolve_device(device), precision)
 
 
 def save_simplifier(model: Simplifier, path: str | os.PathLike, metadata: dict | None = None) -> None:
@@ -273,9 +274,10 @@ def read_simplifier_metadata(path: str | os.PathLike) -> dict:
     return decoded
 
 
-def load_simplifier(path: str | os.PathLike, device="auto") -> Simplifier:
-    """Rebuild a Simplifier from a file written by save_simplifier, from its metadata alone.
-    The returned model carries the file's metadata as `model.metadata`."""
+def load_simplifier(path: str | os.PathLike, device="auto", precision: str = "auto") -> Simplifier:
+    """Rebuild a Simplifier from a file written by save_simplifier, from its metadata alone,
+    ready for inference on `device` in `precision` (see devices.resolve_precision). The
+    returned model carries the file's metadata as `model.metadata`."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -301,7 +303,7 @@ def load_simplifier(path: str | os.PathLike, device="auto") -> Simplifier:
         raise SimplifierWeightsError(f"{path}: tensors do not match the stored architecture: {problem}")
     model.load_state_dict(state)
     model.metadata = metadata
-    return model.to(resolve_device(device)).eval()
+    return prepare_for_inference(model, resolve_device(device), precision)
 
 
 def default_simplifier_path() -> Path:
@@ -337,12 +339,12 @@ def simplify(model: Simplifier, sketches: list[np.ndarray], batch_size: int = 4)
     was_training = model.training
     model.eval()
     try:
-        with cpu_threads(), torch.inference_mode():
+        with cpu_threads(), torch.inference_mode(), compute_precision(model, device):
             for indices in groups.values():
                 for start in range(0, len(indices), batch_size):
                     chunk = indices[start:start + batch_size]
                     batch = torch.from_numpy(np.stack([sketches[i] for i in chunk])[:, None]).to(device)
-                    output = model(batch.float().div_(255.0))
+                    output = model(batch.float().div_(255.0)).float()
                     output = output.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
                     for slot, i in enumerate(chunk):
                         results[i] = np.ascontiguousarray(output[slot, 0])

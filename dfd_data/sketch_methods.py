@@ -149,31 +149,38 @@ def _simplifier_path(weights: str) -> Path:
 
 
 @functools.lru_cache(maxsize=4)
-def _hed_model(device: str):
+def _hed_model(device: str, precision: str):
     from .hed import load_hed
 
-    return load_hed(device)
+    return load_hed(device, precision)
 
 
 @functools.lru_cache(maxsize=4)
-def _simplifier_model(weights: str, device: str):
+def _simplifier_model(weights: str, device: str, precision: str):
     from .simplifier import load_released, load_simplifier
 
     path = _simplifier_path(weights)
-    return load_simplifier(path, device) if path.suffix == ".safetensors" else load_released(path, device)
+    if path.suffix == ".safetensors":
+        return load_simplifier(path, device, precision)
+    return load_released(path, device, precision=precision)
 
 
-def load_networks(method: SketchMethod, device: str = "auto") -> None:
+def load_networks(method: SketchMethod, device: str = "auto", precision: str = "auto") -> str | None:
     """Load (and keep) the networks `method` needs, so missing or broken weights and absent
-    devices fail once, before any image is processed."""
+    devices fail once, before any image is processed. Returns the dtype they compute in
+    ("float32", "bfloat16"; None without a network): their sketches differ by its rounding."""
+    models = []
     if any(stage.startswith("hed") for stage in method.stages):
-        _hed_model(device)
+        models.append(_hed_model(device, precision))
     if SIMPLIFY in method.stages:
-        _simplifier_model(method.params[SIMPLIFY]["weights"], device)
+        models.append(_simplifier_model(method.params[SIMPLIFY]["weights"], device, precision))
+    return str(models[0].compute_dtype).split(".")[-1] if models else None
 
 
-def run_method(method: SketchMethod, images: list[np.ndarray], device: str = "auto", batch_size: int = 4) -> list[np.ndarray]:
-    """Sketch a batch of RGB uint8 faces with `method`; returns uint8 sketches (255 paper)."""
+def run_method(method: SketchMethod, images: list[np.ndarray], device: str = "auto", batch_size: int = 4,
+               precision: str = "auto") -> list[np.ndarray]:
+    """Sketch a batch of RGB uint8 faces with `method`; returns uint8 sketches (255 paper).
+    Networks run on `device` in `precision` (see devices.resolve_precision)."""
     base, *rest = method.stages
     params = method.params[base]
     if base == "canny":
@@ -185,7 +192,7 @@ def run_method(method: SketchMethod, images: list[np.ndarray], device: str = "au
     elif base in ("hed", "hed-raw"):
         from .hed import hed_soft_edges, soft_to_sketch, thin_edges
 
-        soft = hed_soft_edges(_hed_model(device), images, batch_size=batch_size)
+        soft = hed_soft_edges(_hed_model(device, precision), images, batch_size=batch_size)
         sketches = [soft_to_sketch(s) if base == "hed-raw" else thin_edges(s, **params) for s in soft]
     else:
         raise MethodError(f"unknown sketch stage {base!r}")
@@ -193,6 +200,6 @@ def run_method(method: SketchMethod, images: list[np.ndarray], device: str = "au
         from .simplifier import simplify
 
         settings = method.params[SIMPLIFY]
-        sketches = simplify(_simplifier_model(settings["weights"], device), sketches, batch_size=batch_size)
+        sketches = simplify(_simplifier_model(settings["weights"], device, precision), sketches, batch_size=batch_size)
         sketches = [sketch_filters.levels(sketch, settings["ink"], settings["paper"]) for sketch in sketches]
     return sketches
