@@ -15,9 +15,9 @@ Two solves of the locally linear weights are offered (`method`):
   w /= sum(w). The ridge pulls towards uniform weights; with eps = 1e-3 a bank vector
   queried projects about 1-2% of a neighbour distance away from itself.
 
-Both solve in float64 and return tensors in the query's dtype. The neighbour search is exact
-for banks up to MATMUL_SEARCH_ROWS vectors; larger banks are scored with one matrix product
-(in bf16 where the hardware computes it natively) and the best candidates re-ranked exactly.
+Both solve in float64 and return tensors in the query's dtype. The neighbour search scores
+the bank with one matrix product (in bf16 where the hardware computes it natively) and
+re-ranks the best candidates by exact distances.
 """
 from __future__ import annotations
 
@@ -186,20 +186,20 @@ def _ridge(gram: np.ndarray, eps: float) -> np.ndarray:
     return scale[:, None, None] * np.eye(gram.shape[-1])
 
 
-# Banks larger than this are searched with one matrix product (|b|^2 - 2 q.b) for candidates,
-# which are then re-ranked by exact distances; smaller ones are searched exactly at once.
-MATMUL_SEARCH_ROWS = 2048
 # Extra candidates kept from the matrix-product scores before the exact re-ranking; enough to
 # absorb the rounding of bf16 scores (about 0.1 on squared distances of a few hundred).
 RERANK_MARGIN = 32
+# Banks above this size keep a bf16 copy for scoring where bf16 is native; below it the
+# float32 bank is read so fast that the copy would not pay for its memory.
+BF16_SCORING_ROWS = 2048
 
 
 @dataclass(frozen=True)
 class SearchIndex:
-    """What the matrix-product search of one bank needs, computed once per bank: its rows'
-    squared norms and, where the hardware computes bf16 natively (see
-    dfd_data.devices.native_bf16), a bf16 copy of the rows. One query reads the whole bank,
-    so the copy halves the memory traffic that bounds the search."""
+    """What the search of one bank needs, computed once per bank: its rows' squared norms
+    and, where the hardware computes bf16 natively (see dfd_data.devices.native_bf16), a bf16
+    copy of the rows. One query reads the whole bank, so the copy halves the memory traffic
+    that bounds the search."""
 
     squared_norms: torch.Tensor
     rows_bf16: torch.Tensor | None = None
@@ -209,40 +209,49 @@ class SearchIndex:
         if bank.device.type == "meta":
             return cls(bank.new_empty(bank.shape[0]))
         rows = bank.float()
-        low = rows.to(torch.bfloat16) if native_bf16(bank.device) and bank.shape[0] > MATMUL_SEARCH_ROWS else None
+        low = rows.to(torch.bfloat16) if native_bf16(bank.device) and bank.shape[0] > BF16_SCORING_ROWS else None
         return cls(rows.pow(2).sum(1), low)
 
-    def scores(self, query: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """|b|^2 - 2 q.b for every row b: the distance order, shifted by |q|^2."""
+    def scores(self, query: torch.Tensor, rows: torch.Tensor) -> np.ndarray:
+        """|b|^2 - 2 q.b for every row b (the distance order, shifted by |q|^2), [B, N] numpy."""
         bank, q = (self.rows_bf16, query.to(torch.bfloat16)) if self.rows_bf16 is not None else (rows, query)
         # one query is a matrix-vector product: torch.mv reads the bank once, at memory speed
         dots = torch.mv(bank, q[0])[None] if q.shape[0] == 1 else q @ bank.T
-        return self.squared_norms.to(query)[None, :] - 2.0 * dots.to(query.dtype)
+        return self.squared_norms.cpu().numpy()[None, :] - 2.0 * dots.float().cpu().numpy()
 
 
-def _exact_distances(query: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """query [B, D], rows [B, C, D] (or [C, D]) -> L2 distances [B, C], computed directly so
-    that a vector's distance to itself is exactly 0."""
-    return (rows - query[:, None, :]).pow(2).sum(-1).sqrt()
+def _search(query: torch.Tensor, bank: torch.Tensor, k: int, index: SearchIndex | None
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The k nearest bank rows of each query: (distances [B, k], indices [B, k], rows
+    [B, k, D] as float64), nearest first.
+
+    The bank is scored with one matrix product and the best k + RERANK_MARGIN candidates are
+    re-ranked by distances computed directly (so a bank vector is always its own nearest
+    neighbour, at distance 0). Everything after the product works on a few dozen rows and
+    runs in numpy, whose small operations cost microseconds where torch's cost tens."""
+    rows = bank.to(query.device)
+    count, pool = min(k, rows.shape[0]), min(rows.shape[0], k + RERANK_MARGIN)
+    if pool < rows.shape[0]:
+        work = torch.promote_types(torch.promote_types(query.dtype, bank.dtype), torch.float32)
+        scores = (index or SearchIndex.of(rows)).scores(query.to(work), rows.to(work))
+        candidates = np.argpartition(scores, pool - 1, axis=1)[:, :pool]
+    else:
+        candidates = np.tile(np.arange(pool), (query.shape[0], 1))
+    picked = rows[torch.from_numpy(candidates).to(rows.device)].cpu().double().numpy()
+    target = query.detach().cpu().double().numpy()
+    distances = np.sqrt(((picked - target[:, None]) ** 2).sum(-1))
+    order = np.argsort(distances, axis=1, kind="stable")[:, :count]
+    return (np.take_along_axis(distances, order, axis=1), np.take_along_axis(candidates, order, axis=1),
+            np.take_along_axis(picked, order[:, :, None], axis=1))
 
 
 def nearest(query: torch.Tensor, bank: torch.Tensor, k: int,
             index: SearchIndex | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(distances [B, k], indices [B, k]) of the k nearest bank rows by L2, nearest first.
-
-    Large banks are scored with one matrix product (pass the bank's `index`, e.g. from
-    FeatureBank.index, to reuse it) and the best k + RERANK_MARGIN candidates re-ranked
-    exactly, so a bank vector is always its own nearest neighbour."""
-    work = torch.promote_types(torch.promote_types(query.dtype, bank.dtype), torch.float32)
-    q, rows = query.to(work), bank.to(device=query.device, dtype=work)
-    count = min(k, rows.shape[0])
-    if rows.shape[0] <= MATMUL_SEARCH_ROWS:
-        return torch.topk(_exact_distances(q, rows[None]), count, dim=1, largest=False, sorted=True)
-    scores = (index or SearchIndex.of(rows)).scores(q, rows)
-    candidates = torch.topk(scores, min(rows.shape[0], k + RERANK_MARGIN), dim=1, largest=False).indices
-    exact = _exact_distances(q, rows[candidates])
-    distances, order = torch.topk(exact, count, dim=1, largest=False, sorted=True)
-    return distances, candidates.gather(1, order)
+    Pass the bank's `index` (e.g. from FeatureBank.index) to reuse it across queries."""
+    distances, indices, _ = _search(query, bank, k, index)
+    return (torch.from_numpy(distances).to(device=query.device, dtype=query.dtype),
+            torch.from_numpy(indices).to(query.device))
 
 
 def project(query: torch.Tensor, bank: torch.Tensor, k: int = 10, eps: float = 1e-3,
@@ -255,14 +264,12 @@ def project(query: torch.Tensor, bank: torch.Tensor, k: int = 10, eps: float = 1
     all N rows (the returned tensors then have N columns). See the module docstring for the
     two `method`s and what `eps` regularises; `index` as for `nearest`."""
     _check_projection_inputs(query, bank, k, eps, method)
-    _, indices = nearest(query, bank, k, index)
-    # The k x k solves are tiny: numpy float64 on the CPU does them in microseconds, where
-    # a dozen small torch kernels would cost more than the search itself.
-    neighbours = bank.to(query.device)[indices].detach().cpu().double().numpy()  # [B, k, D]
+    _, indices, neighbours = _search(query, bank, k, index)
     weights = _lle_weights(neighbours, query.detach().cpu().double().numpy(), eps, method)
     projected = np.einsum("bk,bkd->bd", weights, neighbours)
     as_query = dict(device=query.device, dtype=query.dtype)
-    return torch.from_numpy(projected).to(**as_query), indices, torch.from_numpy(weights).to(**as_query)
+    return (torch.from_numpy(projected).to(**as_query), torch.from_numpy(indices).to(query.device),
+            torch.from_numpy(weights).to(**as_query))
 
 
 def _lle_weights(neighbours: np.ndarray, target: np.ndarray, eps: float, method: str) -> np.ndarray:

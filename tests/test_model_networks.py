@@ -521,12 +521,13 @@ def test_a_planted_pickle_is_refused_and_never_run(saved, tmp_path, planted):
 
 
 def test_large_banks_are_searched_by_matrix_product_and_reranked_exactly():
-    """Banks above MATMUL_SEARCH_ROWS take the fast path; it must find the same neighbours as
-    an exhaustive exact search, and a bank vector must still project onto itself exactly."""
-    from dfd_model.projection import MATMUL_SEARCH_ROWS, nearest
+    """Banks above BF16_SCORING_ROWS are scored in bf16 where that is native; the search must
+    find the same neighbours as an exhaustive exact search, and a bank vector must still
+    project onto itself exactly."""
+    from dfd_model.projection import BF16_SCORING_ROWS, nearest
 
     generator = torch.Generator().manual_seed(3)
-    bank = torch.randn(MATMUL_SEARCH_ROWS * 2, 64, generator=generator)
+    bank = torch.randn(BF16_SCORING_ROWS * 2, 64, generator=generator)
     banks = FeatureBank({"nose": bank})
     queries = bank[:20] + 0.2 * torch.randn(20, 64, generator=generator)
     distances, indices = nearest(queries, bank, 10, banks.index("nose"))
