@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from dfd_data.components import COMPONENTS
+from dfd_data.devices import prepare_for_inference
 from dfd_data.image_io import encode_png
 from dfd_model.config import ModelConfig
 from dfd_model.projection import FeatureBank
@@ -78,7 +79,8 @@ def full_size_model() -> SketchToFace:
     generator = torch.Generator().manual_seed(0)
     banks = FeatureBank({name: {gender: torch.randn(count, config.latent_dim, generator=generator)
                                 for gender, count in RELEASED_BANKS.items()} for name in COMPONENTS})
-    return SketchToFace(config, banks)
+    # as `dfd-model serve` loads a model: channels-last, bf16 where native (from_pretrained)
+    return prepare_for_inference(SketchToFace(config, banks), torch.device("cpu"))
 
 
 def main() -> int:

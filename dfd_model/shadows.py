@@ -13,6 +13,7 @@ from collections import OrderedDict
 import torch
 
 from dfd_data.components import COMPONENTS
+from dfd_data.devices import compute_precision
 
 from .projection import project
 from .sketch_to_face import SketchToFace, crop_sketch_components, prepare_sketch
@@ -53,8 +54,9 @@ class ShadowRenderer:
         if missing:
             parameter = next(self.model.parameters())
             bank = self.model.banks.get(name, gender)
-            decoded = self.model.autoencoders[name].decode(bank[missing].to(parameter.device, parameter.dtype))
-            for row, image in zip(missing, ((1 - decoded[:, 0]) / 2).clamp(0, 1).half()):
+            with compute_precision(self.model, parameter.device):  # the decoders are most of the cost
+                decoded = self.model.autoencoders[name].decode(bank[missing].to(parameter.device, parameter.dtype))
+            for row, image in zip(missing, ((1 - decoded[:, 0].float()) / 2).clamp(0, 1).half()):
                 cache[(gender, row)] = image
         found = {}
         for row in indices:
