@@ -9,7 +9,7 @@ reports where eyes and mouth land in the output compared with the template.
 
 Run from the repository root:
 
-    python benchmarks/align_throughput.py --limit 60 [--size 512]
+    python -m benchmarks.align_throughput --limit 60 [--size 512]
 """
 from __future__ import annotations
 
@@ -35,6 +35,8 @@ from dfd_data.ffhq_alignment import (SUPERSAMPLE, TEMPLATE_LEFT_EYE, TEMPLATE_MO
                                      _pad_beyond_edges, align_face, face_features, ffhq_quad,
                                      points_to_output)
 from dfd_data.image_io import decode_image, encode_png, read_bytes
+
+from benchmarks.measure import cpu_name
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FEATURES = {"left_eye": TEMPLATE_LEFT_EYE, "right_eye": TEMPLATE_RIGHT_EYE, "mouth": TEMPLATE_MOUTH}
@@ -102,14 +104,6 @@ def measure(path: Path, size: int) -> dict:
     feats = face_features(landmarks)
     result["points"] = points_to_output(np.stack([feats[name] for name in FEATURES]), quad, size) / size
     return result
-
-
-def cpu_name() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor() or "unknown"
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
 
 
 def main() -> int:

@@ -10,7 +10,7 @@ decode of the answer), warm, several times. Models:
   released sizes (11,456 + 6,247 latents per component): its timings are real, its faces
   meaningless. `--no-full` leaves it out.
 
-    python benchmarks/app_latency.py --model demo-out/run/model [--runs 5]
+    python -m benchmarks.app_latency --model demo-out/run/model [--runs 5]
 """
 from __future__ import annotations
 
@@ -26,15 +26,14 @@ import urllib.request
 import numpy as np
 import torch
 
-from dfd_data.components import COMPONENTS
 from dfd_data.devices import prepare_for_inference
 from dfd_data.image_io import encode_png
 from dfd_model.config import ModelConfig
-from dfd_model.projection import FeatureBank
 from dfd_model.serve import make_server
 from dfd_model.sketch_to_face import SketchToFace
 
-RELEASED_BANKS = {"female": 11_456, "male": 6_247}
+from benchmarks.measure import released_size_banks
+
 
 
 def stroke_sketch(seed: int) -> str:
@@ -76,9 +75,7 @@ def time_model(name: str, model: SketchToFace, runs: int) -> dict:
 
 def full_size_model() -> SketchToFace:
     config = ModelConfig()
-    generator = torch.Generator().manual_seed(0)
-    banks = FeatureBank({name: {gender: torch.randn(count, config.latent_dim, generator=generator)
-                                for gender, count in RELEASED_BANKS.items()} for name in COMPONENTS})
+    banks = released_size_banks(config.latent_dim, seed=0)
     # as `dfd-model serve` loads a model: channels-last, bf16 where native (from_pretrained)
     return prepare_for_inference(SketchToFace(config, banks), torch.device("cpu"))
 

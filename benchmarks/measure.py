@@ -15,6 +15,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 MATMUL_SIZE = 2048
+# Latents per component in the released model's banks (female, male): 17,703 in all.
+RELEASED_BANKS = {"female": 11_456, "male": 6_247}
 
 
 @dataclass
@@ -30,6 +32,11 @@ class Row:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """"float32", "bfloat16": how rows and configs name a dtype."""
+    return str(dtype).removeprefix("torch.")
 
 
 def median_seconds(function: Callable[[], object], runs: int, warmup: int = 1) -> float:
@@ -82,3 +89,14 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine()
     return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
                 platform.machine())
+
+
+def released_size_banks(latent_dim: int, seed: int = 1):
+    """Random feature banks of the released sizes for every component: the search costs what
+    the real banks cost, whatever the values."""
+    from dfd_data.components import COMPONENTS
+    from dfd_model.projection import FeatureBank
+
+    generator = torch.Generator().manual_seed(seed)
+    return FeatureBank({name: {gender: torch.randn(count, latent_dim, generator=generator)
+                               for gender, count in RELEASED_BANKS.items()} for name in COMPONENTS})

@@ -12,7 +12,7 @@ meaningful (they do not depend on the weights' values).
 
 Run from the repository root:
 
-    python benchmarks/model_size.py [--runs 3] [--threads N] [--no-banks] [--sizes-only]
+    python -m benchmarks.model_size [--runs 3] [--threads N] [--no-banks] [--sizes-only]
 
 Peak memory is the process's peak resident set (getrusage), which includes building the
 model; the resident set just before the timed inferences is printed beside it.
@@ -30,20 +30,17 @@ import torch
 from dfd_data.components import COMPONENTS
 from dfd_model.config import ModelConfig
 from dfd_model.networks import MultiscaleDiscriminator, count_parameters, fuse_feature_maps
-from dfd_model.projection import FeatureBank, blend, project
+from dfd_model.projection import blend, project
 from dfd_model.sketch_to_face import SketchToFace, crop_sketch_components, prepare_sketch
 
-RELEASED_BANKS = {"female": 11_456, "male": 6_247}
+from benchmarks.measure import RELEASED_BANKS, peak_rss_mb, released_size_banks
+
 
 
 def rss_now_mb() -> float:
     with open("/proc/self/statm") as handle:
         pages = int(handle.read().split()[1])
     return pages * resource.getpagesize() / 2 ** 20
-
-
-def rss_peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def print_sizes(config: ModelConfig) -> None:
@@ -98,15 +95,13 @@ def run_inference(config: ModelConfig, runs: int, with_banks: bool) -> None:
     start = time.perf_counter()
     model = SketchToFace(config).eval()
     if with_banks:
-        generator = torch.Generator().manual_seed(1)
-        model.set_banks(FeatureBank({name: {gender: torch.randn(count, config.latent_dim, generator=generator)
-                                            for gender, count in RELEASED_BANKS.items()} for name in COMPONENTS}))
+        model.set_banks(released_size_banks(config.latent_dim))
     print(f"built in {time.perf_counter() - start:.1f} s; banks: "
           f"{'released sizes ' + str(RELEASED_BANKS) if with_banks else 'none (projection skipped)'}")
     sketch = random_sketch(config.resolution)
     gender = "female" if with_banks else None
     rss_before = rss_now_mb()
-    peak_before = rss_peak_mb()
+    peak_before = peak_rss_mb()
     with torch.inference_mode():
         whole = timed(lambda: model(sketch, refine=1.0, gender=gender), runs)
         x = prepare_sketch(sketch, config.resolution)
@@ -129,7 +124,7 @@ def run_inference(config: ModelConfig, runs: int, with_banks: bool) -> None:
     for name, times in stages:
         print(f"  {name:26s} {describe(times)}")
     print(f"resident memory: {rss_before:,.0f} MiB before inference (model + banks), process peak "
-          f"{rss_peak_mb():,.0f} MiB (peak before inference {peak_before:,.0f} MiB)")
+          f"{peak_rss_mb():,.0f} MiB (peak before inference {peak_before:,.0f} MiB)")
 
 
 def main() -> None:

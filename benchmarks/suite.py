@@ -16,8 +16,7 @@ import cv2
 import numpy as np
 import torch
 
-from dfd_data.components import COMPONENTS
-from dfd_data.devices import prepare_for_inference
+from dfd_data.devices import prepare_for_inference, resolve_precision
 from dfd_data.faces import find_faces
 from dfd_data.ffhq_alignment import align_face, ffhq_quad
 from dfd_data.image_io import read_image
@@ -27,9 +26,9 @@ from dfd_model.config import ModelConfig
 from dfd_model.projection import FeatureBank, project
 
 from . import align_throughput
-from .measure import Row, forward_flops, matmul_flops_per_second, median_seconds, peak_rss_mb
+from .measure import (RELEASED_BANKS, Row, dtype_name, forward_flops, matmul_flops_per_second, median_seconds, peak_rss_mb,
+                      released_size_banks)
 
-RELEASED_BANKS = {"female": 11_456, "male": 6_247}
 BANK_SIZES = (1_000, 17_703, 100_000)
 BATCH = 4
 CPU = torch.device("cpu")
@@ -40,11 +39,11 @@ class Rates:
 
     def __init__(self):
         self.per_dtype = {torch.float32: matmul_flops_per_second(torch.float32)}
-        if prepare_for_inference(torch.nn.Linear(1, 1), CPU).compute_dtype == torch.bfloat16:
+        if resolve_precision("auto", CPU) == torch.bfloat16:
             self.per_dtype[torch.bfloat16] = matmul_flops_per_second(torch.bfloat16)
 
     def rows(self) -> list[Row]:
-        return [Row(f"matmul_gflops_{str(dtype).split('.')[-1]}", rate / 1e9, "GFLOP/s",
+        return [Row(f"matmul_gflops_{dtype_name(dtype)}", rate / 1e9, "GFLOP/s",
                     config={"size": 2048}) for dtype, rate in self.per_dtype.items()]
 
 
@@ -53,14 +52,14 @@ def network_rows(name: str, ours, eager, flops: int, images: int, dtype: torch.d
     """Rows for one network call over `images` images: img/s beside plain eager modules, and
     seconds per image beside the FLOP-bound time at fp32 (and at the compute dtype used)."""
     ours_s, eager_s = median_seconds(ours, runs), median_seconds(eager, runs)
-    config = {**config, "batch": images, "precision": str(dtype).split(".")[-1], "gflop_per_img": flops / images / 1e9}
-    rows = [Row(f"{name}_img_per_s_512" + ("" if images == BATCH else f"_b{images}"), images / ours_s, "img/s",
+    config = {**config, "batch": images, "precision": dtype_name(dtype), "gflop_per_img": flops / images / 1e9}
+    rows = [Row(f"{name}_img_per_s_512" + ("" if images == 1 else f"_b{images}"), images / ours_s, "img/s",
                 "eager fp32 NCHW modules", images / eager_s, config)]
     if images != BATCH:
         return rows
     for bound_dtype, rate in rates.per_dtype.items():
         if bound_dtype in (torch.float32, dtype):
-            label = str(bound_dtype).split(".")[-1]
+            label = dtype_name(bound_dtype)
             rows.append(Row(f"{name}_s_per_img_512_vs_{label}_bound", ours_s / images, "s/img",
                             f"FLOP-bound at {label} matmul rate", flops / images / rate, config))
     return rows
@@ -96,14 +95,17 @@ def alignment_rows(photos: int) -> list[Row]:
     paths = align_throughput.pick_photos(photos) if align_throughput.DATA.is_dir() else []
     if not paths:
         paths = write_samples(tempfile.mkdtemp(prefix="dfd-bench-"))
-    cv2.setNumThreads(1)
-    align_throughput.measure(paths[0], 512)  # loads dlib's models
-    results = [align_throughput.measure(path, 512) for path in paths]
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)  # one process, one thread: what each --jobs worker does
+    try:
+        align_throughput.measure(paths[0], 512)  # loads dlib's models
+        results = [align_throughput.measure(path, 512) for path in paths]
+    finally:
+        cv2.setNumThreads(threads)
     aligned = [r for r in results if "align" in r]
     common = sum(r["decode"] + r["detect"] + r.get("encode", 0.0) for r in results)
     ours = common + sum(r["align"] for r in aligned)
     baseline = common + sum(r["baseline"] for r in aligned)
-    cv2.setNumThreads(-1)
     return [Row("align_img_per_s", len(results) / ours, "img/s", "published FFHQ recipe (Pillow) align step",
                 len(results) / baseline, {"photos": len(results), "aligned": len(aligned), "size": 512,
                                           "processes": 1})]
@@ -185,13 +187,14 @@ def projection_rows(runs: int) -> list[Row]:
     rows = []
     for size in BANK_SIZES:
         bank = torch.randn(size, 512, generator=generator)
-        index = FeatureBank({"nose": bank}).index("nose")
+        index = FeatureBank({"nose": bank}).index("nose", score_dtype=resolve_precision("auto", CPU))
         query = torch.randn(1, 512, generator=generator)
         ours = median_seconds(lambda: project(query, bank, 10, index=index), runs * 20)
         bank_np, query_np = bank.numpy(), query.numpy()[0]
         brute = median_seconds(lambda: np.argsort(((bank_np - query_np) ** 2).sum(1))[:10], runs * 4)
         rows.append(Row(f"projection_ms_bank{size}", ours * 1000, "ms", "brute-force numpy search", brute * 1000,
-                        {"k": 10, "dim": 512, "threads": torch.get_num_threads()}))
+                        {"k": 10, "dim": 512, "threads": torch.get_num_threads(),
+                         "scores": dtype_name(resolve_precision("auto", CPU))}))
     return rows
 
 
@@ -201,10 +204,8 @@ def _generation_probe(config: dict, runs: int, queue) -> None:
     model_config = ModelConfig(**config)
     from dfd_model.sketch_to_face import SketchToFace
 
+    model = prepare_for_inference(SketchToFace(model_config, released_size_banks(model_config.latent_dim)), CPU)
     generator = torch.Generator().manual_seed(1)
-    banks = FeatureBank({name: {gender: torch.randn(count, model_config.latent_dim, generator=generator)
-                                for gender, count in RELEASED_BANKS.items()} for name in COMPONENTS})
-    model = prepare_for_inference(SketchToFace(model_config, banks), CPU)
     sketch = torch.full((1, model_config.resolution, model_config.resolution), 255, dtype=torch.uint8)
     sketch[torch.rand(sketch.shape, generator=generator) < 0.03] = 0
     with torch.inference_mode():
@@ -215,7 +216,7 @@ def _generation_probe(config: dict, runs: int, queue) -> None:
         eager = median_seconds(lambda: plain(sketch, gender="female"), runs)
     flops = forward_flops(lambda: plain(sketch, gender="female"))
     queue.put({"ours": ours, "eager": eager, "flops": flops, "peak_mb": peak_mb,
-               "dtype": str(model.compute_dtype).split(".")[-1]})
+               "dtype": dtype_name(model.compute_dtype)})
 
 
 def generation_rows(configs: dict[str, dict], rates: Rates, runs: int) -> list[Row]:
@@ -227,6 +228,11 @@ def generation_rows(configs: dict[str, dict], rates: Rates, runs: int) -> list[R
         queue = context.Queue()
         process = context.Process(target=_generation_probe, args=(config, runs, queue))
         process.start()
+        while process.is_alive() and queue.empty():
+            process.join(timeout=1)
+        if queue.empty():
+            raise RuntimeError(f"the generation probe for {label} ended with exit code {process.exitcode} "
+                               "and no result (out of memory?)")
         result = queue.get()
         process.join()
         resolution = ModelConfig(**config).resolution
@@ -235,8 +241,8 @@ def generation_rows(configs: dict[str, dict], rates: Rates, runs: int) -> list[R
         rows.append(Row(f"generate_s_{label}", result["ours"], "s", "eager fp32 NCHW modules", result["eager"],
                         details))
         bound_dtype = torch.bfloat16 if result["dtype"] == "bfloat16" else torch.float32
-        for dtype in {torch.float32, bound_dtype}:
-            name = str(dtype).split(".")[-1]
+        for dtype in dict.fromkeys([torch.float32, bound_dtype]):
+            name = dtype_name(dtype)
             rows.append(Row(f"generate_s_{label}_vs_{name}_bound", result["ours"], "s",
                             f"FLOP-bound at {name} matmul rate", result["flops"] / rates.per_dtype[dtype], details))
         rows.append(Row(f"generate_peak_mb_{label}", result["peak_mb"], "MiB", config=details))
@@ -267,10 +273,11 @@ def training_rows(configs: dict[str, tuple[dict, int]], rates: Rates, runs: int)
                 seconds = median_seconds(step, runs)
                 with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
                     step()
+                flops = counter.get_total_flops()
                 rows.append(Row(f"train_stage{stage}_s_per_step_{label}", seconds, "s",
-                                "FLOP-bound at float32 matmul rate", counter.get_total_flops() / rates.per_dtype[torch.float32],
-                                {"batch": batch, "resolution": model_config.resolution,
-                                 "gflop_per_step": counter.get_total_flops() / 1e9, **({"model": config} if config else {})}))
+                                "FLOP-bound at float32 matmul rate", flops / rates.per_dtype[torch.float32],
+                                {"batch": batch, "resolution": model_config.resolution, "gflop_per_step": flops / 1e9,
+                                 **({"model": config} if config else {})}))
     return rows
 
 

@@ -23,6 +23,10 @@ class WriteError(UserError, OSError):
     def __str__(self) -> str:
         return f"{self.filename}: cannot write ({self.strerror})"
 
+    @classmethod
+    def of(cls, error: OSError, path) -> "WriteError":
+        return cls(error.errno, error.strerror or str(error), str(path))
+
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
@@ -55,7 +59,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             with contextlib.suppress(OSError):
                 Path(tmp).unlink(missing_ok=True)
         if isinstance(error, OSError):
-            raise WriteError(error.errno, error.strerror or str(error), str(path)) from None
+            raise WriteError.of(error, path) from None
         raise
 
 

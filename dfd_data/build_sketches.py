@@ -85,10 +85,10 @@ def build_sketches(root: str | os.PathLike, method: SketchMethod, *, jobs: int =
     if not aligned:
         raise DatasetError(f"{dataset.root}: has no aligned images to sketch")
     description = method.describe()
-    # missing weights or device fail now, once, not per batch
-    compute_dtype = load_networks(method, device, precision)
-    if compute_dtype:  # bf16 and fp32 sketches differ by rounding: a change of precision redoes them
-        description["compute_dtype"] = compute_dtype
+    # missing weights or device fail now, once, not per batch; workers get the resolved precision
+    precision = load_networks(method, device, precision) or precision
+    if precision == "bf16":  # bf16 sketches differ from fp32 ones by rounding: switching redoes them
+        description["precision"] = precision
     out_dir = f"sketches/{method.id}"
     step = STEP_PREFIX + method.id
     if dataset.path(out_dir).exists():

@@ -1,6 +1,7 @@
 """`dfd-data`: build a DeepFaceDrawing training set from a folder of face photos."""
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -9,7 +10,6 @@ import click
 from . import __version__
 from .cluster import cluster_session
 from .dataset import Dataset
-from .devices import PRECISIONS
 from .errors import UserError
 from .runner import BACKENDS, BatchSummary
 from .sketch_methods import DEFAULT_METHOD, DEFAULT_PARAMS, METHODS
@@ -37,6 +37,10 @@ def _finish(dataset: Dataset, summaries: list[BatchSummary], extra: str = "") ->
         sys.exit(1)
 
 
+# What the system refuses for reasons outside the toolkit: told in one line, like a user error.
+SYSTEM_REFUSALS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENAMETOOLONG}
+
+
 class UserErrorGroup(click.Group):
     """Turns the toolkit's user-facing errors, and the system's refusals (disk full, no
     permission), into one-line messages without a traceback."""
@@ -47,6 +51,8 @@ class UserErrorGroup(click.Group):
         except UserError as error:
             raise click.ClickException(str(error)) from None
         except OSError as error:
+            if error.errno not in SYSTEM_REFUSALS:  # any other OSError is a bug: keep its traceback
+                raise
             where = f"{error.filename}: " if error.filename else ""
             raise click.ClickException(f"{where}{error.strerror or error}") from None
 
@@ -136,7 +142,7 @@ _METHOD_PARAMS_HELP = "\n".join(
               help="Set a method parameter (repeatable), e.g. --set mask_radius=6.")
 @click.option("--preview", type=click.IntRange(0, 256), default=16, help="Photo|sketch pairs on the contact sheet.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", help="For network methods.")
-@click.option("--precision", type=click.Choice(PRECISIONS), default="auto",
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto",
               help="Of network methods. auto: bf16 where the hardware computes it natively (AMX CPUs, CUDA), "
                    "else fp32 (the same sketches everywhere).")
 @click.option("--batch-size", type=click.IntRange(1, 256), default=4, help="Images per network batch.")

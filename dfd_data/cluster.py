@@ -18,8 +18,6 @@ from .errors import UserError
 
 CLUSTER_BACKENDS = ("dask", "ray")
 
-_active: str | None = None  # the backend whose session is open in this process
-
 
 def _missing_extra(backend: str, error: ImportError) -> UserError:
     return UserError(f"--backend {backend} needs the {backend} extra ({error.name} is not installed): "
@@ -29,9 +27,17 @@ def _missing_extra(backend: str, error: ImportError) -> UserError:
 @contextmanager
 def _dask_session(jobs: int, scheduler: str | None) -> Iterator[None]:
     try:
-        from dask.distributed import Client, LocalCluster
+        from dask.distributed import Client, LocalCluster, default_client
     except ImportError as error:
         raise _missing_extra("dask", error) from None
+    try:
+        default_client()  # a client this process already has (the command's own, or the caller's)
+        connected = True
+    except ValueError:
+        connected = False
+    if connected:
+        yield
+        return
     if scheduler:
         try:
             client = Client(scheduler, timeout="10s")
@@ -54,10 +60,17 @@ def _ray_session(jobs: int) -> Iterator[None]:
         from ray.util.joblib import register_ray
     except ImportError as error:
         raise _missing_extra("ray", error) from None
+    register_ray()
+    if ray.is_initialized():  # the command's own session, or the caller's: theirs to end
+        yield
+        return
     address = os.environ.get("RAY_ADDRESS")
     options = {"address": address} if address else {"num_cpus": jobs, "include_dashboard": False}
-    ray.init(logging_level=logging.WARNING, **options)
-    register_ray()
+    try:
+        ray.init(logging_level=logging.WARNING, **options)
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        raise UserError(f"ray: cannot start or reach the cluster{f' at {address}' if address else ''} "
+                        f"({' '.join(str(error).split())})") from None
     try:
         yield
     finally:
@@ -67,18 +80,12 @@ def _ray_session(jobs: int) -> Iterator[None]:
 @contextmanager
 def cluster_session(backend: str, jobs: int, scheduler: str | None = None) -> Iterator[None]:
     """Connect to (or start) the cluster of `backend` for the duration of the block; a no-op
-    for the local joblib backends and when a session of that backend is already open."""
-    global _active
+    for the local joblib backends and when this process is already connected."""
     if scheduler and backend != "dask":
         raise UserError(f"--scheduler is a dask address; --backend {backend} does not use it"
                         + (" (ray reads RAY_ADDRESS)" if backend == "ray" else ""))
-    if backend not in CLUSTER_BACKENDS or _active == backend:
+    if backend not in CLUSTER_BACKENDS:
         yield
         return
-    session = _dask_session(jobs, scheduler) if backend == "dask" else _ray_session(jobs)
-    with session:
-        _active = backend
-        try:
-            yield
-        finally:
-            _active = None
+    with _dask_session(jobs, scheduler) if backend == "dask" else _ray_session(jobs):
+        yield

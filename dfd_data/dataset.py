@@ -93,7 +93,7 @@ class RecordLog:
                 self._handle.write(jsonl_text([record]))
                 self._handle.flush()
             except OSError as error:  # disk full: a torn line is dropped when the log is read again
-                raise WriteError(error.errno, error.strerror or str(error), str(self.path)) from None
+                raise WriteError.of(error, self.path) from None
 
     def remove(self, record_id: str) -> None:
         self.by_id.pop(record_id, None)

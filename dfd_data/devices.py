@@ -91,6 +91,11 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
+def precision_name(dtype: torch.dtype) -> str:
+    """The --precision value that computes in `dtype` ("fp32" or "bf16")."""
+    return "bf16" if dtype == torch.bfloat16 else "fp32"
+
+
 def prepare_for_inference(model: torch.nn.Module, device: torch.device, precision: str = "auto") -> torch.nn.Module:
     """Eval mode on `device` with channels-last weights (the layout oneDNN and cuDNN convolve
     fastest) and `model.compute_dtype` set for `compute_precision`."""

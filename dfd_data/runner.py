@@ -24,7 +24,7 @@ from .errors import UserError
 
 BACKENDS = ("loky", "threading", *CLUSTER_BACKENDS)
 # ray's joblib backend returns results only as a whole list: it runs in rounds of this many
-# calls per worker slot, so the progress bar and the records still advance as work ends.
+# calls per --jobs worker slot, so the progress bar and the records still advance as work ends.
 LIST_ONLY_BACKENDS = {"ray": 4}
 
 
@@ -149,15 +149,16 @@ def run_batch(
 
 
 def _outcomes(calls: list, jobs: int, backend: str) -> Iterator[Outcome]:
-    """Outcomes in the order the calls finish. A cluster decides its own parallelism."""
+    """Outcomes as the calls finish (ray: round by round, in order). A cluster decides its own
+    parallelism."""
     n_jobs = -1 if backend in CLUSTER_BACKENDS else max(1, min(jobs, len(calls)))
     with joblib.parallel_config(backend=backend, n_jobs=n_jobs):
         if backend not in LIST_ONLY_BACKENDS:
             for outcomes in joblib.Parallel(return_as="generator_unordered")(calls):
                 yield from outcomes
             return
-        parallel = joblib.Parallel(return_as="list")
         round_size = LIST_ONLY_BACKENDS[backend] * max(jobs, 1)
-        for start in range(0, len(calls), round_size):
-            for outcomes in parallel(calls[start:start + round_size]):
-                yield from outcomes
+        with joblib.Parallel(return_as="list") as parallel:  # one pool of workers for every round
+            for start in range(0, len(calls), round_size):
+                for outcomes in parallel(calls[start:start + round_size]):
+                    yield from outcomes

@@ -167,14 +167,17 @@ def _simplifier_model(weights: str, device: str, precision: str):
 
 def load_networks(method: SketchMethod, device: str = "auto", precision: str = "auto") -> str | None:
     """Load (and keep) the networks `method` needs, so missing or broken weights and absent
-    devices fail once, before any image is processed. Returns the dtype they compute in
-    ("float32", "bfloat16"; None without a network): their sketches differ by its rounding."""
+    devices fail once, before any image is processed. Returns the precision they compute in
+    ("fp32" or "bf16"; None without a network), which `auto` resolves on this machine: pass
+    it on to workers elsewhere so that every sketch is computed alike."""
+    from .devices import precision_name
+
     models = []
     if any(stage.startswith("hed") for stage in method.stages):
         models.append(_hed_model(device, precision))
     if SIMPLIFY in method.stages:
         models.append(_simplifier_model(method.params[SIMPLIFY]["weights"], device, precision))
-    return str(models[0].compute_dtype).split(".")[-1] if models else None
+    return precision_name(models[0].compute_dtype) if models else None
 
 
 def run_method(method: SketchMethod, images: list[np.ndarray], device: str = "auto", batch_size: int = 4,

@@ -10,7 +10,7 @@ import yaml
 
 from . import __version__
 from dfd_data.cli import UserErrorGroup, parse_settings
-from dfd_data.devices import DEVICE_CHOICES, PRECISIONS, resolve_device, resolve_precision
+from dfd_data.devices import DEVICE_CHOICES, PRECISIONS, precision_name, resolve_device, resolve_precision
 from dfd_data.errors import DeviceError
 
 # Inference precision of generate, evaluate and serve (see dfd_data.devices.resolve_precision).
@@ -35,7 +35,7 @@ def env(device):
     except DeviceError as error:
         raise click.ClickException(str(error)) from None
     detail = f" ({torch.cuda.get_device_name(chosen)})" if chosen.type == "cuda" else ""
-    precision = str(resolve_precision("auto", chosen)).split(".")[-1]
+    precision = precision_name(resolve_precision("auto", chosen))
     click.echo(f"torch {torch.__version__}; device {chosen}{detail}; {torch.get_num_threads()} CPU threads; "
                f"CUDA devices: {torch.cuda.device_count()}; inference precision (auto): {precision}")
 

@@ -15,9 +15,9 @@ Two solves of the locally linear weights are offered (`method`):
   w /= sum(w). The ridge pulls towards uniform weights; with eps = 1e-3 a bank vector
   queried projects about 1-2% of a neighbour distance away from itself.
 
-Both solve in float64 and return tensors in the query's dtype. The neighbour search scores
-the bank with one matrix product (in bf16 where the hardware computes it natively) and
-re-ranks the best candidates by exact distances.
+Both solve in float64 (in numpy: the result carries no gradient) and return tensors in the
+query's dtype. The neighbour search scores the bank with one matrix product (in bf16 for a
+model inferring in bf16) and re-ranks the best candidates by exact distances.
 """
 from __future__ import annotations
 
@@ -29,7 +29,6 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
-from dfd_data.devices import native_bf16
 
 ALL = "all"
 METHODS = ("anchored", "gram")
@@ -79,7 +78,7 @@ class FeatureBank:
         self._banks = banks
         self.latent_dim: int = latent_dim
         self._pooled: dict[str, torch.Tensor] = {}
-        self._indexes: dict[tuple[str, str | None], SearchIndex] = {}
+        self._indexes: dict[tuple[str, str | None, torch.dtype], SearchIndex] = {}
 
     # ---- access ------------------------------------------------------------------------------
     @property
@@ -117,11 +116,13 @@ class FeatureBank:
                              f"(it has {', '.join(per_gender)}; pass gender=None to search them all)")
         return per_gender[gender]
 
-    def index(self, component: str, gender: str | None = None) -> "SearchIndex":
-        """The search index of `get(component, gender)`, built once: every query reuses it."""
-        key = (component, gender)
+    def index(self, component: str, gender: str | None = None,
+              score_dtype: torch.dtype = torch.float32) -> "SearchIndex":
+        """The search index of `get(component, gender)`, built once: every query reuses it.
+        score_dtype bfloat16 (a model inferring in bf16) scores large banks in bf16."""
+        key = (component, gender, score_dtype)
         if key not in self._indexes:
-            self._indexes[key] = SearchIndex.of(self.get(component, gender))
+            self._indexes[key] = SearchIndex.of(self.get(component, gender), score_dtype)
         return self._indexes[key]
 
     def counts(self) -> dict[str, dict[str, int]]:
@@ -189,35 +190,33 @@ def _ridge(gram: np.ndarray, eps: float) -> np.ndarray:
 # Extra candidates kept from the matrix-product scores before the exact re-ranking; enough to
 # absorb the rounding of bf16 scores (about 0.1 on squared distances of a few hundred).
 RERANK_MARGIN = 32
-# Banks above this size keep a bf16 copy for scoring where bf16 is native; below it the
-# float32 bank is read so fast that the copy would not pay for its memory.
+# Banks above this size are scored from a bf16 copy when asked to; below it the float32 bank
+# is read so fast that the copy would not pay for its memory.
 BF16_SCORING_ROWS = 2048
 
 
 @dataclass(frozen=True)
 class SearchIndex:
     """What the search of one bank needs, computed once per bank: its rows' squared norms
-    and, where the hardware computes bf16 natively (see dfd_data.devices.native_bf16), a bf16
-    copy of the rows. One query reads the whole bank, so the copy halves the memory traffic
-    that bounds the search."""
+    and, for a model inferring in bf16 (see dfd_data.devices.resolve_precision), a bf16 copy
+    of the rows. One query reads the whole bank, so the copy halves the memory traffic that
+    bounds the search."""
 
-    squared_norms: torch.Tensor
+    squared_norms: np.ndarray  # [N] float32, on the CPU: the scores are finished in numpy
     rows_bf16: torch.Tensor | None = None
 
     @classmethod
-    def of(cls, bank: torch.Tensor) -> "SearchIndex":
-        if bank.device.type == "meta":
-            return cls(bank.new_empty(bank.shape[0]))
+    def of(cls, bank: torch.Tensor, score_dtype: torch.dtype = torch.float32) -> "SearchIndex":
         rows = bank.float()
-        low = rows.to(torch.bfloat16) if native_bf16(bank.device) and bank.shape[0] > BF16_SCORING_ROWS else None
-        return cls(rows.pow(2).sum(1), low)
+        low = rows.to(torch.bfloat16) if score_dtype == torch.bfloat16 and bank.shape[0] > BF16_SCORING_ROWS else None
+        return cls(rows.pow(2).sum(1).cpu().numpy(), low)
 
     def scores(self, query: torch.Tensor, rows: torch.Tensor) -> np.ndarray:
         """|b|^2 - 2 q.b for every row b (the distance order, shifted by |q|^2), [B, N] numpy."""
         bank, q = (self.rows_bf16, query.to(torch.bfloat16)) if self.rows_bf16 is not None else (rows, query)
         # one query is a matrix-vector product: torch.mv reads the bank once, at memory speed
         dots = torch.mv(bank, q[0])[None] if q.shape[0] == 1 else q @ bank.T
-        return self.squared_norms.cpu().numpy()[None, :] - 2.0 * dots.float().cpu().numpy()
+        return self.squared_norms[None, :] - 2.0 * dots.float().cpu().numpy()
 
 
 def _search(query: torch.Tensor, bank: torch.Tensor, k: int, index: SearchIndex | None

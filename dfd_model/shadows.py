@@ -84,7 +84,7 @@ class ShadowRenderer:
             latent = model.autoencoders[name].encoder(crops[name])
             bank = model.banks.get(name, gender).to(device=latent.device, dtype=latent.dtype)
             _, indices, weights = project(latent, bank, model.config.knn, model.config.lle_eps,
-                                          model.config.projection, model.banks.index(name, gender))
+                                          model.config.projection, model.banks.index(name, gender, model.compute_dtype))
             positive = weights.clamp(min=0)
             positive = positive / positive.sum(1, keepdim=True).clamp(min=1e-12)
             window = windows[name]

@@ -79,6 +79,9 @@ class SketchToFace(nn.Module):
     follow the module across `.to()` and are saved beside the weights, not in the state dict.
     """
 
+    # What synthesis and the bank search compute in; from_pretrained may choose bf16.
+    compute_dtype: torch.dtype = torch.float32
+
     def __init__(self, config: ModelConfig = ModelConfig(), banks: FeatureBank | None = None):
         super().__init__()
         if not isinstance(config, ModelConfig):
@@ -155,7 +158,7 @@ class SketchToFace(nn.Module):
             if self.banks is not None and weights[name] > 0:
                 bank = self.banks.get(name, gender).to(device=latent.device, dtype=latent.dtype)
                 projected, _, _ = project(latent, bank, self.config.knn, self.config.lle_eps, self.config.projection,
-                                          self.banks.index(name, gender))
+                                          self.banks.index(name, gender, self.compute_dtype))
                 latent = blend(latent, projected, weights[name])
             latents[name] = latent
         return latents
