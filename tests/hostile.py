@@ -139,3 +139,23 @@ class Tally:
 
 
 TALLY = Tally()
+
+
+def write_face_variants(sample_photos: Path, folder: Path, per_photo: int) -> list[Path]:
+    """`per_photo` distinct face photos from each package sample (turned, scaled, mirrored and
+    brightened differently), as PNGs in `folder`: enough distinct faces for a batch test."""
+    from dfd_data.image_io import read_image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in ("astronaut.png", "grace_hopper.jpg"):
+        image = read_image(sample_photos / name)
+        height, width = image.shape[:2]
+        for index in range(per_photo):
+            matrix = cv2.getRotationMatrix2D((width / 2, height / 2), (index % 5 - 2) * 4, 0.8 + 0.05 * index)
+            variant = cv2.warpAffine(image, matrix, (width, height), borderMode=cv2.BORDER_REFLECT)
+            variant = np.clip(variant[:, ::-1 if index % 2 else 1].astype(int) + 4 * (index - 6), 0, 255)
+            path = folder / f"{Path(name).stem}-{index:02d}.png"
+            cv2.imwrite(str(path), cv2.cvtColor(variant.astype(np.uint8), cv2.COLOR_RGB2BGR))
+            written.append(path)
+    return written

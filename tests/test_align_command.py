@@ -17,7 +17,7 @@ from dfd_data.atomic import TEMP_PREFIX
 from dfd_data.dataset import Dataset, read_jsonl
 from dfd_data.image_io import read_image
 from tests.conftest import REPO, dfd_data
-from tests.hostile import bad_files, good_variants, write_folder
+from tests.hostile import bad_files, good_variants, write_face_variants, write_folder
 
 
 def all_files(root: Path) -> dict[str, bytes]:
@@ -111,18 +111,9 @@ def kill_midway(src: Path, dst: Path, after_records: int) -> None:
 
 @pytest.fixture(scope="module")
 def resume_source(tmp_path_factory, sample_photos) -> Path:
-    """Fourteen distinct face photos made from the two samples (scaled, flipped, tilted)."""
+    """Fourteen distinct face photos made from the two samples, and one broken file."""
     folder = tmp_path_factory.mktemp("resume") / "photos"
-    folder.mkdir()
-    for name in ("astronaut.png", "grace_hopper.jpg"):
-        image = read_image(sample_photos / name)
-        for index, (scale, flip, angle) in enumerate([(1.0, False, 0), (0.8, True, 0), (1.3, False, 8), (0.9, True, -6),
-                                                        (1.1, False, -10), (0.7, False, 4), (1.2, True, 3)]):
-            h, w = image.shape[:2]
-            matrix = cv2.getRotationMatrix2D((w / 2, h / 2), angle, scale)
-            variant = cv2.warpAffine(image, matrix, (w, h), borderMode=cv2.BORDER_REFLECT)
-            variant = variant[:, ::-1] if flip else variant
-            cv2.imwrite(str(folder / f"{Path(name).stem}-{index}.png"), cv2.cvtColor(variant, cv2.COLOR_RGB2BGR))
+    write_face_variants(sample_photos, folder, 7)
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 broken")
     return folder
 

@@ -26,7 +26,6 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 
@@ -35,7 +34,7 @@ from dfd_data.dataset import Dataset, jsonl_text, read_jsonl
 from dfd_data.image_io import decode_image, read_image
 from tests.conftest import REPO
 from tests.hostile import (SPECIAL_FILES, TALLY, bad_files, bomb_png, good_variants, huge_jpeg,
-                           palette_with_transparency, png, side_by_side, write_folder)
+                           palette_with_transparency, png, side_by_side, write_face_variants, write_folder)
 
 
 @dataclass(frozen=True)
@@ -358,16 +357,7 @@ SKETCH_ARGS = ("--method", "photocopy", "--jobs", "1", "--quiet")
 def faces24(tmp_path_factory, sample_photos) -> Path:
     """24 aligned 128 px faces: the two sample photos turned, scaled, mirrored and brightened."""
     photos = tmp_path_factory.mktemp("faces24") / "photos"
-    photos.mkdir()
-    for name in ("astronaut.png", "grace_hopper.jpg"):
-        image = read_image(sample_photos / name)
-        height, width = image.shape[:2]
-        for index in range(12):
-            matrix = cv2.getRotationMatrix2D((width / 2, height / 2), (index % 5 - 2) * 4, 0.8 + 0.05 * index)
-            variant = cv2.warpAffine(image, matrix, (width, height), borderMode=cv2.BORDER_REFLECT)
-            variant = np.clip(variant[:, ::-1 if index % 2 else 1].astype(int) + 4 * (index - 6), 0, 255)
-            cv2.imwrite(str(photos / f"{Path(name).stem}-{index:02d}.png"),
-                        cv2.cvtColor(variant.astype(np.uint8), cv2.COLOR_RGB2BGR))
+    write_face_variants(sample_photos, photos, 12)
     root = photos.parent / "faces"
     result = run("dfd_data", "align", photos, root, "--size", "128", "--jobs", "2", "--quiet")
     assert result.returncode == 0 and len(Dataset(root).aligned()) == 24, result.stdout + result.stderr
