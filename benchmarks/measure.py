@@ -3,6 +3,7 @@ throughput (what "FLOP-bound" divides by), FLOP counts of a forward pass, peak m
 the row every figure is reported as."""
 from __future__ import annotations
 
+import copy
 import platform
 import resource
 import statistics
@@ -52,13 +53,34 @@ def median_seconds(function: Callable[[], object], runs: int, warmup: int = 1) -
     return statistics.median(samples)
 
 
-def matmul_flops_per_second(dtype: torch.dtype = torch.float32, runs: int = 5) -> float:
-    """FLOP/s of a 2048x2048 matrix product on this machine's CPU (torch's threads)."""
+def synchronized(function: Callable[[], object], device: torch.device) -> Callable[[], None]:
+    """`function` followed by a wait for the device, so that wall time covers its CUDA work."""
+    if device.type != "cuda":
+        return function
+
+    def call():
+        function()
+        torch.cuda.synchronize(device)
+    return call
+
+
+def matmul_flops_per_second(dtype: torch.dtype = torch.float32, runs: int = 5, device: str | torch.device = "cpu",
+                            size: int = MATMUL_SIZE) -> float:
+    """FLOP/s of a size x size matrix product on `device` (the CPU with torch's threads)."""
+    device = torch.device(device)
     generator = torch.Generator().manual_seed(0)
-    a = torch.randn(MATMUL_SIZE, MATMUL_SIZE, generator=generator).to(dtype)
-    b = torch.randn(MATMUL_SIZE, MATMUL_SIZE, generator=generator).to(dtype)
-    seconds = min(median_seconds(lambda: a @ b, runs, warmup=2) for _ in range(3))
-    return 2 * MATMUL_SIZE ** 3 / seconds
+    a = torch.randn(size, size, generator=generator).to(device, dtype)
+    b = torch.randn(size, size, generator=generator).to(device, dtype)
+    product = synchronized(lambda: a @ b, device)
+    seconds = min(median_seconds(product, runs, warmup=2) for _ in range(3))
+    return 2 * size ** 3 / seconds
+
+
+def eager_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The same layers and weights as plain modules: NCHW, fp32, no autocast."""
+    plain = copy.deepcopy(model).to(memory_format=torch.contiguous_format).float().eval()
+    plain.compute_dtype = torch.float32
+    return plain
 
 
 def forward_flops(function: Callable[[], object]) -> int:
@@ -100,3 +122,22 @@ def released_size_banks(latent_dim: int, seed: int = 1):
     generator = torch.Generator().manual_seed(seed)
     return FeatureBank({name: {gender: torch.randn(count, latent_dim, generator=generator)
                                for gender, count in RELEASED_BANKS.items()} for name in COMPONENTS})
+
+
+def format_value(value: float) -> str:
+    return f"{value:,.3f}" if abs(value) < 100 else f"{value:,.0f}"
+
+
+def table(rows: list[Row]) -> str:
+    """name | value | baseline | baseline value | ours vs baseline (x faster when > 1)."""
+    lines = [f"{'name':44s} {'value':>10s} {'unit':8s} {'baseline':36s} {'baseline':>10s} {'ours vs base':>12s}"]
+    for row in rows:
+        if row.baseline_value:
+            faster = row.value / row.baseline_value if row.unit.endswith("/s") else row.baseline_value / row.value
+            comparison = f"{faster:11.2f}x"
+            base = format_value(row.baseline_value)
+        else:
+            comparison, base = "", ""
+        lines.append(f"{row.name:44s} {format_value(row.value):>10s} {row.unit:8s} {(row.baseline or '')[:36]:36s} "
+                     f"{base:>10s} {comparison:>12s}")
+    return "\n".join(lines)

@@ -7,7 +7,6 @@ for projection, a brute-force numpy search; for alignment, the published FFHQ re
 """
 from __future__ import annotations
 
-import copy
 import multiprocessing
 import tempfile
 from pathlib import Path
@@ -26,8 +25,8 @@ from dfd_model.config import ModelConfig
 from dfd_model.projection import FeatureBank, project
 
 from . import align_throughput
-from .measure import (RELEASED_BANKS, Row, dtype_name, forward_flops, matmul_flops_per_second, median_seconds, peak_rss_mb,
-                      released_size_banks)
+from .measure import (RELEASED_BANKS, Row, dtype_name, eager_copy, forward_flops, matmul_flops_per_second,
+                      median_seconds, peak_rss_mb, released_size_banks)
 
 BANK_SIZES = (1_000, 17_703, 100_000)
 BATCH = 4
@@ -63,13 +62,6 @@ def network_rows(name: str, ours, eager, flops: int, images: int, dtype: torch.d
             rows.append(Row(f"{name}_s_per_img_512_vs_{label}_bound", ours_s / images, "s/img",
                             f"FLOP-bound at {label} matmul rate", flops / images / rate, config))
     return rows
-
-
-def eager_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """The same layers and weights as plain modules: NCHW, fp32, no autocast."""
-    plain = copy.deepcopy(model).to(memory_format=torch.contiguous_format).float().eval()
-    plain.compute_dtype = torch.float32
-    return plain
 
 
 # ---- data ------------------------------------------------------------------------------------------

@@ -1,0 +1,283 @@
+"""`python -m benchmarks.gpu DATASET [--json PATH] [--quick]`: the GPU path, measured and
+checked on one CUDA device, in the suite's row format.
+
+DATASET is a dataset aligned at 512 px with sketches (benchmarks/gpu_check.sh makes one).
+For each network at 512 (HED, the simplifier, the full model with banks of the released
+sizes): img/s of the toolkit's call beside the same layers as eager fp32 modules on the same
+GPU, the network's seconds per image beside its FLOP-bound time at the GPU's measured bf16
+matmul rate, and its difference from the CPU's fp32 result. For training at 512: seconds per
+step of both stages in fp32 and with mixed precision (bf16, and fp16 with its loss scaler,
+forced), and the peak GPU memory. A difference beyond tolerance or a non-finite loss fails
+the check: the command says which and exits 1, after printing every figure.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from dfd_data.dataset import Dataset
+from dfd_data.devices import compute_precision, precision_name, prepare_for_inference
+from dfd_data.image_io import read_image
+from dfd_data.sketch_methods import resolve_method, run_method
+from dfd_model.config import ModelConfig
+
+from .measure import (RELEASED_BANKS, Row, dtype_name, eager_copy, forward_flops, matmul_flops_per_second,
+                      median_seconds, released_size_banks, synchronized, table)
+
+CPU = torch.device("cpu")
+# Mean differences from the CPU's fp32 result always allowed (the bf16 tolerances of the CPU
+# tests); above them, up to twice what the CPU's own result in the device's precision differs.
+HED_TOLERANCE = 0.005  # edge probability
+IMAGE_TOLERANCE = 0.01 * 255  # sketch and face pixels, in levels of 255
+
+
+class Checks:
+    """Failed checks, collected so that every figure is printed before the exit code says so."""
+
+    def __init__(self):
+        self.failures: list[str] = []
+
+    def agreement(self, name: str, device_result, cpu_same_precision, cpu_fp32, floor: float) -> Row:
+        """Row `name`: the device's mean difference from the CPU's fp32 result, which must stay
+        within `floor` or twice the rounding of the CPU in the device's precision (a wrong layout
+        or device move changes the result by far more than rounding does)."""
+        difference, rounding = mean_difference(device_result, cpu_fp32), mean_difference(cpu_same_precision, cpu_fp32)
+        tolerance = max(floor, 2 * rounding)
+        if not difference <= tolerance:
+            self.failures.append(f"{name}: {difference:.4g} exceeds the tolerance {tolerance:.4g}")
+        return Row(name, difference, "mean abs", "tolerance (CPU's own rounding x2, or floor)", tolerance,
+                   {"cpu_rounding": rounding, "floor": floor})
+
+
+def mean_difference(ours, reference) -> float:
+    """Mean absolute difference over lists of arrays or tensors of equal shapes."""
+    return float(np.mean([np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).mean()
+                          for a, b in zip(ours, reference)]))
+
+
+class Bench:
+    """What every group needs: the device, timing with a wait for the device, the bf16 rate."""
+
+    def __init__(self, device: torch.device, runs: int, batches: tuple[int, ...], checks: Checks):
+        self.device, self.runs, self.batches, self.checks = device, runs, batches, checks
+        size = 8192 if device.type == "cuda" else 2048
+        self.bf16_rate = matmul_flops_per_second(torch.bfloat16, device=device, size=size)
+        self.rate_row = Row("matmul_tflops_bfloat16", self.bf16_rate / 1e12, "TFLOP/s", config={"size": size})
+
+    def seconds(self, function) -> float:
+        return median_seconds(synchronized(function, self.device), self.runs)
+
+    def reset_peak(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_gib(self) -> float | None:
+        return torch.cuda.max_memory_allocated(self.device) / 2 ** 30 if self.device.type == "cuda" else None
+
+    def network_rows(self, name: str, batch: int, toolkit_call, network, eager, flops: int, config: dict) -> list[Row]:
+        """img/s of the toolkit's call (upload, network, download) beside eager fp32 modules, and
+        the network alone beside its FLOP-bound time at the bf16 matmul rate."""
+        ours, alone, plain = self.seconds(toolkit_call), self.seconds(network), self.seconds(eager)
+        config = {**config, "batch": batch, "gflop_per_img": flops / batch / 1e9}
+        return [Row(f"{name}_img_per_s_512_b{batch}", batch / ours, "img/s", "eager fp32 NCHW modules, same device",
+                    batch / plain, config),
+                Row(f"{name}_network_s_per_img_512_b{batch}", alone / batch, "s/img",
+                    "FLOP-bound at bfloat16 matmul rate", flops / batch / self.bf16_rate, config)]
+
+
+def inference(model: torch.nn.Module, device: torch.device, *args, **kwargs):
+    """One call of `model` as the toolkit makes it: inference mode, the model's compute dtype."""
+    with torch.inference_mode(), compute_precision(model, device):
+        return model(*args, **kwargs)
+
+
+def eager_call(model: torch.nn.Module, *args, **kwargs):
+    with torch.no_grad():
+        return model(*args, **kwargs)
+
+
+# ---- groups ----------------------------------------------------------------------------------------
+def hed_rows(bench: Bench, faces: list[np.ndarray]) -> list[Row]:
+    from dfd_data.hed import hed_soft_edges, load_hed, to_hed_input
+
+    device = bench.device
+    model = load_hed(device)
+    plain = eager_copy(model)
+    rows = []
+    for batch in bench.batches:
+        x = to_hed_input(np.stack(faces[:batch]), device)
+        x_plain = x.contiguous()
+        flops = forward_flops(lambda: plain(x_plain))
+        rows += bench.network_rows("hed", batch, lambda: hed_soft_edges(model, faces[:batch], batch_size=batch),
+                                   lambda: inference(model, device, x), lambda: eager_call(plain, x_plain), flops,
+                                   {"precision": dtype_name(model.compute_dtype)})
+    precision = precision_name(model.compute_dtype)
+    results = [hed_soft_edges(each, faces[:2], batch_size=2)
+               for each in (model, load_hed(CPU, precision), load_hed(CPU, "fp32"))]
+    return rows + [bench.checks.agreement("hed_vs_cpu_fp32", *results, HED_TOLERANCE)]
+
+
+def simplifier_rows(bench: Bench, faces: list[np.ndarray]) -> list[Row]:
+    from dfd_data.simplifier import default_simplifier_path, load_simplifier, simplify
+
+    device = bench.device
+    sketches = run_method(resolve_method("photocopy"), faces, "cpu", len(faces))
+    model = load_simplifier(default_simplifier_path(), device)
+    plain = eager_copy(model)
+    rows = []
+    for batch in bench.batches:
+        x_plain = torch.from_numpy(np.stack(sketches[:batch])[:, None]).to(device).float() / 255
+        x = x_plain.contiguous(memory_format=torch.channels_last)
+        flops = forward_flops(lambda: plain(x_plain))
+        rows += bench.network_rows("simplify", batch, lambda: simplify(model, sketches[:batch], batch_size=batch),
+                                   lambda: inference(model, device, x), lambda: eager_call(plain, x_plain), flops,
+                                   {"precision": dtype_name(model.compute_dtype)})
+    precision = precision_name(model.compute_dtype)
+    results = [simplify(each, sketches[:2], batch_size=2)
+               for each in (model, load_simplifier(default_simplifier_path(), CPU, precision),
+                            load_simplifier(default_simplifier_path(), CPU, "fp32"))]
+    return rows + [bench.checks.agreement("simplify_vs_cpu_fp32", *results, IMAGE_TOLERANCE)]
+
+
+def random_sketches(count: int, resolution: int) -> torch.Tensor:
+    """uint8 [count, R, R]: paper with 3% ink, the probe the CPU suite also generates from."""
+    generator = torch.Generator().manual_seed(1)
+    sketches = torch.full((count, resolution, resolution), 255, dtype=torch.uint8)
+    sketches[torch.rand(sketches.shape, generator=generator) < 0.03] = 0
+    return sketches
+
+
+def generation_rows(bench: Bench) -> list[Row]:
+    """Sketch -> face at 512 with banks of the released sizes (random weights: the time does
+    not depend on their values), its peak device memory, and a check against the CPU in fp32."""
+    from dfd_model.sketch_to_face import SketchToFace
+
+    device, config = bench.device, ModelConfig()
+    torch.manual_seed(0)
+    model = prepare_for_inference(SketchToFace(config, released_size_banks(config.latent_dim)), device)
+    plain = eager_copy(model)
+    sketches = random_sketches(max(bench.batches), config.resolution)
+    rows = []
+    for batch in bench.batches:
+        sketch = sketches[:batch]
+        flops = forward_flops(lambda: plain(sketch, gender="female"))
+        bench.reset_peak()
+        rows += bench.network_rows("generate", batch, lambda: inference(model, device, sketch, gender="female"),
+                                   lambda: inference(model, device, sketch, gender="female"),
+                                   lambda: eager_call(plain, sketch, gender="female"), flops,
+                                   {"precision": dtype_name(model.compute_dtype), "banks": RELEASED_BANKS})
+        rows[-1].config["peak_gib_both_models"] = bench.peak_gib()
+    # The same weights on the CPU in fp32, without projection (whose neighbours may swap on ties).
+    precision = precision_name(model.compute_dtype)
+    results = [inference(model, device, sketches[:1], refine=0.0).float().cpu() * 127.5]  # levels of 255
+    cpu_model = plain.cpu()  # the same weights
+    for cpu_precision in (precision, "fp32"):
+        prepare_for_inference(cpu_model, CPU, cpu_precision)
+        results.append(inference(cpu_model, CPU, sketches[:1], refine=0.0).float() * 127.5)
+    return rows + [bench.checks.agreement("generate_vs_cpu_fp32", *results, IMAGE_TOLERANCE)]
+
+
+def training_rows(bench: Bench, dataset: Path, batch: int) -> list[Row]:
+    """Seconds per step of both stages at 512: fp32 (beside the FLOP-bound time of its forward
+    and backward passes), then each mixed precision the device offers (beside fp32)."""
+    precisions = ["fp32"]
+    if bench.device.type == "cuda":
+        precisions += (["bf16"] if torch.cuda.is_bf16_supported() else []) + ["fp16"]
+    fp32_seconds: dict[int, float] = {}
+    rows = []
+    for precision in precisions:
+        # fp16 is what a GPU without bf16 gets; force it to run its loss-scaler path here.
+        forced = mock.patch.object(torch.cuda, "is_bf16_supported", return_value=False) if precision == "fp16" \
+            else contextlib.nullcontext()
+        with tempfile.TemporaryDirectory(prefix="dfd-gpu-") as out, forced:
+            rows += _training_steps(bench, dataset, Path(out), batch, precision, fp32_seconds)
+    return rows
+
+
+def _training_steps(bench: Bench, dataset: Path, out: Path, batch: int, precision: str,
+                    fp32_seconds: dict[int, float]) -> list[Row]:
+    """One trainer's rows (it is freed on return, before the next precision's is built)."""
+    from dfd_model.training import TrainConfig, Trainer
+
+    device = bench.device
+    trainer = Trainer(dataset, out, ModelConfig(), TrainConfig(batch_size=batch, steps=10, amp=precision != "fp32"),
+                      device, quiet=True, echo=lambda line: None)
+    sketches, photos = trainer.pairs.batch(np.arange(batch) % len(trainer.pairs))
+    sketches = sketches.to(device, memory_format=trainer.layout)
+    photos = photos.to(device, memory_format=trainer.layout)
+    steps = {1: lambda: trainer.stage1_step(sketches), 2: lambda: trainer.stage2_step(sketches, photos)}
+    rows = []
+    for stage, step in steps.items():
+        losses: list[dict[str, float]] = []
+        bench.reset_peak()
+        seconds = bench.seconds(lambda: losses.append(step()))
+        config = {"batch": batch, "precision": precision, "peak_gib": bench.peak_gib(), "losses": losses[-1]}
+        if not all(math.isfinite(value) for step_losses in losses for value in step_losses.values()):
+            bench.checks.failures.append(f"train stage {stage} {precision}: a loss is not finite: {losses}")
+        name = f"train_stage{stage}_s_per_step_512_{precision}"
+        if precision == "fp32":
+            with FlopCounterMode(display=False) as counter:
+                step()
+            fp32_seconds[stage] = seconds
+            rows.append(Row(name, seconds, "s", "FLOP-bound at bfloat16 matmul rate",
+                            counter.get_total_flops() / bench.bf16_rate, config))
+        else:
+            rows.append(Row(name, seconds, "s", "fp32 steps, same device", fp32_seconds[stage], config))
+    if trainer.scaler is not None and not math.isfinite(trainer.scaler.get_scale()):
+        bench.checks.failures.append(f"train {precision}: the loss scale is {trainer.scaler.get_scale()}")
+    trainer.close()
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.split("\n\n")[0])
+    parser.add_argument("dataset", type=Path, help="a dataset aligned at 512 px with sketches")
+    parser.add_argument("--device", default="cuda", help="cuda (the default), or cpu to try the script without a GPU")
+    parser.add_argument("--quick", action="store_true", help="batch 1 only, one timed run, training batch 1")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows to this JSON file")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("benchmarks.gpu: torch sees no CUDA device; nothing to measure here")
+    dataset = Dataset(args.dataset)
+    records = dataset.aligned()
+    if not records:
+        raise SystemExit(f"{args.dataset}: no aligned faces")
+    batches = (1,) if args.quick else (1, 16)
+    faces = [read_image(dataset.path(record["image"])) for record in records[:max(batches)]]
+    faces = (faces * max(batches))[:max(batches)]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"{name}, torch {torch.__version__}; {'quick' if args.quick else 'full'} run", flush=True)
+    started, checks = time.time(), Checks()
+    bench = Bench(device, 1 if args.quick else 5, batches, checks)
+    rows = [bench.rate_row]
+    groups = {"hed": lambda: hed_rows(bench, faces), "simplify": lambda: simplifier_rows(bench, faces),
+              "generate": lambda: generation_rows(bench),
+              "train": lambda: training_rows(bench, args.dataset, 1 if args.quick else 4)}
+    for group, measure in groups.items():
+        print(f"... {group}", file=sys.stderr, flush=True)
+        rows += measure()
+    print(table(rows))
+    print(f"{len(rows)} figures in {time.time() - started:.0f} s")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump({"device": name, "torch": torch.__version__, "quick": args.quick,
+                       "rows": [row.as_dict() for row in rows]}, handle, indent=1)
+    for failure in checks.failures:
+        print(f"FAILED {failure}")
+    return 1 if checks.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
