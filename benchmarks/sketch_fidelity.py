@@ -9,7 +9,7 @@ Throughput is images per second at the given size on this machine, in one proces
 
 Run from the repository root (HED methods need `dfd-data weights fetch hed` first):
 
-    python benchmarks/sketch_fidelity.py --per-folder 20 --size 512
+    python -m benchmarks.sketch_fidelity --per-folder 20 --size 512
 """
 from __future__ import annotations
 

@@ -181,7 +181,7 @@ def projection_rows(runs: int) -> list[Row]:
         bank = torch.randn(size, 512, generator=generator)
         index = FeatureBank({"nose": bank}).index("nose", score_dtype=resolve_precision("auto", CPU))
         query = torch.randn(1, 512, generator=generator)
-        ours = median_seconds(lambda: project(query, bank, 10, index=index), runs * 20)
+        ours = median_seconds(lambda: project(query, bank, 10, index=index), runs * 20, warmup=20)
         bank_np, query_np = bank.numpy(), query.numpy()[0]
         brute = median_seconds(lambda: np.argsort(((bank_np - query_np) ** 2).sum(1))[:10], runs * 4)
         rows.append(Row(f"projection_ms_bank{size}", ours * 1000, "ms", "brute-force numpy search", brute * 1000,

@@ -174,17 +174,16 @@ def _check_projection_inputs(query, bank, k, eps, method) -> None:
         raise ValueError(f"project: eps must be a positive number, got {eps!r}")
     if method not in METHODS:
         raise ValueError(f"project: unknown method {method!r}; choose from {', '.join(METHODS)}")
-    if query.device.type != "meta" and not torch.isfinite(query).all():
-        raise ValueError("project: the query contains NaN or infinite values")
 
 
-def _ridge(gram: np.ndarray, eps: float) -> np.ndarray:
-    """eps * trace(gram) on each diagonal, [B, n, n]. A zero trace means every neighbour
-    coincides (with the anchor, or with the query): any positive ridge then gives the right
-    answer, so use 1."""
+def _with_ridge(gram: np.ndarray, eps: float) -> np.ndarray:
+    """`gram` [B, n, n] with eps * trace(gram) added to each diagonal, in place. A zero trace
+    means every neighbour coincides (with the anchor, or with the query): any positive ridge
+    then gives the right answer, so use 1."""
     trace = np.trace(gram, axis1=1, axis2=2)
-    scale = np.where(trace > 0, eps * trace, 1.0)
-    return scale[:, None, None] * np.eye(gram.shape[-1])
+    diagonal = np.arange(gram.shape[-1])
+    gram[:, diagonal, diagonal] += np.where(trace > 0, eps * trace, 1.0)[:, None]
+    return gram
 
 
 # Extra candidates kept from the matrix-product scores before the exact re-ranking; enough to
@@ -219,16 +218,16 @@ class SearchIndex:
         return self.squared_norms[None, :] - 2.0 * dots.float().cpu().numpy()
 
 
-def _search(query: torch.Tensor, bank: torch.Tensor, k: int, index: SearchIndex | None
+def _search(query: torch.Tensor, target: np.ndarray, bank: torch.Tensor, k: int, index: SearchIndex | None
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The k nearest bank rows of each query: (distances [B, k], indices [B, k], rows
-    [B, k, D] as float64), nearest first.
+    """The k nearest bank rows of each query (`target` is the query as float64 numpy):
+    (distances [B, k], indices [B, k], rows [B, k, D] as float64), nearest first.
 
     The bank is scored with one matrix product and the best k + RERANK_MARGIN candidates are
     re-ranked by distances computed directly (so a bank vector is always its own nearest
     neighbour, at distance 0). Everything after the product works on a few dozen rows and
     runs in numpy, whose small operations cost microseconds where torch's cost tens."""
-    rows = bank.to(query.device)
+    rows = bank if bank.device == query.device else bank.to(query.device)
     count, pool = min(k, rows.shape[0]), min(rows.shape[0], k + RERANK_MARGIN)
     if pool < rows.shape[0]:
         work = torch.promote_types(torch.promote_types(query.dtype, bank.dtype), torch.float32)
@@ -236,19 +235,31 @@ def _search(query: torch.Tensor, bank: torch.Tensor, k: int, index: SearchIndex 
         candidates = np.argpartition(scores, pool - 1, axis=1)[:, :pool]
     else:
         candidates = np.tile(np.arange(pool), (query.shape[0], 1))
-    picked = rows[torch.from_numpy(candidates).to(rows.device)].cpu().double().numpy()
-    target = query.detach().cpu().double().numpy()
-    distances = np.sqrt(((picked - target[:, None]) ** 2).sum(-1))
+    if rows.device.type == "cpu" and rows.dtype in (torch.float32, torch.float64):
+        # a view of the bank: gathering the candidates copies only them
+        picked = rows.detach().numpy()[candidates].astype(np.float64)
+    else:
+        picked = rows[torch.from_numpy(candidates).to(rows.device)].cpu().double().numpy()
+    offsets = picked - target[:, None]
+    distances = np.sqrt(np.einsum("bkd,bkd->bk", offsets, offsets))
     order = np.argsort(distances, axis=1, kind="stable")[:, :count]
-    return (np.take_along_axis(distances, order, axis=1), np.take_along_axis(candidates, order, axis=1),
-            np.take_along_axis(picked, order[:, :, None], axis=1))
+    each = np.arange(order.shape[0])[:, None]
+    return distances[each, order], candidates[each, order], picked[each, order]
+
+
+def _as_float64(query: torch.Tensor) -> np.ndarray:
+    """The query as float64 numpy, checked finite (the check costs microseconds here, not tens)."""
+    target = query.detach().cpu().double().numpy()
+    if not np.isfinite(target).all():
+        raise ValueError("project: the query contains NaN or infinite values")
+    return target
 
 
 def nearest(query: torch.Tensor, bank: torch.Tensor, k: int,
             index: SearchIndex | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(distances [B, k], indices [B, k]) of the k nearest bank rows by L2, nearest first.
     Pass the bank's `index` (e.g. from FeatureBank.index) to reuse it across queries."""
-    distances, indices, _ = _search(query, bank, k, index)
+    distances, indices, _ = _search(query, _as_float64(query), bank, k, index)
     return (torch.from_numpy(distances).to(device=query.device, dtype=query.dtype),
             torch.from_numpy(indices).to(query.device))
 
@@ -263,8 +274,9 @@ def project(query: torch.Tensor, bank: torch.Tensor, k: int = 10, eps: float = 1
     all N rows (the returned tensors then have N columns). See the module docstring for the
     two `method`s and what `eps` regularises; `index` as for `nearest`."""
     _check_projection_inputs(query, bank, k, eps, method)
-    _, indices, neighbours = _search(query, bank, k, index)
-    weights = _lle_weights(neighbours, query.detach().cpu().double().numpy(), eps, method)
+    target = _as_float64(query)
+    _, indices, neighbours = _search(query, target, bank, k, index)
+    weights = _lle_weights(neighbours, target, eps, method)
     projected = np.einsum("bk,bkd->bd", weights, neighbours)
     as_query = dict(device=query.device, dtype=query.dtype)
     return (torch.from_numpy(projected).to(**as_query), torch.from_numpy(indices).to(query.device),
@@ -281,11 +293,11 @@ def _lle_weights(neighbours: np.ndarray, target: np.ndarray, eps: float, method:
         spans = neighbours[:, 1:] - anchor[:, None]  # [B, k-1, D]
         gram = spans @ spans.transpose(0, 2, 1)
         rhs = spans @ (target - anchor)[:, :, None]
-        steps = np.linalg.solve(gram + _ridge(gram, eps), rhs)[:, :, 0]
+        steps = np.linalg.solve(_with_ridge(gram, eps), rhs)[:, :, 0]
         return np.concatenate([1 - steps.sum(-1, keepdims=True), steps], axis=1)
     offsets = neighbours - target[:, None]
     gram = offsets @ offsets.transpose(0, 2, 1)
-    raw = np.linalg.solve(gram + _ridge(gram, eps), np.ones((batch, count, 1)))[:, :, 0]
+    raw = np.linalg.solve(_with_ridge(gram, eps), np.ones((batch, count, 1)))[:, :, 0]
     return raw / raw.sum(-1, keepdims=True)
 
 
