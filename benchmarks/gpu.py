@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import math
 import sys
@@ -166,7 +167,8 @@ def generation_rows(bench: Bench) -> list[Row]:
     device, config = bench.device, ModelConfig()
     torch.manual_seed(0)
     model = prepare_for_inference(SketchToFace(config, released_size_banks(config.latent_dim)), device)
-    plain = eager_copy(model)
+    torch.manual_seed(0)  # the same weights, as built: no folded norms, no bf16 rounding
+    plain = eager_copy(SketchToFace(config, released_size_banks(config.latent_dim))).to(device)
     sketches = random_sketches(max(bench.batches), config.resolution)
     rows = []
     for batch in bench.batches:
@@ -183,8 +185,8 @@ def generation_rows(bench: Bench) -> list[Row]:
     results = [inference(model, device, sketches[:1], refine=0.0).float().cpu() * 127.5]  # levels of 255
     cpu_model = plain.cpu()  # the same weights
     for cpu_precision in (precision, "fp32"):
-        prepare_for_inference(cpu_model, CPU, cpu_precision)
-        results.append(inference(cpu_model, CPU, sketches[:1], refine=0.0).float() * 127.5)
+        prepared = prepare_for_inference(copy.deepcopy(cpu_model), CPU, cpu_precision)
+        results.append(inference(prepared, CPU, sketches[:1], refine=0.0).float() * 127.5)
     return rows + [bench.checks.agreement("generate_vs_cpu_fp32", *results, IMAGE_TOLERANCE)]
 
 

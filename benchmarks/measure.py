@@ -77,7 +77,8 @@ def matmul_flops_per_second(dtype: torch.dtype = torch.float32, runs: int = 5, d
 
 
 def eager_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """The same layers and weights as plain modules: NCHW, fp32, no autocast."""
+    """The same layers and weights as plain modules: NCHW, fp32, no autocast. (A model prepared
+    for inference keeps its rewrite: batch norms folded, weights rounded to bf16 if cast.)"""
     plain = copy.deepcopy(model).to(memory_format=torch.contiguous_format).float().eval()
     plain.compute_dtype = torch.float32
     return plain

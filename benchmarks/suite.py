@@ -203,7 +203,8 @@ def _generation_probe(config: dict, runs: int, queue) -> None:
     with torch.inference_mode():
         ours = median_seconds(lambda: model(sketch, gender="female"), runs)
     peak_mb = peak_rss_mb()  # before the eager copy doubles the weights
-    plain = eager_copy(model)
+    torch.manual_seed(0)  # the same weights, as built: no folded norms, no bf16 rounding
+    plain = eager_copy(SketchToFace(model_config, released_size_banks(model_config.latent_dim)))
     with torch.no_grad():
         eager = median_seconds(lambda: plain(sketch, gender="female"), runs)
     flops = forward_flops(lambda: plain(sketch, gender="female"))

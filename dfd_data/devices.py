@@ -97,15 +97,19 @@ def precision_name(dtype: torch.dtype) -> str:
 
 
 def prepare_for_inference(model: torch.nn.Module, device: torch.device, precision: str = "auto") -> torch.nn.Module:
-    """Eval mode on `device` with channels-last weights (the layout oneDNN and cuDNN convolve
-    fastest) and `model.compute_dtype` set for `compute_precision`."""
-    model = model.to(device).eval().to(memory_format=torch.channels_last)
+    """Eval mode on `device`, rewritten for inference (see inference_graph: batch norms folded,
+    weights cast once for bf16 compute), with channels-last weights (the layout oneDNN and
+    cuDNN convolve fastest) and `model.compute_dtype` set for `compute_precision`."""
+    from .inference_graph import rewrite_for_inference
+
+    model = model.to(device).eval()
     model.compute_dtype = resolve_precision(precision, device)
-    return model
+    return rewrite_for_inference(model, model.compute_dtype).to(memory_format=torch.channels_last)
 
 
 def compute_precision(model: torch.nn.Module, device: torch.device):
-    """Autocast to the model's compute dtype (see prepare_for_inference); weights stay fp32."""
+    """Autocast to the model's compute dtype (see prepare_for_inference): inputs and the
+    layers whose weights stay float32 (norms) follow it."""
     dtype = getattr(model, "compute_dtype", torch.float32)
     if dtype == torch.float32:
         return contextlib.nullcontext()

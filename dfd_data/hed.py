@@ -51,7 +51,11 @@ class HED(nn.Module):
         self.fuse = nn.Conv2d(len(HED_STAGES), 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.fused_logits(x))
+        """Edge probabilities [N, 1, H, W] in float32, computed in the model's compute dtype
+        (see dfd_data.devices.prepare_for_inference)."""
+        with compute_precision(self, x.device):
+            logits = self.fused_logits(x)
+        return torch.sigmoid(logits.float())
 
     def fused_logits(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != 3:
@@ -131,7 +135,7 @@ def hed_soft_edges(model: HED, images: Sequence[np.ndarray] | np.ndarray, batch_
     for index, image in enumerate(arrays):
         by_size.setdefault(image.shape, []).append(index)
     results: list[np.ndarray | None] = [None] * len(arrays)
-    with torch.inference_mode(), compute_precision(model, device), \
+    with torch.inference_mode(), \
             (cpu_threads(threads) if device.type == "cpu" else contextlib.nullcontext()):
         for indices in by_size.values():
             for start in range(0, len(indices), batch_size):

@@ -143,7 +143,8 @@ class Simplifier(nn.Sequential):
         pad_h, pad_w = -height % MULTIPLE, -width % MULTIPLE
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
-        return super().forward(x)[..., :height, :width]
+        with compute_precision(self, x.device):  # the model's compute dtype (see prepare_for_inference)
+            return super().forward(x)[..., :height, :width].float()
 
 
 def _expected_shapes(model: Simplifier) -> dict[str, tuple[int, ...]]:
@@ -339,7 +340,7 @@ def simplify(model: Simplifier, sketches: list[np.ndarray], batch_size: int = 4)
     was_training = model.training
     model.eval()
     try:
-        with cpu_threads(), torch.inference_mode(), compute_precision(model, device):
+        with cpu_threads(), torch.inference_mode():
             for indices in groups.values():
                 for start in range(0, len(indices), batch_size):
                     chunk = indices[start:start + batch_size]

@@ -173,6 +173,10 @@ class SketchToFace(nn.Module):
             face = self.generator(fuse_feature_maps(maps, self.config))
         return face.to(parameter.dtype)
 
+    def autocast_modules(self) -> tuple[nn.Module, ...]:
+        """The parts that run under compute_precision (see dfd_data.inference_graph)."""
+        return self.feature_decoders, self.generator
+
     def draw(self, latents: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Component latents -> the sketch they stand for [B, 1, R, R] in [-1, 1]: each component's
         image decoder output on its window, the remainder underneath (what a projected sketch

@@ -1,0 +1,80 @@
+"""The inference rewrite (dfd_data.inference_graph) computes the same function as the model
+it rewrites, keeps channels-last layout throughout, and casts only what runs under autocast."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from dfd_data.devices import compute_precision, prepare_for_inference
+from dfd_data.inference_graph import GroupInstanceNorm, InputDtypePad, rewrite_for_inference
+from dfd_model.config import ModelConfig
+from dfd_model.sketch_to_face import SketchToFace
+
+CPU = torch.device("cpu")
+
+
+def trained_looking_network() -> nn.Sequential:
+    """Every layer kind the rewrite touches, with batch-norm statistics far from 0 and 1 (so a
+    wrong fold shows) and affine instance norms."""
+    torch.manual_seed(0)
+    network = nn.Sequential(
+        nn.ReflectionPad2d(1), nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.ConvTranspose2d(8, 8, 4, 2, 1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.ReplicationPad2d(2), nn.Conv2d(8, 8, 5), nn.InstanceNorm2d(8, affine=True), nn.ReLU(),
+        nn.Conv2d(8, 4, 3, padding=1), nn.InstanceNorm2d(4),
+    )
+    for layer in network:
+        if isinstance(layer, (nn.BatchNorm2d, nn.InstanceNorm2d)) and layer.weight is not None:
+            nn.init.uniform_(layer.weight, 0.5, 2.0)
+            nn.init.uniform_(layer.bias, -1.0, 1.0)
+        if isinstance(layer, nn.BatchNorm2d):
+            layer.running_mean.uniform_(-2.0, 2.0)
+            layer.running_var.uniform_(0.2, 3.0)
+    return network.eval()
+
+
+def test_the_rewrite_computes_the_same_function_in_channels_last_layout():
+    network = trained_looking_network()
+    rewritten = prepare_for_inference(copy.deepcopy(network), CPU, "fp32")
+    kinds = [type(layer) for layer in rewritten]
+    assert nn.BatchNorm2d not in kinds and nn.InstanceNorm2d not in kinds  # folded, replaced
+    assert kinds.count(GroupInstanceNorm) == 2 and kinds.count(InputDtypePad) == 2
+    x = torch.randn(2, 3, 20, 24)
+    with torch.inference_mode():
+        expected, got = network(x), rewritten(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_bf16_keeps_the_layout_and_stays_within_rounding():
+    network = trained_looking_network()
+    rewritten = prepare_for_inference(copy.deepcopy(network), CPU, "bf16")
+    assert all(layer.weight.dtype == torch.bfloat16 for layer in rewritten if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)))
+    x = torch.randn(2, 3, 20, 24).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), compute_precision(rewritten, CPU):
+        got = rewritten(x)
+    with torch.inference_mode():
+        expected = network(x)
+    assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=torch.channels_last)
+    assert (got.float() - expected).abs().mean() < 0.02 * expected.abs().mean()
+
+
+def test_sketch_to_face_casts_only_the_parts_that_run_under_autocast():
+    config = ModelConfig(resolution=128, latent_dim=32, ce_base_channels=4, fm_base_channels=4, fm_channels=4,
+                         ngf=4, n_blocks=1)
+    torch.manual_seed(0)
+    model = SketchToFace(config).eval()
+    prepared = prepare_for_inference(copy.deepcopy(model), CPU, "bf16")
+    dtypes = lambda part: {p.dtype for p in part.parameters()}  # noqa: E731
+    assert dtypes(prepared.autoencoders) == {torch.float32}  # encoders: latents for the projection
+    assert torch.bfloat16 in dtypes(prepared.generator) and torch.bfloat16 in dtypes(prepared.feature_decoders)
+    sketch = torch.randint(0, 256, (1, 128, 128), dtype=torch.uint8)
+    with torch.inference_mode():
+        expected, got = model(sketch), prepared(sketch)
+    assert got.dtype == torch.float32 and (got - expected).abs().mean() < 0.01
+
+
+def test_a_model_in_training_mode_is_refused():
+    with pytest.raises(ValueError, match="eval mode"):
+        rewrite_for_inference(trained_looking_network().train(), torch.float32)
