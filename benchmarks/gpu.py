@@ -109,46 +109,41 @@ def eager_call(model: torch.nn.Module, *args, **kwargs):
 
 
 # ---- groups ----------------------------------------------------------------------------------------
-def hed_rows(bench: Bench, faces: list[np.ndarray]) -> list[Row]:
-    from dfd_data.hed import hed_soft_edges, load_hed, to_hed_input
-
+def sketch_network_rows(bench: Bench, name: str, load, run, inputs: list[np.ndarray], as_batch,
+                        tolerance: float) -> list[Row]:
+    """Rows of one sketch network: `load(device, precision)` gives the model, `run(model,
+    images, batch_size)` is the toolkit's call, `as_batch(images)` the network's NCHW input."""
     device = bench.device
-    model = load_hed(device)
+    model = load(device, "auto")
     plain = eager_copy(model)
     rows = []
     for batch in bench.batches:
-        x = to_hed_input(np.stack(faces[:batch]), device)
-        x_plain = x.contiguous()
+        x_plain = as_batch(inputs[:batch]).to(device).contiguous()
+        x = x_plain.contiguous(memory_format=torch.channels_last)
         flops = forward_flops(lambda: plain(x_plain))
-        rows += bench.network_rows("hed", batch, lambda: hed_soft_edges(model, faces[:batch], batch_size=batch),
+        rows += bench.network_rows(name, batch, lambda: run(model, inputs[:batch], batch),
                                    lambda: inference(model, device, x), lambda: eager_call(plain, x_plain), flops,
                                    {"precision": dtype_name(model.compute_dtype)})
     precision = precision_name(model.compute_dtype)
-    results = [hed_soft_edges(each, faces[:2], batch_size=2)
-               for each in (model, load_hed(CPU, precision), load_hed(CPU, "fp32"))]
-    return rows + [bench.checks.agreement("hed_vs_cpu_fp32", *results, HED_TOLERANCE)]
+    results = [run(each, inputs[:2], 2) for each in (model, load(CPU, precision), load(CPU, "fp32"))]
+    return rows + [bench.checks.agreement(f"{name}_vs_cpu_fp32", *results, tolerance)]
+
+
+def hed_rows(bench: Bench, faces: list[np.ndarray]) -> list[Row]:
+    from dfd_data.hed import hed_soft_edges, load_hed, to_hed_input
+
+    return sketch_network_rows(bench, "hed", load_hed, lambda model, images, batch: hed_soft_edges(
+        model, images, batch_size=batch), faces, lambda images: to_hed_input(np.stack(images)), HED_TOLERANCE)
 
 
 def simplifier_rows(bench: Bench, faces: list[np.ndarray]) -> list[Row]:
     from dfd_data.simplifier import default_simplifier_path, load_simplifier, simplify
 
-    device = bench.device
     sketches = run_method(resolve_method("photocopy"), faces, "cpu", len(faces))
-    model = load_simplifier(default_simplifier_path(), device)
-    plain = eager_copy(model)
-    rows = []
-    for batch in bench.batches:
-        x_plain = torch.from_numpy(np.stack(sketches[:batch])[:, None]).to(device).float() / 255
-        x = x_plain.contiguous(memory_format=torch.channels_last)
-        flops = forward_flops(lambda: plain(x_plain))
-        rows += bench.network_rows("simplify", batch, lambda: simplify(model, sketches[:batch], batch_size=batch),
-                                   lambda: inference(model, device, x), lambda: eager_call(plain, x_plain), flops,
-                                   {"precision": dtype_name(model.compute_dtype)})
-    precision = precision_name(model.compute_dtype)
-    results = [simplify(each, sketches[:2], batch_size=2)
-               for each in (model, load_simplifier(default_simplifier_path(), CPU, precision),
-                            load_simplifier(default_simplifier_path(), CPU, "fp32"))]
-    return rows + [bench.checks.agreement("simplify_vs_cpu_fp32", *results, IMAGE_TOLERANCE)]
+    return sketch_network_rows(
+        bench, "simplify", lambda device, precision: load_simplifier(default_simplifier_path(), device, precision),
+        lambda model, images, batch: simplify(model, images, batch_size=batch), sketches,
+        lambda images: torch.from_numpy(np.stack(images)[:, None]).float() / 255, IMAGE_TOLERANCE)
 
 
 def random_sketches(count: int, resolution: int) -> torch.Tensor:
