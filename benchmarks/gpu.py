@@ -34,7 +34,7 @@ from dfd_data.sketch_methods import resolve_method, run_method
 from dfd_model.config import ModelConfig
 
 from .measure import (RELEASED_BANKS, Row, dtype_name, eager_copy, forward_flops, matmul_flops_per_second,
-                      median_seconds, released_size_banks, synchronized, table)
+                      median_seconds, random_sketches, released_size_model, synchronized, table)
 
 CPU = torch.device("cpu")
 # Mean differences from the CPU's fp32 result always allowed (the bf16 tolerances of the CPU
@@ -148,24 +148,12 @@ def simplifier_rows(bench: Bench, faces: list[np.ndarray]) -> list[Row]:
         lambda images: torch.from_numpy(np.stack(images)[:, None]).float() / 255, IMAGE_TOLERANCE)
 
 
-def random_sketches(count: int, resolution: int) -> torch.Tensor:
-    """uint8 [count, R, R]: paper with 3% ink, the probe the CPU suite also generates from."""
-    generator = torch.Generator().manual_seed(1)
-    sketches = torch.full((count, resolution, resolution), 255, dtype=torch.uint8)
-    sketches[torch.rand(sketches.shape, generator=generator) < 0.03] = 0
-    return sketches
-
-
 def generation_rows(bench: Bench) -> list[Row]:
     """Sketch -> face at 512 with banks of the released sizes (random weights: the time does
     not depend on their values), its peak device memory, and a check against the CPU in fp32."""
-    from dfd_model.sketch_to_face import SketchToFace
-
     device, config = bench.device, ModelConfig()
-    torch.manual_seed(0)
-    model = prepare_for_inference(SketchToFace(config, released_size_banks(config.latent_dim)), device)
-    torch.manual_seed(0)  # the same weights, as built: no folded norms, no bf16 rounding
-    plain = eager_copy(SketchToFace(config, released_size_banks(config.latent_dim))).to(device)
+    model = prepare_for_inference(released_size_model(config), device)
+    plain = eager_copy(released_size_model(config)).to(device)  # as built: no folded norms, no bf16 rounding
     sketches = random_sketches(max(bench.batches), config.resolution)
     rows = []
     for batch in bench.batches:

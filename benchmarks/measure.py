@@ -125,6 +125,24 @@ def released_size_banks(latent_dim: int, seed: int = 1):
                                for gender, count in RELEASED_BANKS.items()} for name in COMPONENTS})
 
 
+
+def released_size_model(config):
+    """SketchToFace with random weights (seed 0) and random banks of the released sizes, as
+    built (not prepared for inference): every call builds the same model, so a prepared copy
+    and a plain one can be timed side by side."""
+    from dfd_model.sketch_to_face import SketchToFace
+
+    torch.manual_seed(0)
+    return SketchToFace(config, released_size_banks(config.latent_dim))
+
+
+def random_sketches(count: int, resolution: int) -> torch.Tensor:
+    """uint8 [count, R, R]: paper with 3% ink (seed 1), the input generation is timed on."""
+    generator = torch.Generator().manual_seed(1)
+    sketches = torch.full((count, resolution, resolution), 255, dtype=torch.uint8)
+    sketches[torch.rand(sketches.shape, generator=generator) < 0.03] = 0
+    return sketches
+
 def format_value(value: float) -> str:
     return f"{value:,.3f}" if abs(value) < 100 else f"{value:,.0f}"
 

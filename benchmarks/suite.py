@@ -26,7 +26,7 @@ from dfd_model.projection import FeatureBank, project
 
 from . import align_throughput
 from .measure import (RELEASED_BANKS, Row, dtype_name, eager_copy, forward_flops, matmul_flops_per_second,
-                      median_seconds, peak_rss_mb, released_size_banks)
+                      median_seconds, peak_rss_mb, random_sketches, released_size_model)
 
 BANK_SIZES = (1_000, 17_703, 100_000)
 BATCH = 4
@@ -192,19 +192,13 @@ def projection_rows(runs: int) -> list[Row]:
 
 def _generation_probe(config: dict, runs: int, queue) -> None:
     """In a fresh process (so the peak memory is this model's): time one-sketch generation."""
-    torch.manual_seed(0)
     model_config = ModelConfig(**config)
-    from dfd_model.sketch_to_face import SketchToFace
-
-    model = prepare_for_inference(SketchToFace(model_config, released_size_banks(model_config.latent_dim)), CPU)
-    generator = torch.Generator().manual_seed(1)
-    sketch = torch.full((1, model_config.resolution, model_config.resolution), 255, dtype=torch.uint8)
-    sketch[torch.rand(sketch.shape, generator=generator) < 0.03] = 0
+    model = prepare_for_inference(released_size_model(model_config), CPU)
+    sketch = random_sketches(1, model_config.resolution)
     with torch.inference_mode():
         ours = median_seconds(lambda: model(sketch, gender="female"), runs)
     peak_mb = peak_rss_mb()  # before the eager copy doubles the weights
-    torch.manual_seed(0)  # the same weights, as built: no folded norms, no bf16 rounding
-    plain = eager_copy(SketchToFace(model_config, released_size_banks(model_config.latent_dim)))
+    plain = eager_copy(released_size_model(model_config))  # as built: no folded norms, no bf16 rounding
     with torch.no_grad():
         eager = median_seconds(lambda: plain(sketch, gender="female"), runs)
     flops = forward_flops(lambda: plain(sketch, gender="female"))
