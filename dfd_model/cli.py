@@ -221,8 +221,9 @@ Example:
 def evaluate(model_folder, pairs, out, refine, gender, sketch_method, tol, batch_size, device, precision, quiet):
     """Generate a face for every (sketch, photo) pair and report face detection rate, landmark
     error, sketch fidelity and the Frechet distance of face embeddings (see metrics.json for
-    one sentence per metric). An unreadable sketch or photo leaves its pair out with one line
-    on stderr, and the exit status is then 1."""
+    one sentence per metric). An unreadable sketch or photo, or a name with two images on one
+    side (a.png and a.jpg), leaves its pair out with one line on stderr, and the exit status is
+    then 1."""
     from dfd_data.sketch_methods import METHODS
     from .evaluate import evaluate as run
     from .sketch_to_face import SketchToFace
@@ -239,7 +240,7 @@ def evaluate(model_folder, pairs, out, refine, gender, sketch_method, tol, batch
     for line in result.skipped:
         click.echo(line, err=True)
     click.echo(result.table())
-    skipped = f", {len(result.skipped)} skipped (unreadable)" if result.skipped else ""
+    skipped = f", {len(result.skipped)} skipped (unreadable or ambiguous)" if result.skipped else ""
     click.echo(f"evaluate: {result.counts['pairs']} pairs{skipped}; metrics {Path(out) / 'metrics.json'}; grid "
                f"{Path(out) / 'grid.jpg'}")
     if result.skipped:

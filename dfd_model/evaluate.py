@@ -73,16 +73,26 @@ def landmark_error(points: np.ndarray, reference: np.ndarray) -> float:
     return float(np.linalg.norm(points - reference, axis=1).mean() / scale)
 
 
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Frechet distance between Gaussians fitted to the rows of a [N, D] and b [M, D]."""
-    from scipy import linalg
+def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
+    """Square root of a symmetric positive semi-definite matrix (rounding's negative eigenvalues as 0)."""
+    values, vectors = np.linalg.eigh(matrix)
+    return (vectors * np.sqrt(values.clip(min=0))) @ vectors.T
 
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to the rows of a [N, D] and b [M, D].
+
+    Tr sqrt(A B) is computed as Tr sqrt(sqrt(A) B sqrt(A)), a symmetric PSD matrix, so that
+    the singular covariances of fewer than D+1 faces (every small evaluation: D is 128) give
+    an exact answer instead of a general matrix square root's warning and complex rounding."""
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or len(a) < 2 or len(b) < 2:
         raise ValueError(f"need two [N>=2, D] sets with the same D, got {a.shape} and {b.shape}")
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    root = np.real(linalg.sqrtm(cov_a @ cov_b))
-    value = float(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a + cov_b - 2 * root))
+    root_a = _psd_sqrt(cov_a)
+    middle = root_a @ cov_b @ root_a
+    trace_root = float(np.sqrt(np.linalg.eigvalsh((middle + middle.T) / 2).clip(min=0)).sum())
+    value = float(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_root)
     return max(value, 0.0)
 
 
@@ -114,19 +124,30 @@ def landmarks_of(image: np.ndarray) -> np.ndarray | None:
 
 
 # ---- pairs and the run ------------------------------------------------------------------------------
-def find_pairs(folder: str | os.PathLike) -> list[tuple[str, Path, Path]]:
-    """(name, sketch, photo) for every stem present in both DIR/sketches and DIR/photos."""
+def find_pairs(folder: str | os.PathLike) -> tuple[list[tuple[str, Path, Path]], list[str]]:
+    """(name, sketch, photo) for every stem present in both DIR/sketches and DIR/photos, and one
+    line for each name left out because one side holds two images of it (a.png and a.jpg:
+    which one was meant cannot be told)."""
     folder = Path(folder)
-    sides = {}
+    sides, ambiguous = {}, {}
     for side in ("sketches", "photos"):
         path = folder / side
         if not path.is_dir():
             raise EvaluateError(f"{folder}: needs a {side}/ folder (pairs are sketches/<name>.* with photos/<name>.*)")
-        sides[side] = {p.stem: p for p in sorted(path.iterdir()) if not p.is_dir() and is_image_name(p.name)}
+        files: dict[str, list[Path]] = {}
+        for entry in sorted(path.iterdir()):
+            if not entry.is_dir() and is_image_name(entry.name):
+                files.setdefault(entry.stem, []).append(entry)
+        sides[side] = {stem: paths[0] for stem, paths in files.items()}
+        for stem, paths in files.items():
+            if len(paths) > 1:
+                ambiguous.setdefault(stem, f"{', '.join(map(str, paths))}: {len(paths)} images named {stem!r}; "
+                                           f"keep one")
     names = sorted(set(sides["sketches"]) & set(sides["photos"]))
     if not names:
         raise EvaluateError(f"{folder}: no file name appears in both sketches/ and photos/")
-    return [(name, sides["sketches"][name], sides["photos"][name]) for name in names]
+    pairs = [(name, sides["sketches"][name], sides["photos"][name]) for name in names if name not in ambiguous]
+    return pairs, [ambiguous[name] for name in names if name in ambiguous]
 
 
 @dataclass
@@ -134,7 +155,7 @@ class Evaluation:
     metrics: dict[str, float | None]
     counts: dict[str, int]
     per_pair: list[dict]
-    skipped: list[str]  # one line per pair left out: the unreadable file and why
+    skipped: list[str]  # one line per pair left out: the unreadable or ambiguous file(s) and why
 
     def table(self) -> str:
         lines = [f"{'metric':<18} {'value':>9}  meaning"]
@@ -157,8 +178,9 @@ def evaluate(model: SketchToFace, pairs_dir: str | os.PathLike, out: str | os.Pa
     (out / "faces").mkdir(parents=True, exist_ok=True)
     resolution = model.config.resolution
     method = resolve_method(sketch_method)
-    pairs, skipped = [], []
-    for name, sketch_path, photo_path in find_pairs(pairs_dir):
+    found, ambiguous = find_pairs(pairs_dir)
+    pairs, skipped = [], list(ambiguous)
+    for name, sketch_path, photo_path in found:
         try:
             photo = read_image(photo_path)
             photo = cv2.resize(photo, (resolution, resolution), interpolation=cv2.INTER_AREA) \
@@ -196,7 +218,8 @@ def evaluate(model: SketchToFace, pairs_dir: str | os.PathLike, out: str | os.Pa
         "sketch_f_score": float(np.mean([row["sketch_f_score"] for row in rows])),
         "frechet_distance": frechet_distance(np.stack(fakes), np.stack(reals)),
     }
-    counts = {"pairs": len(rows), "unreadable": len(skipped), "landmark_pairs": len(errors)}
+    counts = {"pairs": len(rows), "unreadable": len(skipped) - len(ambiguous), "ambiguous": len(ambiguous),
+              "landmark_pairs": len(errors)}
     result = Evaluation(metrics, counts, rows, skipped)
     atomic_write_text(out / "metrics.json", json.dumps({
         "metrics": metrics, "meaning": METRICS, "counts": counts, "skipped": skipped,

@@ -11,7 +11,8 @@ API (JSON over HTTP; images travel as base64 PNG data URLs):
                         -> {"face": "data:image/png;base64,...", "shadow": "data:..." | null,
                             "seconds": 0.41}
 
-Errors are JSON {"error": "one line"} with 400 (malformed request or image), 404, 405, 411,
+Errors are JSON {"error": "one line"} with 400 (malformed request or image, or an image that
+is not a sketch: a photo, or mostly dark), 404, 405, 411,
 413 (body over the limit), 503 (too many requests waiting; try again) or, for a bug, 500.
 Sketches over MAX_SKETCH_PIXELS are refused from their header. The server binds
 127.0.0.1 unless told otherwise, never reads a file a client names, and runs one inference
@@ -35,7 +36,7 @@ import torch
 from dfd_data.components import COMPONENTS
 from dfd_data.image_io import ImageError, decode_image, encode_png
 
-from .generate import letterbox
+from .generate import letterbox, photo_reason
 from .networks import denormalize_image
 from .projection import check_refine
 from .shadows import ShadowRenderer
@@ -93,6 +94,9 @@ class FaceService:
             image = decode_image(_decode_data_url(request.get("sketch")), "sketch", max_pixels=MAX_SKETCH_PIXELS)
         except ImageError as error:
             raise RequestError(HTTPStatus.BAD_REQUEST, str(error)) from None
+        reason = photo_reason(image)
+        if reason:
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"sketch: {reason}; draw dark lines on white paper")
         sketch = letterbox(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), self.model.config.resolution)
         refine = request.get("refine", 1.0)
         try:

@@ -54,11 +54,15 @@ def _post(url: str, body: bytes, headers: dict | None = None) -> tuple[int, dict
         return error.code, json.loads(error.read())
 
 
+def _data_url(image: np.ndarray) -> str:
+    return "data:image/png;base64," + base64.b64encode(encode_png(image)).decode()
+
+
 def _sketch_url(size: int = 128, line: bool = True) -> str:
     sketch = np.full((size, size), 255, np.uint8)
     if line:
         sketch[size // 2, size // 4: 3 * size // 4] = 0
-    return "data:image/png;base64," + base64.b64encode(encode_png(sketch)).decode()
+    return _data_url(sketch)
 
 
 def _image(data_url: str) -> np.ndarray:
@@ -88,10 +92,24 @@ def test_generate_returns_a_face_and_a_shadow(server):
     (json.dumps({"sketch": _sketch_url(), "refine": {"chin": 1}}).encode(), 400, "unknown component"),
     (json.dumps({"sketch": _sketch_url(), "gender": "robot"}).encode(), 400, "gender 'robot'"),
     (json.dumps({"sketch": _sketch_url(), "path": "/etc/passwd"}).encode(), 400, "unknown field 'path'"),
+    (json.dumps({"sketch": _data_url(np.zeros((64, 64), np.uint8))}).encode(), 400, "0% of it is white paper"),
 ])
 def test_malformed_requests_get_a_400_with_a_reason(server, body, status, message):
     code, answer = _post(server, body)
     assert code == status and message in answer["error"]
+
+
+def test_real_photos_are_refused_and_real_artist_sketches_accepted(server, shared_data):
+    """A photo sent by mistake gets a 400 that says so, not a face made from its edges."""
+    from dfd_data.image_io import read_image
+
+    for photo in [sorted((shared_data / "celebahq").iterdir())[0], sorted((shared_data / "apdrawing").iterdir())[0],
+                  sorted((shared_data / "fs2k_train" / "photo" / "photo1").iterdir())[0]]:
+        code, answer = _post(server, json.dumps({"sketch": _data_url(read_image(photo))}).encode())
+        assert code == 400 and answer["error"].startswith("sketch: looks like"), (photo, answer)
+    artist = sorted((shared_data / "fs2k_train" / "sketch" / "sketch1").iterdir())[0]
+    code, answer = _post(server, json.dumps({"sketch": _data_url(read_image(artist))}).encode())
+    assert code == 200, answer
 
 
 def test_oversized_bodies_and_unknown_paths_are_refused(server):

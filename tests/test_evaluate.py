@@ -46,6 +46,19 @@ def test_frechet_distance_known_answers():
         frechet_distance(a[:1], a)
 
 
+def test_frechet_distance_of_fewer_faces_than_dimensions_is_exact_and_quiet(recwarn):
+    """20 embeddings of 128 dimensions (a small evaluation) have singular covariances."""
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(20, 128)), rng.normal(size=(20, 128)) * 1.5 + 0.1
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    values, vectors = np.linalg.eig(cov_a @ cov_b)  # Tr sqrt(AB) = sum of sqrt of AB's eigenvalues
+    trace_root = np.sqrt(np.clip(values.real, 0, None)).sum()
+    expected = np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(cov_a + cov_b) - 2 * trace_root
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert not recwarn.list
+
+
 def test_face_embeddings_are_128_d_and_a_face_matches_itself(face):
     first, again = face_embedding(face), face_embedding(face.copy())
     assert first.shape == (128,) and np.array_equal(first, again)
@@ -62,3 +75,15 @@ def test_pairs_need_both_folders(tmp_path):
     (tmp_path / "photos" / "b.png").write_bytes(b"x")
     with pytest.raises(EvaluateError, match="no file name appears in both"):
         find_pairs(tmp_path)
+
+
+def test_a_name_with_two_images_on_one_side_is_left_out_and_named(tmp_path):
+    for side, names in (("sketches", ["a.png", "a.jpg", "b.png"]), ("photos", ["a.png", "b.jpg", "c.png"])):
+        (tmp_path / side).mkdir()
+        for name in names:
+            (tmp_path / side / name).write_bytes(b"x")
+    pairs, ambiguous = find_pairs(tmp_path)
+    assert [(name, sketch.name, photo.name) for name, sketch, photo in pairs] == [("b", "b.png", "b.jpg")]
+    assert len(ambiguous) == 1
+    assert str(tmp_path / "sketches" / "a.jpg") in ambiguous[0] and str(tmp_path / "sketches" / "a.png") in ambiguous[0]
+    assert "2 images named 'a'" in ambiguous[0]
