@@ -128,12 +128,14 @@ class FaceService:
                 raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, "busy: the model did not free up in time")
             try:
                 started = time.perf_counter()
-                with torch.inference_mode():
-                    face = denormalize_image(self.model(torch.from_numpy(sketch), refine, gender))[0]
-                    face = face.permute(1, 2, 0).cpu().numpy()
                 shadow = None
-                if want_shadow and self.model.banks is not None:
-                    shadow = _png_data_url(self.shadows.image(torch.from_numpy(sketch), gender)[0].numpy())
+                with torch.inference_mode():
+                    if want_shadow and self.model.banks is not None:  # one encoding for the face and its shadow
+                        latents, matches = self.model.encode_and_match(torch.from_numpy(sketch), refine, gender)
+                        shadow = _png_data_url(self.shadows.image_of(matches, gender)[0].numpy())
+                    else:
+                        latents = self.model.encode(torch.from_numpy(sketch), refine, gender)
+                    face = denormalize_image(self.model.synthesize(latents))[0].permute(1, 2, 0).cpu().numpy()
                 seconds = time.perf_counter() - started
             finally:
                 self.lock.release()

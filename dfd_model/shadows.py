@@ -9,14 +9,14 @@ five are combined by taking the darkest value at each pixel.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Mapping
 
 import torch
 
 from dfd_data.components import COMPONENTS
 from dfd_data.devices import compute_precision
 
-from .projection import project
-from .sketch_to_face import SketchToFace, crop_sketch_components, prepare_sketch
+from .sketch_to_face import Match, SketchToFace
 
 # Share of a window's side over which its shadow fades out towards the border.
 FADE_FRACTION = 0.2
@@ -71,39 +71,47 @@ class ShadowRenderer:
         """Sketch (as SketchToFace accepts) -> darkness [B, R, R] in [0, 1] (1 = black line).
 
         Needs a model with feature banks; raises ValueError otherwise."""
-        model = self.model
-        if model.banks is None:
+        if self.model.banks is None:
             raise ValueError("shadow guidance needs a model with feature banks (train stage 1 to make them)")
-        parameter = next(model.parameters())
-        x = prepare_sketch(sketch, model.config.resolution).to(device=parameter.device, dtype=parameter.dtype)
-        crops = crop_sketch_components(x, model.config)
-        windows = model.config.windows()
-        batch, resolution = x.shape[0], model.config.resolution
-        darkness = torch.zeros(batch, resolution, resolution, device=x.device)
+        return self.darkness_of(self.model.encode_and_match(sketch, gender=gender)[1], gender)
+
+    @torch.inference_mode()
+    def darkness_of(self, matches: Mapping[str, Match], gender: str | None = None) -> torch.Tensor:
+        """Darkness [B, R, R] from every component's neighbours (SketchToFace.encode_and_match
+        with the same gender)."""
+        windows = self.model.config.windows()
+        batch, device = matches["remainder"].indices.shape[0], matches["remainder"].indices.device
+        resolution = self.model.config.resolution
+        darkness = torch.zeros(batch, resolution, resolution, device=device)
         for name in COMPONENTS:
-            latent = model.autoencoders[name].encoder(crops[name])
-            bank = model.banks.get(name, gender).to(device=latent.device, dtype=latent.dtype)
-            _, indices, weights = project(latent, bank, model.config.knn, model.config.lle_eps,
-                                          model.config.projection, model.banks.index(name, gender, model.compute_dtype))
+            indices, weights = matches[name]
             positive = weights.clamp(min=0)
             positive = positive / positive.sum(1, keepdim=True).clamp(min=1e-12)
             window = windows[name]
             wanted = [int(i) for i, w in zip(indices.flatten(), positive.flatten()) if w > 0]
             ink = self._ink(name, gender, wanted)
-            blended = torch.zeros(batch, window.size, window.size, device=x.device)
+            blended = torch.zeros(batch, window.size, window.size, device=device)
             for item in range(batch):
                 for row, weight in zip(indices[item].tolist(), positive[item].tolist()):
                     if weight > 0:
                         blended[item] += weight * ink[row].float()
             if name != "remainder":
-                blended = blended * _fade_mask(window.size, x.device)
+                blended = blended * _fade_mask(window.size, device)
             area = (slice(None), slice(window.y, window.y + window.size), slice(window.x, window.x + window.size))
             darkness[area] = torch.maximum(darkness[area], blended)
         return darkness
 
     def image(self, sketch, gender: str | None = None) -> torch.Tensor:
         """The shadows as uint8 gray pictures [B, R, R] (255 paper, darker where lines are likely)."""
-        return (255 - self.darkness(sketch, gender) * 255).round().clamp(0, 255).to(torch.uint8).cpu()
+        return _as_picture(self.darkness(sketch, gender))
+
+    def image_of(self, matches: Mapping[str, Match], gender: str | None = None) -> torch.Tensor:
+        """`image` from neighbours already found (see darkness_of)."""
+        return _as_picture(self.darkness_of(matches, gender))
+
+
+def _as_picture(darkness: torch.Tensor) -> torch.Tensor:
+    return (255 - darkness * 255).round().clamp(0, 255).to(torch.uint8).cpu()
 
 
 def shadow_image(model: SketchToFace, sketch, gender: str | None = None) -> torch.Tensor:

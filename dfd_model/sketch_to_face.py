@@ -12,7 +12,7 @@ map, fuse the maps by hard overwrite, and run the generator.
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 import torch
 from torch import nn
@@ -26,6 +26,13 @@ from .projection import FeatureBank, blend, check_refine, project
 
 # Float sketches must already be normalised; allow a little slack around [-1, 1].
 _FLOAT_RANGE_SLACK = 1e-3
+
+
+class Match(NamedTuple):
+    """A component's neighbours in its bank: rows [B, k], nearest first, and their locally
+    linear weights [B, k] (summing to 1)."""
+    indices: torch.Tensor
+    weights: torch.Tensor
 
 
 def prepare_sketch(sketch, resolution: int) -> torch.Tensor:
@@ -146,22 +153,36 @@ class SketchToFace(nn.Module):
             one number or per component (missing components take 1). Ignored without banks.
         gender: which bank to search (see `genders`); None searches every vector.
         """
+        return self._encode(sketch, refine, gender, match_all=False)[0]
+
+    def encode_and_match(self, sketch, refine: float | Mapping[str, float] = 1.0, gender: str | None = None
+                         ) -> tuple[dict[str, torch.Tensor], dict[str, Match]]:
+        """`encode`, and every component's neighbours in its bank, whatever its refine (what
+        shadow guidance draws: one encoding serves both). Needs banks (ValueError otherwise)."""
+        if self.banks is None:
+            raise ValueError("matching sketches needs a model with feature banks (train stage 1 to make them)")
+        return self._encode(sketch, refine, gender, match_all=True)
+
+    def _encode(self, sketch, refine, gender, match_all: bool
+                ) -> tuple[dict[str, torch.Tensor], dict[str, Match]]:
         weights = self._refine_per_component(refine)
         if gender is not None and not isinstance(gender, str):
             raise ValueError(f"gender must be a string or None, got {gender!r}")
         parameter = next(self.parameters())
         x = prepare_sketch(sketch, self.config.resolution).to(device=parameter.device, dtype=parameter.dtype)
         crops = crop_sketch_components(x, self.config)
-        latents = {}
+        latents, matches = {}, {}
         for name in COMPONENTS:
             latent = self.autoencoders[name].encoder(crops[name])
-            if self.banks is not None and weights[name] > 0:
+            if self.banks is not None and (match_all or weights[name] > 0):
                 bank = self.banks.get(name, gender).to(device=latent.device, dtype=latent.dtype)
-                projected, _, _ = project(latent, bank, self.config.knn, self.config.lle_eps, self.config.projection,
-                                          self.banks.index(name, gender, self.compute_dtype))
+                projected, indices, lle_weights = project(
+                    latent, bank, self.config.knn, self.config.lle_eps, self.config.projection,
+                    self.banks.index(name, gender, self.compute_dtype))
+                matches[name] = Match(indices, lle_weights)
                 latent = blend(latent, projected, weights[name])
             latents[name] = latent
-        return latents
+        return latents, matches
 
     def synthesize(self, latents: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Component latents -> RGB faces [B, 3, R, R] in [-1, 1] (feature decoders, fusion,

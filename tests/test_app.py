@@ -215,3 +215,20 @@ def test_shadow_cache_gives_the_same_shadows_and_decodes_each_neighbour_once(tin
     assert torch.equal(renderer.image(sketch), first) and sum(decoded) == count  # all from the cache
     decoded.clear()
     assert (shadow_image(model, sketch).int() - first.int()).abs().max() <= 1  # float16 cache: within one level
+
+
+def test_a_face_with_shadows_encodes_the_sketch_once_and_equals_the_face_without(tiny_model_folder):
+    from dfd_model.serve import FaceService
+
+    service = FaceService(SketchToFace.from_pretrained(tiny_model_folder, device="cpu"))
+    encoded = []
+    for autoencoder in service.model.autoencoders.values():
+        autoencoder.encoder.register_forward_hook(lambda module, args, out: encoded.append(1))
+    request = {"sketch": _sketch_url(), "refine": {"nose": 0.0, "mouth": 0.5}, "gender": "female"}
+    plain = service.generate(request)
+    assert len(encoded) == 5 and plain["shadow"] is None
+    encoded.clear()
+    with_shadow = service.generate({**request, "shadow": True})
+    assert len(encoded) == 5  # once per component, for the face and the shadow together
+    assert with_shadow["face"] == plain["face"]
+    assert _image(with_shadow["shadow"]).min() < 255
