@@ -46,7 +46,7 @@ class Expect:
     app: int | None  # the HTTP status; None for what has no bytes to send (links, a FIFO)
 
 
-PHOTO = Expect("aligned", "refused", 200)  # generate wants sketches; the app draws whatever it is given
+PHOTO = Expect("aligned", "refused", 400)  # generate and the app want sketches
 SKETCH = Expect("either", "face", 200)  # dlib sees a face in some sketches: aligned or skipped are both right
 BROKEN = Expect("failed", "refused", 400)
 SPECIAL = Expect("failed", "refused", None)
@@ -73,9 +73,9 @@ def corpus(tmp_path_factory, sample_photos, sketched_dataset) -> tuple[Path, dic
     add({"huge 12000x9000.jpg": huge_jpeg(astronaut)}, Expect("aligned", "refused", 400))  # over the app's 16 MP
     add(good_variants(sketch, prefix="sketch "), SKETCH)
     add({"blank sketch.png": png(np.full((256, 256), 255, np.uint8))}, Expect("no_face", "face", 200))  # empty paper
-    add({"black sketch.png": png(np.zeros((256, 256), np.uint8))}, Expect("no_face", "refused", 200))
+    add({"black sketch.png": png(np.zeros((256, 256), np.uint8))}, Expect("no_face", "refused", 400))
     broken = bad_files(astronaut)
-    add({"noise-no-face.png": broken.pop("noise-no-face.png")}, Expect("no_face", "refused", 200))
+    add({"noise-no-face.png": broken.pop("noise-no-face.png")}, Expect("no_face", "refused", 400))
     add({"flat-no-face.jpg": broken.pop("flat-no-face.jpg")}, Expect("no_face", "face", 200))  # light gray: paper
     add(broken, BROKEN)
     folder = write_folder(tmp_path_factory.mktemp("corpus") / "in", files, symlink_loop=True, special=True)
