@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,12 +60,23 @@ class Face:
 def _dlib_models():
     import dlib  # imported lazily: worker processes load it once and keep it
 
-    return dlib, dlib.get_frontal_face_detector(), dlib.shape_predictor(str(package_model_path(LANDMARK_MODEL_FILE)))
+    return dlib, dlib.shape_predictor(str(package_model_path(LANDMARK_MODEL_FILE)))
+
+
+_per_thread = threading.local()
+
+
+def _detector():
+    """dlib's HOG detector, one per thread: one detector shared by threads (--backend threading)
+    returned other images' faces. Making one is cheap; the landmark model is shared."""
+    if not hasattr(_per_thread, "detector"):
+        _per_thread.detector = _dlib_models()[0].get_frontal_face_detector()
+    return _per_thread.detector
 
 
 def find_faces(image: np.ndarray) -> list[Face]:
     """All frontal faces in an RGB uint8 image, largest first, with 68 landmarks each."""
-    dlib, detector, predictor = _dlib_models()
+    (dlib, predictor), detector = _dlib_models(), _detector()
     height, width = image.shape[:2]
     scale = min(1.0, DETECTION_MAX_SIDE / max(height, width))
     small = image if scale == 1.0 else cv2.resize(image, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA)

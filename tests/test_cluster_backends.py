@@ -1,5 +1,5 @@
-"""`--backend dask` and `--backend ray` on a local 2-worker cluster give the same dataset,
-records and error reports as the default loky run, for align, build-sketches (a filter and
+"""`--backend dask` and `--backend ray` on a local 2-worker cluster, and `--backend threading`,
+give the same dataset, records and error reports as the default loky run, for align, build-sketches (a filter and
 a network method) and crop-components."""
 from __future__ import annotations
 
@@ -53,10 +53,13 @@ def loky_run(photos) -> Path:
     return root
 
 
-@pytest.mark.parametrize("backend", ["dask", "ray"])
+@pytest.mark.parametrize("backend", ["dask", "ray", "threading"])
 def test_cluster_backend_builds_the_same_dataset_as_loky(photos, loky_run, backend, one_torch_thread):
-    pytest.importorskip({"dask": "dask.distributed", "ray": "ray"}[backend],
-                        reason=f"the [{backend}] extra is not installed")
+    """threading runs every job in this one process: what workers share must be safe to share
+    (one dlib detector shared by two threads once gave images each other's faces)."""
+    if backend != "threading":
+        pytest.importorskip({"dask": "dask.distributed", "ray": "ray"}[backend],
+                            reason=f"the [{backend}] extra is not installed")
     root = photos.parent / backend
     # align exits 1 like loky: the two broken photos failed, the others did not.
     assert prepare(photos, root, "--backend", backend) == {"align": 1, "photocopy": 0, NETWORK_METHOD: 0, "crop": 0}

@@ -139,11 +139,12 @@ def differences(root: Path, reference: Path) -> list[str]:
     return different
 
 
-def recorded_outputs_whole(folder: Path) -> bool:
-    """Every output that folder/records.jsonl names is on disk with its recorded digest. (A
-    file written but not yet recorded when the run stopped is not trusted: the rerun redoes it.)"""
-    root = folder.parent.parent
-    outputs = {name: digest for record in read_jsonl(folder / "records.jsonl") for name, digest in record["outputs"].items()}
+def recorded_outputs_whole(folder: Path, root: Path | None = None) -> bool:
+    """Every output that folder/records.jsonl names is on disk, under root (default: the
+    dataset two levels up), with its recorded digest. (A file written but not yet recorded
+    when the run stopped is not trusted: the rerun redoes it.)"""
+    root = folder.parent.parent if root is None else root
+    outputs = {name: digest for record in read_jsonl(folder / "records.jsonl") for name, digest in record.get("outputs", {}).items()}
     broken = [name for name, digest in outputs.items() if not (root / name).is_file() or sha256_file(root / name) != digest]
     TALLY.lost_or_corrupted += len(broken)
     return not broken
@@ -426,6 +427,32 @@ def test_a_disk_that_fills_up_gives_one_line_keeps_every_file_whole_and_resumes(
     again = invoke("build-sketches", root, *SKETCH_ARGS, "--backend", "threading")
     assert again.exit_code == 0, again.output
     assert differences(root, sketched24) == []
+
+
+def test_align_on_a_disk_that_fills_up_gives_one_line_keeps_every_file_whole_and_resumes(faces24, tmp_path,
+                                                                                        monkeypatch):
+    """The same for align: every fsync after the seventh fails with ENOSPC."""
+    photos, root = faces24.parent / "photos", tmp_path / "faces"
+    real_fsync, calls = os.fsync, []
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) > 7:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    args = ("align", photos, root, "--size", "128", "--jobs", "2", "--backend", "threading", "--quiet")
+    monkeypatch.setattr(os, "fsync", fsync)
+    full = invoke(*args, inputs=24)
+    monkeypatch.undo()
+    assert full.exit_code == 1
+    line = one_error_line(full.output)
+    assert line.startswith(f"Error: {root}") and line.endswith(": cannot write (No space left on device)"), line
+    assert not leftovers(root) and recorded_outputs_whole(root, root)
+    assert 0 < len(list((root / "images").glob("*.png"))) < 24
+    again = invoke(*args)
+    assert again.exit_code == 0, again.output
+    assert differences(root, faces24) == []
 
 
 def test_a_folder_that_refuses_writes_fails_its_files_with_the_reason_and_resumes(sketched24, tmp_path,
