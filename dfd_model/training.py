@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from dfd_data.atomic import atomic_write_bytes, atomic_write_text
+from dfd_data.atomic import WriteError, atomic_write_bytes, atomic_write_text
 from dfd_data.components import COMPONENTS
 from dfd_data.contact_sheet import contact_sheet
 from dfd_data.dataset import Dataset, read_jsonl
@@ -452,8 +452,11 @@ class Trainer:
                        "losses": {k: sum(d[k] for d in interval) / len(interval) for k in interval[0]},
                        "sec_per_step": round(seconds, 4),
                        "images_per_s": round(self.config.batch_size / seconds, 2), "time": round(time.time(), 1)}
-                with open(self.out / STATS_FILE, "a", encoding="utf-8") as handle:
-                    handle.write(json.dumps(row) + "\n")
+                try:  # a torn line (disk full) is dropped when resuming reads the file
+                    with open(self.out / STATS_FILE, "a", encoding="utf-8") as handle:
+                        handle.write(json.dumps(row) + "\n")
+                except OSError as error:
+                    raise WriteError.of(error, self.out / STATS_FILE) from None
                 interval, tick = [], time.time()
             if self.step % self.config.grid_every == 0 or end:
                 self._write_grid()

@@ -80,10 +80,14 @@ def save_checkpoint(run: Path, name: str, *, modules: dict[str, torch.nn.Module]
     temp = folder / f".tmp-{name}"
     shutil.rmtree(temp, ignore_errors=True)
     temp.mkdir()
-    atomic_write_bytes(temp / TENSORS_FILE, data)
     document = {"format": FORMAT, "format_version": FORMAT_VERSION, "optimizers": optimizer_meta,
                 "tensors_sha256": sha256_bytes(data), **state}
-    atomic_write_text(temp / STATE_FILE, json.dumps(document, indent=1, sort_keys=True))
+    try:
+        atomic_write_bytes(temp / TENSORS_FILE, data)
+        atomic_write_text(temp / STATE_FILE, json.dumps(document, indent=1, sort_keys=True))
+    except BaseException:  # a full disk: no half checkpoint stays behind to take space
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
     final = folder / name
     shutil.rmtree(final, ignore_errors=True)
     os.replace(temp, final)

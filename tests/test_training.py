@@ -327,3 +327,45 @@ def test_train_killed_at_a_random_moment_resumes_to_the_same_losses(sketched_dat
     killed = SketchToFace.from_pretrained(run / "model", device="cpu").state_dict()
     expected = SketchToFace.from_pretrained(tmp_path / "whole" / "model", device="cpu").state_dict()
     assert all(torch.equal(killed[key], expected[key]) for key in expected)
+
+
+@pytest.mark.parametrize("writes_before_full", [4, 9])
+def test_a_disk_that_fills_up_stops_training_with_one_line_and_resume_repeats_the_losses(
+        sketched_dataset, tmp_path, monkeypatch, writes_before_full):
+    """Every fsync after the first few fails with ENOSPC, as on a full disk: train stops with one
+    line naming the file it could not write, leaves no temporary file or half checkpoint, and a
+    --resume once there is space again ends with the losses and weights of a run never stopped."""
+    import errno
+    import os
+
+    from click.testing import CliRunner
+
+    from dfd_data.atomic import TEMP_PREFIX
+    from dfd_model.cli import main
+
+    args = ["train", str(sketched_dataset), "--stage", "all", "--resolution", "128", "--steps", "6", "--batch-size",
+            "2", "--log-every", "1", "--checkpoint-every", "2", "--quiet", *TINY_SETTINGS]
+    whole = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "whole")])
+    assert whole.exit_code == 0, whole.output
+    real_fsync, calls = os.fsync, []
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) > writes_before_full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    run = tmp_path / "full"
+    monkeypatch.setattr(os, "fsync", fsync)
+    full = CliRunner().invoke(main, [*args, "--out", str(run)])
+    monkeypatch.undo()
+    assert full.exit_code == 1 and "Traceback" not in full.output
+    line = full.output.strip().splitlines()[-1]
+    assert line.startswith(f"Error: {run}/") and line.endswith(": cannot write (No space left on device)"), line
+    assert not [p for p in run.rglob("*") if p.name.startswith((TEMP_PREFIX, ".tmp-"))]
+    resumed = CliRunner().invoke(main, [*args, "--out", str(run), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert _losses(run) == _losses(tmp_path / "whole")
+    again = SketchToFace.from_pretrained(run / "model", device="cpu").state_dict()
+    expected = SketchToFace.from_pretrained(tmp_path / "whole" / "model", device="cpu").state_dict()
+    assert all(torch.equal(again[key], expected[key]) for key in expected)
