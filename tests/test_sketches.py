@@ -123,3 +123,25 @@ def test_changed_recipe_redoes_the_sketches(dataset_copy):
     records.write_text("".join(json.dumps({**row, "recipe": "made-by-an-older-version"}) + "\n" for row in rows))
     again = dfd_data("build-sketches", dataset_copy, "--method", "canny", "--quiet")
     assert again.stdout.startswith("build-sketches:canny: 2 done, 0 skipped, 0 failed")
+
+
+def test_hed_thinning_runs_on_torch_s_threads_in_order_and_alone_in_a_one_thread_worker():
+    import threading
+
+    import torch
+
+    from dfd_data.sketch_methods import _thread_map
+
+    def work(item):
+        seen.add(threading.get_ident())
+        return item * 2
+
+    before = torch.get_num_threads()
+    try:
+        for threads, pool in ((1, False), (2, True)):
+            seen = set()
+            torch.set_num_threads(threads)
+            assert _thread_map(work, list(range(20))) == [2 * i for i in range(20)]
+            assert (threading.get_ident() not in seen) == pool
+    finally:
+        torch.set_num_threads(before)
