@@ -17,7 +17,8 @@ Two solves of the locally linear weights are offered (`method`):
 
 Both solve in float64 (in numpy: the result carries no gradient) and return tensors in the
 query's dtype. The neighbour search scores the bank with one matrix product (in bf16 for a
-model inferring in bf16) and re-ranks the best candidates by exact distances.
+model inferring in bf16) and re-ranks, by float64 distances, every row that the scores'
+rounding error bound leaves a chance of being among the k nearest: the result is exact.
 """
 from __future__ import annotations
 
@@ -186,29 +187,40 @@ def _with_ridge(gram: np.ndarray, eps: float) -> np.ndarray:
     return gram
 
 
-# Extra candidates kept from the matrix-product scores before the exact re-ranking; enough to
-# absorb the rounding of bf16 scores (about 0.1 on squared distances of a few hundred).
-RERANK_MARGIN = 32
 # Banks above this size are scored from a bf16 copy when asked to; below it the float32 bank
 # is read so fast that the copy would not pay for its memory.
 BF16_SCORING_ROWS = 2048
+_FLOAT32_ROUNDING = 2.0 ** -24  # unit roundoff: scores are accumulated and finished in float32
 
 
 @dataclass(frozen=True)
 class SearchIndex:
-    """What the search of one bank needs, computed once per bank: its rows' squared norms
-    and, for a model inferring in bf16 (see dfd_data.devices.resolve_precision), a bf16 copy
-    of the rows. One query reads the whole bank, so the copy halves the memory traffic that
-    bounds the search."""
+    """What the search of one bank needs, computed once per bank: its rows' squared norms,
+    the two terms of its scores' error bound and, for a model inferring in bf16 (see
+    dfd_data.devices.resolve_precision), a bf16 copy of the rows. One query reads the whole
+    bank, so the copy halves the memory traffic that bounds the search."""
 
     squared_norms: np.ndarray  # [N] float32, on the CPU: the scores are finished in numpy
+    # A score's rounding error is at most |q| * error_slope + error_floor ([N] float32 each).
+    error_slope: np.ndarray
+    error_floor: np.ndarray
     rows_bf16: torch.Tensor | None = None
 
     @classmethod
     def of(cls, bank: torch.Tensor, score_dtype: torch.dtype = torch.float32) -> "SearchIndex":
+        """Worst-case rounding of a score, in any summation order: rounding q and b to the
+        scoring dtype (unit roundoff u) errs by at most (2u + u^2)|q||b| on q.b, float32
+        accumulation of D products by gamma_D |q||b| (Cauchy-Schwarz bounds sum |q_i b_i|),
+        the float32 norms by gamma_D |b|^2, and three float32 roundings finish the score;
+        1.01 covers the second-order terms left out."""
         rows = bank.float()
         low = rows.to(torch.bfloat16) if score_dtype == torch.bfloat16 and bank.shape[0] > BF16_SCORING_ROWS else None
-        return cls(rows.pow(2).sum(1).cpu().numpy(), low)
+        squared = rows.pow(2).sum(1).cpu().numpy()
+        u = torch.finfo(torch.bfloat16).eps / 2 if low is not None else 0.0
+        r = _FLOAT32_ROUNDING
+        gamma = bank.shape[1] * r / (1 - bank.shape[1] * r)
+        slope = 1.01 * (2 * (2 * u + u * u + gamma * (1 + u) ** 2) + 6 * r) * np.sqrt(squared)
+        return cls(squared, slope.astype(np.float32), (1.01 * (gamma + 3 * r) * squared).astype(np.float32), low)
 
     def scores(self, query: torch.Tensor, rows: torch.Tensor) -> np.ndarray:
         """|b|^2 - 2 q.b for every row b (the distance order, shifted by |q|^2), [B, N] numpy."""
@@ -217,34 +229,52 @@ class SearchIndex:
         dots = torch.mv(bank, q[0])[None] if q.shape[0] == 1 else q @ bank.T
         return self.squared_norms[None, :] - 2.0 * dots.float().cpu().numpy()
 
+    def error_bound(self, target: np.ndarray) -> np.ndarray:
+        """The bound on each score's rounding error for queries `target` [B, D], [B, N]."""
+        query_norms = np.sqrt(np.einsum("bd,bd->b", target, target))[:, None]
+        return query_norms * self.error_slope[None, :] + self.error_floor[None, :]
+
 
 def _search(query: torch.Tensor, target: np.ndarray, bank: torch.Tensor, k: int, index: SearchIndex | None
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The k nearest bank rows of each query (`target` is the query as float64 numpy):
     (distances [B, k], indices [B, k], rows [B, k, D] as float64), nearest first.
 
-    The bank is scored with one matrix product and the best k + RERANK_MARGIN candidates are
-    re-ranked by distances computed directly (so a bank vector is always its own nearest
-    neighbour, at distance 0). Everything after the product works on a few dozen rows and
-    runs in numpy, whose small operations cost microseconds where torch's cost tens."""
+    The bank is scored with one matrix product, whose rounding (bf16 scores above all) can
+    reorder rows whose scores lie close together. Every row whose score could, within its
+    error bound, beat the k-th best bound is kept as a candidate, and the candidates are
+    re-ranked by distances computed directly in float64: the search is exact, and a bank
+    vector is always its own nearest neighbour, at distance 0. Everything after the product
+    works on a few dozen rows and runs in numpy, whose small operations cost microseconds
+    where torch's cost tens."""
     rows = bank if bank.device == query.device else bank.to(query.device)
-    count, pool = min(k, rows.shape[0]), min(rows.shape[0], k + RERANK_MARGIN)
-    if pool < rows.shape[0]:
+    count = min(k, rows.shape[0])
+    if count < rows.shape[0]:
         work = torch.promote_types(torch.promote_types(query.dtype, bank.dtype), torch.float32)
-        scores = (index or SearchIndex.of(rows)).scores(query.to(work), rows.to(work))
-        candidates = np.argpartition(scores, pool - 1, axis=1)[:, :pool]
+        index = index or SearchIndex.of(rows)
+        scores, error = index.scores(query.to(work), rows.to(work)), index.error_bound(target)
+        worst = scores + error
+        threshold = np.partition(worst, count - 1, axis=1)[:, count - 1:count]
+        keep = scores - error <= threshold
+        candidates = [np.flatnonzero(row) for row in keep]
     else:
-        candidates = np.tile(np.arange(pool), (query.shape[0], 1))
+        candidates = [np.arange(count)] * query.shape[0]
+    found = [_rerank(query_row, rows, picked, count) for query_row, picked in zip(target, candidates)]
+    return tuple(np.stack(parts) for parts in zip(*found))
+
+
+def _rerank(target: np.ndarray, rows: torch.Tensor, candidates: np.ndarray, count: int
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The `count` candidates nearest to one query, by float64 distances: (distances, indices, rows)."""
     if rows.device.type == "cpu" and rows.dtype in (torch.float32, torch.float64):
         # a view of the bank: gathering the candidates copies only them
         picked = rows.detach().numpy()[candidates].astype(np.float64)
     else:
         picked = rows[torch.from_numpy(candidates).to(rows.device)].cpu().double().numpy()
-    offsets = picked - target[:, None]
-    distances = np.sqrt(np.einsum("bkd,bkd->bk", offsets, offsets))
-    order = np.argsort(distances, axis=1, kind="stable")[:, :count]
-    each = np.arange(order.shape[0])[:, None]
-    return distances[each, order], candidates[each, order], picked[each, order]
+    offsets = picked - target
+    distances = np.sqrt(np.einsum("kd,kd->k", offsets, offsets))
+    order = np.argsort(distances, kind="stable")[:count]
+    return distances[order], candidates[order], picked[order]
 
 
 def _as_float64(query: torch.Tensor) -> np.ndarray:

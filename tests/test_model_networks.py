@@ -526,6 +526,25 @@ def test_a_planted_pickle_is_refused_and_never_run(saved, tmp_path, planted):
     assert not marker.exists()
 
 
+def test_bf16_scoring_finds_the_exact_neighbours_in_a_bank_of_tight_clusters():
+    """Faces come in look-alikes: a bank of tight clusters puts many rows within bf16's rounding
+    of one another. The search must still return exactly the k nearest (a fixed margin of
+    extra candidates once missed neighbours ranked 72nd by the bf16 scores)."""
+    from dfd_model.projection import nearest
+
+    generator = torch.Generator().manual_seed(5)
+    centres = torch.randn(300, 512, generator=generator)
+    bank = centres[torch.randint(0, 300, (17_703,), generator=generator)] + 0.1 * torch.randn(17_703, 512,
+                                                                                             generator=generator)
+    index = FeatureBank({"nose": bank}).index("nose", score_dtype=torch.bfloat16)
+    assert index.rows_bf16 is not None
+    for row in range(0, 17_703, 1_770):
+        query = bank[row:row + 1] + 0.005 * torch.randn(1, 512, generator=generator)
+        exact = torch.cdist(query.double(), bank.double())[0]
+        distances, indices = nearest(query, bank, 10, index)
+        assert torch.equal(indices[0], torch.topk(exact, 10, largest=False)[1]), row
+
+
 def test_large_banks_are_searched_by_matrix_product_and_reranked_exactly():
     """Banks above BF16_SCORING_ROWS are scored in bf16 where that is native; the search must
     find the same neighbours as an exhaustive exact search, and a bank vector must still
