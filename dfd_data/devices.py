@@ -99,9 +99,12 @@ def precision_name(dtype: torch.dtype) -> str:
 def prepare_for_inference(model: torch.nn.Module, device: torch.device, precision: str = "auto") -> torch.nn.Module:
     """Eval mode on `device`, rewritten for inference (see inference_graph: batch norms folded,
     weights cast once for bf16 compute), with channels-last weights (the layout oneDNN and
-    cuDNN convolve fastest) and `model.compute_dtype` set for `compute_precision`."""
+    cuDNN convolve fastest) and `model.compute_dtype` set for `compute_precision`. The
+    process's allocator is told to keep freed activations for the next call (see allocator)."""
+    from .allocator import keep_freed_memory
     from .inference_graph import rewrite_for_inference
 
+    keep_freed_memory()
     model = model.to(device).eval()
     model.compute_dtype = resolve_precision(precision, device)
     return rewrite_for_inference(model, model.compute_dtype).to(memory_format=torch.channels_last)

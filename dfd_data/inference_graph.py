@@ -8,6 +8,8 @@ What it changes (the README's Speed section gives the effect on the full model):
   the next convolution copies back).
 - Reflection and replication pads run in their input's dtype: CPU autocast runs them in
   float32, casting bf16 activations up before each pad and down again after it.
+- A 2x2 max pool with stride 2 takes the maximum of two strided views twice: max_pool2d
+  also computes and writes int64 indices nobody reads, and took six times as long.
 - The convolution and linear weights of the parts that run under autocast are stored in the
   compute dtype: for bf16 they are cast once here, where autocast would cast every weight
   again on every call. A model
@@ -55,6 +57,30 @@ class InputDtypePad(nn.Module):
             return F.pad(x, self.padding, mode=self.mode)
 
 
+class PairMaxPool(nn.Module):
+    """MaxPool2d(2, 2) as two elementwise maxima of strided views (NaN propagates the same).
+    An odd height or width (only where ceil_mode pools the last row or column alone) goes to
+    max_pool2d."""
+
+    def __init__(self, pool: nn.MaxPool2d):
+        super().__init__()
+        self.ceil_mode = pool.ceil_mode
+
+    @staticmethod
+    def replaces(module: nn.Module) -> bool:
+        def pair(value) -> bool:
+            return value in (2, (2, 2))
+
+        return (isinstance(module, nn.MaxPool2d) and pair(module.kernel_size) and pair(module.stride)
+                and module.padding in (0, (0, 0)) and module.dilation in (1, (1, 1)) and not module.return_indices)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2] % 2 or x.shape[-1] % 2:
+            return F.max_pool2d(x, 2, 2, ceil_mode=self.ceil_mode)
+        rows = torch.maximum(x[..., 0::2, :], x[..., 1::2, :])
+        return torch.maximum(rows[..., 0::2], rows[..., 1::2])
+
+
 def _replace_modules(model: nn.Module, wanted: Callable[[nn.Module], bool],
                      replacement: Callable[[nn.Module], nn.Module]) -> None:
     for parent in list(model.modules()):
@@ -82,6 +108,7 @@ def rewrite_for_inference(model: nn.Module, compute_dtype: torch.dtype) -> nn.Mo
     _replace_modules(model, lambda m: isinstance(m, nn.InstanceNorm2d) and not m.track_running_stats,
                      GroupInstanceNorm)
     _replace_modules(model, lambda m: isinstance(m, (nn.ReflectionPad2d, nn.ReplicationPad2d)), InputDtypePad)
+    _replace_modules(model, PairMaxPool.replaces, PairMaxPool)
     for part in getattr(model, "autocast_modules", lambda: [model])():  # (a second call may change the dtype)
         for layer in part.modules():
             if isinstance(layer, _MATRIX_LAYERS):
@@ -89,4 +116,4 @@ def rewrite_for_inference(model: nn.Module, compute_dtype: torch.dtype) -> nn.Mo
     return model
 
 
-__all__ = ["GroupInstanceNorm", "InputDtypePad", "rewrite_for_inference"]
+__all__ = ["GroupInstanceNorm", "InputDtypePad", "PairMaxPool", "rewrite_for_inference"]

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from dfd_data.devices import compute_precision, prepare_for_inference
-from dfd_data.inference_graph import GroupInstanceNorm, InputDtypePad, rewrite_for_inference
+from dfd_data.inference_graph import GroupInstanceNorm, InputDtypePad, PairMaxPool, rewrite_for_inference
 from dfd_model.config import ModelConfig
 from dfd_model.sketch_to_face import SketchToFace
 
@@ -22,7 +22,7 @@ def trained_looking_network() -> nn.Sequential:
         nn.ReflectionPad2d(1), nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
         nn.ConvTranspose2d(8, 8, 4, 2, 1), nn.BatchNorm2d(8), nn.ReLU(),
         nn.ReplicationPad2d(2), nn.Conv2d(8, 8, 5), nn.InstanceNorm2d(8, affine=True), nn.ReLU(),
-        nn.Conv2d(8, 4, 3, padding=1), nn.InstanceNorm2d(4),
+        nn.Conv2d(8, 4, 3, padding=1), nn.InstanceNorm2d(4), nn.MaxPool2d(2, 2, ceil_mode=True),
     )
     for layer in network:
         if isinstance(layer, (nn.BatchNorm2d, nn.InstanceNorm2d)) and layer.weight is not None:
@@ -39,12 +39,25 @@ def test_the_rewrite_computes_the_same_function_in_channels_last_layout():
     rewritten = prepare_for_inference(copy.deepcopy(network), CPU, "fp32")
     kinds = [type(layer) for layer in rewritten]
     assert nn.BatchNorm2d not in kinds and nn.InstanceNorm2d not in kinds  # folded, replaced
-    assert kinds.count(GroupInstanceNorm) == 2 and kinds.count(InputDtypePad) == 2
+    assert kinds.count(GroupInstanceNorm) == 2 and kinds.count(InputDtypePad) == 2 and kinds.count(PairMaxPool) == 1
     x = torch.randn(2, 3, 20, 24)
     with torch.inference_mode():
         expected, got = network(x), rewritten(x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("height, width", [(8, 12), (7, 12), (8, 5)])
+def test_pair_max_pool_equals_max_pool_with_nans_and_odd_sizes(height, width):
+    """Even sizes take the strided-maximum path, odd ones (pooled alone at the edge under
+    ceil_mode) max_pool2d itself; a NaN poisons its window either way."""
+    pool = nn.MaxPool2d(2, 2, ceil_mode=True)
+    x = torch.randn(2, 3, height, width).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    x[0, 1, 2, 3] = float("nan")
+    got = PairMaxPool(pool)(x)
+    torch.testing.assert_close(got, pool(x), rtol=0, atol=0, equal_nan=True)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert not PairMaxPool.replaces(nn.MaxPool2d(3, 2)) and not PairMaxPool.replaces(nn.MaxPool2d(2, 2, padding=1))
 
 
 def test_bf16_keeps_the_layout_and_stays_within_rounding():

@@ -1,0 +1,41 @@
+"""Models prepared for inference keep freed activation memory for the next call instead of
+faulting in fresh pages for every large activation (dfd_data.allocator)."""
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+# A two-layer network whose activations (64 channels at 512 px: 32 MiB in bf16, 64 MiB in
+# float32) are above glibc's largest automatic mmap threshold; prints the page faults of its
+# fifth call.
+PROBE = """
+import resource, sys, torch
+import dfd_data.allocator
+from dfd_data.devices import prepare_for_inference
+if sys.argv[1] == "default":
+    dfd_data.allocator.keep_freed_memory = lambda: False
+network = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(64, 64, 3, padding=1))
+network = prepare_for_inference(network, torch.device("cpu"), "fp32")
+x = torch.randn(1, 3, 512, 512)
+with torch.inference_mode():
+    for _ in range(4):
+        network(x)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    network(x)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the thresholds are glibc's (Linux)")
+def test_a_network_s_later_calls_reuse_the_memory_of_earlier_ones():
+    def faults(mode: str) -> int:
+        result = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, cwd=REPO)
+        assert result.returncode == 0, result.stderr
+        return int(result.stdout)
+
+    activation_pages = (64 << 20) // 4096
+    assert faults("default") > activation_pages  # fresh pages for every activation, every call
+    assert faults("keep") < activation_pages // 16
