@@ -34,6 +34,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from dfd_data.allocator import keep_freed_memory
 from dfd_data.atomic import WriteError, atomic_write_bytes, atomic_write_text
 from dfd_data.components import COMPONENTS
 from dfd_data.contact_sheet import contact_sheet
@@ -170,6 +171,7 @@ class Trainer:
         self.dataset.require()
         self.model_config, self.config = self._resolve_configs(model_config, train_config, resume)
         torch.manual_seed(self.config.seed)
+        keep_freed_memory()  # every step frees and allocates the same large activations again
         # On CUDA the convolutions run fastest in channels-last layout (with tensor cores under
         # mixed precision); the CPU keeps the default layout, whose results resume bit for bit.
         self.layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
