@@ -10,7 +10,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -53,6 +53,22 @@ def median_seconds(function: Callable[[], object], runs: int, warmup: int = 1) -
     return statistics.median(samples)
 
 
+def interleaved_medians(functions: Sequence[Callable[[], object]], runs: int, warmup: int = 1) -> list[float]:
+    """Median wall time of each function, calling them in turn `runs` times after `warmup`
+    rounds: figures divided by each other saw the same machine load (a shared VM's speed
+    drifts by a third within a minute, so a rate measured at another moment skews a ratio)."""
+    for _ in range(warmup):
+        for function in functions:
+            function()
+    samples: list[list[float]] = [[] for _ in functions]
+    for _ in range(runs):
+        for function, times in zip(functions, samples):
+            started = time.perf_counter()
+            function()
+            times.append(time.perf_counter() - started)
+    return [statistics.median(times) for times in samples]
+
+
 def synchronized(function: Callable[[], object], device: torch.device) -> Callable[[], None]:
     """`function` followed by a wait for the device, so that wall time covers its CUDA work."""
     if device.type != "cuda":
@@ -64,14 +80,21 @@ def synchronized(function: Callable[[], object], device: torch.device) -> Callab
     return call
 
 
-def matmul_flops_per_second(dtype: torch.dtype = torch.float32, runs: int = 5, device: str | torch.device = "cpu",
-                            size: int = MATMUL_SIZE) -> float:
-    """FLOP/s of a size x size matrix product on `device` (the CPU with torch's threads)."""
+def matmul_product(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                   size: int = MATMUL_SIZE) -> Callable[[], None]:
+    """One size x size matrix product on `device` (the CPU with torch's threads), as a call to
+    time; it does 2 * size**3 FLOPs."""
     device = torch.device(device)
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(size, size, generator=generator).to(device, dtype)
     b = torch.randn(size, size, generator=generator).to(device, dtype)
-    product = synchronized(lambda: a @ b, device)
+    return synchronized(lambda: a @ b, device)
+
+
+def matmul_flops_per_second(dtype: torch.dtype = torch.float32, runs: int = 5, device: str | torch.device = "cpu",
+                            size: int = MATMUL_SIZE) -> float:
+    """FLOP/s of a size x size matrix product on `device`, the best of three medians."""
+    product = matmul_product(dtype, device, size)
     seconds = min(median_seconds(product, runs, warmup=2) for _ in range(3))
     return 2 * size ** 3 / seconds
 

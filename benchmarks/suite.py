@@ -25,43 +25,59 @@ from dfd_model.config import ModelConfig
 from dfd_model.projection import FeatureBank, project
 
 from . import align_throughput
-from .measure import (RELEASED_BANKS, Row, dtype_name, eager_copy, forward_flops, matmul_flops_per_second,
-                      median_seconds, peak_rss_mb, random_sketches, released_size_model)
+from .measure import (MATMUL_SIZE, RELEASED_BANKS, Row, dtype_name, eager_copy, forward_flops, interleaved_medians,
+                      matmul_flops_per_second, matmul_product, median_seconds, peak_rss_mb, random_sketches,
+                      released_size_model)
 
 BANK_SIZES = (1_000, 17_703, 100_000)
+MATMUL_FLOPS = 2 * MATMUL_SIZE ** 3
 BATCH = 4
 CPU = torch.device("cpu")
 
 
 class Rates:
-    """Matmul FLOP/s per dtype, measured once per run: the denominators of FLOP-bound times."""
+    """The matmul products whose FLOP/s are the denominators of FLOP-bound times, per dtype
+    (float32, and bf16 where it is native), and the run's rates measured once, as rows.
+    Each FLOP-bound time is computed from products timed in turn with what it bounds (see
+    measure.interleaved_medians)."""
 
     def __init__(self):
-        self.per_dtype = {torch.float32: matmul_flops_per_second(torch.float32)}
-        if resolve_precision("auto", CPU) == torch.bfloat16:
-            self.per_dtype[torch.bfloat16] = matmul_flops_per_second(torch.bfloat16)
+        dtypes = [torch.float32] + ([torch.bfloat16] if resolve_precision("auto", CPU) == torch.bfloat16 else [])
+        self.products = {dtype: matmul_product(dtype) for dtype in dtypes}
+        self.per_dtype = {dtype: matmul_flops_per_second(dtype) for dtype in dtypes}
 
     def rows(self) -> list[Row]:
         return [Row(f"matmul_gflops_{dtype_name(dtype)}", rate / 1e9, "GFLOP/s",
-                    config={"size": 2048}) for dtype, rate in self.per_dtype.items()]
+                    config={"size": MATMUL_SIZE}) for dtype, rate in self.per_dtype.items()]
+
+    def bound_dtypes(self, dtype: torch.dtype) -> list[torch.dtype]:
+        """float32, and `dtype` (the compute dtype) where this machine has a rate for it."""
+        return [d for d in self.products if d in (torch.float32, dtype)]
+
+
+def bound_rows(name: str, seconds: float, flops: float, matmul_seconds: dict[torch.dtype, float], unit: str,
+               config: dict) -> list[Row]:
+    """`seconds` beside FLOPs / matmul rate, one row per dtype, the rate from `matmul_seconds`
+    (a product timed in turn with `seconds`)."""
+    rows = []
+    for dtype, product_seconds in matmul_seconds.items():
+        rate, label = MATMUL_FLOPS / product_seconds, dtype_name(dtype)
+        rows.append(Row(f"{name}_vs_{label}_bound", seconds, unit, f"FLOP-bound at {label} matmul rate",
+                        flops / rate, {**config, "matmul_gflops": round(rate / 1e9, 1)}))
+    return rows
 
 
 def network_rows(name: str, ours, eager, flops: int, images: int, dtype: torch.dtype, rates: Rates,
                  runs: int, config: dict) -> list[Row]:
     """Rows for one network call over `images` images: img/s beside plain eager modules, and
     seconds per image beside the FLOP-bound time at fp32 (and at the compute dtype used)."""
-    ours_s, eager_s = median_seconds(ours, runs), median_seconds(eager, runs)
+    dtypes = rates.bound_dtypes(dtype) if images == BATCH else []
+    ours_s, eager_s, *matmul_s = interleaved_medians([ours, eager, *(rates.products[d] for d in dtypes)], runs)
     config = {**config, "batch": images, "precision": dtype_name(dtype), "gflop_per_img": flops / images / 1e9}
     rows = [Row(f"{name}_img_per_s_512" + ("" if images == 1 else f"_b{images}"), images / ours_s, "img/s",
                 "eager fp32 NCHW modules", images / eager_s, config)]
-    if images != BATCH:
-        return rows
-    for bound_dtype, rate in rates.per_dtype.items():
-        if bound_dtype in (torch.float32, dtype):
-            label = dtype_name(bound_dtype)
-            rows.append(Row(f"{name}_s_per_img_512_vs_{label}_bound", ours_s / images, "s/img",
-                            f"FLOP-bound at {label} matmul rate", flops / images / rate, config))
-    return rows
+    return rows + bound_rows(f"{name}_s_per_img_512", ours_s / images, flops / images, dict(zip(dtypes, matmul_s)),
+                             "s/img", config)
 
 
 # ---- data ------------------------------------------------------------------------------------------
@@ -190,20 +206,27 @@ def projection_rows(runs: int) -> list[Row]:
     return rows
 
 
-def _generation_probe(config: dict, runs: int, queue) -> None:
-    """In a fresh process (so the peak memory is this model's): time one-sketch generation."""
+def _generation_probe(config: dict, runs: int, rate_dtypes: list[str], queue) -> None:
+    """In a fresh process (so the peak memory is this model's): time one-sketch generation, in
+    turn with the matmul products of its FLOP-bound times (float32 and its compute dtype,
+    among `rate_dtypes`)."""
     model_config = ModelConfig(**config)
     model = prepare_for_inference(released_size_model(model_config), CPU)
     sketch = random_sketches(1, model_config.resolution)
     with torch.inference_mode():
-        ours = median_seconds(lambda: model(sketch, gender="female"), runs)
-    peak_mb = peak_rss_mb()  # before the eager copy doubles the weights
+        model(sketch, gender="female")
+        peak_mb = peak_rss_mb()  # before the products' matrices and the eager copy's weights
+        dtypes = [getattr(torch, name) for name in rate_dtypes]
+        dtypes = [d for d in dtypes if d in (torch.float32, model.compute_dtype)]
+        ours, *matmul = interleaved_medians([lambda: model(sketch, gender="female"),
+                                             *(matmul_product(d) for d in dtypes)], runs)
     plain = eager_copy(released_size_model(model_config))  # as built: no folded norms, no bf16 rounding
     with torch.no_grad():
         eager = median_seconds(lambda: plain(sketch, gender="female"), runs)
     flops = forward_flops(lambda: plain(sketch, gender="female"))
     queue.put({"ours": ours, "eager": eager, "flops": flops, "peak_mb": peak_mb,
-               "dtype": dtype_name(model.compute_dtype)})
+               "dtype": dtype_name(model.compute_dtype),
+               "matmul_s": {dtype_name(d): seconds for d, seconds in zip(dtypes, matmul)}})
 
 
 def generation_rows(configs: dict[str, dict], rates: Rates, runs: int) -> list[Row]:
@@ -211,9 +234,10 @@ def generation_rows(configs: dict[str, dict], rates: Rates, runs: int) -> list[R
     the time does not depend on their values), and the process's peak memory."""
     rows = []
     context = multiprocessing.get_context("spawn")
+    rate_dtypes = [dtype_name(d) for d in rates.products]
     for label, config in configs.items():
         queue = context.Queue()
-        process = context.Process(target=_generation_probe, args=(config, runs, queue))
+        process = context.Process(target=_generation_probe, args=(config, runs, rate_dtypes, queue))
         process.start()
         while process.is_alive() and queue.empty():
             process.join(timeout=1)
@@ -227,11 +251,8 @@ def generation_rows(configs: dict[str, dict], rates: Rates, runs: int) -> list[R
                    "gflop": result["flops"] / 1e9, **({"model": config} if config else {})}
         rows.append(Row(f"generate_s_{label}", result["ours"], "s", "eager fp32 NCHW modules", result["eager"],
                         details))
-        bound_dtype = torch.bfloat16 if result["dtype"] == "bfloat16" else torch.float32
-        for dtype in dict.fromkeys([torch.float32, bound_dtype]):
-            name = dtype_name(dtype)
-            rows.append(Row(f"generate_s_{label}_vs_{name}_bound", result["ours"], "s",
-                            f"FLOP-bound at {name} matmul rate", result["flops"] / rates.per_dtype[dtype], details))
+        matmul = {getattr(torch, name): seconds for name, seconds in result["matmul_s"].items()}
+        rows += bound_rows(f"generate_s_{label}", result["ours"], result["flops"], matmul, "s", details)
         rows.append(Row(f"generate_peak_mb_{label}", result["peak_mb"], "MiB", config=details))
     return rows
 
@@ -257,14 +278,15 @@ def training_rows(configs: dict[str, tuple[dict, int]], rates: Rates, runs: int)
             sketches, photos_batch = trainer.pairs.batch(np.arange(batch) % len(trainer.pairs))
             steps = {1: lambda: trainer.stage1_step(sketches), 2: lambda: trainer.stage2_step(sketches, photos_batch)}
             for stage, step in steps.items():
-                seconds = median_seconds(step, runs)
+                seconds, product = interleaved_medians([step, rates.products[torch.float32]], runs)
                 with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
                     step()
                 flops = counter.get_total_flops()
+                rate = MATMUL_FLOPS / product
                 rows.append(Row(f"train_stage{stage}_s_per_step_{label}", seconds, "s",
-                                "FLOP-bound at float32 matmul rate", flops / rates.per_dtype[torch.float32],
+                                "FLOP-bound at float32 matmul rate", flops / rate,
                                 {"batch": batch, "resolution": model_config.resolution, "gflop_per_step": flops / 1e9,
-                                 **({"model": config} if config else {})}))
+                                 "matmul_gflops": round(rate / 1e9, 1), **({"model": config} if config else {})}))
     return rows
 
 
