@@ -141,13 +141,13 @@ def find_pairs(folder: str | os.PathLike) -> tuple[list[tuple[str, Path, Path]],
         sides[side] = {stem: paths[0] for stem, paths in files.items()}
         for stem, paths in files.items():
             if len(paths) > 1:
-                ambiguous.setdefault(stem, f"{', '.join(map(str, paths))}: {len(paths)} images named {stem!r}; "
-                                           f"keep one")
+                ambiguous.setdefault(stem, []).append(f"{', '.join(map(str, paths))}: {len(paths)} images named "
+                                                      f"{stem!r}; keep one")
     names = sorted(set(sides["sketches"]) & set(sides["photos"]))
     if not names:
         raise EvaluateError(f"{folder}: no file name appears in both sketches/ and photos/")
     pairs = [(name, sides["sketches"][name], sides["photos"][name]) for name in names if name not in ambiguous]
-    return pairs, [ambiguous[name] for name in names if name in ambiguous]
+    return pairs, ["; ".join(ambiguous[name]) for name in names if name in ambiguous]
 
 
 @dataclass

@@ -70,9 +70,7 @@ class ShadowRenderer:
     def darkness(self, sketch, gender: str | None = None) -> torch.Tensor:
         """Sketch (as SketchToFace accepts) -> darkness [B, R, R] in [0, 1] (1 = black line).
 
-        Needs a model with feature banks; raises ValueError otherwise."""
-        if self.model.banks is None:
-            raise ValueError("shadow guidance needs a model with feature banks (train stage 1 to make them)")
+        Needs a model with feature banks; raises ValueError otherwise (encode_and_match)."""
         return self.darkness_of(self.model.encode_and_match(sketch, gender=gender)[1], gender)
 
     @torch.inference_mode()

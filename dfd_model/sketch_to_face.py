@@ -160,7 +160,8 @@ class SketchToFace(nn.Module):
         """`encode`, and every component's neighbours in its bank, whatever its refine (what
         shadow guidance draws: one encoding serves both). Needs banks (ValueError otherwise)."""
         if self.banks is None:
-            raise ValueError("matching sketches needs a model with feature banks (train stage 1 to make them)")
+            raise ValueError("matching sketches (and shadow guidance) needs a model with feature banks "
+                             "(train stage 1 to make them)")
         return self._encode(sketch, refine, gender, match_all=True)
 
     def _encode(self, sketch, refine, gender, match_all: bool
