@@ -78,7 +78,7 @@ def test_pairs_need_both_folders(tmp_path):
 
 
 def test_a_name_with_two_images_on_one_side_is_left_out_and_named(tmp_path):
-    for side, names in (("sketches", ["a.png", "a.jpg", "b.png"]), ("photos", ["a.png", "b.jpg", "c.png"])):
+    for side, names in (("sketches", ["a.png", "a.jpg", "b.png"]), ("photos", ["a.png", "a.bmp", "b.jpg", "c.png"])):
         (tmp_path / side).mkdir()
         for name in names:
             (tmp_path / side / name).write_bytes(b"x")
@@ -86,4 +86,4 @@ def test_a_name_with_two_images_on_one_side_is_left_out_and_named(tmp_path):
     assert [(name, sketch.name, photo.name) for name, sketch, photo in pairs] == [("b", "b.png", "b.jpg")]
     assert len(ambiguous) == 1
     assert str(tmp_path / "sketches" / "a.jpg") in ambiguous[0] and str(tmp_path / "sketches" / "a.png") in ambiguous[0]
-    assert "2 images named 'a'" in ambiguous[0]
+    assert "2 images named 'a'" in ambiguous[0] and str(tmp_path / "photos" / "a.bmp") in ambiguous[0]
