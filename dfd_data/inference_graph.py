@@ -8,6 +8,10 @@ What it changes (the README's Speed section gives the effect on the full model):
   the next convolution copies back).
 - Reflection and replication pads run in their input's dtype: CPU autocast runs them in
   float32, casting bf16 activations up before each pad and down again after it.
+- A Conv2d followed (after any folded norm) by ReLU or LeakyReLU becomes one oneDNN
+  convolution that applies the activation as it writes its output, on the CPU: the separate
+  in-place activation was one more pass over every activation map (15% of the simplifier's
+  time). Elsewhere (CUDA), the two layers run in turn.
 - A 2x2 max pool with stride 2 takes the maximum of two strided views twice: max_pool2d
   also computes and writes int64 indices nobody reads, and took six times as long.
 - The convolution and linear weights of the parts that run under autocast are stored in the
@@ -57,6 +61,38 @@ class InputDtypePad(nn.Module):
             return F.pad(x, self.padding, mode=self.mode)
 
 
+# oneDNN's convolution with a fused post-op, as torch.compile's CPU backend uses it; a torch
+# build without it runs the convolution and the activation in turn (the same function).
+_FUSED_CONVOLUTION = getattr(getattr(torch.ops, "mkldnn", None), "_convolution_pointwise", None) \
+    if torch.backends.mkldnn.is_available() else None
+
+
+class ConvActivation(nn.Conv2d):
+    """A Conv2d (zero padding given as numbers) and the ReLU or LeakyReLU after it, as one
+    oneDNN convolution on CPU float32 or bf16 tensors; the input is first cast to the
+    weights' dtype, as autocast would before the convolution. It is still a Conv2d holding the
+    same parameters, so state-dict names and the dtype and layout passes stay as they were."""
+
+    def __init__(self, conv: nn.Conv2d, activation: nn.ReLU | nn.LeakyReLU):
+        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                         conv.dilation, conv.groups, conv.bias is not None, device="meta")
+        self.weight, self.bias = conv.weight, conv.bias
+        self.slope = activation.negative_slope if isinstance(activation, nn.LeakyReLU) else 0.0
+
+    @staticmethod
+    def fuses(conv: nn.Module, activation: nn.Module) -> bool:
+        return (type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+                and type(activation) in (nn.ReLU, nn.LeakyReLU))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if _FUSED_CONVOLUTION is None or x.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
+            return F.leaky_relu(super().forward(x), self.slope) if self.slope else F.relu(super().forward(x))
+        attr, scalars = ("leaky_relu", [self.slope]) if self.slope else ("relu", [])
+        return _FUSED_CONVOLUTION(x.to(weight.dtype), weight, self.bias, list(self.padding), list(self.stride),
+                                  list(self.dilation), self.groups, attr, scalars, "")
+
+
 class PairMaxPool(nn.Module):
     """MaxPool2d(2, 2) as two elementwise maxima of strided views (NaN propagates the same).
     An odd height or width (only where ceil_mode pools the last row or column alone) goes to
@@ -99,12 +135,23 @@ def _fold_batch_norms(model: nn.Module) -> None:
                 sequence[index + 1] = nn.Identity()
 
 
+def _fuse_activations(model: nn.Module) -> None:
+    for sequence in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        for index, conv in enumerate(sequence):
+            after = index + 1
+            while after < len(sequence) and isinstance(sequence[after], nn.Identity):  # a folded norm
+                after += 1
+            if after < len(sequence) and ConvActivation.fuses(conv, sequence[after]):
+                sequence[index], sequence[after] = ConvActivation(conv, sequence[after]), nn.Identity()
+
+
 def rewrite_for_inference(model: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
     """Rewrite `model` (in eval mode) in place as the module docstring says; returns it."""
     if model.training:
         raise ValueError("rewrite_for_inference needs a model in eval mode (batch norms use running statistics)")
     with torch.no_grad():
         _fold_batch_norms(model)
+    _fuse_activations(model)
     _replace_modules(model, lambda m: isinstance(m, nn.InstanceNorm2d) and not m.track_running_stats,
                      GroupInstanceNorm)
     _replace_modules(model, lambda m: isinstance(m, (nn.ReflectionPad2d, nn.ReplicationPad2d)), InputDtypePad)
@@ -116,4 +163,4 @@ def rewrite_for_inference(model: nn.Module, compute_dtype: torch.dtype) -> nn.Mo
     return model
 
 
-__all__ = ["GroupInstanceNorm", "InputDtypePad", "PairMaxPool", "rewrite_for_inference"]
+__all__ = ["ConvActivation", "GroupInstanceNorm", "InputDtypePad", "PairMaxPool", "rewrite_for_inference"]

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from dfd_data.devices import compute_precision, prepare_for_inference
-from dfd_data.inference_graph import GroupInstanceNorm, InputDtypePad, PairMaxPool, rewrite_for_inference
+from dfd_data.inference_graph import (ConvActivation, GroupInstanceNorm, InputDtypePad, PairMaxPool,
+                                     rewrite_for_inference)
 from dfd_model.config import ModelConfig
 from dfd_model.sketch_to_face import SketchToFace
 
@@ -40,11 +41,36 @@ def test_the_rewrite_computes_the_same_function_in_channels_last_layout():
     kinds = [type(layer) for layer in rewritten]
     assert nn.BatchNorm2d not in kinds and nn.InstanceNorm2d not in kinds  # folded, replaced
     assert kinds.count(GroupInstanceNorm) == 2 and kinds.count(InputDtypePad) == 2 and kinds.count(PairMaxPool) == 1
+    assert kinds.count(ConvActivation) == 1  # the convolution, its folded batch norm and the ReLU
     x = torch.randn(2, 3, 20, 24)
     with torch.inference_mode():
         expected, got = network(x), rewritten(x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-5), ("bf16", 0.02)])
+def test_convolutions_with_their_activation_fused_compute_the_same(precision, tolerance):
+    """ReLU and LeakyReLU (with its slope) fuse into the convolution before them, strided and
+    dilated ones too; a reflect-padded convolution does not (oneDNN pads with zeros)."""
+    torch.manual_seed(1)
+    network = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 16, 4, stride=2, padding=1), nn.LeakyReLU(0.2),
+        nn.Conv2d(16, 16, 3, padding=2, dilation=2), nn.ReLU(inplace=True),
+        nn.Conv2d(16, 8, 3, padding=1, padding_mode="reflect"), nn.ReLU(),
+    ).eval()
+    rewritten = prepare_for_inference(copy.deepcopy(network), CPU, precision)
+    kinds = [type(layer) for layer in rewritten]
+    assert kinds.count(ConvActivation) == 3 and kinds[-2:] == [nn.Conv2d, nn.ReLU]
+    x = torch.randn(2, 3, 30, 26).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), compute_precision(rewritten, CPU):
+        got = rewritten(x)
+    with torch.inference_mode():
+        expected = network(x)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert (got.float() - expected).abs().mean() <= tolerance * expected.abs().mean()
+    assert (got.float() - expected).abs().max() <= 50 * tolerance * expected.abs().max()
 
 
 @pytest.mark.parametrize("height, width", [(8, 12), (7, 12), (8, 5)])
