@@ -79,6 +79,13 @@ class ConvActivation(nn.Conv2d):
         self.weight, self.bias = conv.weight, conv.bias
         self.slope = activation.negative_slope if isinstance(activation, nn.LeakyReLU) else 0.0
 
+    def as_layers(self) -> nn.Sequential:
+        """The plain Conv2d and activation this stands for (benchmarks time them as eager layers)."""
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, self.groups, self.bias is not None, device="meta")
+        conv.weight, conv.bias = self.weight, self.bias
+        return nn.Sequential(conv, nn.LeakyReLU(self.slope) if self.slope else nn.ReLU())
+
     @staticmethod
     def fuses(conv: nn.Module, activation: nn.Module) -> bool:
         return (type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)

@@ -1,0 +1,30 @@
+"""The benchmark suite's baselines measure what they claim: the eager copy of a model
+prepared for inference runs plain layers and counts the FLOPs of the original network."""
+import copy
+
+import torch
+from torch import nn
+
+from benchmarks.measure import eager_copy, forward_flops, interleaved_medians
+from dfd_data.devices import prepare_for_inference
+from dfd_data.inference_graph import ConvActivation, PairMaxPool
+
+
+def test_the_eager_copy_of_a_prepared_network_is_plain_layers_with_the_same_flops():
+    torch.manual_seed(0)
+    network = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, 2),
+                            nn.Conv2d(8, 8, 3, padding=1), nn.LeakyReLU(0.2)).eval()
+    prepared = prepare_for_inference(copy.deepcopy(network), torch.device("cpu"), "fp32")
+    assert any(isinstance(m, (ConvActivation, PairMaxPool)) for m in prepared.modules())
+    plain = eager_copy(prepared)
+    assert not any(isinstance(m, (ConvActivation, PairMaxPool)) for m in plain.modules())
+    x = torch.randn(1, 3, 32, 32)
+    assert forward_flops(lambda: plain(x)) == forward_flops(lambda: network(x)) > 0
+    with torch.inference_mode():
+        torch.testing.assert_close(plain(x), network(x), rtol=1e-5, atol=1e-5)
+
+
+def test_interleaved_medians_time_each_function_in_turn():
+    calls = []
+    medians = interleaved_medians([lambda: calls.append("a"), lambda: calls.append("b")], runs=3, warmup=1)
+    assert calls == ["a", "b"] * 4 and len(medians) == 2 and all(m >= 0 for m in medians)
