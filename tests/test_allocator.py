@@ -9,7 +9,7 @@ from tests.conftest import REPO
 
 # A two-layer network whose activations (64 channels at 512 px: 32 MiB in bf16, 64 MiB in
 # float32) are above glibc's largest automatic mmap threshold; prints the page faults of its
-# fifth call.
+# calls 3 to 8 together.
 PROBE = """
 import resource, sys, torch
 import dfd_data.allocator
@@ -21,10 +21,11 @@ network = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3, padding=1), torch.nn.ReL
 network = prepare_for_inference(network, torch.device("cpu"), "fp32")
 x = torch.randn(1, 3, 512, 512)
 with torch.inference_mode():
-    for _ in range(4):
+    for _ in range(2):
         network(x)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    network(x)
+    for _ in range(6):
+        network(x)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
@@ -37,5 +38,8 @@ def test_a_network_s_later_calls_reuse_the_memory_of_earlier_ones():
         return int(result.stdout)
 
     activation_pages = (64 << 20) // 4096
-    assert faults("default") > activation_pages  # fresh pages for every activation, every call
-    assert faults("keep") < activation_pages // 16
+    default = faults("default")
+    assert default > 6 * activation_pages  # fresh pages for every activation, every call
+    # Reused instead: an occasional block that glibc still maps afresh (seen once in CI: one
+    # 64 MiB activation in one call) is tolerated, a fresh mapping every call is not.
+    assert faults("keep") < default // 8
