@@ -4,7 +4,7 @@ glibc's malloc serves large blocks with fresh pages from the kernel and returns 
 free: every block above its mmap threshold (at most 32 MiB by default), and in practice
 torch's aligned allocations of a few MiB too. One 512 px activation of 64 channels is 32 MiB
 in bf16, so every layer of every call paid for faulting in and zeroing new pages (HED at
-batch 4: 166K page faults a call; a 512 px stage-1 training step: 11M). Raising the mmap and
+batch 4: 166K page faults a call; ten 512 px training steps: 11M). Raising the mmap and
 trim thresholds keeps those blocks in the heap, where the next call reuses them; the process
 keeps its peak memory instead of giving it back between calls.
 
