@@ -2,6 +2,7 @@
 committed: every file is made here from the package sample photos or from scratch)."""
 from __future__ import annotations
 
+import errno
 import io
 import os
 import struct
@@ -159,3 +160,17 @@ def write_face_variants(sample_photos: Path, folder: Path, per_photo: int) -> li
             cv2.imwrite(str(path), cv2.cvtColor(variant.astype(np.uint8), cv2.COLOR_RGB2BGR))
             written.append(path)
     return written
+
+
+def fill_disk_after(monkeypatch, writes: int) -> None:
+    """Every os.fsync after the first `writes` fails with ENOSPC, as writes do on a full disk
+    (monkeypatch.undo() frees the disk again)."""
+    real_fsync, calls = os.fsync, []
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) > writes:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)

@@ -33,7 +33,7 @@ from dfd_data.atomic import TEMP_PREFIX, sha256_file
 from dfd_data.dataset import Dataset, jsonl_text, read_jsonl
 from dfd_data.image_io import decode_image, read_image
 from tests.conftest import REPO
-from tests.hostile import (SPECIAL_FILES, TALLY, bad_files, bomb_png, good_variants, huge_jpeg,
+from tests.hostile import (SPECIAL_FILES, TALLY, bad_files, bomb_png, fill_disk_after, good_variants, huge_jpeg,
                            palette_with_transparency, png, side_by_side, write_face_variants, write_folder)
 
 
@@ -144,7 +144,8 @@ def recorded_outputs_whole(folder: Path, root: Path | None = None) -> bool:
     dataset two levels up), with its recorded digest. (A file written but not yet recorded
     when the run stopped is not trusted: the rerun redoes it.)"""
     root = folder.parent.parent if root is None else root
-    outputs = {name: digest for record in read_jsonl(folder / "records.jsonl") for name, digest in record.get("outputs", {}).items()}
+    outputs = {name: digest for record in read_jsonl(folder / "records.jsonl")
+               for name, digest in record.get("outputs", {}).items()}
     broken = [name for name, digest in outputs.items() if not (root / name).is_file() or sha256_file(root / name) != digest]
     TALLY.lost_or_corrupted += len(broken)
     return not broken
@@ -408,15 +409,7 @@ def test_a_disk_that_fills_up_gives_one_line_keeps_every_file_whole_and_resumes(
     """Every fsync after the fifth fails with ENOSPC, as writes do on a full disk."""
     root = tmp_path / "faces"
     shutil.copytree(faces24, root)
-    real_fsync, calls = os.fsync, []
-
-    def fsync(fd):
-        calls.append(fd)
-        if len(calls) > 5:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
+    fill_disk_after(monkeypatch, 5)
     full = invoke("build-sketches", root, *SKETCH_ARGS, "--backend", "threading", inputs=1)
     monkeypatch.undo()
     assert full.exit_code == 1
@@ -433,16 +426,8 @@ def test_align_on_a_disk_that_fills_up_gives_one_line_keeps_every_file_whole_and
                                                                                         monkeypatch):
     """The same for align: every fsync after the seventh fails with ENOSPC."""
     photos, root = faces24.parent / "photos", tmp_path / "faces"
-    real_fsync, calls = os.fsync, []
-
-    def fsync(fd):
-        calls.append(fd)
-        if len(calls) > 7:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real_fsync(fd)
-
     args = ("align", photos, root, "--size", "128", "--jobs", "2", "--backend", "threading", "--quiet")
-    monkeypatch.setattr(os, "fsync", fsync)
+    fill_disk_after(monkeypatch, 7)
     full = invoke(*args, inputs=24)
     monkeypatch.undo()
     assert full.exit_code == 1

@@ -26,6 +26,7 @@ from dfd_model.training import TrainConfig, Trainer, TrainingError
 from dfd_model.training_checkpoint import TrainingCheckpointError
 
 from tests.conftest import REPO, TINY_128, dfd_data, label_dataset
+from tests.hostile import fill_disk_after
 
 TINY_SETTINGS = [arg for key, value in TINY_128.items() if key != "resolution" for arg in ("--set", f"{key}={value}")]
 
@@ -335,9 +336,6 @@ def test_a_disk_that_fills_up_stops_training_with_one_line_and_resume_repeats_th
     """Every fsync after the first few fails with ENOSPC, as on a full disk: train stops with one
     line naming the file it could not write, leaves no temporary file or half checkpoint, and a
     --resume once there is space again ends with the losses and weights of a run never stopped."""
-    import errno
-    import os
-
     from click.testing import CliRunner
 
     from dfd_data.atomic import TEMP_PREFIX
@@ -347,16 +345,8 @@ def test_a_disk_that_fills_up_stops_training_with_one_line_and_resume_repeats_th
             "2", "--log-every", "1", "--checkpoint-every", "2", "--quiet", *TINY_SETTINGS]
     whole = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "whole")])
     assert whole.exit_code == 0, whole.output
-    real_fsync, calls = os.fsync, []
-
-    def fsync(fd):
-        calls.append(fd)
-        if len(calls) > writes_before_full:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real_fsync(fd)
-
     run = tmp_path / "full"
-    monkeypatch.setattr(os, "fsync", fsync)
+    fill_disk_after(monkeypatch, writes_before_full)
     full = CliRunner().invoke(main, [*args, "--out", str(run)])
     monkeypatch.undo()
     assert full.exit_code == 1 and "Traceback" not in full.output
