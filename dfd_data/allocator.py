@@ -35,7 +35,8 @@ def keep_freed_memory() -> bool:
     if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, HEAP_BLOCK_LIMIT)) and bool(mallopt(_M_TRIM_THRESHOLD, 2 * HEAP_BLOCK_LIMIT - 1))
+    return bool(mallopt(_M_MMAP_THRESHOLD, HEAP_BLOCK_LIMIT)) \
+        and bool(mallopt(_M_TRIM_THRESHOLD, 2 * HEAP_BLOCK_LIMIT - 1))
 
 
 __all__ = ["HEAP_BLOCK_LIMIT", "keep_freed_memory"]
