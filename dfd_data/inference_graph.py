@@ -67,6 +67,12 @@ _FUSED_CONVOLUTION = getattr(getattr(torch.ops, "mkldnn", None), "_convolution_p
     if torch.backends.mkldnn.is_available() else None
 
 
+def _conv_shape(conv: nn.Conv2d) -> tuple:
+    """The Conv2d constructor arguments that describe `conv` (zero padding)."""
+    return (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+            conv.groups, conv.bias is not None)
+
+
 class ConvActivation(nn.Conv2d):
     """A Conv2d (zero padding given as numbers) and the ReLU or LeakyReLU after it, as one
     oneDNN convolution on CPU float32 or bf16 tensors; the input is first cast to the
@@ -74,15 +80,13 @@ class ConvActivation(nn.Conv2d):
     same parameters, so state-dict names and the dtype and layout passes stay as they were."""
 
     def __init__(self, conv: nn.Conv2d, activation: nn.ReLU | nn.LeakyReLU):
-        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                         conv.dilation, conv.groups, conv.bias is not None, device="meta")
+        super().__init__(*_conv_shape(conv), device="meta")
         self.weight, self.bias = conv.weight, conv.bias
         self.slope = activation.negative_slope if isinstance(activation, nn.LeakyReLU) else 0.0
 
     def as_layers(self) -> nn.Sequential:
         """The plain Conv2d and activation this stands for (benchmarks time them as eager layers)."""
-        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                         self.dilation, self.groups, self.bias is not None, device="meta")
+        conv = nn.Conv2d(*_conv_shape(self), device="meta")
         conv.weight, conv.bias = self.weight, self.bias
         return nn.Sequential(conv, nn.LeakyReLU(self.slope) if self.slope else nn.ReLU())
 
