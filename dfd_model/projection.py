@@ -178,12 +178,11 @@ def _check_projection_inputs(query, bank, k, eps, method) -> None:
 
 
 def _with_ridge(gram: np.ndarray, eps: float) -> np.ndarray:
-    """`gram` [B, n, n] with eps * trace(gram) added to each diagonal, in place. A zero trace
+    """`gram` [n, n] with eps * trace(gram) added to its diagonal, in place. A zero trace
     means every neighbour coincides (with the anchor, or with the query): any positive ridge
     then gives the right answer, so use 1."""
-    trace = np.trace(gram, axis1=1, axis2=2)
-    diagonal = np.arange(gram.shape[-1])
-    gram[:, diagonal, diagonal] += np.where(trace > 0, eps * trace, 1.0)[:, None]
+    trace = np.trace(gram)
+    gram.flat[::gram.shape[0] + 1] += eps * trace if trace > 0 else 1.0
     return gram
 
 
@@ -200,81 +199,83 @@ class SearchIndex:
     dfd_data.devices.resolve_precision), a bf16 copy of the rows. One query reads the whole
     bank, so the copy halves the memory traffic that bounds the search."""
 
-    squared_norms: np.ndarray  # [N] float32, on the CPU: the scores are finished in numpy
-    # A score's rounding error is at most |q| * error_slope + error_floor ([N] float32 each).
-    error_slope: np.ndarray
-    error_floor: np.ndarray
+    squared_norms: torch.Tensor  # [N] float32, on the bank's device
+    # Every score's rounding error is at most |q| * error_slope + error_floor: one bound for
+    # all rows (from the largest row norm) costs two multiplications per query, not 2N.
+    error_slope: float
+    error_floor: float
     rows_bf16: torch.Tensor | None = None
 
     @classmethod
     def of(cls, bank: torch.Tensor, score_dtype: torch.dtype = torch.float32) -> "SearchIndex":
-        """Worst-case rounding of a score, in any summation order: rounding q and b to the
-        scoring dtype (unit roundoff u) errs by at most (2u + u^2)|q||b| on q.b, float32
-        accumulation of D products by gamma_D |q||b| (Cauchy-Schwarz bounds sum |q_i b_i|),
-        the float32 norms by gamma_D |b|^2, and three float32 roundings finish the score;
-        1.01 covers the second-order terms left out."""
+        """Worst-case rounding of a score |b|^2 - 2 q.b, in any summation order. The dot
+        product: rounding q and b to the scoring dtype (unit roundoff u) errs by at most
+        (2u + u^2)|q||b|, float32 accumulation of D products by gamma_D (1 + u)^2 |q||b|
+        (Cauchy-Schwarz bounds sum |q_i b_i|), and a bf16 product rounds its float32 sum once
+        more, by u times its size. The norms err by gamma_D |b|^2 and three float32 roundings
+        finish the score; 1.01 covers the second-order terms left out."""
         rows = bank.float()
         low = rows.to(torch.bfloat16) if score_dtype == torch.bfloat16 and bank.shape[0] > BF16_SCORING_ROWS else None
-        squared = rows.pow(2).sum(1).cpu().numpy()
+        squared = rows.pow(2).sum(1)
+        largest = float(squared.max())
         u = torch.finfo(torch.bfloat16).eps / 2 if low is not None else 0.0
         r = _FLOAT32_ROUNDING
         gamma = bank.shape[1] * r / (1 - bank.shape[1] * r)
-        slope = 1.01 * (2 * (2 * u + u * u + gamma * (1 + u) ** 2) + 6 * r) * np.sqrt(squared)
-        return cls(squared, slope.astype(np.float32), (1.01 * (gamma + 3 * r) * squared).astype(np.float32), low)
+        product = 2 * u + u * u + gamma * (1 + u) ** 2
+        dot = product + u * (1 + product)
+        return cls(squared, 1.01 * (2 * dot + 6 * r) * math.sqrt(largest), 1.01 * (gamma + 3 * r) * largest, low)
 
     def scores(self, query: torch.Tensor, rows: torch.Tensor) -> np.ndarray:
-        """|b|^2 - 2 q.b for every row b (the distance order, shifted by |q|^2), [B, N] numpy."""
+        """|b|^2 - 2 q.b for every row b (the distance order, shifted by |q|^2), [B, N] float32
+        numpy. `rows` and `query` share a floating dtype of at least float32's precision."""
         bank, q = (self.rows_bf16, query.to(torch.bfloat16)) if self.rows_bf16 is not None else (rows, query)
         # one query is a matrix-vector product: torch.mv reads the bank once, at memory speed
         dots = torch.mv(bank, q[0])[None] if q.shape[0] == 1 else q @ bank.T
-        return self.squared_norms[None, :] - 2.0 * dots.float().cpu().numpy()
+        return torch.sub(self.squared_norms.to(dots.device), dots, alpha=2).cpu().numpy()
 
     def error_bound(self, target: np.ndarray) -> np.ndarray:
-        """The bound on each score's rounding error for queries `target` [B, D], [B, N]."""
-        query_norms = np.sqrt(np.einsum("bd,bd->b", target, target))[:, None]
-        return query_norms * self.error_slope[None, :] + self.error_floor[None, :]
+        """The bound on every score's rounding error for queries `target` [B, D], [B, 1]."""
+        return np.sqrt(np.einsum("bd,bd->b", target, target))[:, None] * self.error_slope + self.error_floor
 
 
 def _search(query: torch.Tensor, target: np.ndarray, bank: torch.Tensor, k: int, index: SearchIndex | None
-            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The k nearest bank rows of each query (`target` is the query as float64 numpy):
-    (distances [B, k], indices [B, k], rows [B, k, D] as float64), nearest first.
+            ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The k nearest bank rows of each query (`target` is the query as float64 numpy): per
+    query, (squared distances [k], indices [k], rows [k, D] as float64), nearest first.
 
     The bank is scored with one matrix product, whose rounding (bf16 scores above all) can
-    reorder rows whose scores lie close together. Every row whose score could, within its
-    error bound, beat the k-th best bound is kept as a candidate, and the candidates are
-    re-ranked by distances computed directly in float64: the search is exact, and a bank
-    vector is always its own nearest neighbour, at distance 0. Everything after the product
-    works on a few dozen rows and runs in numpy, whose small operations cost microseconds
-    where torch's cost tens."""
+    reorder rows whose scores lie close together. A row is kept as a candidate when its score
+    lies within twice the error bound of the k-th best score (within the bound of the k-th
+    best bound, which is at least the true k-th best score), and the candidates are re-ranked
+    by distances computed directly in float64: the search is exact, and a bank vector is
+    always its own nearest neighbour, at distance 0. Everything after the product works on a
+    few dozen rows and runs in numpy, whose small operations cost microseconds where torch's
+    cost tens."""
     rows = bank if bank.device == query.device else bank.to(query.device)
     count = min(k, rows.shape[0])
-    if count < rows.shape[0]:
-        work = torch.promote_types(torch.promote_types(query.dtype, bank.dtype), torch.float32)
-        index = index or SearchIndex.of(rows)
-        scores, error = index.scores(query.to(work), rows.to(work)), index.error_bound(target)
-        worst = scores + error
-        threshold = np.partition(worst, count - 1, axis=1)[:, count - 1:count]
-        keep = scores - error <= threshold
-        candidates = [np.flatnonzero(row) for row in keep]
-    else:
-        candidates = [np.arange(count)] * query.shape[0]
-    found = [_rerank(query_row, rows, picked, count) for query_row, picked in zip(target, candidates)]
-    return tuple(np.stack(parts) for parts in zip(*found))
+    if count == rows.shape[0]:
+        return [_rerank(row, rows, np.arange(count), count) for row in target]
+    work = torch.promote_types(torch.promote_types(query.dtype, rows.dtype), torch.float32)
+    index = index or SearchIndex.of(rows)
+    scores = index.scores(query.to(work), rows if rows.dtype == work else rows.to(work))
+    limits = np.partition(scores, count - 1, axis=1)[:, count - 1] + 2 * index.error_bound(target)[:, 0]
+    return [_rerank(row, rows, np.flatnonzero(score <= limit), count)
+            for row, score, limit in zip(target, scores, limits)]
 
 
 def _rerank(target: np.ndarray, rows: torch.Tensor, candidates: np.ndarray, count: int
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The `count` candidates nearest to one query, by float64 distances: (distances, indices, rows)."""
+    """The `count` candidates nearest to one query, by float64 distances: (squared distances,
+    indices, rows)."""
     if rows.device.type == "cpu" and rows.dtype in (torch.float32, torch.float64):
         # a view of the bank: gathering the candidates copies only them
         picked = rows.detach().numpy()[candidates].astype(np.float64)
     else:
         picked = rows[torch.from_numpy(candidates).to(rows.device)].cpu().double().numpy()
     offsets = picked - target
-    distances = np.sqrt(np.einsum("kd,kd->k", offsets, offsets))
-    order = np.argsort(distances, kind="stable")[:count]
-    return distances[order], candidates[order], picked[order]
+    squared = np.einsum("kd,kd->k", offsets, offsets)
+    order = np.argsort(squared, kind="stable")[:count]
+    return squared[order], candidates[order], picked[order]
 
 
 def _as_float64(query: torch.Tensor) -> np.ndarray:
@@ -289,9 +290,10 @@ def nearest(query: torch.Tensor, bank: torch.Tensor, k: int,
             index: SearchIndex | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(distances [B, k], indices [B, k]) of the k nearest bank rows by L2, nearest first.
     Pass the bank's `index` (e.g. from FeatureBank.index) to reuse it across queries."""
-    distances, indices, _ = _search(query, _as_float64(query), bank, k, index)
+    found = _search(query, _as_float64(query), bank, k, index)
+    distances = np.sqrt(np.stack([squared for squared, _, _ in found]))
     return (torch.from_numpy(distances).to(device=query.device, dtype=query.dtype),
-            torch.from_numpy(indices).to(query.device))
+            torch.from_numpy(np.stack([indices for _, indices, _ in found])).to(query.device))
 
 
 def project(query: torch.Tensor, bank: torch.Tensor, k: int = 10, eps: float = 1e-3,
@@ -305,30 +307,28 @@ def project(query: torch.Tensor, bank: torch.Tensor, k: int = 10, eps: float = 1
     two `method`s and what `eps` regularises; `index` as for `nearest`."""
     _check_projection_inputs(query, bank, k, eps, method)
     target = _as_float64(query)
-    _, indices, neighbours = _search(query, target, bank, k, index)
-    weights = _lle_weights(neighbours, target, eps, method)
-    projected = np.einsum("bk,bkd->bd", weights, neighbours)
+    found = _search(query, target, bank, k, index)
+    weights = [_lle_weights(rows, row, eps, method) for row, (_, _, rows) in zip(target, found)]
+    projected = np.stack([row_weights @ rows for row_weights, (_, _, rows) in zip(weights, found)])
     as_query = dict(device=query.device, dtype=query.dtype)
-    return (torch.from_numpy(projected).to(**as_query), torch.from_numpy(indices).to(query.device),
-            torch.from_numpy(weights).to(**as_query))
+    return (torch.from_numpy(projected).to(**as_query),
+            torch.from_numpy(np.stack([indices for _, indices, _ in found])).to(query.device),
+            torch.from_numpy(np.stack(weights)).to(**as_query))
 
 
 def _lle_weights(neighbours: np.ndarray, target: np.ndarray, eps: float, method: str) -> np.ndarray:
-    """Locally linear weights [B, k] (summing to one) of neighbours [B, k, D] for targets [B, D]."""
-    batch, count = neighbours.shape[:2]
+    """Locally linear weights [k] (summing to one) of neighbours [k, D] for one target [D]."""
+    count = neighbours.shape[0]
     if count == 1:
-        return np.ones((batch, 1))
+        return np.ones(1)
     if method == "anchored":
-        anchor = neighbours[:, 0]
-        spans = neighbours[:, 1:] - anchor[:, None]  # [B, k-1, D]
-        gram = spans @ spans.transpose(0, 2, 1)
-        rhs = spans @ (target - anchor)[:, :, None]
-        steps = np.linalg.solve(_with_ridge(gram, eps), rhs)[:, :, 0]
-        return np.concatenate([1 - steps.sum(-1, keepdims=True), steps], axis=1)
-    offsets = neighbours - target[:, None]
-    gram = offsets @ offsets.transpose(0, 2, 1)
-    raw = np.linalg.solve(_with_ridge(gram, eps), np.ones((batch, count, 1)))[:, :, 0]
-    return raw / raw.sum(-1, keepdims=True)
+        anchor = neighbours[0]
+        spans = neighbours[1:] - anchor  # [k-1, D]
+        steps = np.linalg.solve(_with_ridge(spans @ spans.T, eps), spans @ (target - anchor))
+        return np.concatenate(([1 - steps.sum()], steps))
+    offsets = neighbours - target
+    raw = np.linalg.solve(_with_ridge(offsets @ offsets.T, eps), np.ones(count))
+    return raw / raw.sum()
 
 
 def check_refine(refine, name: str = "refine") -> float:

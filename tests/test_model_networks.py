@@ -545,6 +545,26 @@ def test_bf16_scoring_finds_the_exact_neighbours_in_a_bank_of_tight_clusters():
         assert torch.equal(indices[0], torch.topk(exact, 10, largest=False)[1]), row
 
 
+def test_the_score_error_bound_holds_where_bf16_rounding_errs_the_most():
+    """The search is exact only if no score errs by more than its bound. Here every rounding
+    of a bf16 score errs the same way: q and b lose 0.99 of a unit roundoff towards 1 in each
+    entry, and their float32 sum, 514, is a tie that bf16 rounds down to 512. The score then
+    errs by 11.9, more than a bound without the product's final rounding allows (8.3)."""
+    from dfd_model.projection import BF16_SCORING_ROWS, SearchIndex
+
+    near_one = 1 + 0.99 * 2.0 ** -8
+    row = torch.full((512,), near_one)
+    row[0] = 3.0
+    bank = row.repeat(BF16_SCORING_ROWS + 1, 1)
+    query = torch.full((1, 512), near_one)
+    index = SearchIndex.of(bank, torch.bfloat16)
+    assert index.rows_bf16 is not None
+    exact = (bank.double() ** 2).sum(1) - 2 * bank.double() @ query[0].double()
+    error = np.abs(index.scores(query, bank)[0] - exact.numpy())
+    assert error.min() > 11.8
+    assert (error <= index.error_bound(query.double().numpy())[0]).all()
+
+
 def test_large_banks_are_searched_by_matrix_product_and_reranked_exactly():
     """Banks above BF16_SCORING_ROWS are scored in bf16 where that is native; the search must
     find the same neighbours as an exhaustive exact search, and a bank vector must still
