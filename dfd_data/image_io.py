@@ -109,8 +109,8 @@ def _to_rgb8(image: Image.Image, path) -> np.ndarray:
         scale = 255.0 if mode == "F" and gray.max(initial=0) <= 1.0 else (1.0 if mode == "F" else 255.0 / 65535.0)
         gray = np.clip(np.rint(gray * scale), 0, 255).astype(np.uint8)
         return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
-    if mode == "P":
-        image = image.convert("RGBA")
+    if mode == "P" or (mode in ("L", "RGB") and "transparency" in image.info):
+        image = image.convert("RGBA")  # a palette, or a PNG tRNS chunk naming one transparent colour
     elif mode in ("1", "L"):
         image = image.convert("L")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):

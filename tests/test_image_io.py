@@ -58,6 +58,19 @@ def test_transparency_composites_on_white():
         assert tuple(image[5, 5]) == (10, 20, 30), mode
 
 
+def test_a_trns_transparent_colour_composites_on_white():
+    """Gray and RGB PNGs can name one transparent colour in a tRNS chunk instead of carrying
+    an alpha channel: that colour is paper, not ink."""
+    for mode, ink, clear in (("L", 40, 0), ("RGB", (10, 20, 30), (0, 0, 0))):
+        picture = Image.new(mode, (32, 32), clear)
+        picture.paste(ink, (0, 0, 16, 32))
+        buffer = io.BytesIO()
+        picture.save(buffer, "PNG", transparency=clear)
+        image = decode_image(buffer.getvalue(), f"{mode}-trns.png")
+        assert tuple(image[5, 25]) == (255, 255, 255), mode
+        assert tuple(image[5, 5]) == ((ink,) * 3 if mode == "L" else ink), mode
+
+
 @pytest.mark.parametrize("name", sorted(bad_files(np.zeros((64, 64, 3), np.uint8)).keys() - {"noise-no-face.png", "flat-no-face.jpg"}))
 def test_bad_files_are_refused_with_one_line(tmp_path, astronaut, name):
     path = tmp_path / name
