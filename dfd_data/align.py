@@ -2,7 +2,7 @@
 
 Each source photo becomes one record (or one per face with all_faces); photos without a
 face and files that are not usable images are recorded and reported, never fatal. Rerunning
-skips photos whose aligned image is present, unaltered, and made from a file of the same size.
+skips photos whose aligned images are present, unaltered, and made from the same bytes.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_write_bytes, remove_stale_temp_files, sha256_bytes, sha256_file
+from .atomic import all_or_none, remove_stale_temp_files, sha256_bytes, sha256_file
 from .contact_sheet import contact_sheet
 from .dataset import Dataset, DatasetError, RecordLog
 from .faces import LANDMARK_MODEL_FILE, find_faces, package_model_path
@@ -55,26 +55,28 @@ def align_source(task: Task) -> list[dict]:
         raise SkipItem(f"{source.path}: no face found", [{"id": source.id, **base, "status": "no_face"}])
     chosen = faces if params.all_faces else faces[:1]
     records = []
-    for index, face in enumerate(chosen):
-        face_id = f"{source.id}_f{index}" if params.all_faces else source.id
-        quad = ffhq_quad(face.landmarks)
-        png = encode_png(align_face(image, quad, params.size))
-        relpath = f"images/{face_id}.png"
-        atomic_write_bytes(Path(job.out_root, relpath), png)
-        records.append({
-            "id": face_id, **base, "status": "aligned", "face_index": index, "faces_found": len(faces),
-            "image": relpath, "outputs": {relpath: sha256_bytes(png)},
-            "detection": {"box": list(face.box), "score": round(face.score, 4), "upsample": face.upsample},
-            "landmarks": _round_points(face.landmarks, 1), "quad": _round_points(quad, 3),
-        })
+    with all_or_none(job.out_root) as write:
+        for index, face in enumerate(chosen):
+            face_id = f"{source.id}_f{index}" if params.all_faces else source.id
+            quad = ffhq_quad(face.landmarks)
+            png = encode_png(align_face(image, quad, params.size))
+            relpath = f"images/{face_id}.png"
+            write(relpath, png)
+            records.append({
+                "id": face_id, **base, "status": "aligned", "face_index": index, "faces_found": len(faces),
+                "image": relpath, "outputs": {relpath: sha256_bytes(png)},
+                "detection": {"box": list(face.box), "score": round(face.score, 4), "upsample": face.upsample},
+                "landmarks": _round_points(face.landmarks, 1), "quad": _round_points(quad, 3),
+            })
     return records
 
 
 def _is_complete(dataset: Dataset, records: list[dict], source: Source) -> bool:
     if not records or any(r.get("status") != "aligned" for r in records):
         return False
-    try:
-        if source.path.stat().st_size != records[0].get("source_bytes"):
+    try:  # the size first: it rules out most changed photos without reading them
+        if source.path.stat().st_size != records[0].get("source_bytes") \
+                or sha256_file(source.path) != records[0].get("source_sha256"):
             return False
     except OSError:
         return False
@@ -126,7 +128,7 @@ def align_folder(src: str | os.PathLike, dst: str | os.PathLike, params: AlignPa
             new = [{"id": source.id, "source": source.relpath, "status": "error", "reason": outcome.message}]
         else:
             new = outcome.result
-        _drop(dataset, log, [r for r in old if r["id"] not in {n["id"] for n in new}])
+        _drop(dataset, log, old, keep=new)
         for record in new:
             if record["id"] in attributes:
                 record["attributes"] = attributes[record["id"]]
@@ -151,18 +153,21 @@ def align_folder(src: str | os.PathLike, dst: str | os.PathLike, params: AlignPa
     return summary
 
 
-def _drop(dataset: Dataset, log: RecordLog, records: list[dict]) -> None:
-    """Forget records that no longer describe anything, and delete their outputs."""
+def _drop(dataset: Dataset, log: RecordLog, records: list[dict], keep: list[dict] = ()) -> None:
+    """Forget `records`, and delete their outputs, except what the records in `keep` (their
+    replacements) name: a photo aligned before and without a face now loses its image."""
+    kept_ids = {record["id"] for record in keep}
+    kept_outputs = {relpath for record in keep for relpath in record.get("outputs", {})}
     for record in records:
         for relpath in record.get("outputs", {}):
-            dataset.path(relpath).unlink(missing_ok=True)
-        log.remove(record["id"])
+            if relpath not in kept_outputs:
+                dataset.path(relpath).unlink(missing_ok=True)
+        if record["id"] not in kept_ids:
+            log.remove(record["id"])
 
 
 def _write_preview(dataset: Dataset) -> dict[str, str]:
     """Contact sheet of the first aligned faces with the template eye and mouth positions."""
-    aligned = dataset.aligned()[:PREVIEW_COUNT]
-    if not aligned:
-        return {}
-    faces = [read_image(dataset.path(r["image"])) for r in aligned]
-    return dataset.write_preview("align", contact_sheet(faces, marks=[TEMPLATE_LEFT_EYE, TEMPLATE_RIGHT_EYE, TEMPLATE_MOUTH]))
+    faces = [read_image(dataset.path(r["image"])) for r in dataset.aligned()[:PREVIEW_COUNT]]
+    marks = [TEMPLATE_LEFT_EYE, TEMPLATE_RIGHT_EYE, TEMPLATE_MOUTH]
+    return dataset.write_preview("align", contact_sheet(faces, marks=marks) if faces else None)

@@ -67,6 +67,27 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+@contextlib.contextmanager
+def all_or_none(root: str | os.PathLike):
+    """Yields write(relpath, data), an atomic write under `root`. If the block fails, the files
+    it wrote are deleted again: one item's outputs appear all together or not at all (a full
+    disk on an item's third file must not leave its first two behind, recorded nowhere)."""
+    written: list[Path] = []
+
+    def write(relpath: str, data: bytes) -> None:
+        path = Path(root, relpath)
+        atomic_write_bytes(path, data)
+        written.append(path)
+
+    try:
+        yield write
+    except BaseException:
+        for path in written:
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+        raise
+
+
 def remove_stale_temp_files(folder: str | os.PathLike) -> int:
     """Delete temporary files left by a killed run under `folder`; returns how many."""
     removed = 0

@@ -117,9 +117,7 @@ def build_sketches(root: str | os.PathLike, method: SketchMethod, *, jobs: int =
 
 def _write_preview(dataset: Dataset, method: SketchMethod, inputs: dict[str, str], ids: list[str]) -> dict[str, str]:
     """Contact sheet of (photo | sketch) pairs, four pairs a row."""
-    if not ids:
-        return {}
     tiles = []
     for record_id in ids:
         tiles += [read_image(dataset.path(inputs[record_id])), read_image(dataset.path(f"sketches/{method.id}/{record_id}.png"))]
-    return dataset.write_preview(f"sketches-{method.id}", contact_sheet(tiles, thumb=256, columns=8))
+    return dataset.write_preview(f"sketches-{method.id}", contact_sheet(tiles, thumb=256, columns=8) if tiles else None)

@@ -14,10 +14,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .atomic import atomic_write_bytes, atomic_write_text, remove_stale_temp_files, sha256_bytes, sha256_file
+from .atomic import all_or_none, atomic_write_text, remove_stale_temp_files, sha256_bytes, sha256_file
 from .components import COMPONENTS, component_windows, crop_components
 from .contact_sheet import contact_sheet
-from .dataset import Dataset, DatasetError
+from .dataset import Dataset, DatasetError, read_jsonl
 from .derived import run_derived_step
 from .image_io import decode_image, encode_png, read_bytes, read_image
 from .runner import BatchSummary, Task
@@ -35,6 +35,9 @@ class _Job:
     resolution: int
     root: str
     out_dir: str  # components/<source>, relative to root
+    # a sketch's: the digest of its aligned photo now, and of the photo it was drawn from
+    photo_sha256: str | None = None
+    drawn_from_sha256: str | None = None
 
 
 def available_sources(dataset: Dataset) -> list[str]:
@@ -54,14 +57,20 @@ def crop_one(task: Task) -> dict:
     image = decode_image(data, path)
     if image.shape[:2] != (job.resolution, job.resolution):
         raise DatasetError(f"{path}: is {image.shape[1]}x{image.shape[0]}, expected {job.resolution}x{job.resolution} like the dataset")
+    if job.photo_sha256 is not None and job.drawn_from_sha256 != job.photo_sha256:
+        # cropping it would pair the new photo's crops with crops of a sketch of the old one
+        made = "was drawn from an older version of its photo" if job.drawn_from_sha256 else \
+            "is not recorded by build-sketches"
+        raise DatasetError(f"{path}: {made}; run build-sketches again")
     if job.gray:
         image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
     outputs = {}
-    for name, crop in crop_components(image).items():
-        relpath = f"{job.out_dir}/{name}/{job.record_id}.png"
-        png = encode_png(crop)
-        atomic_write_bytes(Path(job.root, relpath), png)
-        outputs[relpath] = sha256_bytes(png)
+    with all_or_none(job.root) as write:
+        for name, crop in crop_components(image).items():
+            relpath = f"{job.out_dir}/{name}/{job.record_id}.png"
+            png = encode_png(crop)
+            write(relpath, png)
+            outputs[relpath] = sha256_bytes(png)
     return {"id": job.record_id, "input": job.input_relpath, "input_sha256": sha256_bytes(data), "outputs": outputs}
 
 
@@ -86,12 +95,16 @@ def _crop_source(dataset, manifest, source, aligned, resolution, jobs, backend, 
     out_dir = f"components/{source}"
     gray = source != "images"
     wanted = {r["id"]: (r["image"] if not gray else f"{source}/{r['id']}.png") for r in aligned}
+    photos = {r["id"]: r["outputs"][r["image"]] for r in aligned} if gray else {}
+    drawn_from = {row["id"]: row.get("input_sha256") for row in read_jsonl(dataset.path(f"{source}/records.jsonl"))} \
+        if gray else {}
     windows = {name: vars(window) for name, window in component_windows(resolution).items()}
     summary, ids = run_derived_step(
         dataset, step, out_dir, wanted, json.dumps(windows, sort_keys=True),
-        lambda i, relpath: _Job(i, relpath, gray, resolution, str(dataset.root), out_dir),
-        crop_one, jobs=jobs, backend=backend, quiet=quiet)
-    files = _pack(dataset, out_dir, ids, gray, resolution) if ids else {}
+        lambda i, relpath: _Job(i, relpath, gray, resolution, str(dataset.root), out_dir, photos.get(i),
+                                drawn_from.get(i)),
+        crop_one, jobs=jobs, backend=backend, quiet=quiet, upstream=photos)
+    files = _pack(dataset, out_dir, ids, gray, resolution)
     files.update(_write_preview(dataset, source, out_dir, ids[:PREVIEW_ROWS]))
     dataset.record_step(manifest, step, {
         "params": {"resolution": resolution, "windows": windows},
@@ -104,9 +117,15 @@ def _crop_source(dataset, manifest, source, aligned, resolution, jobs, backend, 
 
 
 def _pack(dataset: Dataset, out_dir: str, ids: list[str], gray: bool, resolution: int) -> dict[str, str]:
-    """Stack each component's PNGs into one .npy in `ids` order, written atomically."""
+    """Stack each component's PNGs into one .npy in `ids` order, written atomically. With no
+    ids, the stacks and ids.txt of an earlier run are deleted: they would list crops that are
+    gone."""
     files = {}
     windows = component_windows(resolution)
+    if not ids:
+        for relpath in [f"{out_dir}/{name}.npy" for name in COMPONENTS] + [f"{out_dir}/ids.txt"]:
+            dataset.path(relpath).unlink(missing_ok=True)
+        return files
     for name in COMPONENTS:
         size = windows[name].size
         shape = (len(ids), size, size) if gray else (len(ids), size, size, 3)
@@ -128,7 +147,6 @@ def _pack(dataset: Dataset, out_dir: str, ids: list[str], gray: bool, resolution
 
 
 def _write_preview(dataset: Dataset, source: str, out_dir: str, ids: list[str]) -> dict[str, str]:
-    if not ids:
-        return {}
     tiles = [read_image(dataset.path(f"{out_dir}/{name}/{i}.png")) for i in ids for name in COMPONENTS]
-    return dataset.write_preview(f"components-{source.replace('/', '-')}", contact_sheet(tiles, thumb=128, columns=len(COMPONENTS)))
+    sheet = contact_sheet(tiles, thumb=128, columns=len(COMPONENTS)) if tiles else None
+    return dataset.write_preview(f"components-{source.replace('/', '-')}", sheet)

@@ -187,9 +187,13 @@ class Dataset:
         self.save_manifest(manifest)
 
     def write_preview(self, name: str, sheet) -> dict[str, str]:
-        """Write a contact sheet as previews/<name>.jpg; returns {relpath: sha256} for the step's files."""
-        data = encode_jpeg(sheet)
+        """Write a contact sheet as previews/<name>.jpg (sheet None: delete an earlier one, as
+        a step left with nothing to show does); returns {relpath: sha256} for the step's files."""
         relpath = f"previews/{name}.jpg"
+        if sheet is None:
+            self.path(relpath).unlink(missing_ok=True)
+            return {}
+        data = encode_jpeg(sheet)
         atomic_write_bytes(self.path(relpath), data)
         return {relpath: hashlib.sha256(data).hexdigest()}
 

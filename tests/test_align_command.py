@@ -177,3 +177,29 @@ def test_linked_folders_are_followed_once_and_empty_folders_refused(tmp_path, sa
     (tmp_path / "empty").mkdir()
     result = dfd_data("align", tmp_path / "empty", tmp_path / "out")
     assert result.returncode == 1 and "no image files found" in result.stderr
+
+
+def test_a_rerun_follows_edited_photos(tmp_path, sample_photos):
+    """A photo edited in place is aligned again even when its size did not change (a mirrored
+    BMP is byte for byte as long), and a photo that no longer shows a face loses its aligned
+    image: no file is left that no record names."""
+    photos, root = tmp_path / "photos", tmp_path / "faces"
+    photos.mkdir()
+    astronaut = cv2.cvtColor(read_image(sample_photos / "astronaut.png"), cv2.COLOR_RGB2BGR)
+    cv2.imwrite(str(photos / "astronaut.bmp"), astronaut)
+    cv2.imwrite(str(photos / "grace_hopper.png"), cv2.imread(str(sample_photos / "grace_hopper.jpg")))
+    assert dfd_data("align", photos, root, "--size", "128", "--jobs", "1").returncode == 0
+    before = read_image(root / "images/astronaut.png")
+
+    size = (photos / "astronaut.bmp").stat().st_size
+    cv2.imwrite(str(photos / "astronaut.bmp"), astronaut[:, ::-1])
+    assert (photos / "astronaut.bmp").stat().st_size == size
+    cv2.imwrite(str(photos / "grace_hopper.png"), np.full((256, 256, 3), 255, np.uint8))
+    rerun = dfd_data("align", photos, root, "--size", "128", "--jobs", "1")
+    assert "align: 1 done, 1 skipped, 0 failed" in rerun.stdout
+    records = {r["id"]: r for r in read_jsonl(root / "records.jsonl")}
+    assert records["grace_hopper"]["status"] == "no_face"
+    assert not (root / "images/grace_hopper.png").exists()
+    after = read_image(root / "images/astronaut.png")
+    assert np.abs(after.astype(int) - before[:, ::-1].astype(int)).mean() < 8  # the mirrored face
+    assert dfd_data("verify", root).returncode == 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import cv2
 import numpy as np
@@ -58,11 +59,9 @@ def test_crops_as_png_and_stacked_arrays_agree(sample_dataset):
 
 
 def test_sketch_sets_are_cropped_in_gray_and_a_missing_sketch_is_reported(dataset_copy):
-    sketch_dir = dataset_copy / "sketches" / "canny"
-    sketch_dir.mkdir(parents=True)
-    photo = read_image(dataset_copy / "images/astronaut.png")
-    sketch = 255 - cv2.Canny(cv2.cvtColor(photo, cv2.COLOR_RGB2GRAY), 100, 200)
-    cv2.imwrite(str(sketch_dir / "astronaut.png"), sketch)  # grace_hopper's sketch is missing
+    assert dfd_data("build-sketches", dataset_copy, "--method", "canny", "--jobs", "1", "--quiet").returncode == 0
+    sketch = read_image(dataset_copy / "sketches/canny/astronaut.png")[:, :, 0]
+    (dataset_copy / "sketches/canny/grace_hopper.png").unlink()
     result = dfd_data("crop-components", dataset_copy, "--source", "sketches/canny", "--jobs", "1")
     assert result.returncode == 1
     assert "crop-components:sketches/canny: 1 done, 0 skipped, 1 failed" in result.stdout
@@ -74,6 +73,63 @@ def test_sketch_sets_are_cropped_in_gray_and_a_missing_sketch_is_reported(datase
     rerun = dfd_data("crop-components", dataset_copy, "--jobs", "1")  # images already done; the sketch retried
     assert "crop-components:images: 0 done, 2 skipped (2 already done), 0 failed" in rerun.stdout
     assert rerun.returncode == 1
+
+
+def test_a_sketch_of_an_older_photo_is_not_cropped(tmp_path, sample_photos):
+    """A photo aligned again (here: replaced by its mirror image) has a new aligned image, but
+    its sketch still shows the old one until build-sketches runs again: cropping it would
+    pair the new photo's crops with the old face's sketch."""
+    photos, root = tmp_path / "photos", tmp_path / "faces"
+    shutil.copytree(sample_photos, photos)
+    assert dfd_data("align", photos, root, "--size", "128", "--jobs", "1").returncode == 0
+    assert dfd_data("build-sketches", root, "--method", "canny", "--jobs", "1", "--quiet").returncode == 0
+    assert dfd_data("crop-components", root, "--jobs", "1").returncode == 0
+    astronaut = read_image(photos / "astronaut.png")
+    cv2.imwrite(str(photos / "astronaut.png"), cv2.cvtColor(astronaut[:, ::-1], cv2.COLOR_RGB2BGR))
+    assert dfd_data("align", photos, root, "--size", "128", "--jobs", "1").returncode == 0
+
+    stale = dfd_data("crop-components", root, "--jobs", "1")
+    assert stale.returncode == 1
+    assert "crop-components:images: 1 done, 1 skipped (1 already done), 0 failed" in stale.stdout
+    assert "crop-components:sketches/canny: 0 done, 1 skipped (1 already done), 1 failed" in stale.stdout
+    errors = [row for row in read_jsonl(root / "errors.jsonl") if row["step"] == "crop-components:sketches/canny"]
+    assert len(errors) == 1 and errors[0]["file"].endswith("sketches/canny/astronaut.png")
+    assert errors[0]["reason"].endswith("was drawn from an older version of its photo; run build-sketches again")
+    assert (root / "components/sketches/canny/ids.txt").read_text().split() == ["grace_hopper"]
+    assert not (root / "components/sketches/canny/nose/astronaut.png").exists()
+    assert dfd_data("verify", root).returncode == 0
+
+    assert dfd_data("build-sketches", root, "--method", "canny", "--jobs", "1", "--quiet").returncode == 0
+    fresh = dfd_data("crop-components", root, "--jobs", "1")
+    assert fresh.returncode == 0 and "crop-components:sketches/canny: 1 done, 1 skipped" in fresh.stdout
+    sketch = read_image(root / "sketches/canny/astronaut.png")[:, :, 0]
+    stack = np.load(root / "components/sketches/canny/nose.npy")
+    assert np.array_equal(stack[0], component_windows(128)["nose"].crop(sketch))
+
+
+def test_a_failed_crop_leaves_none_of_its_files(dataset_copy, monkeypatch):
+    """A full disk on an image's third crop must not leave its first two behind, recorded
+    nowhere; and with every image failed, the stacks and ids.txt of the earlier run go too
+    (they list crops that are gone)."""
+    from dfd_data import atomic
+    from dfd_data.crop import crop_dataset
+
+    write = atomic.atomic_write_bytes
+
+    def disk_full_on_noses(path, data):
+        if "/nose/" in str(path):
+            raise atomic.WriteError(28, "No space left on device", str(path))
+        write(path, data)
+
+    monkeypatch.setattr(atomic, "atomic_write_bytes", disk_full_on_noses)
+    for png in (dataset_copy / "components/images/nose").glob("*.png"):
+        png.unlink()  # so that both images are cropped again
+    summary, = crop_dataset(dataset_copy, ["images"], jobs=1, backend="threading", quiet=True)
+    assert summary.failed == 2
+    assert sorted(p.name for p in (dataset_copy / "components/images").rglob("*") if p.is_file()) == ["records.jsonl"]
+    assert not (dataset_copy / "previews/components-images.jpg").exists()
+    assert Dataset(dataset_copy).load_manifest()["steps"]["crop-components:images"]["files"] == {}
+    assert Dataset(dataset_copy).verify().ok
 
 
 def test_unknown_crop_source_is_a_clear_error(dataset_copy):
