@@ -23,8 +23,10 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 import threading
 import time
+import traceback
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -154,6 +156,9 @@ def make_handler(service: FaceService):
     class Handler(BaseHTTPRequestHandler):
         server_version = "dfd-model"
         protocol_version = "HTTP/1.1"
+        # A client that goes quiet (an idle keep-alive connection, a body that never arrives)
+        # frees its thread after this many seconds.
+        timeout = 120
 
         def log_message(self, format, *args):  # noqa: A002 - the base class's name
             pass  # one line per request would drown the terminal while drawing
@@ -171,6 +176,8 @@ def make_handler(service: FaceService):
             self._send(status, json.dumps(document).encode(), "application/json")
 
         def do_GET(self):  # noqa: N802 - http.server's naming
+            if self.headers.get("Content-Length", "0") != "0":
+                self.close_connection = True  # a GET's body is never read
             path = self.path.split("?", 1)[0]
             if path in ("/", "/index.html"):
                 self._send(HTTPStatus.OK, page, "text/html; charset=utf-8")
@@ -180,17 +187,24 @@ def make_handler(service: FaceService):
                 self._json(HTTPStatus.NOT_FOUND, {"error": f"no such page {path!r}"})
 
         def do_POST(self):  # noqa: N802
+            # Until the body is read, an answer must close the connection: the unread body
+            # would otherwise be parsed as the client's next request.
+            self.close_connection = True
             try:
                 if self.path.split("?", 1)[0] != "/api/generate":
                     raise RequestError(HTTPStatus.NOT_FOUND, f"no such endpoint {self.path!r}")
                 length = self.headers.get("Content-Length")
-                if length is None or not length.isdigit():
-                    raise RequestError(HTTPStatus.LENGTH_REQUIRED, "a Content-Length header is required")
+                if length is None or not re.fullmatch(r"[0-9]+", length):
+                    raise RequestError(HTTPStatus.LENGTH_REQUIRED, "a Content-Length header giving the body's size is required")
                 if int(length) > MAX_BODY_BYTES:
-                    self.close_connection = True
                     raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                                        f"the body is {int(length)} bytes; the limit is {MAX_BODY_BYTES}")
-                body = self.rfile.read(int(length))
+                try:
+                    body = self.rfile.read(int(length))
+                except TimeoutError:
+                    raise RequestError(HTTPStatus.REQUEST_TIMEOUT, f"the body did not arrive within {self.timeout} s") \
+                        from None
+                self.close_connection = len(body) < int(length)  # a client that hung up midway
                 try:
                     request = json.loads(body)
                 except (json.JSONDecodeError, UnicodeDecodeError):
@@ -200,9 +214,11 @@ def make_handler(service: FaceService):
                 self._json(error.status, {"error": str(error)})
             except Exception as error:  # a bug: the client still gets an answer, the server keeps serving
                 self.close_connection = True
+                traceback.print_exc()  # and the bug is not lost: the request log is off, stderr is not
                 self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error: {type(error).__name__}"})
 
         def do_PUT(self):  # noqa: N802
+            self.close_connection = True  # its body, if any, is never read
             self._json(HTTPStatus.METHOD_NOT_ALLOWED, {"error": "use GET or POST"})
 
         do_DELETE = do_PATCH = do_PUT

@@ -3,8 +3,10 @@ headless Chromium driven with pointer events."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import shutil
+import socket
 import threading
 import urllib.error
 import urllib.request
@@ -121,6 +123,37 @@ def test_oversized_bodies_and_unknown_paths_are_refused(server):
     with pytest.raises(urllib.error.HTTPError) as caught:
         urllib.request.urlopen(server + "/../../etc/passwd", timeout=30)
     assert caught.value.code == 404
+
+
+def _exchange(server: str, raw: bytes) -> bytes:
+    """Send raw bytes on one keep-alive connection; everything the server sends back until it
+    closes the connection (or stays quiet for 5 s)."""
+    host, port = server.rsplit("/", 1)[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as connection:
+        connection.sendall(raw)
+        answer = b""
+        with contextlib.suppress(TimeoutError):
+            while chunk := connection.recv(65536):
+                answer += chunk
+    return answer
+
+
+def test_a_refused_request_never_leaves_its_body_to_be_read_as_the_next_request(server):
+    """On a keep-alive connection a body left unread would be parsed as the client's next
+    request: a refusal sent before reading it must close the connection."""
+    smuggled = b"GET /api/info HTTP/1.1\r\nHost: x\r\n\r\n"
+    for head in (b"POST /api/nothing HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(smuggled),
+                 b"PUT /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(smuggled),
+                 b"POST /api/generate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"):
+        answer = _exchange(server, head + smuggled)
+        assert answer.count(b"HTTP/1.1 ") == 1, (head, answer)
+        assert b'"resolution"' not in answer
+    # a length that str.isdigit() accepts but int() does not is refused, not a server error
+    answer = _exchange(server, b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 1\xb2\r\n\r\n{")
+    assert answer.startswith(b"HTTP/1.1 411 ")
+    # and a well-formed request still gets its answer on a connection that stays open
+    answer = _exchange(server, b"GET /api/info HTTP/1.1\r\nHost: x\r\n\r\n" * 2)
+    assert answer.count(b"HTTP/1.1 200 ") == 2
 
 
 def test_many_concurrent_requests_are_answered_or_refused_and_the_server_survives(server):
