@@ -110,11 +110,17 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
 
 
 def _output_names(paths: list[Path]) -> list[str]:
-    names, seen = [], {}
-    for path in paths:
-        stem = path.stem
-        seen[stem] = seen.get(stem, 0) + 1
-        names.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
+    """One distinct output name per input: its stem, or stem-2, stem-3 ... once that is taken
+    (by an earlier input of the same stem, or by an input itself named like stem-2)."""
+    stems = [path.stem for path in paths]
+    reserved, used, names = set(stems), set(), []
+    for stem in stems:
+        name, number = stem, 1
+        while name in used or (number > 1 and name in reserved):
+            number += 1
+            name = f"{stem}-{number}"
+        used.add(name)
+        names.append(name)
     return names
 
 
