@@ -159,6 +159,18 @@ def _split_halves(outputs: list[list[torch.Tensor]]) -> tuple[list[list[torch.Te
     return first, second
 
 
+def _read_run_config(path: Path) -> dict:
+    """The run's saved configuration ({"model": ..., "training": ...}), or a one-line error."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise TrainingError(f"{path}: unreadable ({' '.join(str(error).split())}); restore it or start a new --out") \
+            from None
+    if not isinstance(saved, dict) or not all(isinstance(saved.get(key), dict) for key in ("model", "training")):
+        raise TrainingError(f"{path}: needs a \"model\" and a \"training\" section; restore it or start a new --out")
+    return saved
+
+
 class Trainer:
     """One run: `Trainer(...).run(stage)`; see the module docstring for the folder it fills."""
 
@@ -192,11 +204,13 @@ class Trainer:
         }
         self.autocast, self.scaler = _amp_context(device, self.config.amp)
         self.stage, self.step, self.banks = 1, 0, None
+        self.pending_losses: list[dict] = []  # the steps' losses since the last stats row
         checkpoint = latest_checkpoint(self.out)
         if checkpoint is not None:
             state, self.banks = load_checkpoint(checkpoint, modules=self._modules(), optimizers=self.optimizers,
                                                 device=device)
             self.stage, self.step = state["stage"], state["step"]
+            self.pending_losses = state["pending_losses"]
             if self.scaler is not None and state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
             self.echo(f"resuming {self.out} from {checkpoint.name} (stage {self.stage}, step {self.step})")
@@ -216,13 +230,13 @@ class Trainer:
         wanted = {"model": model_config.to_dict(), "training": asdict(train_config)}
         if not self.ranks.main:
             distributed.barrier(self.ranks)  # wait for rank 0 to write the resolved config
-            saved = json.loads(path.read_text())
+            saved = _read_run_config(path)
             return ModelConfig.from_dict(saved["model"], complete=True), TrainConfig.from_dict(saved["training"])
         if latest_checkpoint(self.out) is not None and not resume:
             raise TrainingError(f"{self.out}: already holds a training run; pass --resume to continue it "
                                 "or choose another --out")
         if path.is_file() and resume:
-            saved = json.loads(path.read_text())
+            saved = _read_run_config(path)
             differ = [f"{section}.{key}" for section in ("model", "training") for key in saved[section]
                       if saved[section][key] != wanted[section].get(key) and key not in RESUMABLE_CHANGES]
             if differ:
@@ -271,6 +285,8 @@ class Trainer:
                 validation.append((row["id"], *load_pair(self.dataset, row, resolution)))
             except UserError as error:
                 self.echo(f"skipped for the validation grid: {error}")
+        if not validation:
+            self.echo("no face for the validation grid could be read: training goes on without grids")
         return pairs, validation
 
     # ---- bookkeeping ---------------------------------------------------------------------------------
@@ -291,7 +307,7 @@ class Trainer:
         if not self.ranks.main:
             return
         state = {"stage": self.stage, "step": self.step, "model_config": self.model_config.to_dict(),
-                 "train_config": asdict(self.config),
+                 "train_config": asdict(self.config), "pending_losses": self.pending_losses,
                  "scaler": self.scaler.state_dict() if self.scaler is not None else None}
         save_checkpoint(self.out, f"stage{self.stage}-step{self.step:07d}", modules=self._modules(),
                         optimizers=self.optimizers, banks=self.banks, state=state)
@@ -303,7 +319,7 @@ class Trainer:
         self.model.save_pretrained(self.out / "model")
 
     def _write_grid(self) -> None:
-        if not self.ranks.main:
+        if not self.ranks.main or not self.validation:
             return
         sketches = torch.from_numpy(np.stack([s for _, s, _ in self.validation])).float()[:, None]
         sketches = ((sketches - 127.5) / 127.5).to(self.device)
@@ -410,9 +426,9 @@ class Trainer:
                 summary.append(self._train_stage())
             if self.stage == 1:
                 self.banks = self.build_banks() if self.ranks.main else None
+                self._save_model()  # before the checkpoint that leaves stage 1: a crash between them redoes both
                 self.stage, self.step = 2, 0
                 self._checkpoint()
-                self._save_model()
                 if last_stage == 1:
                     break
             else:
@@ -424,7 +440,7 @@ class Trainer:
                 f"{self.out / 'model'}")
 
     def _train_stage(self) -> str:
-        stage, interval, tick = self.stage, [], time.time()
+        stage, timed, tick = self.stage, 0, time.time()  # steps timed since `tick` (this process's)
         order = BatchOrder(len(self.pairs), self.config.batch_size * self.ranks.world, self.config.seed, stream=stage)
         share = slice(self.ranks.rank * self.config.batch_size, (self.ranks.rank + 1) * self.config.batch_size)
         bar = None if self.quiet else tqdm(total=self.config.steps, initial=self.step, desc=f"stage {stage}",
@@ -442,24 +458,28 @@ class Trainer:
             if not all(math.isfinite(v) for v in losses.values()):
                 raise TrainingError(f"stage {stage} step {self.step + 1}: the loss became {losses}; lower --lr "
                                     f"or resume from the last checkpoint")
-            interval.append(losses)
-            self.step += 1
+            pending = self.pending_losses  # kept in checkpoints: a resumed row averages the same steps
+            pending.append(losses)
+            self.step, timed = self.step + 1, timed + 1
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in list(losses.items())[:4]})
             end = self.step == self.config.steps
-            if (self.step % self.config.log_every == 0 or end) and self.ranks.main:
-                seconds = (time.time() - tick) / len(interval)
-                row = {"stage": stage, "step": self.step,
-                       "losses": {k: sum(d[k] for d in interval) / len(interval) for k in interval[0]},
-                       "sec_per_step": round(seconds, 4),
-                       "images_per_s": round(self.config.batch_size / seconds, 2), "time": round(time.time(), 1)}
-                try:  # a torn line (disk full) is dropped when resuming reads the file
-                    with open(self.out / STATS_FILE, "a", encoding="utf-8") as handle:
-                        handle.write(json.dumps(row) + "\n")
-                except OSError as error:
-                    raise WriteError.of(error, self.out / STATS_FILE) from None
-                interval, tick = [], time.time()
+            if self.step % self.config.log_every == 0 or end:
+                if self.ranks.main:
+                    seconds = (time.time() - tick) / timed
+                    row = {"stage": stage, "step": self.step,
+                           "losses": {k: sum(d[k] for d in pending) / len(pending) for k in pending[0]},
+                           "sec_per_step": round(seconds, 4),
+                           "images_per_s": round(self.config.batch_size * self.ranks.world / seconds, 2),
+                           "time": round(time.time(), 1)}
+                    try:  # a torn line (disk full) is dropped when resuming reads the file
+                        with open(self.out / STATS_FILE, "a", encoding="utf-8") as handle:
+                            handle.write(json.dumps(row) + "\n")
+                    except OSError as error:
+                        raise WriteError.of(error, self.out / STATS_FILE) from None
+                pending.clear()
+                timed, tick = 0, time.time()
             if self.step % self.config.grid_every == 0 or end:
                 self._write_grid()
             if self.step % self.config.checkpoint_every == 0 or end:

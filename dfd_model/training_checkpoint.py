@@ -2,10 +2,11 @@
 
 A checkpoint is a folder `checkpoints/<stage>-<step>/` holding `tensors.safetensors` (model,
 discriminator, optimiser moments, feature banks, RNG states) and `state.json` (stage, step,
-configs, optimiser hyper-parameters, loss-scaler state, the sha256 of the tensors file). It is
-written under a temporary name and renamed whole; `checkpoints/latest.json`, written last,
-names it and its digest. A checkpoint that was being written when the process died is
-therefore never named, and one whose bytes changed is refused.
+configs, optimiser hyper-parameters, loss-scaler state, the sha256 of the tensors file and of
+the state itself). It is written under a temporary name and renamed whole;
+`checkpoints/latest.json`, written last, names it and its digest. A checkpoint that was being
+written when the process died is therefore never named, and one whose bytes changed (either
+file) is refused.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from dfd_data.errors import UserError
 from .projection import FeatureBank
 
 FORMAT = "dfd-training-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: state.json carries its own digest
 TENSORS_FILE = "tensors.safetensors"
 STATE_FILE = "state.json"
 LATEST = "latest.json"
@@ -82,6 +83,7 @@ def save_checkpoint(run: Path, name: str, *, modules: dict[str, torch.nn.Module]
     temp.mkdir()
     document = {"format": FORMAT, "format_version": FORMAT_VERSION, "optimizers": optimizer_meta,
                 "tensors_sha256": sha256_bytes(data), **state}
+    document["state_sha256"] = _state_digest(document)
     try:
         atomic_write_bytes(temp / TENSORS_FILE, data)
         atomic_write_text(temp / STATE_FILE, json.dumps(document, indent=1, sort_keys=True))
@@ -94,6 +96,12 @@ def save_checkpoint(run: Path, name: str, *, modules: dict[str, torch.nn.Module]
     atomic_write_text(folder / LATEST, json.dumps({"checkpoint": name, "tensors_sha256": document["tensors_sha256"]}))
     _prune(folder, keep=name)
     return final
+
+
+def _state_digest(document: dict) -> str:
+    """sha256 of state.json's contents other than this digest (JSON round trips exactly)."""
+    return sha256_bytes(json.dumps({k: v for k, v in document.items() if k != "state_sha256"},
+                                   sort_keys=True).encode())
 
 
 def _prune(folder: Path, keep: str) -> None:
@@ -133,8 +141,11 @@ def load_checkpoint(path: Path, *, modules: dict[str, torch.nn.Module],
         state = json.loads(state_path.read_text())
     except json.JSONDecodeError as error:
         raise TrainingCheckpointError(f"{state_path}: not valid JSON ({error})") from None
-    if state.get("format") != FORMAT or state.get("format_version") != FORMAT_VERSION:
+    if not isinstance(state, dict) or state.get("format") != FORMAT or state.get("format_version") != FORMAT_VERSION:
         raise TrainingCheckpointError(f"{state_path}: not a {FORMAT} version {FORMAT_VERSION} checkpoint")
+    if _state_digest(state) != state.get("state_sha256"):
+        raise TrainingCheckpointError(f"{state_path}: contents differ from the digest it records; "
+                                      "the checkpoint is damaged")
     if sha256_file(tensors_path) != state.get("tensors_sha256"):
         raise TrainingCheckpointError(f"{tensors_path}: contents differ from what {STATE_FILE} records; "
                                       "the checkpoint is damaged")

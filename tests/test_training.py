@@ -87,9 +87,11 @@ def test_both_stages_learn_on_real_sketch_crops(real_dataset, tmp_path):
 
 
 def test_a_resumed_run_repeats_the_uninterrupted_losses(sketched_dataset, tmp_path, monkeypatch):
-    _trainer(sketched_dataset, tmp_path / "whole").run("all")
+    """Killed in stage 2 at step 4, resumed from the step-2 checkpoint: the same stats rows
+    (each averaging three steps, so the row at step 3 spans the checkpoint) and weights."""
+    _trainer(sketched_dataset, tmp_path / "whole", log_every=3).run("all")
     expected = _losses(tmp_path / "whole")
-    assert [(stage, step) for stage, step, _ in expected] == [(s, n) for s in (1, 2) for n in range(1, 7)]
+    assert [(stage, step) for stage, step, _ in expected] == [(1, 3), (1, 6), (2, 3), (2, 6)]
 
     crash_at = {"calls": 0}
     original = Trainer.stage2_step
@@ -102,11 +104,11 @@ def test_a_resumed_run_repeats_the_uninterrupted_losses(sketched_dataset, tmp_pa
 
     monkeypatch.setattr(Trainer, "stage2_step", crashing)
     with pytest.raises(KeyboardInterrupt):
-        _trainer(sketched_dataset, tmp_path / "cut").run("all")
+        _trainer(sketched_dataset, tmp_path / "cut", log_every=3).run("all")
     monkeypatch.setattr(Trainer, "stage2_step", original)
     with pytest.raises(TrainingError, match="pass --resume"):
-        _trainer(sketched_dataset, tmp_path / "cut")
-    resumed = _trainer(sketched_dataset, tmp_path / "cut", resume=True)
+        _trainer(sketched_dataset, tmp_path / "cut", log_every=3)
+    resumed = _trainer(sketched_dataset, tmp_path / "cut", resume=True, log_every=3)
     assert (resumed.stage, resumed.step) == (2, 2)
     resumed.run("all")
     assert _losses(tmp_path / "cut") == expected
@@ -128,7 +130,7 @@ def test_stage_two_needs_stage_one_and_settings_must_match_on_resume(sketched_da
     assert summary.startswith("train: stage 2: 2 steps")
 
 
-def test_a_damaged_checkpoint_is_refused(sketched_dataset, tmp_path):
+def test_a_damaged_checkpoint_or_run_config_is_refused(sketched_dataset, tmp_path):
     _trainer(sketched_dataset, tmp_path / "run", steps=2).run("1")
     latest = json.loads((tmp_path / "run" / "checkpoints" / "latest.json").read_text())["checkpoint"]
     tensors = tmp_path / "run" / "checkpoints" / latest / "tensors.safetensors"
@@ -137,6 +139,48 @@ def test_a_damaged_checkpoint_is_refused(sketched_dataset, tmp_path):
     tensors.write_bytes(bytes(data))
     with pytest.raises(TrainingCheckpointError, match="damaged"):
         _trainer(sketched_dataset, tmp_path / "run", resume=True, steps=2)
+    data[-1] ^= 0xFF
+    tensors.write_bytes(bytes(data))
+    state = tmp_path / "run" / "checkpoints" / latest / "state.json"
+    original = state.read_text()
+    state.write_text(original.replace('"step": 0', '"step": 1'))  # stage 2 step 0, edited
+    with pytest.raises(TrainingCheckpointError, match=f"{state}: contents differ from the digest"):
+        _trainer(sketched_dataset, tmp_path / "run", resume=True, steps=2)
+    state.write_text(original)
+    config = tmp_path / "run" / "train_config.json"
+    config.write_text('{"model": ')
+    with pytest.raises(TrainingError, match=f"{config}: unreadable"):
+        _trainer(sketched_dataset, tmp_path / "run", resume=True, steps=2)
+
+
+def test_a_crash_while_saving_the_stage_one_model_is_redone_on_resume(sketched_dataset, tmp_path, monkeypatch):
+    original = Trainer._save_model
+
+    def crash(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_save_model", crash)
+    with pytest.raises(KeyboardInterrupt):
+        _trainer(sketched_dataset, tmp_path / "run", steps=2).run("1")
+    monkeypatch.setattr(Trainer, "_save_model", original)
+    _trainer(sketched_dataset, tmp_path / "run", resume=True, steps=2).run("1")
+    assert SketchToFace.from_pretrained(tmp_path / "run" / "model", device="cpu").banks is not None
+
+
+def test_training_goes_on_when_no_validation_face_can_be_read(sketched_dataset, tmp_path):
+    dataset = tmp_path / "faces"
+    shutil.copytree(sketched_dataset, dataset)
+    ids = sorted(json.loads(line)["id"] for line in (dataset / "records.jsonl").read_text().splitlines())
+    label_dataset(dataset, [(ids[0], "female", "test"), (ids[1], "male", "train")])
+    held_out = dataset / "sketches" / "photocopy" / f"{ids[0]}.png"
+    held_out.write_bytes(held_out.read_bytes()[:100])
+    lines = []
+    config = TrainConfig(steps=2, batch_size=2, log_every=1, grid_every=1, checkpoint_every=2)
+    trainer = Trainer(dataset, tmp_path / "run", ModelConfig(**TINY_128), config, torch.device("cpu"), quiet=True,
+                      echo=lines.append)
+    assert any(line.startswith("skipped for the validation grid: ") and str(held_out) in line for line in lines)
+    assert "no face for the validation grid could be read: training goes on without grids" in lines
+    assert trainer.run("1").startswith("train: stage 1: 2 steps")
 
 
 def test_smoke_command_then_generate(sketched_dataset, tmp_path):
