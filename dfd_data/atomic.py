@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import tempfile
 from pathlib import Path
+from typing import Iterable
+
+import numpy as np
 
 from .errors import UserError
 
@@ -43,13 +47,17 @@ def sha256_file(path: str | os.PathLike) -> str:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` so that `path` is never observed half-written; when the system
     refuses (disk full, no permission) the temporary file is removed and WriteError raised."""
-    path = Path(path)
+    _atomic_write_chunks(Path(path), [data])
+
+
+def _atomic_write_chunks(path: Path, chunks: Iterable[bytes]) -> None:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=path.parent)
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            for chunk in chunks:
+                handle.write(chunk)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)
@@ -65,6 +73,25 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_npy(path: str | os.PathLike, shape: tuple[int, ...], rows: Iterable[bytes]) -> str:
+    """Write a uint8 .npy of `shape` from its rows' bytes, streamed (a stack can be larger than
+    memory), as atomically as atomic_write_bytes; returns the file's sha256. Plain writes, not a
+    memory map: a full disk is an error to report, where a memory map would die of SIGBUS."""
+    path = Path(path)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    digest = hashlib.sha256(header.getvalue())
+
+    def chunks():
+        yield header.getvalue()
+        for row in rows:
+            digest.update(row)
+            yield row
+
+    _atomic_write_chunks(path, chunks())
+    return digest.hexdigest()
 
 
 @contextlib.contextmanager

@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
-import numpy as np
 
-from .atomic import all_or_none, atomic_write_text, remove_stale_temp_files, sha256_bytes, sha256_file
+from .atomic import all_or_none, atomic_write_npy, atomic_write_text, remove_stale_temp_files, sha256_bytes
 from .components import COMPONENTS, component_windows, crop_components
 from .contact_sheet import contact_sheet
 from .dataset import Dataset, DatasetError, read_jsonl
@@ -130,15 +129,13 @@ def _pack(dataset: Dataset, out_dir: str, ids: list[str], gray: bool, resolution
         size = windows[name].size
         shape = (len(ids), size, size) if gray else (len(ids), size, size, 3)
         target = dataset.path(f"{out_dir}/{name}.npy")
-        temp = target.with_name(f".dfd-tmp-{name}.npy")
-        stack = np.lib.format.open_memmap(temp, mode="w+", dtype=np.uint8, shape=shape)
-        for row, record_id in enumerate(ids):
-            image = cv2.imread(str(dataset.path(f"{out_dir}/{name}/{record_id}.png")), cv2.IMREAD_UNCHANGED)
-            stack[row] = image if gray else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-        stack.flush()
-        del stack
-        os.replace(temp, target)
-        files[target.relative_to(dataset.root).as_posix()] = sha256_file(target)
+
+        def rows(name=name):
+            for record_id in ids:
+                image = cv2.imread(str(dataset.path(f"{out_dir}/{name}/{record_id}.png")), cv2.IMREAD_UNCHANGED)
+                yield (image if gray else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)).tobytes()
+
+        files[target.relative_to(dataset.root).as_posix()] = atomic_write_npy(target, shape, rows())
     ids_relpath = f"{out_dir}/ids.txt"
     text = "".join(f"{i}\n" for i in ids)
     atomic_write_text(dataset.path(ids_relpath), text)

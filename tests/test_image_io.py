@@ -117,3 +117,24 @@ def test_atomic_write_leaves_nothing_when_interrupted(tmp_path, monkeypatch):
         atomic_write_bytes(target, b"new content")
     assert target.read_bytes() == b"old"
     assert not [p for p in target.parent.iterdir() if p.name.startswith(TEMP_PREFIX)]
+
+
+def test_a_stack_written_on_a_full_disk_is_one_line_and_leaves_the_old_one(tmp_path, monkeypatch):
+    """crop-components streams its .npy stacks through atomic_write_npy (a memory map would
+    die of SIGBUS on a full disk): the same file as np.save, and on a full disk a WriteError
+    naming the stack, the earlier stack untouched and no temporary file."""
+    from dfd_data.atomic import WriteError, atomic_write_npy
+    from tests.hostile import fill_disk_after
+
+    stack = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
+    target = tmp_path / "nose.npy"
+    digest = atomic_write_npy(target, stack.shape, (row.tobytes() for row in stack))
+    saved = io.BytesIO()
+    np.save(saved, stack)
+    assert target.read_bytes() == saved.getvalue() and digest == atomic.sha256_bytes(saved.getvalue())
+    fill_disk_after(monkeypatch, 0)
+    with pytest.raises(WriteError) as caught:
+        atomic_write_npy(target, stack.shape, (row.tobytes() for row in stack[::-1]))
+    assert str(caught.value) == f"{target}: cannot write (No space left on device)"
+    assert target.read_bytes() == saved.getvalue()
+    assert [p.name for p in tmp_path.iterdir()] == ["nose.npy"]
