@@ -80,7 +80,7 @@ class FaceService:
         self.model = model
         self.shadows = ShadowRenderer(model)
         self.lock = threading.Lock()
-        self.waiting = threading.BoundedSemaphore(MAX_WAITING)
+        self.waiting = threading.BoundedSemaphore(MAX_WAITING + 1)  # the request running and those in line
 
     def info(self) -> dict:
         return {"resolution": self.model.config.resolution, "genders": list(self.model.genders),
@@ -121,7 +121,7 @@ class FaceService:
         return sketch, refine, gender, shadow
 
     def generate(self, request) -> dict:
-        """Decoding happens inside a waiting slot too, so at most MAX_WAITING images are in memory."""
+        """Decoding happens inside a slot too, so at most MAX_WAITING + 1 images are in memory."""
         if not self.waiting.acquire(blocking=False):
             raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, "busy: too many requests are waiting; try again")
         try:
