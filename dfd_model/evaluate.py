@@ -185,7 +185,8 @@ def evaluate(model: SketchToFace, pairs_dir: str | os.PathLike, out: str | os.Pa
             photo = read_image(photo_path)
             photo = cv2.resize(photo, (resolution, resolution), interpolation=cv2.INTER_AREA) \
                 if photo.shape[:2] != (resolution, resolution) else photo
-            pairs.append((name, load_sketch(sketch_path, resolution), photo))
+            pairs.append((name, load_sketch(sketch_path, resolution,
+                                            photo_hint="a pair's sketch must be a drawing, not a photo"), photo))
         except UserError as error:
             skipped.append(str(error))
     if len(pairs) < 2:

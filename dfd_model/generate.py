@@ -80,15 +80,18 @@ def sketch_from_photo(image: np.ndarray, path, method_name: str, device: str) ->
     return run_method(resolve_method(method_name), [aligned], device=device, batch_size=1)[0]
 
 
+FROM_PHOTO_HINT = "pass --from-photo METHOD (e.g. photocopy+simplify) to turn photos into sketches first"
+
+
 def load_sketch(path: str | os.PathLike, resolution: int, from_photo: str | None = None,
-                device: str = "cpu") -> np.ndarray:
-    """A sketch file as uint8 [R, R] (255 paper), or ImageError naming the file and the problem."""
+                device: str = "cpu", photo_hint: str = FROM_PHOTO_HINT) -> np.ndarray:
+    """A sketch file as uint8 [R, R] (255 paper), or ImageError naming the file and the problem
+    (for a photo: the problem, then `photo_hint`, what the caller's user can do about it)."""
     image = read_image(path)
     reason = photo_reason(image)
     if reason is not None:
         if from_photo is None:
-            raise ImageError(path, f"{reason}; pass --from-photo METHOD (e.g. photocopy+simplify) to turn photos "
-                                   "into sketches first")
+            raise ImageError(path, f"{reason}; {photo_hint}")
         gray = sketch_from_photo(image, path, from_photo, device)
     else:
         gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)

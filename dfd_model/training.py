@@ -214,6 +214,11 @@ class Trainer:
             if self.scaler is not None and state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
             self.echo(f"resuming {self.out} from {checkpoint.name} (stage {self.stage}, step {self.step})")
+            if state["processes"] != self.ranks.world:
+                batch = self.config.batch_size
+                self.echo(f"warning: the run used {state['processes']} processes (global batch "
+                          f"{batch * state['processes']}), this one {self.ranks.world} (global batch "
+                          f"{batch * self.ranks.world}): training goes on, but not as the run would have")
         if main:
             self._trim_stats()
             self.pairs, self.validation = self._load_data()
@@ -308,6 +313,7 @@ class Trainer:
             return
         state = {"stage": self.stage, "step": self.step, "model_config": self.model_config.to_dict(),
                  "train_config": asdict(self.config), "pending_losses": self.pending_losses,
+                 "processes": self.ranks.world,
                  "scaler": self.scaler.state_dict() if self.scaler is not None else None}
         save_checkpoint(self.out, f"stage{self.stage}-step{self.step:07d}", modules=self._modules(),
                         optimizers=self.optimizers, banks=self.banks, state=state)

@@ -283,6 +283,8 @@ def test_evaluate_names_every_unreadable_pair_and_scores_the_rest(corpus, tiny_m
     unreadable = [pairs / "sketches" / renamed.get(name, name) for name, want in expect.items()
                   if want.generate == "refused"] + [pairs / "photos" / "good sketch, bad photo.jpg"]
     lines = [line for line in result.stderr.splitlines() if line.startswith(str(pairs))]  # not scipy's warnings
+    assert "--from-photo" not in result.stderr  # generate's advice: evaluate has no such option
+    assert "a pair's sketch must be a drawing, not a photo" in result.stderr
     assert len(lines) == len(unreadable) and all(sum(line.startswith(f"{path}: ") for line in lines) == 1
                                                  for path in unreadable)
     metrics = json.loads((out / "metrics.json").read_text())

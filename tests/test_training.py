@@ -314,6 +314,12 @@ def test_torchrun_with_two_cpu_processes_matches_one_process(sketched_dataset, t
     assert np.allclose(first_two, first_one, rtol=0.15)
     model = SketchToFace.from_pretrained(tmp_path / "double" / "model", device="cpu")
     assert sum(model.banks.counts()["nose"].values()) == 2
+    # resumed by one process, the run goes on with half its global batch: said, not silent
+    more = [arg if arg != "6" else "7" for arg in common]
+    resumed = subprocess.run([sys.executable, "-m", "dfd_model", "train", *more, "--batch-size", "2", "--resume",
+                              "--out", str(tmp_path / "double")], capture_output=True, text=True, cwd=REPO)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "warning: the run used 2 processes (global batch 4), this one 1 (global batch 2)" in resumed.stdout
 
 
 def test_generate_over_a_hostile_folder(tiny_model_folder, sample_photos, tmp_path):
