@@ -75,9 +75,11 @@ def _conv_shape(conv: nn.Conv2d) -> tuple:
 
 class ConvActivation(nn.Conv2d):
     """A Conv2d (zero padding given as numbers) and the ReLU or LeakyReLU after it, as one
-    oneDNN convolution on CPU float32 or bf16 tensors; the input is first cast to the
-    weights' dtype, as autocast would before the convolution. It is still a Conv2d holding the
-    same parameters, so state-dict names and the dtype and layout passes stay as they were."""
+    oneDNN convolution on CPU float32 or bf16 tensors. It computes in the dtype a Conv2d
+    would: under autocast, the autocast dtype (the input and, where they are stored in float32,
+    the weights are cast to it, as autocast casts them); otherwise the weights' dtype. It is
+    still a Conv2d holding the same parameters, so state-dict names and the dtype and layout
+    passes stay as they were."""
 
     def __init__(self, conv: nn.Conv2d, activation: nn.ReLU | nn.LeakyReLU):
         super().__init__(*_conv_shape(conv), device="meta")
@@ -96,11 +98,14 @@ class ConvActivation(nn.Conv2d):
                 and type(activation) in (nn.ReLU, nn.LeakyReLU))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight
-        if _FUSED_CONVOLUTION is None or x.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
+        weight, bias = self.weight, self.bias
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
+        if _FUSED_CONVOLUTION is None or x.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
             return F.leaky_relu(super().forward(x), self.slope) if self.slope else F.relu(super().forward(x))
+        if weight.dtype != dtype:  # (the decoders that shadows run under autocast keep float32 weights)
+            weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
         attr, scalars = ("leaky_relu", [self.slope]) if self.slope else ("relu", [])
-        return _FUSED_CONVOLUTION(x.to(weight.dtype), weight, self.bias, list(self.padding), list(self.stride),
+        return _FUSED_CONVOLUTION(x.to(dtype), weight, bias, list(self.padding), list(self.stride),
                                   list(self.dilation), self.groups, attr, scalars, "")
 
 
