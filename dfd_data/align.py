@@ -2,7 +2,8 @@
 
 Each source photo becomes one record (or one per face with all_faces); photos without a
 face and files that are not usable images are recorded and reported, never fatal. Rerunning
-skips photos whose aligned images are present, unaltered, and made from the same bytes.
+skips photos whose aligned images are present, unaltered, and made from the same bytes, and
+photos of the same bytes that showed no face (they are reported again).
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def align_source(task: Task) -> list[dict]:
     image = decode_image(data, source.path)
     faces = find_faces(image)
     if not faces:
-        raise SkipItem(f"{source.path}: no face found", [{"id": source.id, **base, "status": "no_face"}])
+        raise SkipItem(_no_face(source), [{"id": source.id, **base, "status": "no_face"}])
     chosen = faces if params.all_faces else faces[:1]
     records = []
     with all_or_none(job.out_root) as write:
@@ -71,8 +72,15 @@ def align_source(task: Task) -> list[dict]:
     return records
 
 
+def _no_face(source: Source) -> str:
+    return f"{source.path}: no face found"
+
+
 def _is_complete(dataset: Dataset, records: list[dict], source: Source) -> bool:
-    if not records or any(r.get("status") != "aligned" for r in records):
+    """Aligned, or found without a face (detection gives the same answer for the same bytes),
+    from the photo's present bytes, with every output present and unaltered."""
+    no_face = len(records) == 1 and records[0].get("status") == "no_face"
+    if not records or not (no_face or all(r.get("status") == "aligned" for r in records)):
         return False
     try:  # the size first: it rules out most changed photos without reading them
         if source.path.stat().st_size != records[0].get("source_bytes") \
@@ -139,6 +147,11 @@ def align_folder(src: str | os.PathLike, dst: str | os.PathLike, params: AlignPa
     with log:
         summary = run_batch(STEP, tasks, align_source, jobs=jobs, backend=backend, quiet=quiet,
                             already_done=len(sources) - len(pending), on_outcome=on_outcome)
+    waiting = {task.key for task in tasks}
+    summary.reports = sorted(summary.reports + [  # photos known to show no face are still reported
+        {"step": STEP, "file": str(s.path), "status": "skipped", "reason": _no_face(s)}
+        for s in sources if s.relpath not in waiting and by_source[s.relpath][0]["status"] == "no_face"],
+        key=lambda report: report["file"])
     dataset.replace_errors(STEP, summary.reports)
 
     statuses = [r["status"] for r in log.by_id.values()]
