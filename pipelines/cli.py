@@ -39,13 +39,21 @@ Examples:
               help="folder recipe: a CSV/TSV/JSON of gender and split per photo (see dfd-data label).")
 @click.option("--steps", type=click.IntRange(1), default=None,
               help="Training steps per stage (demo: 400, full size: 50,000).")
-@click.option("--jobs", type=click.IntRange(1), default=2, help="Processes for the data steps (full size).")
+@click.option("--jobs", type=click.IntRange(1), default=None,
+              help="Processes for the data steps (folder and celebamask-hq; default 2).")
 def run(name, out, photos, celebamask, labels, steps, jobs):
     """Run recipe NAME into OUT; rerunning the same command skips finished steps and resumes the rest."""
     from .demo import DEMO_STEPS, demo_steps
     from .full_size import celebamask_steps, full_size_steps
     from .runner import run_pipeline
 
+    given = {"--photos": photos, "--celebamask": celebamask, "--labels": labels, "--jobs": jobs}
+    takes = {"demo": ("--photos",), "folder": ("--photos", "--labels", "--jobs"),
+             "celebamask-hq": ("--celebamask", "--jobs")}[name]
+    unused = [option for option, value in given.items() if value is not None and option not in takes]
+    if unused:  # an option the recipe would silently ignore
+        raise click.UsageError(f"the {name} recipe does not take {', '.join(unused)} (it takes {', '.join(takes)})")
+    jobs = jobs or 2
     out_path = Path(out)
     if name == "demo":
         plan = demo_steps(out_path, Path(photos) if photos else None, steps or DEMO_STEPS, echo=click.echo)

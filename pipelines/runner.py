@@ -1,10 +1,12 @@
 """Running a recipe: an ordered list of steps, each a `dfd-data` / `dfd-model` command or a
 small Python function, with one manifest (`pipeline.json`) for the whole run.
 
-A step is skipped when the manifest records it finished with the same command and its
-declared outputs are still there; otherwise it runs (the commands resume their own partial
-work, so an interrupted step picks up where it stopped). The first failing step stops the
-run with its exit status; the manifest says which step failed and how long each took.
+A step is skipped when the manifest records it finished with the same command, its declared
+outputs are still there and no step before it ran in this run (a step that ran may have
+changed what the later ones read); otherwise it runs (the commands resume their own partial
+work, so an interrupted step picks up where it stopped). A step that failed on some files
+only is not finished: the next run tries it again. The first failing step stops the run with
+its exit status; the manifest says which step failed and how long each took.
 """
 from __future__ import annotations
 
@@ -34,8 +36,8 @@ class PipelineError(UserError):
 class Step:
     """One step: `command` (argv starting with dfd-data or dfd-model) or `function` (called with
     no arguments), and the paths that exist once it has finished. `partial_ok`: the step
-    processes many files and exits non-zero when some failed (each is listed in the dataset's
-    errors.jsonl); the run goes on when its outputs exist all the same."""
+    processes many files and exits with status 1 when some failed (each is listed in the
+    dataset's errors.jsonl); the run goes on when its outputs exist all the same."""
 
     name: str
     description: str
@@ -72,19 +74,19 @@ def run_pipeline(name: str, steps: list[Step], out: Path, echo=print) -> dict:
     path = out / MANIFEST
     previous = {row["name"]: row for row in _load(path).get("steps", [])}
     manifest = {"pipeline": name, "out": str(out), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "steps": []}
-    started = time.time()
+    started, ran = time.time(), False
     for number, step in enumerate(steps, 1):
         header = f"[{number}/{len(steps)}] {step.name}: {step.description}"
         before = previous.get(step.name, {})
         row = {"name": step.name, "description": step.description, "command": step.shown(),
                "fingerprint": step.fingerprint()}
-        if before.get("status") == "done" and before.get("fingerprint") == row["fingerprint"] \
+        if not ran and before.get("status") == "done" and before.get("fingerprint") == row["fingerprint"] \
                 and all(p.exists() for p in step.outputs):
             echo(f"{header} (already done, skipped)")
             manifest["steps"].append({**row, "status": "done", "seconds": before.get("seconds"), "skipped": True})
             continue
         echo(f"{header}\n    $ {step.shown()}")
-        tick = time.time()
+        tick, ran = time.time(), True
         manifest["steps"].append({**row, "status": "running"})
         atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")
         if step.command is not None:
@@ -97,13 +99,13 @@ def run_pipeline(name: str, steps: list[Step], out: Path, echo=print) -> dict:
                 echo(f"    {error}")
                 code = 1
         status = "done" if code == 0 else "failed"
-        if code != 0 and step.partial_ok and step.outputs and all(p.exists() for p in step.outputs):
+        if code == 1 and step.partial_ok and step.outputs and all(p.exists() for p in step.outputs):
             echo(f"    {step.name} failed on some files (listed in errors.jsonl); going on with the rest")
-            status = "done"
+            status = "partial"  # not finished: the next run tries the failed files again
         manifest["steps"][-1].update(status=status, seconds=round(time.time() - tick, 1), returncode=code)
         manifest["total_seconds"] = round(time.time() - started, 1)
         atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")
-        if status != "done":
+        if status == "failed":
             raise PipelineError(f"pipeline {name}: step {step.name} failed (exit status {code}); fix the cause and "
                                 f"rerun the same command to continue from it")
     manifest["total_seconds"] = round(time.time() - started, 1)

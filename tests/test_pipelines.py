@@ -37,9 +37,25 @@ def test_finished_steps_are_skipped_and_a_failure_stops_the_run(tmp_path):
     run_pipeline("test", steps, tmp_path, echo=lines.append)
     assert log == ["one", "two"]  # step one was not run again
     assert any("one: first (already done, skipped)" in line for line in lines)
-    (tmp_path / "one.txt").unlink()  # an output went missing: the step runs again
+    (tmp_path / "one.txt").unlink()  # an output went missing: the step runs again, and every step after it
     run_pipeline("test", steps, tmp_path, echo=lambda line: None)
-    assert log == ["one", "two", "one"]
+    assert log == ["one", "two", "one", "two"]
+
+
+def test_a_step_that_failed_on_some_files_is_tried_again(tmp_path):
+    """A partial_ok step that exits 1 with its outputs present lets the run go on, but is not
+    finished: the next run tries it again. Any other failure (a usage error exits 2) stops."""
+    (tmp_path / "faces").mkdir()
+    verify = ["dfd-data", "verify", str(tmp_path / "faces")]  # not a dataset: exit status 1
+    steps = [Step("check", "check", command=verify, outputs=[tmp_path / "faces"], partial_ok=True)]
+    run_pipeline("test", steps, tmp_path, echo=lambda line: None)
+    assert json.loads((tmp_path / "pipeline.json").read_text())["steps"][0]["status"] == "partial"
+    lines: list[str] = []
+    run_pipeline("test", steps, tmp_path, echo=lines.append)
+    assert not any("already done" in line for line in lines)
+    steps = [Step("check", "check", command=["dfd-data", "verify"], outputs=[tmp_path / "faces"], partial_ok=True)]
+    with pytest.raises(PipelineError, match="step check failed \\(exit status 2\\)"):
+        run_pipeline("test", steps, tmp_path, echo=lambda line: None)
 
 
 def _fake_celebamask(root: Path, photos: list[Path]) -> None:
@@ -87,3 +103,13 @@ def test_demo_recipe_runs_every_stage_and_writes_the_report(tmp_path):
 
     again = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     assert again.returncode == 0 and "0 steps run, 10 skipped" in again.stdout
+
+
+def test_an_option_the_recipe_does_not_take_is_refused(tmp_path):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("id,gender\n")
+    result = subprocess.run([sys.executable, "-m", "pipelines", "run", "demo", "--out", str(tmp_path / "out"),
+                             "--labels", str(labels), "--jobs", "7"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2
+    assert "the demo recipe does not take --labels, --jobs (it takes --photos)" in result.stderr
+    assert not (tmp_path / "out").exists()
