@@ -52,7 +52,8 @@ def _download_sdist(cache: Path, echo) -> Path | None:
 
 def gather_demo_photos(folder: Path, echo=print) -> list[Path]:
     """Write the demo photos into `folder`: the two package samples plus the face_recognition
-    test portraits (read out of the sdist; nothing from it is executed or installed)."""
+    test portraits, read out of the sdist (pip download prepares the sdist's metadata, which
+    runs its setup.py in an isolated build environment; nothing from it is installed)."""
     folder.mkdir(parents=True, exist_ok=True)
     written = write_samples(folder)
     sdist = _download_sdist(dfd_home() / "downloads", echo)
