@@ -176,6 +176,7 @@ def rewrite_for_inference(model: nn.Module, compute_dtype: torch.dtype) -> nn.Mo
         for layer in part.modules():
             if isinstance(layer, _MATRIX_LAYERS):
                 layer.to(compute_dtype)
+    model.rewritten_for_inference = True  # its state dict no longer has the layout it was trained with
     return model
 
 

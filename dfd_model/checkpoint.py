@@ -64,6 +64,10 @@ def save_pretrained(model: SketchToFace, folder: str | os.PathLike) -> Path:
 
     if not isinstance(model, SketchToFace):
         raise TypeError(f"save_pretrained expects a SketchToFace, got {type(model).__name__}")
+    if getattr(model, "rewritten_for_inference", False):
+        raise ValueError("save_pretrained: this model was rewritten for inference (batch norms folded into its "
+                         "convolutions, as from_pretrained loads it): its weights no longer fit the architecture; "
+                         "save the model as built or trained")
     if any(tensor.device.type == "meta" for tensor in model.state_dict().values()):
         raise ValueError("save_pretrained: the model is on the meta device and has no weights to save")
     folder = Path(folder)

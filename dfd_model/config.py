@@ -127,9 +127,10 @@ class ModelConfig:
                 raise ValueError(f"model config: {name}={value} is outside {low}..{high}")
         if self.resolution % 32:
             raise ValueError(f"model config: resolution={self.resolution} must be a multiple of 32")
-        if self.resolution % (2 ** self.n_downsample):
+        if self.resolution % (2 ** self.n_downsample) or self.resolution // 2 ** self.n_downsample < 2:
+            # (the generator's instance norms need at least 2x2 values at its deepest layer)
             raise ValueError(f"model config: resolution={self.resolution} cannot be halved "
-                             f"n_downsample={self.n_downsample} times")
+                             f"n_downsample={self.n_downsample} times and keep at least 2x2 pixels")
         if self.ngf * 2 ** self.n_downsample > 8192:
             raise ValueError(f"model config: ngf={self.ngf} doubled n_downsample={self.n_downsample} times "
                              "exceeds 8192 channels")

@@ -62,7 +62,10 @@ class RequestError(Exception):
 def _decode_data_url(value) -> bytes:
     if not isinstance(value, str) or not value:
         raise RequestError(HTTPStatus.BAD_REQUEST, "'sketch' must be a base64 image or a data: URL")
-    payload = value.split(",", 1)[1] if value.startswith("data:") else value
+    _, comma, data = value.partition(",")
+    if value.startswith("data:") and not comma:
+        raise RequestError(HTTPStatus.BAD_REQUEST, "'sketch' is a data: URL without data (no comma)")
+    payload = data if value.startswith("data:") else value
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):

@@ -88,6 +88,7 @@ def test_generate_returns_a_face_and_a_shadow(server):
 @pytest.mark.parametrize("body, status, message", [
     (b"not json", 400, "not valid JSON"),
     (json.dumps({"sketch": "@@@"}).encode(), 400, "not valid base64"),
+    (json.dumps({"sketch": "data:image/png;base64"}).encode(), 400, "without data (no comma)"),
     (json.dumps({"sketch": base64.b64encode(b"<html>hello</html>").decode()}).encode(), 400, "sketch:"),
     (json.dumps({"sketch": base64.b64encode(bomb_png()).decode()}).encode(), 400, "sketch:"),
     (json.dumps({"sketch": _sketch_url(), "refine": 3}).encode(), 400, "refine must be"),

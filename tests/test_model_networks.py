@@ -372,6 +372,7 @@ def test_config_round_trips_and_refuses_bad_values():
     bad = [
         ({"resolution": 4096}, "resolution=4096 is outside 64..2048"),
         ({"resolution": 500}, "multiple of 32"),
+        ({"resolution": 64, "n_downsample": 6}, "keep at least 2x2 pixels"),  # 1x1: instance norm fails
         ({"latent_dim": 5000}, "latent_dim=5000 is outside"),
         ({"latent_dim": "512"}, "latent_dim must be an integer"),
         ({"ngf": 56.0}, "ngf must be an integer"),
@@ -428,6 +429,11 @@ def test_save_and_load_give_the_same_outputs(saved):
             torch.testing.assert_close(loaded(sketches, refine, gender), model(sketches, refine, gender),
                                        rtol=1e-4, atol=1e-4)
     assert all(p.requires_grad for p in loaded.parameters())
+    # its folded weights no longer fit the architecture: saving it would write a folder that
+    # cannot be loaded (over the good one, when saved in place)
+    with pytest.raises(ValueError, match="rewritten for inference"):
+        loaded.save_pretrained(folder)
+    assert SketchToFace.from_pretrained(folder, device="cpu").banks is not None
 
     # bf16 (auto's choice on AMX CPUs and CUDA) computes the same faces to within its rounding
     in_bf16 = SketchToFace.from_pretrained(folder, device="cpu", precision="bf16")
