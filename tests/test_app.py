@@ -220,6 +220,44 @@ def test_drawing_in_chromium_updates_face_and_shadow(server, tmp_path):
         seq = face.get_attribute("data-seq")
         browser.find_element("id", "undo").click()
         assert settled(seq) == blank  # the sketch is blank again, so is the face
+        saved = browser.execute_script(  # what "Save sketch" saves now: made when clicked
+            "const link = document.getElementById('save-sketch');"
+            "link.onclick({currentTarget: link, preventDefault() {}}); return link.href;")
+        assert _image(saved).min() == 255  # blank, like the canvas (it had kept the stroke)
+
+        # ten quick changes while a face is computed: one request at a time, the last one for
+        # the latest sketch (every change used to be sent, and the server computed them all)
+        seq = face.get_attribute("data-seq")
+        browser.execute_script(
+            "window.posted = 0; const send = window.fetch;"
+            "window.fetch = (url, options) => { if (String(url).includes('generate')) posted += 1;"
+            "                                   return send(url, options); };"
+            "for (let i = 0; i < 10; i++) {"
+            "  context.fillRect(100 + 20 * i, 200, 12, 12); generate(); }")
+        settled(seq)
+        assert browser.execute_script("return posted") == 2
+        assert browser.execute_script("return lastAnswered === JSON.stringify({sketch: sketchDataUrl(), "
+                                      "refine: refineValue(), gender: null, shadow: true})")
+        browser.execute_script("context.clearRect(0, 0, 512, 512)")
+        seq = face.get_attribute("data-seq")
+        browser.execute_script("generate()")
+        assert settled(seq) == blank
+
+        # a loaded sketch is ink on a transparent page (the shadow shows through), and the same
+        # file loads again after a clear
+        drawing = np.full((256, 256), 255, np.uint8)
+        drawing[100:110, 40:200] = 0
+        (tmp_path / "loaded.png").write_bytes(encode_png(drawing))
+        count = ("const d = context.getImageData(0, 0, 512, 512).data; let ink = 0, clear = 0;"
+                 "for (let i = 3; i < d.length; i += 4) { ink += d[i] > 200; clear += d[i] === 0; }"
+                 "return [ink, clear];")
+        for _ in range(2):
+            seq = face.get_attribute("data-seq")
+            browser.find_element("id", "load").send_keys(str(tmp_path / "loaded.png"))
+            settled(seq)
+            ink, clear = browser.execute_script(count)
+            assert 0.8 * 4 * 10 * 160 < ink < 1.2 * 4 * 10 * 160 and clear > 0.9 * (512 * 512 - ink)
+            browser.find_element("id", "clear").click()
 
         seq = face.get_attribute("data-seq")
         browser.execute_script(
