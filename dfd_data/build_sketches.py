@@ -86,9 +86,10 @@ def build_sketches(root: str | os.PathLike, method: SketchMethod, *, jobs: int =
         raise DatasetError(f"{dataset.root}: has no aligned images to sketch")
     description = method.describe()
     # missing weights or device fail now, once, not per batch; workers get the resolved precision
-    precision = load_networks(method, device, precision) or precision
-    if precision == "bf16":  # bf16 sketches differ from fp32 ones by rounding: switching redoes them
-        description["precision"] = precision
+    networks_precision = load_networks(method, device, precision)
+    precision = networks_precision or "fp32"  # (filters alone: --precision means nothing to them)
+    if networks_precision == "bf16":  # bf16 sketches differ from fp32 ones by rounding: switching redoes them
+        description["precision"] = networks_precision
     out_dir = f"sketches/{method.id}"
     step = STEP_PREFIX + method.id
     if dataset.path(out_dir).exists():

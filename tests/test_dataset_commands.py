@@ -219,3 +219,13 @@ def test_written_manifest_follows_the_documented_schema(sample_dataset):
     record = Dataset(sample_dataset).aligned()[0]
     assert {"id", "source", "source_sha256", "source_bytes", "status", "image", "outputs", "face_index",
             "faces_found", "detection", "landmarks", "quad"} == set(record)
+
+
+def test_precision_does_not_redo_sketches_made_without_a_network(dataset_copy):
+    """--precision only matters to HED and the simplifier: canny sketches made under bf16 are
+    the same files under fp32, and the manifest does not record a precision for them."""
+    first = dfd_data("build-sketches", dataset_copy, "--method", "canny", "--precision", "bf16", "--quiet")
+    assert first.returncode == 0, first.stderr
+    again = dfd_data("build-sketches", dataset_copy, "--method", "canny", "--precision", "fp32", "--quiet")
+    assert "0 done, 2 skipped (2 already done)" in again.stdout
+    assert "precision" not in Dataset(dataset_copy).load_manifest()["steps"]["build-sketches:canny"]["params"]
