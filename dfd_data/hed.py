@@ -102,7 +102,11 @@ def load_hed(device: str = "auto", precision: str = "auto") -> HED:
     except SafetensorError as error:
         raise ModelMissingError(f"{path} is damaged ({error}); fetch it again with `{FETCH_COMMAND}`") from None
     model = HED()
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:  # the right metadata on the wrong tensors
+        raise ModelMissingError(f"{path} does not hold HED's layers ({' '.join(str(error).split())[:160]}); fetch "
+                                f"it again with `{FETCH_COMMAND}`") from None
     return prepare_for_inference(model, resolve_device(device), precision)
 
 

@@ -235,7 +235,10 @@ def test_damaged_or_foreign_weights_files_are_refused(empty_home):
     target.parent.mkdir(parents=True)
     shapes = hed_state_shapes()
     foreign = save({k: np.zeros(v, np.float32) for k, v in shapes.items()}, metadata={"h5_sha256": "0" * 64})
-    for content, reason in ((b"\x00" * 64, "damaged"), (foreign, "not converted from the expected")):
+    misnamed = save({f"x.{k}": np.zeros(v, np.float32) for k, v in shapes.items()},
+                    metadata={"h5_sha256": HED_H5_SHA256})  # the right metadata over the wrong tensors
+    for content, reason in ((b"\x00" * 64, "damaged"), (foreign, "not converted from the expected"),
+                            (misnamed, "does not hold HED's layers")):
         target.write_bytes(content)
         with pytest.raises(ModelMissingError) as caught:
             load_hed("cpu")  # never random or zero weights in place of the real ones
