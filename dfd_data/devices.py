@@ -83,7 +83,8 @@ def native_bf16(device: torch.device) -> bool:
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     """The compute dtype of network inference: `auto` is bf16 where native (see native_bf16)
-    and fp32 elsewhere; `fp32` gives the same numbers on every machine."""
+    and fp32 elsewhere; `fp32` computes in float32 everywhere (TF32 is turned off on CUDA by
+    prepare_for_inference), so machines agree to float32 rounding."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
     if precision == "auto":
@@ -107,6 +108,10 @@ def prepare_for_inference(model: torch.nn.Module, device: torch.device, precisio
     keep_freed_memory()
     model = model.to(device).eval()
     model.compute_dtype = resolve_precision(precision, device)
+    if device.type == "cuda" and model.compute_dtype == torch.float32:
+        # float32 means float32: CUDA convolutions default to TF32 (10-bit mantissas) on Ampere+
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     return rewrite_for_inference(model, model.compute_dtype).to(memory_format=torch.channels_last)
 
 

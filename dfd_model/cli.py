@@ -16,7 +16,7 @@ from dfd_data.errors import DeviceError
 # Inference precision of generate, evaluate and serve (see dfd_data.devices.resolve_precision).
 precision_option = click.option(
     "--precision", type=click.Choice(PRECISIONS), default="auto",
-    help="auto: bf16 where the hardware computes it natively (AMX CPUs, CUDA), else fp32 (the same numbers everywhere).")
+    help="auto: bf16 where the hardware computes it natively (AMX CPUs, CUDA), else fp32 (float32 everywhere, TF32 off on CUDA).")
 
 
 @click.group(cls=UserErrorGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
