@@ -30,6 +30,11 @@ from .errors import ModelMissingError, UserError
 # Input statistics of the released "gan" model (model_gan.py of the PyTorch conversion).
 GAN_MEAN = 0.9664114577640158
 GAN_STD = 0.0858381272736797
+# The input statistics of the four released models (their model_*.py files): the PyTorch
+# .pth conversions are bare state dicts, so a file's name is all that tells them apart.
+RELEASED_STATISTICS = {"gan": (GAN_MEAN, GAN_STD), "mse": (0.9664423107454593, 0.08583666033640507),
+                       "pencil1": (0.9817833515894078, 0.0925009022585048),
+                       "pencil2": (0.9851298627337799, 0.07418377454883571)}
 LAST_BIAS = 0.0  # logit of the initial output (0.5)
 MULTIPLE = 8  # three stride-2 stages down and three x2 transposed convs up
 ARCHITECTURE_NAME = "simo-serra-sketch-simplification"
@@ -219,7 +224,9 @@ def load_released(path: str | os.PathLike, device="auto", mean: float | None = N
 
     The file is read with torch's weights-only unpickler: anything but tensors and plain
     containers is refused without being executed. `mean`/`std` default to the values stored
-    in the file, else to the "gan" model's; pass the mse/pencil statistics for those models.
+    in the file, else to those of the released model the file's name names (model_gan.pth,
+    model_mse.pth, model_pencil1.pth, model_pencil2.pth); a file that carries none and whose
+    name names none is refused rather than normalised wrongly.
     """
     path = Path(path)
     if not path.is_file():
@@ -230,15 +237,28 @@ def load_released(path: str | os.PathLike, device="auto", mean: float | None = N
     except Exception as error:  # noqa: BLE001  the restricted reader ran nothing; any failure means "not weights"
         raise SimplifierWeightsError(f"{path}: {_load_failure(error)}") from None
     state, stats = _extract_state_dict(obj, path)
-    model = Simplifier(1.0, mean if mean is not None else stats.get("mean", GAN_MEAN),
-                       std if std is not None else stats.get("std", GAN_STD))
-    problem = _mismatch(_expected_shapes(model), {key: tuple(value.shape) for key, value in state.items()})
+    with torch.device("meta"):  # the layout alone, before the statistics are settled
+        layout = _expected_shapes(Simplifier(1.0))
+    problem = _mismatch(layout, {key: tuple(value.shape) for key, value in state.items()})
     if problem:
         raise SimplifierWeightsError(f"{path}: not the released simplifier layout: {problem}")
+    if mean is None or std is None:
+        stored = (stats["mean"], stats["std"]) if "mean" in stats and "std" in stats else _named_statistics(path)
+        mean, std = mean if mean is not None else stored[0], std if std is not None else stored[1]
+    model = Simplifier(1.0, mean, std)
     if not all(torch.isfinite(value).all() for value in state.values()):
         raise SimplifierWeightsError(f"{path}: weights contain NaN or infinite values")
     model.load_state_dict({key: value.float() for key, value in state.items()})
     return prepare_for_inference(model, resolve_device(device), precision)
+
+
+def _named_statistics(path: Path) -> tuple[float, float]:
+    named = [name for name in RELEASED_STATISTICS if name in path.stem.lower()]
+    if len(named) != 1:
+        raise SimplifierWeightsError(f"{path}: holds no input mean/std and its name does not say which released "
+                                     f"model it is; name it like the released files (model_{{"
+                                     f"{','.join(RELEASED_STATISTICS)}}}.pth)")
+    return RELEASED_STATISTICS[named[0]]
 
 
 def save_simplifier(model: Simplifier, path: str | os.PathLike, metadata: dict | None = None) -> None:

@@ -17,7 +17,7 @@ from dfd_data import simplifier as simplifier_module
 from dfd_data.errors import ModelMissingError
 from dfd_data.line_metrics import distance_to_ink, line_f_score, line_scores
 from dfd_data.rough_sketches import RoughSketchGenerator, degrade, procedural_clean_lines
-from dfd_data.simplifier import (GAN_MEAN, GAN_STD, Simplifier, SimplifierWeightsError, default_simplifier_path,
+from dfd_data.simplifier import (GAN_MEAN, GAN_STD, RELEASED_STATISTICS, Simplifier, SimplifierWeightsError, default_simplifier_path,
                                  load_released, load_simplifier, read_simplifier_metadata, save_simplifier,
                                  scaled_channels, simplify)
 from dfd_data.train_simplifier import (PairSource, evaluate_denoising, loss_weights, make_eval_pairs,
@@ -95,6 +95,15 @@ def test_load_released_accepts_the_layouts_in_use(tmp_path, full_width):
     assert all(torch.equal(model.state_dict()[key], state[key]) for key in RELEASED_KEYS)
     with torch.inference_mode():
         assert model(torch.rand(1, 1, 24, 40)).shape == (1, 1, 24, 40)
+
+    # the other released models differ only in their input statistics, told by the file's name
+    for name in ("model_mse.pth", "model_pencil1.pth", "model_pencil2.pth"):
+        torch.save(state, tmp_path / name)
+        model = load_released(tmp_path / name, "cpu", precision="fp32")
+        assert (model.mean, model.std) == RELEASED_STATISTICS[name[6:-4]]
+    torch.save(state, tmp_path / "simplifier.pth")
+    with pytest.raises(SimplifierWeightsError, match="holds no input mean/std and its name does not say"):
+        load_released(tmp_path / "simplifier.pth", "cpu")
 
     # a .t7 conversion keeping its statistics next to a prefixed state dict
     wrapped = tmp_path / "converted_t7.pt"
