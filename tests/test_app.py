@@ -258,6 +258,8 @@ def test_drawing_in_chromium_updates_face_and_shadow(server, tmp_path):
             ink, clear = browser.execute_script(count)
             assert 0.8 * 4 * 10 * 160 < ink < 1.2 * 4 * 10 * 160 and clear > 0.9 * (512 * 512 - ink)
             browser.find_element("id", "clear").click()
+        ActionChains(browser).context_click(canvas).perform()  # the right button does not draw
+        assert browser.execute_script(count)[0] == 0
 
         seq = face.get_attribute("data-seq")
         browser.execute_script(
