@@ -203,12 +203,8 @@ class SketchToFace(nn.Module):
         """Component latents -> the sketch they stand for [B, 1, R, R] in [-1, 1]: each component's
         image decoder output on its window, the remainder underneath (what a projected sketch
         looks like; stage 1's reconstructions)."""
-        canvas = self.autoencoders["remainder"].decode(latents["remainder"]).clone()
-        for name, window in self.config.windows().items():
-            if name != "remainder":
-                canvas[:, :, window.y:window.y + window.size, window.x:window.x + window.size] = \
-                    self.autoencoders[name].decode(latents[name])
-        return canvas.clamp(-1, 1)
+        images = {name: self.autoencoders[name].decode(latents[name]) for name in COMPONENTS}
+        return fuse_feature_maps(images, self.config).clamp(-1, 1)  # composed as the face's feature maps are
 
     def forward(self, sketch, refine: float | Mapping[str, float] = 1.0, gender: str | None = None) -> torch.Tensor:
         """Sketches -> RGB faces [B, 3, R, R] in [-1, 1]; arguments as for `encode`."""
