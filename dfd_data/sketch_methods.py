@@ -149,15 +149,32 @@ def _simplifier_path(weights: str) -> Path:
     return path
 
 
-@functools.lru_cache(maxsize=4)
+def _resolved(device: str, precision: str) -> tuple[str, str]:
+    """"auto" settled to this machine's device and precision, so that a network loaded under
+    "auto" and again under what it resolved to is loaded (and held in memory) once."""
+    from .devices import precision_name, resolve_device, resolve_precision
+
+    chosen = resolve_device(device)
+    return str(chosen), precision_name(resolve_precision(precision, chosen))
+
+
 def _hed_model(device: str, precision: str):
+    return _load_hed(*_resolved(device, precision))
+
+
+def _simplifier_model(weights: str, device: str, precision: str):
+    return _load_simplifier(weights, *_resolved(device, precision))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_hed(device: str, precision: str):
     from .hed import load_hed
 
     return load_hed(device, precision)
 
 
 @functools.lru_cache(maxsize=4)
-def _simplifier_model(weights: str, device: str, precision: str):
+def _load_simplifier(weights: str, device: str, precision: str):
     from .simplifier import load_released, load_simplifier
 
     path = _simplifier_path(weights)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from dfd_data.dataset import Dataset, read_jsonl
 from dfd_data.image_io import read_image
@@ -145,3 +146,17 @@ def test_hed_thinning_runs_on_torch_s_threads_in_order_and_alone_in_a_one_thread
             assert (threading.get_ident() not in seen) == pool
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_network_loaded_under_auto_is_the_one_workers_get_under_its_resolved_settings():
+    """build-sketches loads the networks under "auto" (to fail early) and hands the workers
+    the precision it resolved to: both must be the same model in memory, not two copies."""
+    from dfd_data import sketch_methods
+    from dfd_data.devices import precision_name, resolve_precision
+    from dfd_data.simplifier import default_simplifier_path
+
+    resolved = precision_name(resolve_precision("auto", torch.device("cpu")))
+    assert sketch_methods.load_networks(resolve_method("photocopy+simplify"), "cpu", "auto") == resolved
+    weights = str(default_simplifier_path())
+    assert sketch_methods._simplifier_model(weights, "cpu", resolved) is \
+        sketch_methods._simplifier_model(weights, "cpu", "auto")
