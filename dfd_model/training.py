@@ -431,7 +431,9 @@ class Trainer:
             if self.step < self.config.steps:
                 summary.append(self._train_stage())
             if self.stage == 1:
-                self.banks = self.build_banks() if self.ranks.main else None
+                # every process encodes the banks (the same ones): the others would otherwise wait
+                # in the next collective for as long as rank 0 takes, past its timeout on big sets
+                self.banks = self.build_banks()
                 self._save_model()  # before the checkpoint that leaves stage 1: a crash between them redoes both
                 self.stage, self.step = 2, 0
                 self._checkpoint()
