@@ -177,6 +177,7 @@ def random_sketches(count: int, resolution: int) -> torch.Tensor:
     sketches[torch.rand(sketches.shape, generator=generator) < 0.03] = 0
     return sketches
 
+
 def format_value(value: float) -> str:
     return f"{value:,.3f}" if abs(value) < 100 else f"{value:,.0f}"
 
@@ -185,12 +186,11 @@ def table(rows: list[Row]) -> str:
     """name | value | baseline | baseline value | ours vs baseline (x faster when > 1)."""
     lines = [f"{'name':44s} {'value':>10s} {'unit':8s} {'baseline':36s} {'baseline':>10s} {'ours vs base':>12s}"]
     for row in rows:
-        if row.baseline_value:
+        base = format_value(row.baseline_value) if row.baseline_value else ""
+        comparison = ""
+        if row.baseline_value and row.value:  # (a difference of exactly 0 has no ratio)
             faster = row.value / row.baseline_value if row.unit.endswith("/s") else row.baseline_value / row.value
             comparison = f"{faster:11.2f}x"
-            base = format_value(row.baseline_value)
-        else:
-            comparison, base = "", ""
         lines.append(f"{row.name:44s} {format_value(row.value):>10s} {row.unit:8s} {(row.baseline or '')[:36]:36s} "
                      f"{base:>10s} {comparison:>12s}")
     return "\n".join(lines)

@@ -28,3 +28,14 @@ def test_interleaved_medians_time_each_function_in_turn():
     calls = []
     medians = interleaved_medians([lambda: calls.append("a"), lambda: calls.append("b")], runs=3, warmup=1)
     assert calls == ["a", "b"] * 4 and len(medians) == 2 and all(m >= 0 for m in medians)
+
+
+def test_the_table_prints_a_zero_difference_without_a_ratio():
+    """benchmarks.gpu's agreement rows are differences: exactly 0 where two runs agree (fp32
+    on a CPU without native bf16), which once crashed the table after everything was measured."""
+    from benchmarks.measure import Row, table
+
+    printed = table([Row("agreement", 0.0, "mean abs", "fp32", 0.01), Row("speed", 2.0, "img/s", "eager", 1.0)])
+    agreement, speed = printed.splitlines()[1:]
+    assert agreement.split()[:3] == ["agreement", "0.000", "mean"] and not agreement.endswith("x")
+    assert speed.endswith("2.00x")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -229,3 +230,33 @@ def test_precision_does_not_redo_sketches_made_without_a_network(dataset_copy):
     again = dfd_data("build-sketches", dataset_copy, "--method", "canny", "--precision", "fp32", "--quiet")
     assert "0 done, 2 skipped (2 already done)" in again.stdout
     assert "precision" not in Dataset(dataset_copy).load_manifest()["steps"]["build-sketches:canny"]["params"]
+
+
+def test_label_rows_that_would_put_wrong_labels_in_are_refused_with_their_row(tmp_path, sample_photos):
+    photos, root = tmp_path / "photos", tmp_path / "faces"
+    for folder, name in (("men", "grace_hopper.jpg"), ("women", "astronaut.png")):
+        (photos / folder).mkdir(parents=True)
+        shutil.copy(sample_photos / name, photos / folder / ("001" + Path(name).suffix))
+    assert dfd_data("align", photos, root, "--size", "128", "--jobs", "1").returncode == 0
+
+    def label(name: str, text: str):
+        (tmp_path / name).write_text(text)
+        return dfd_data("label", root, tmp_path / name)
+
+    cases = [
+        ("same.csv", "file,gender\n001,male\n", "row 2: '001' names 2 photos (men/001.jpg, women/001.png)"),
+        ("twice.csv", "source,gender\nmen/001.jpg,male\nmen/001,female\n",
+         "row 3: gender 'female' for men__001, where row 2 gave 'male'"),
+        ("wide.csv", "source,gender\nmen/001.jpg,male,train\n", "row 2: more fields than the header names"),
+        ("blank.csv", "source,gender\n\n\nmen/001.jpg,banana\n", "row 4: gender 'banana' is not one of"),
+        ("mixed.json", '{"men/001.jpg": {"gender": "male"}, "women/001.png": "female"}',
+         "expected a list of objects or an object of objects"),
+    ]
+    for name, text, message in cases:
+        result = label(name, text)
+        assert result.returncode == 1 and message in result.stderr, (name, result.stderr)
+    assert all("attributes" not in r for r in Dataset(root).aligned())  # nothing half-applied
+    result = label("capital.csv", "Source,Gender,Split\nmen/001.jpg,M,Train\nwomen/001,female,test\n")
+    assert result.returncode == 0, result.stderr
+    assert {r["id"]: r["attributes"] for r in Dataset(root).aligned()} == {
+        "men__001": {"gender": "male", "split": "train"}, "women__001": {"gender": "female", "split": "test"}}
