@@ -130,8 +130,9 @@ def _pad_beyond_edges(img: np.ndarray, quad: np.ndarray, qsize: float, border: i
 
 def _wide_gaussian(img: np.ndarray, sigma: float) -> np.ndarray:
     """Gaussian blur with a wide sigma, computed on a copy shrunk until sigma is about 2 px
-    and enlarged again. Where it is used (the faded padding) it matches the full-size blur
-    within about a grey level, at a tenth of the cost for a 1024 px CelebA-HQ photo."""
+    and enlarged again, at a tenth of the cost for a 1024 px CelebA-HQ photo. Where it is used
+    (the faded padding) it differs from the full-size blur by 0.1-0.4 grey levels on average
+    and by up to about 18 at the worst pixel (sigma 6-20 on a padded CelebA-HQ photo)."""
     factor = max(1, int(sigma // 2))
     if factor == 1:
         return cv2.GaussianBlur(img, (0, 0), sigma)
