@@ -266,6 +266,13 @@ def test_drawing_in_chromium_updates_face_and_shadow(server, tmp_path):
             "const s = document.getElementById('refine-all'); s.value = 0;"
             "s.dispatchEvent(new Event('input')); s.dispatchEvent(new Event('change'));")
         assert settled(seq) != blank  # unprojected latents give another face
+        seq = face.get_attribute("data-seq")
+        shown = browser.execute_script(
+            "const s = document.getElementById('refine-nose'); s.value = 0.5;"
+            "s.dispatchEvent(new Event('input')); s.dispatchEvent(new Event('change'));"
+            "return document.getElementById('refine-all').nextElementSibling.textContent;")
+        assert shown == "mixed"  # ALL no longer claims one value for every component
+        settled(seq)
         assert Path(tmp_path / "drawing.png").stat().st_size > 10_000
     finally:
         browser.quit()
