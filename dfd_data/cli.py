@@ -106,7 +106,7 @@ def align(src, dst, size, all_faces, jobs, backend, scheduler, quiet):
 def crop_components(dataset, sources, jobs, backend, scheduler, quiet):
     """Crop left eye, right eye, nose, mouth and the whitened remainder from every aligned
     photo and sketch, as PNGs under components/<source>/<component>/ and as stacked .npy
-    arrays (with ids.txt) that training memory-maps.
+    arrays (with ids.txt) to memory-map in your own code.
 
     \b
     Example:

@@ -2,7 +2,7 @@
 
 Per source folder (images/ or sketches/<method>/) it writes, under components/<source>/,
 one PNG per component and image (to look at) and, per component, one stacked uint8 .npy
-(N, S, S[, 3]) with ids.txt giving the row order (to memory-map in training).
+(N, S, S[, 3]) with ids.txt giving the row order (to memory-map; dfd-model train stacks its own).
 """
 from __future__ import annotations
 
