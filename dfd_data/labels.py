@@ -61,8 +61,8 @@ def _read_rows(path: Path) -> list[tuple[int, dict]]:
 def _known_names(row: dict) -> dict:
     """The row with the key and gender/split column names in lower case ("Gender" is gender)."""
     known = (*KEY_COLUMNS, "gender", "split")
-    return {str(name).strip().lower() if str(name).strip().lower() in known else str(name).strip(): value
-            for name, value in row.items()}
+    names = {name: str(name).strip() for name in row}
+    return {names[name].lower() if names[name].lower() in known else names[name]: value for name, value in row.items()}
 
 
 def _normalise(path: Path, line: int, attributes: dict) -> dict:

@@ -449,6 +449,7 @@ class Trainer:
 
     def _train_stage(self) -> str:
         stage, timed, tick = self.stage, 0, time.time()  # steps timed since `tick` (this process's)
+        pending = self.pending_losses  # kept in checkpoints: a resumed row averages the same steps
         order = BatchOrder(len(self.pairs), self.config.batch_size * self.ranks.world, self.config.seed, stream=stage)
         share = slice(self.ranks.rank * self.config.batch_size, (self.ranks.rank + 1) * self.config.batch_size)
         bar = None if self.quiet else tqdm(total=self.config.steps, initial=self.step, desc=f"stage {stage}",
@@ -466,7 +467,6 @@ class Trainer:
             if not all(math.isfinite(v) for v in losses.values()):
                 raise TrainingError(f"stage {stage} step {self.step + 1}: the loss became {losses}; lower --lr "
                                     f"or resume from the last checkpoint")
-            pending = self.pending_losses  # kept in checkpoints: a resumed row averages the same steps
             pending.append(losses)
             self.step, timed = self.step + 1, timed + 1
             if bar is not None:
