@@ -100,16 +100,17 @@ def matmul_flops_per_second(dtype: torch.dtype = torch.float32, runs: int = 5, d
 
 
 def eager_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """The same layers and weights as plain modules: NCHW, fp32, no autocast, and the fused
-    convolutions and pair max pools of the inference rewrite as the plain layers they stand
-    for. (A model prepared for inference keeps its folded batch norms and its weights'
+    """The same layers and weights as plain modules: NCHW, fp32, no autocast, and the fused and
+    Winograd convolutions and pair max pools of the inference rewrite as the plain layers they
+    stand for. (A model prepared for inference keeps its folded batch norms and its weights'
     rounding to bf16 where they were cast.)"""
     from dfd_data.inference_graph import ConvActivation, PairMaxPool
+    from dfd_data.winograd import WinogradConv3x3
 
     plain = copy.deepcopy(model)
     for parent in list(plain.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, ConvActivation):
+            if isinstance(child, (ConvActivation, WinogradConv3x3)):
                 setattr(parent, name, child.as_layers())
             elif isinstance(child, PairMaxPool):
                 setattr(parent, name, torch.nn.MaxPool2d(2, 2, ceil_mode=child.ceil_mode))
