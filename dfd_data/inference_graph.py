@@ -179,14 +179,16 @@ def _use_winograd(model: nn.Module, compute_dtype: torch.dtype) -> None:
     dtype they will compute in: `compute_dtype` in the parts under autocast, else float32."""
     under_autocast = {id(layer) for part in getattr(model, "autocast_modules", lambda: [model])()
                       for layer in part.modules()}
-    for parent in list(model.modules()):
-        for name, conv in list(parent.named_children()):
-            if not WinogradConv3x3.replaces(conv) or conv.weight.device.type != "cpu":
-                continue
-            dtype = compute_dtype if id(conv) in under_autocast else torch.float32
-            if min(conv.in_channels, conv.out_channels) >= WINOGRAD_MIN_CHANNELS.get(dtype, float("inf")):
-                slope = conv.slope if isinstance(conv, ConvActivation) else None
-                setattr(parent, name, WinogradConv3x3(conv, dtype, slope))
+    chosen = []
+    for parent in model.modules():
+        for name, conv in parent.named_children():
+            if WinogradConv3x3.replaces(conv) and conv.weight.device.type == "cpu":
+                dtype = compute_dtype if id(conv) in under_autocast else torch.float32
+                if min(conv.in_channels, conv.out_channels) >= WINOGRAD_MIN_CHANNELS.get(dtype, float("inf")):
+                    chosen.append((parent, name, dtype))
+    for parent, name, dtype in chosen:  # each original weight is freed as soon as it is replaced
+        conv = getattr(parent, name)
+        setattr(parent, name, WinogradConv3x3(conv, dtype, conv.slope if isinstance(conv, ConvActivation) else None))
 
 
 def rewrite_for_inference(model: nn.Module, compute_dtype: torch.dtype) -> nn.Module:

@@ -10,7 +10,7 @@ a large matmul's rate; sums and differences come before and after them. The full
 direct convolutions (the README's Speed section gives what this changed).
 
 With the transformed weights U = G g G^T (per channel pair, computed once from the float32
-weights and rounded once to the compute dtype), the input tiles V = B^T d B and the products
+weights and rounded to the compute dtype), the input tiles V = B^T d B and the products
 M = V U, an output tile is A^T M A. The transforms run as two passes over strided views
 (rows, then columns) each way.
 
@@ -25,15 +25,30 @@ import torch.nn.functional as F
 from torch import nn
 
 # G maps 3 filter taps to 4 transformed taps (conv2d's correlation, not a flipped convolution).
-_G = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]], dtype=torch.float64)
+_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+
+
+def _combine(taps: list[torch.Tensor], coefficients: tuple[float, float, float]) -> torch.Tensor:
+    total = None
+    for tap, coefficient in zip(taps, coefficients):
+        if coefficient:
+            term = tap * coefficient
+            total = term if total is None else total.add_(term)
+    return total
 
 
 def transform_weights(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Conv2d weights [C_out, C_in, 3, 3] -> U [16, C_in, C_out] in `dtype` (computed in
-    float64 and rounded once)."""
-    g = _G.to(weight.device)
-    transformed = torch.einsum("ik,ockl,jl->ijco", g, weight.detach().to(torch.float64), g)
-    return transformed.reshape(16, weight.shape[1], weight.shape[0]).to(dtype).contiguous()
+    """Conv2d weights [C_out, C_in, 3, 3] -> U [16, C_in, C_out] in `dtype`, computed in
+    float32 (sums of at most nine weights times 1/4, 1/2 or 1) one product at a time, so that
+    the model's largest layers need a few MiB of scratch memory each, not hundreds."""
+    w = weight.detach().float()
+    out_channels, in_channels = w.shape[:2]
+    transformed = torch.empty(4, 4, in_channels, out_channels, dtype=dtype, device=w.device)
+    for i, row_coefficients in enumerate(_G):
+        rows = _combine([w[:, :, k] for k in range(3)], row_coefficients)  # [C_out, C_in, 3]
+        for j, column_coefficients in enumerate(_G):
+            transformed[i, j].copy_(_combine([rows[..., k] for k in range(3)], column_coefficients).T)
+    return transformed.view(16, in_channels, out_channels)
 
 
 def _input_tile_pass(source: torch.Tensor, dim: int, tiles: int, out: torch.Tensor) -> None:
