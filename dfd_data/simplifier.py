@@ -267,6 +267,9 @@ def save_simplifier(model: Simplifier, path: str | os.PathLike, metadata: dict |
     seed), every value JSON-encoded so it reads back with its type."""
     from safetensors.torch import save
 
+    if getattr(model, "rewritten_for_inference", False):
+        raise ValueError(f"{path}: not written: this simplifier was loaded for inference (its large convolutions "
+                         "hold Winograd-transformed weights); save the model as built or trained")
     header = {"architecture": json.dumps(model.architecture(), sort_keys=True)}
     for key, value in (metadata or {}).items():
         if key == "architecture":

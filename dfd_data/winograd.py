@@ -15,8 +15,8 @@ M = V U, an output tile is A^T M A. The transforms run as two passes over stride
 (rows, then columns) each way.
 
 What it costs: the transformed weights take 16/9 of the 3x3 weights' memory, and the extra
-sums add rounding: in bf16 the result lies about twice as far from the float32 convolution
-as a direct bf16 convolution does (tests/test_winograd.py bounds it).
+sums add rounding: in bf16 the result lies about three times as far from the float32
+convolution as a direct bf16 convolution does (tests/test_winograd.py bounds it).
 """
 from __future__ import annotations
 
@@ -83,6 +83,8 @@ def winograd_conv3x3(x: torch.Tensor, transformed: torch.Tensor, bias: torch.Ten
     dtype; the result is channels-last."""
     x = x.to(transformed.dtype)
     out_h, out_w = x.shape[2] - 2, x.shape[3] - 2
+    if out_h < 1 or out_w < 1:
+        raise ValueError(f"a 3x3 convolution needs at least 3x3 (padded) pixels, got {list(x.shape)}")
     if out_h % 2 or out_w % 2:  # whole tiles only: one more zero row or column, cut off below
         x = F.pad(x, (0, out_w % 2, 0, out_h % 2))
     batch, channels, height, width = x.shape
@@ -130,11 +132,21 @@ class WinogradConv3x3(nn.Module):
 
     @staticmethod
     def replaces(conv: nn.Module) -> bool:
-        return (isinstance(conv, nn.Conv2d) and tuple(conv.kernel_size) == (3, 3) and tuple(conv.stride) == (1, 1)
-                and tuple(conv.dilation) == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
-                and not isinstance(conv.padding, str))
+        """Whether `conv` is a layer this computes: a plain Conv2d, or the fused convolution and
+        activation of the inference rewrite (a subclass with another forward would not be)."""
+        from .inference_graph import ConvActivation  # (inference_graph imports this module)
+
+        return (type(conv) in (nn.Conv2d, ConvActivation) and tuple(conv.kernel_size) == (3, 3)
+                and tuple(conv.stride) == (1, 1) and tuple(conv.dilation) == (1, 1) and conv.groups == 1
+                and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 3:  # unbatched, as Conv2d accepts it
+            return self(x[None])[0]
+        if torch.is_grad_enabled() and x.requires_grad:
+            # the tile passes write in place, which autograd cannot follow: the plain layers,
+            # recovered from the transformed weights, give gradients for the input
+            return self.as_layers()(x)
         weight, bias = self.transformed_weight, self.bias
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
@@ -150,16 +162,18 @@ class WinogradConv3x3(nn.Module):
             return F.leaky_relu_(y, self.slope) if self.slope else F.relu_(y)
 
     def as_layers(self) -> nn.Sequential:
-        """The plain float32 Conv2d (and activation) this stands for, its weights recovered from
-        the transformed ones (exact up to their rounding): the layers benchmarks time as eager."""
+        """The plain Conv2d (and activation) this stands for, in the transformed weights' dtype,
+        its weights recovered from them (exact up to their rounding): what benchmarks time as
+        the eager layers, and what computes when gradients are wanted."""
         inverse = _G_LEFT_INVERSE.to(self.transformed_weight.device)
         u = self.transformed_weight.to(torch.float64).reshape(4, 4, self.in_channels, self.out_channels)
         conv = nn.Conv2d(self.in_channels, self.out_channels, 3, padding=self.padding, bias=self.bias is not None,
-                         device=self.transformed_weight.device)
+                         device=self.transformed_weight.device, dtype=self.transformed_weight.dtype)
         with torch.no_grad():
             conv.weight.copy_(torch.einsum("ki,ijco,lj->ockl", inverse, u, inverse))
             if self.bias is not None:
                 conv.bias.copy_(self.bias)
+        conv.requires_grad_(False)  # (the transformed weights are buffers: they take no gradient either)
         layers = [conv] + ([] if self.slope is None else [nn.LeakyReLU(self.slope) if self.slope else nn.ReLU()])
         return nn.Sequential(*layers)
 

@@ -66,8 +66,8 @@ def save_pretrained(model: SketchToFace, folder: str | os.PathLike) -> Path:
         raise TypeError(f"save_pretrained expects a SketchToFace, got {type(model).__name__}")
     if getattr(model, "rewritten_for_inference", False):
         raise ValueError("save_pretrained: this model was rewritten for inference (batch norms folded into its "
-                         "convolutions, as from_pretrained loads it): its weights no longer fit the architecture; "
-                         "save the model as built or trained")
+                         "convolutions, large ones Winograd-transformed, as from_pretrained loads it): its weights "
+                         "no longer fit the architecture; save the model as built or trained")
     if any(tensor.device.type == "meta" for tensor in model.state_dict().values()):
         raise ValueError("save_pretrained: the model is on the meta device and has no weights to save")
     folder = Path(folder)
@@ -234,6 +234,7 @@ def load_pretrained(folder: str | os.PathLike, device: str | torch.device = "aut
 
     state = _load_tensors(weights_path, target)
     model.load_state_dict(state, strict=True, assign=True)
+    del state  # the model holds the tensors now: the inference rewrite frees those it replaces
     leftover = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
     if leftover:  # cannot happen with a complete state dict; guard against future non-persistent buffers
         raise CheckpointError(f"{weights_path}: {leftover[0]} was not restored by the file")

@@ -192,6 +192,11 @@ def test_safetensors_round_trip_is_exact(tmp_path):
     x = torch.rand(2, 1, 45, 61)
     with torch.inference_mode():  # the loaded model convolves channels-last: equal up to rounding
         torch.testing.assert_close(model(x), loaded(x), rtol=1e-5, atol=1e-6)
+    # a model loaded for inference may hold transformed weights: saving it would write a file
+    # that no longer loads, so it is refused and nothing is written
+    with pytest.raises(ValueError, match="loaded for inference"):
+        save_simplifier(loaded, tmp_path / "resaved.safetensors")
+    assert not (tmp_path / "resaved.safetensors").exists()
 
 
 def test_load_simplifier_refuses_inconsistent_files(tmp_path):

@@ -116,3 +116,28 @@ def test_the_rewrite_uses_winograd_from_its_channel_threshold(precision):
     plain = eager_copy(rewritten)  # the benchmarks' baseline: the original layers and FLOPs
     assert not any(isinstance(layer, WinogradConv3x3) for layer in plain.modules())
     assert forward_flops(lambda: plain(x)) == forward_flops(lambda: network(x))
+
+
+def test_a_prepared_network_still_runs_with_gradients_unbatched_and_refuses_too_small_inputs():
+    """Prepared models are meant for inference mode, but a call with autograd on (a library
+    user optimising an input) computes the same function and gives input gradients; an
+    unbatched input works as with Conv2d; an input smaller than the kernel is an error."""
+    torch.manual_seed(5)
+    network = nn.Sequential(nn.Conv2d(3, 256, 1), nn.Conv2d(256, 256, 3, padding=1), nn.ReLU()).eval()
+    rewritten = prepare_for_inference(copy.deepcopy(network), CPU, "fp32")
+    assert isinstance(rewritten[1], WinogradConv3x3)
+    x = torch.randn(1, 3, 6, 6, requires_grad=True)
+    got = rewritten(x)
+    got.square().sum().backward()
+    gradient, x.grad = x.grad.clone(), None
+    expected = network(x)
+    expected.square().sum().backward()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gradient, x.grad, rtol=1e-4, atol=1e-4)
+
+    module = rewritten[1]
+    with torch.inference_mode():
+        unbatched = torch.randn(256, 5, 7)
+        torch.testing.assert_close(module(unbatched), torch.relu(network[1](unbatched)), rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="at least 3x3"):
+            winograd_conv3x3(torch.randn(1, 4, 2, 5), module.transformed_weight, None)
