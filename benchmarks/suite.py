@@ -224,9 +224,24 @@ def _generation_probe(config: dict, runs: int, rate_dtypes: list[str], queue) ->
     with torch.no_grad():
         eager = median_seconds(lambda: plain(sketch, gender="female"), runs)
     flops = forward_flops(lambda: plain(sketch, gender="female"))
-    queue.put({"ours": ours, "eager": eager, "flops": flops, "peak_mb": peak_mb,
+    encoder_flops = forward_flops(lambda: plain.encode(sketch, gender="female"))
+    queue.put({"ours": ours, "eager": eager, "flops": flops, "encoder_flops": encoder_flops, "peak_mb": peak_mb,
                "dtype": dtype_name(model.compute_dtype),
                "matmul_s": {dtype_name(d): seconds for d, seconds in zip(dtypes, matmul)}})
+
+
+def mixed_bound_rows(name: str, result: dict, matmul_seconds: dict[torch.dtype, float], config: dict) -> list[Row]:
+    """The FLOP-bound time at the rates the model computes in: its encoders in float32 (by
+    design: a training sketch must encode to its bank vector), everything else in the compute
+    dtype. Only where that dtype is not float32."""
+    low = getattr(torch, result["dtype"])
+    if low == torch.float32 or low not in matmul_seconds or torch.float32 not in matmul_seconds:
+        return []
+    fp32_rate, low_rate = (MATMUL_FLOPS / matmul_seconds[d] for d in (torch.float32, low))
+    bound = result["encoder_flops"] / fp32_rate + (result["flops"] - result["encoder_flops"]) / low_rate
+    return [Row(f"{name}_vs_mixed_bound", result["ours"], "s",
+                f"FLOP-bound, encoders at float32 rate, the rest at {result['dtype']}", bound,
+                {**config, "encoder_gflop": result["encoder_flops"] / 1e9})]
 
 
 def generation_rows(configs: dict[str, dict], rates: Rates, runs: int) -> list[Row]:
@@ -253,6 +268,7 @@ def generation_rows(configs: dict[str, dict], rates: Rates, runs: int) -> list[R
                         details))
         matmul = {getattr(torch, name): seconds for name, seconds in result["matmul_s"].items()}
         rows += bound_rows(f"generate_s_{label}", result["ours"], result["flops"], matmul, "s", details)
+        rows += mixed_bound_rows(f"generate_s_{label}", result, matmul, details)
         rows.append(Row(f"generate_peak_mb_{label}", result["peak_mb"], "MiB", config=details))
     return rows
 

@@ -39,3 +39,16 @@ def test_the_table_prints_a_zero_difference_without_a_ratio():
     agreement, speed = printed.splitlines()[1:]
     assert agreement.split()[:3] == ["agreement", "0.000", "mean"] and not agreement.endswith("x")
     assert speed.endswith("2.00x")
+
+
+def test_the_mixed_bound_times_the_encoders_at_the_float32_rate_and_the_rest_at_bf16():
+    """The full model's encoders compute in float32 by design: its bound at the rates it
+    computes in charges their FLOPs at the float32 matmul rate, the rest at bf16's."""
+    from benchmarks.suite import MATMUL_FLOPS, mixed_bound_rows
+
+    result = {"ours": 1.0, "flops": 10e9, "encoder_flops": 2e9, "dtype": "bfloat16"}
+    seconds = {torch.float32: MATMUL_FLOPS / 100e9, torch.bfloat16: MATMUL_FLOPS / 400e9}  # 100 and 400 GFLOP/s
+    (row,) = mixed_bound_rows("generate_s_512", result, seconds, {})
+    assert row.name == "generate_s_512_vs_mixed_bound" and row.value == 1.0
+    assert abs(row.baseline_value - (2e9 / 100e9 + 8e9 / 400e9)) < 1e-12
+    assert mixed_bound_rows("generate_s_512", {**result, "dtype": "float32"}, seconds, {}) == []
