@@ -141,3 +141,22 @@ def test_a_prepared_network_still_runs_with_gradients_unbatched_and_refuses_too_
         torch.testing.assert_close(module(unbatched), torch.relu(network[1](unbatched)), rtol=1e-5, atol=1e-5)
         with pytest.raises(ValueError, match="at least 3x3"):
             winograd_conv3x3(torch.randn(1, 4, 2, 5), module.transformed_weight, None)
+
+
+@pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-5), ("bf16", 0.02)])
+def test_the_full_size_generators_residual_block_runs_by_winograd(precision, tolerance):
+    """One of the released generator's nine 896-channel residual blocks (reflect pad, conv,
+    instance norm, ReLU, twice), the layers Winograd is for, at their 32x32 grid."""
+    from dfd_model.networks import ResidualBlock
+
+    torch.manual_seed(6)
+    block = ResidualBlock(896, "instance").eval()
+    rewritten = prepare_for_inference(copy.deepcopy(block), CPU, precision)
+    assert sum(isinstance(layer, WinogradConv3x3) for layer in rewritten.modules()) == 2
+    x = torch.randn(1, 896, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        expected = block(x)
+        with compute_precision(rewritten, CPU):
+            got = rewritten(x)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert relative_error(got, expected) < tolerance
