@@ -9,6 +9,7 @@ from torch import nn
 from dfd_data.devices import compute_precision, prepare_for_inference
 from dfd_data.inference_graph import (ConvActivation, GroupInstanceNorm, InputDtypePad, PairMaxPool,
                                      rewrite_for_inference)
+from dfd_data.winograd import WinogradConv3x3
 from dfd_model.config import ModelConfig
 from dfd_model.sketch_to_face import SketchToFace
 
@@ -73,19 +74,21 @@ def test_convolutions_with_their_activation_fused_compute_the_same(precision, to
     assert (got.float() - expected).abs().max() <= 50 * tolerance * expected.abs().max()
 
 
-def test_a_fused_convolution_with_float32_weights_under_autocast_computes_in_bf16():
+@pytest.mark.parametrize("kind, tolerance", [("fused", 0.02), ("winograd", 0.05)])
+def test_a_convolution_with_float32_weights_under_autocast_computes_in_bf16(kind, tolerance):
     """Shadows decode with the auto-encoders' image decoders under autocast, their weights
-    left in float32: a fused convolution there must compute in bf16 like the plain ones around
-    it (it had run in float32, ten times slower on AMX), and give what Conv2d + ReLU give."""
+    left in float32: a fused or Winograd convolution there must compute in bf16 like the plain
+    ones around it (the fused one had run in float32, ten times slower on AMX), and give what
+    Conv2d + ReLU give (Winograd's extra sums round a little more)."""
     torch.manual_seed(2)
     conv = nn.Conv2d(8, 16, 3, padding=1).eval()
-    fused = ConvActivation(conv, nn.ReLU())
+    module = ConvActivation(conv, nn.ReLU()) if kind == "fused" else WinogradConv3x3(conv, torch.float32, 0.0)
     x = torch.randn(2, 8, 12, 10).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        got, expected = fused(x), torch.relu(conv(x))
-    assert fused.weight.dtype == torch.float32
+        got, expected = module(x), torch.relu(conv(x))
+    assert {tensor.dtype for tensor in module.state_dict().values()} == {torch.float32}
     assert got.dtype == expected.dtype == torch.bfloat16
-    torch.testing.assert_close(got, expected, rtol=0.02, atol=0.02)
+    torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
 
 
 @pytest.mark.parametrize("height, width", [(8, 12), (7, 12), (8, 5)])

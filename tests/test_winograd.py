@@ -71,20 +71,6 @@ def test_bf16_winograd_stays_within_bf16_rounding():
     assert relative_error(direct, expected) < relative_error(got, expected) < 1.2e-2
 
 
-def test_float32_weights_under_autocast_compute_in_bf16():
-    """Shadows run the image decoders under autocast with float32 weights (see the
-    ConvActivation test): a Winograd convolution there computes in bf16 as Conv2d would."""
-    torch.manual_seed(3)
-    conv = nn.Conv2d(8, 8, 3, padding=1)
-    module = WinogradConv3x3(conv, torch.float32, 0.0)
-    x = torch.randn(1, 8, 12, 12).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        got, expected = module(x), torch.relu(conv(x))
-    assert module.transformed_weight.dtype == torch.float32
-    assert got.dtype == expected.dtype == torch.bfloat16
-    torch.testing.assert_close(got, expected, rtol=0.05, atol=0.05)
-
-
 def residual_stack(channels: int) -> nn.Sequential:
     return nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3), nn.ReLU(),
                          nn.Conv2d(channels, channels, 3, padding=1), nn.InstanceNorm2d(channels),
