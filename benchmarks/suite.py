@@ -241,7 +241,9 @@ def mixed_bound_rows(name: str, result: dict, matmul_seconds: dict[torch.dtype, 
     bound = result["encoder_flops"] / fp32_rate + (result["flops"] - result["encoder_flops"]) / low_rate
     return [Row(f"{name}_vs_mixed_bound", result["ours"], "s",
                 f"FLOP-bound, encoders at float32 rate, the rest at {result['dtype']}", bound,
-                {**config, "encoder_gflop": result["encoder_flops"] / 1e9})]
+                {**config, "encoder_gflop": result["encoder_flops"] / 1e9,
+                 "matmul_gflops_float32": round(fp32_rate / 1e9, 1),
+                 f"matmul_gflops_{result['dtype']}": round(low_rate / 1e9, 1)})]
 
 
 def generation_rows(configs: dict[str, dict], rates: Rates, runs: int) -> list[Row]:
