@@ -21,8 +21,8 @@ What it changes (the README's Speed section gives the effect on the full model):
 - The convolution and linear weights of the parts that run under autocast are stored in the
   compute dtype: for bf16 they are cast once here, where autocast would cast every weight
   again on every call. A model
-  names those parts with an `autocast_modules()` method (SketchToFace: its feature decoders
-  and generator; its encoders stay float32); without one, the whole model runs under it.
+  names those parts with an `autocast_modules()` method (SketchToFace: everything but its
+  encoders, which stay float32); without one, the whole model runs under it.
 
 Training never sees this: only models loaded for inference are rewritten.
 """
@@ -108,7 +108,7 @@ class ConvActivation(nn.Conv2d):
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
         if _FUSED_CONVOLUTION is None or x.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
             return F.leaky_relu(super().forward(x), self.slope) if self.slope else F.relu(super().forward(x))
-        if weight.dtype != dtype:  # (the decoders that shadows run under autocast keep float32 weights)
+        if weight.dtype != dtype:  # (float32 weights under autocast: a model not prepared for inference)
             weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
         attr, scalars = ("leaky_relu", [self.slope]) if self.slope else ("relu", [])
         return _FUSED_CONVOLUTION(x.to(dtype), weight, bias, list(self.padding), list(self.stride),

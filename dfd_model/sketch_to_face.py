@@ -196,15 +196,19 @@ class SketchToFace(nn.Module):
         return face.to(parameter.dtype)
 
     def autocast_modules(self) -> tuple[nn.Module, ...]:
-        """The parts that run under compute_precision (see dfd_data.inference_graph)."""
-        return self.feature_decoders, self.generator
+        """The parts that run under compute_precision (see dfd_data.inference_graph): all but
+        the encoders, whose latents the projection compares with the banks."""
+        return (self.feature_decoders, self.generator, *(self.autoencoders[name].decoder for name in COMPONENTS))
 
     def draw(self, latents: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Component latents -> the sketch they stand for [B, 1, R, R] in [-1, 1]: each component's
         image decoder output on its window, the remainder underneath (what a projected sketch
-        looks like; stage 1's reconstructions)."""
-        images = {name: self.autoencoders[name].decode(latents[name]) for name in COMPONENTS}
-        return fuse_feature_maps(images, self.config).clamp(-1, 1)  # composed as the face's feature maps are
+        looks like; stage 1's reconstructions). Computes as `synthesize` does."""
+        parameter = next(self.parameters())
+        with compute_precision(self, parameter.device):
+            images = {name: self.autoencoders[name].decode(latents[name]) for name in COMPONENTS}
+            drawn = fuse_feature_maps(images, self.config)  # composed as the face's feature maps are
+        return drawn.to(parameter.dtype).clamp(-1, 1)
 
     def forward(self, sketch, refine: float | Mapping[str, float] = 1.0, gender: str | None = None) -> torch.Tensor:
         """Sketches -> RGB faces [B, 3, R, R] in [-1, 1]; arguments as for `encode`."""

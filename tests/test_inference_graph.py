@@ -124,12 +124,17 @@ def test_sketch_to_face_casts_only_the_parts_that_run_under_autocast():
     model = SketchToFace(config).eval()
     prepared = prepare_for_inference(copy.deepcopy(model), CPU, "bf16")
     dtypes = lambda part: {p.dtype for p in part.parameters()}  # noqa: E731
-    assert dtypes(prepared.autoencoders) == {torch.float32}  # encoders: latents for the projection
+    for autoencoder in prepared.autoencoders.values():
+        assert dtypes(autoencoder.encoder) == {torch.float32}  # latents for the projection
+        assert torch.bfloat16 in dtypes(autoencoder.decoder)  # shadows and `draw`: no cast per call
     assert torch.bfloat16 in dtypes(prepared.generator) and torch.bfloat16 in dtypes(prepared.feature_decoders)
     sketch = torch.randint(0, 256, (1, 128, 128), dtype=torch.uint8)
     with torch.inference_mode():
         expected, got = model(sketch), prepared(sketch)
+        latents = model.encode(sketch)
+        expected_drawing, drawing = model.draw(latents), prepared.draw(latents)
     assert got.dtype == torch.float32 and (got - expected).abs().mean() < 0.01
+    assert drawing.dtype == torch.float32 and (drawing - expected_drawing).abs().mean() < 0.01
 
 
 def test_a_model_in_training_mode_is_refused():
