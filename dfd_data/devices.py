@@ -115,6 +115,18 @@ def prepare_for_inference(model: torch.nn.Module, device: torch.device, precisio
     return rewrite_for_inference(model, model.compute_dtype).to(memory_format=torch.channels_last)
 
 
+def weights_as_computed(weight: torch.Tensor, bias: torch.Tensor | None, device_type: str
+                        ) -> tuple[torch.dtype, torch.Tensor, torch.Tensor | None]:
+    """The dtype a convolution computes in where it is called (the autocast dtype under
+    autocast, else its weights' dtype) and its weight and bias in that dtype: for layers that
+    call a kernel autocast does not know, which would otherwise compute with float32 weights
+    where a Conv2d would cast them."""
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+    if weight.dtype != dtype:
+        weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
+    return dtype, weight, bias
+
+
 def compute_precision(model: torch.nn.Module, device: torch.device):
     """Autocast to the model's compute dtype (see prepare_for_inference): inputs and the
     layers whose weights stay float32 (norms) follow it."""

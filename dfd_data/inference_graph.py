@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from .devices import weights_as_computed
 from .winograd import WinogradConv3x3
 
 _CONVOLUTIONS = (nn.Conv2d, nn.ConvTranspose2d)
@@ -104,12 +105,9 @@ class ConvActivation(nn.Conv2d):
                 and type(activation) in (nn.ReLU, nn.LeakyReLU))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.weight, self.bias
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
+        dtype, weight, bias = weights_as_computed(self.weight, self.bias, "cpu")
         if _FUSED_CONVOLUTION is None or x.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
             return F.leaky_relu(super().forward(x), self.slope) if self.slope else F.relu(super().forward(x))
-        if weight.dtype != dtype:  # (float32 weights under autocast: a model not prepared for inference)
-            weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
         attr, scalars = ("leaky_relu", [self.slope]) if self.slope else ("relu", [])
         return _FUSED_CONVOLUTION(x.to(dtype), weight, bias, list(self.padding), list(self.stride),
                                   list(self.dilation), self.groups, attr, scalars, "")

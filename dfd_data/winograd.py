@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .devices import weights_as_computed
+
 # G maps 3 filter taps to 4 transformed taps (conv2d's correlation, not a flipped convolution).
 _G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 
@@ -147,11 +149,8 @@ class WinogradConv3x3(nn.Module):
             # the tile passes write in place, which autograd cannot follow: the plain layers,
             # recovered from the transformed weights, give gradients for the input
             return self.as_layers()(x)
-        weight, bias = self.transformed_weight, self.bias
         device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-        if weight.dtype != dtype:  # float32 weights under autocast: compute as a Conv2d would, in its dtype
-            weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
+        _, weight, bias = weights_as_computed(self.transformed_weight, self.bias, device)
         pad_h, pad_w = self.padding
         with torch.autocast(device, enabled=False):
             if pad_h or pad_w:
