@@ -56,6 +56,13 @@ def _restore_optimizer(name: str, optimizer: torch.optim.Optimizer, tensors: dic
     for index, values in meta["scalars"].items():
         state.setdefault(int(index), {}).update(values)
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    # Fused Adam pairs a parameter's values with its moments' in memory order, whatever their
+    # strides: each moment takes its parameter's layout (channels-last convolution weights),
+    # which the contiguous copies saved in the checkpoint lost.
+    for param, values in optimizer.state.items():
+        for key, value in values.items():
+            if torch.is_tensor(value) and value.shape == param.shape:
+                values[key] = torch.empty_like(param).copy_(value)
 
 
 def save_checkpoint(run: Path, name: str, *, modules: dict[str, torch.nn.Module],

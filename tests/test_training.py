@@ -117,6 +117,37 @@ def test_a_resumed_run_repeats_the_uninterrupted_losses(sketched_dataset, tmp_pa
     assert all(torch.equal(whole[key], cut[key]) for key in whole)
 
 
+def test_restored_adam_moments_keep_channels_last_weights_in_step(tmp_path):
+    """Fused Adam pairs a weight's values with its moments' in memory order; the checkpoint
+    stores the moments contiguous, so restored into a channels-last convolution they must
+    take its layout again, or the next step mixes up values (it did, by up to the lr)."""
+    from dfd_model.training_checkpoint import load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    weights = torch.randn(8, 4, 3, 3)
+
+    def conv_and_adam():
+        conv = torch.nn.Conv2d(4, 8, 3, bias=False).to(memory_format=torch.channels_last)
+        conv.weight.data.copy_(weights)
+        return conv, torch.optim.Adam(conv.parameters(), 1e-2, fused=True)
+
+    def step(conv, adam, gradient):
+        conv.weight.grad = gradient.clone().to(memory_format=torch.channels_last)
+        adam.step()
+
+    gradients = torch.randn(2, 8, 4, 3, 3)
+    uninterrupted, adam = conv_and_adam()
+    step(uninterrupted, adam, gradients[0])
+    save_checkpoint(tmp_path, "one", modules={"conv": uninterrupted}, optimizers={"adam": adam}, banks=None,
+                    state={})
+    step(uninterrupted, adam, gradients[1])
+    resumed, resumed_adam = conv_and_adam()
+    load_checkpoint(tmp_path / "checkpoints" / "one", modules={"conv": resumed}, optimizers={"adam": resumed_adam},
+                    device=torch.device("cpu"))
+    step(resumed, resumed_adam, gradients[1])
+    assert torch.equal(resumed.weight, uninterrupted.weight)
+
+
 def test_stage_two_needs_stage_one_and_settings_must_match_on_resume(sketched_dataset, tmp_path):
     with pytest.raises(TrainingError, match="needs a finished stage 1"):
         _trainer(sketched_dataset, tmp_path / "run").run("2")
