@@ -231,17 +231,25 @@ class SearchIndex:
         bank, q = (self.rows_bf16, query.to(torch.bfloat16)) if self.rows_bf16 is not None else (rows, query)
         # one query is a matrix-vector product: torch.mv reads the bank once, at memory speed
         dots = torch.mv(bank, q[0])[None] if q.shape[0] == 1 else q @ bank.T
-        return torch.sub(self.squared_norms.to(dots.device), dots, alpha=2).cpu().numpy()
+        return torch.sub(self.squared_norms, dots, alpha=2).cpu().numpy()
 
     def error_bound(self, target: np.ndarray) -> np.ndarray:
         """The bound on every score's rounding error for queries `target` [B, D], [B, 1]."""
         return np.sqrt(np.einsum("bd,bd->b", target, target))[:, None] * self.error_slope + self.error_floor
 
 
+@dataclass(frozen=True)
+class Neighbours:
+    """The k nearest bank rows of one query, nearest first, as the projection uses them."""
+
+    squared: np.ndarray  # [k] float64 squared distances
+    indices: np.ndarray  # [k] int64 bank rows
+    offsets: np.ndarray  # [k, D] float64: each row minus the query
+
+
 def _search(query: torch.Tensor, target: np.ndarray, bank: torch.Tensor, k: int, index: SearchIndex | None
-            ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """The k nearest bank rows of each query (`target` is the query as float64 numpy): per
-    query, (squared distances [k], indices [k], rows [k, D] as float64), nearest first.
+            ) -> list[Neighbours]:
+    """The k nearest bank rows of each query (`target` is the query as float64 numpy).
 
     The bank is scored with one matrix product, whose rounding (bf16 scores above all) can
     reorder rows whose scores lie close together. A row is kept as a candidate when its score
@@ -250,40 +258,51 @@ def _search(query: torch.Tensor, target: np.ndarray, bank: torch.Tensor, k: int,
     by distances computed directly in float64: the search is exact, and a bank vector is
     always its own nearest neighbour, at distance 0. Everything after the product works on a
     few dozen rows and runs in numpy, whose small operations cost microseconds where torch's
-    cost tens."""
+    cost tens: one query spends about as long on them as the product takes to read a 17.7K
+    bank, so each step here counts."""
     rows = bank if bank.device == query.device else bank.to(query.device)
     count = min(k, rows.shape[0])
     if count == rows.shape[0]:
         return [_rerank(row, rows, np.arange(count), count) for row in target]
     work = torch.promote_types(torch.promote_types(query.dtype, rows.dtype), torch.float32)
     index = index or SearchIndex.of(rows)
-    scores = index.scores(query.to(work), rows if rows.dtype == work else rows.to(work))
+    scores = index.scores(query if query.dtype == work else query.to(work), rows if rows.dtype == work else rows.to(work))
     limits = np.partition(scores, count - 1, axis=1)[:, count - 1] + 2 * index.error_bound(target)[:, 0]
     return [_rerank(row, rows, np.flatnonzero(score <= limit), count)
             for row, score, limit in zip(target, scores, limits)]
 
 
-def _rerank(target: np.ndarray, rows: torch.Tensor, candidates: np.ndarray, count: int
-            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The `count` candidates nearest to one query, by float64 distances: (squared distances,
-    indices, rows)."""
+def _rerank(target: np.ndarray, rows: torch.Tensor, candidates: np.ndarray, count: int) -> Neighbours:
+    """The `count` candidates nearest to one query, by float64 distances."""
     if rows.device.type == "cpu" and rows.dtype in (torch.float32, torch.float64):
         # a view of the bank: gathering the candidates copies only them
-        picked = rows.detach().numpy()[candidates].astype(np.float64)
+        picked = rows.detach().numpy()[candidates]
     else:
         picked = rows[torch.from_numpy(candidates).to(rows.device)].cpu().double().numpy()
-    offsets = picked - target
+    offsets = picked - target  # float64, as target is: exact for float32 rows and query
     squared = np.einsum("kd,kd->k", offsets, offsets)
     order = np.argsort(squared, kind="stable")[:count]
-    return squared[order], candidates[order], picked[order]
+    return Neighbours(squared[order], candidates[order], offsets[order])
+
+
+# torch dtypes that numpy shares: values in these convert in numpy, a few microseconds cheaper
+_NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
 
 
 def _as_float64(query: torch.Tensor) -> np.ndarray:
     """The query as float64 numpy, checked finite (the check costs microseconds here, not tens)."""
-    target = query.detach().cpu().double().numpy()
+    query = query.detach().cpu()
+    target = query.numpy().astype(np.float64) if query.dtype in _NUMPY_DTYPES else query.double().numpy()
     if not np.isfinite(target).all():
         raise ValueError("project: the query contains NaN or infinite values")
     return target
+
+
+def _as_query(values: np.ndarray, query: torch.Tensor) -> torch.Tensor:
+    """float64 `values` as a tensor of the query's dtype and device."""
+    if query.device.type == "cpu" and query.dtype in _NUMPY_DTYPES:
+        return torch.from_numpy(values.astype(_NUMPY_DTYPES[query.dtype], copy=False))
+    return torch.from_numpy(values).to(device=query.device, dtype=query.dtype)
 
 
 def nearest(query: torch.Tensor, bank: torch.Tensor, k: int,
@@ -291,9 +310,8 @@ def nearest(query: torch.Tensor, bank: torch.Tensor, k: int,
     """(distances [B, k], indices [B, k]) of the k nearest bank rows by L2, nearest first.
     Pass the bank's `index` (e.g. from FeatureBank.index) to reuse it across queries."""
     found = _search(query, _as_float64(query), bank, k, index)
-    distances = np.sqrt(np.stack([squared for squared, _, _ in found]))
-    return (torch.from_numpy(distances).to(device=query.device, dtype=query.dtype),
-            torch.from_numpy(np.stack([indices for _, indices, _ in found])).to(query.device))
+    return (_as_query(np.sqrt(np.stack([n.squared for n in found])), query),
+            torch.from_numpy(np.stack([n.indices for n in found])).to(query.device))
 
 
 def project(query: torch.Tensor, bank: torch.Tensor, k: int = 10, eps: float = 1e-3,
@@ -308,25 +326,26 @@ def project(query: torch.Tensor, bank: torch.Tensor, k: int = 10, eps: float = 1
     _check_projection_inputs(query, bank, k, eps, method)
     target = _as_float64(query)
     found = _search(query, target, bank, k, index)
-    weights = [_lle_weights(rows, row, eps, method) for row, (_, _, rows) in zip(target, found)]
-    projected = np.stack([row_weights @ rows for row_weights, (_, _, rows) in zip(weights, found)])
-    as_query = dict(device=query.device, dtype=query.dtype)
-    return (torch.from_numpy(projected).to(**as_query),
-            torch.from_numpy(np.stack([indices for _, indices, _ in found])).to(query.device),
-            torch.from_numpy(np.stack(weights)).to(**as_query))
+    weights = np.stack([_lle_weights(n.offsets, eps, method) for n in found])
+    # the weights sum to one: sum_k w_k f_k = f + sum_k w_k (f_k - f)
+    projected = target + np.einsum("bk,bkd->bd", weights, np.stack([n.offsets for n in found]))
+    return (_as_query(projected, query), torch.from_numpy(np.stack([n.indices for n in found])).to(query.device),
+            _as_query(weights, query))
 
 
-def _lle_weights(neighbours: np.ndarray, target: np.ndarray, eps: float, method: str) -> np.ndarray:
-    """Locally linear weights [k] (summing to one) of neighbours [k, D] for one target [D]."""
-    count = neighbours.shape[0]
+def _lle_weights(offsets: np.ndarray, eps: float, method: str) -> np.ndarray:
+    """Locally linear weights [k] (summing to one) of neighbours given as their offsets [k, D]
+    from the target."""
+    count = offsets.shape[0]
     if count == 1:
         return np.ones(1)
     if method == "anchored":
-        anchor = neighbours[0]
-        spans = neighbours[1:] - anchor  # [k-1, D]
-        steps = np.linalg.solve(_with_ridge(spans @ spans.T, eps), spans @ (target - anchor))
-        return np.concatenate(([1 - steps.sum()], steps))
-    offsets = neighbours - target
+        spans = offsets[1:] - offsets[0]  # [k-1, D]: each neighbour minus the nearest
+        steps = np.linalg.solve(_with_ridge(spans @ spans.T, eps), spans @ -offsets[0])
+        weights = np.empty(count)
+        weights[1:] = steps
+        weights[0] = 1 - steps.sum()
+        return weights
     raw = np.linalg.solve(_with_ridge(offsets @ offsets.T, eps), np.ones(count))
     return raw / raw.sum()
 
