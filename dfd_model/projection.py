@@ -181,7 +181,9 @@ def _with_ridge(gram: np.ndarray, eps: float) -> np.ndarray:
     """`gram` [n, n] with eps * trace(gram) added to its diagonal, in place. A zero trace
     means every neighbour coincides (with the anchor, or with the query): any positive ridge
     then gives the right answer, so use 1."""
-    diagonal = np.einsum("ii->i", gram)  # a writeable view (np.trace and .flat cost tens of us here)
+    # a writeable view: np.trace and .flat had cost 26 us here, after the bank scan had
+    # flushed the caches (2 us each when warm)
+    diagonal = np.einsum("ii->i", gram)
     trace = diagonal.sum()
     diagonal += eps * trace if trace > 0 else 1.0
     return gram
@@ -215,7 +217,7 @@ class SearchIndex:
         (Cauchy-Schwarz bounds sum |q_i b_i|), and a bf16 product rounds its float32 sum once
         more, by u times its size. The norms err by gamma_D |b|^2 and three float32 roundings
         finish the score; 1.01 covers the second-order terms left out."""
-        rows = bank.float()
+        rows = bank.detach().float()
         low = rows.to(torch.bfloat16) if score_dtype == torch.bfloat16 and bank.shape[0] > BF16_SCORING_ROWS else None
         squared = rows.pow(2).sum(1)
         largest = float(squared.max())
@@ -232,7 +234,7 @@ class SearchIndex:
         bank, q = (self.rows_bf16, query.to(torch.bfloat16)) if self.rows_bf16 is not None else (rows, query)
         # one query is a matrix-vector product: torch.mv reads the bank once, at memory speed
         dots = torch.mv(bank, q[0])[None] if q.shape[0] == 1 else q @ bank.T
-        return torch.sub(self.squared_norms, dots, alpha=2).cpu().numpy()
+        return torch.sub(self.squared_norms.to(dots.device), dots, alpha=2).cpu().numpy()
 
     def error_bound(self, target: np.ndarray) -> np.ndarray:
         """The bound on every score's rounding error for queries `target` [B, D], [B, 1]."""
@@ -244,6 +246,7 @@ class Neighbours(NamedTuple):
 
     squared: np.ndarray  # [k] float64 squared distances
     indices: np.ndarray  # [k] int64 bank rows
+    rows: np.ndarray  # [k, D] float64
     offsets: np.ndarray  # [k, D] float64: each row minus the query
 
 
@@ -260,7 +263,8 @@ def _search(query: torch.Tensor, target: np.ndarray, bank: torch.Tensor, k: int,
     few dozen rows and runs in numpy, whose small operations cost microseconds where torch's
     cost tens: one query spends about as long on them as the product takes to read a 17.7K
     bank, so each step here counts."""
-    rows = bank if bank.device == query.device else bank.to(query.device)
+    query, rows = query.detach(), bank.detach()  # numpy takes no tensors that require grad
+    rows = rows if rows.device == query.device else rows.to(query.device)
     count = min(k, rows.shape[0])
     if count == rows.shape[0]:
         return [_rerank(row, rows, np.arange(count), count) for row in target]
@@ -276,17 +280,17 @@ def _rerank(target: np.ndarray, rows: torch.Tensor, candidates: np.ndarray, coun
     """The `count` candidates nearest to one query, by float64 distances."""
     if rows.device.type == "cpu" and rows.dtype in (torch.float32, torch.float64):
         # a view of the bank: gathering the candidates copies only them
-        picked = rows.detach().numpy()[candidates]
+        picked = rows.numpy()[candidates]
     else:
         picked = rows[torch.from_numpy(candidates).to(rows.device)].cpu().double().numpy()
     offsets = picked - target  # float64, as target is: exact for float32 rows and query
     squared = np.einsum("kd,kd->k", offsets, offsets)
     order = np.argsort(squared, kind="stable")[:count]
-    return Neighbours(squared[order], candidates[order], offsets[order])
+    return Neighbours(squared[order], candidates[order], picked[order].astype(np.float64, copy=False), offsets[order])
 
 
 # torch dtypes that numpy shares: values in these convert in numpy, a few microseconds cheaper
-_NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 def _as_float64(query: torch.Tensor) -> np.ndarray:
@@ -331,20 +335,20 @@ def project(query: torch.Tensor, bank: torch.Tensor, k: int = 10, eps: float = 1
     _check_projection_inputs(query, bank, k, eps, method)
     target = _as_float64(query)
     found = _search(query, target, bank, k, index)
-    weights = np.stack([_lle_weights(n.offsets, eps, method) for n in found])
-    # the weights sum to one: sum_k w_k f_k = f + sum_k w_k (f_k - f)
-    projected = target + np.einsum("bk,bkd->bd", weights, np.stack([n.offsets for n in found]))
+    weights = np.stack([_lle_weights(n, eps, method) for n in found])
+    projected = np.einsum("bk,bkd->bd", weights, np.stack([n.rows for n in found]))
     return _as_query(projected, query), _indices(found, query), _as_query(weights, query)
 
 
-def _lle_weights(offsets: np.ndarray, eps: float, method: str) -> np.ndarray:
-    """Locally linear weights [k] (summing to one) of neighbours given as their offsets [k, D]
-    from the target."""
-    count = offsets.shape[0]
+def _lle_weights(neighbours: Neighbours, eps: float, method: str) -> np.ndarray:
+    """Locally linear weights [k] (summing to one) of one query's neighbours."""
+    count, offsets = len(neighbours.indices), neighbours.offsets
     if count == 1:
         return np.ones(1)
     if method == "anchored":
-        spans = offsets[1:] - offsets[0]  # [k-1, D]: each neighbour minus the nearest
+        # the spans from the rows themselves: from the offsets they would cancel for a query
+        # far from a tight group of neighbours
+        spans = neighbours.rows[1:] - neighbours.rows[0]  # [k-1, D]
         steps = np.linalg.solve(_with_ridge(spans @ spans.T, eps), spans @ -offsets[0])
         weights = np.empty(count)
         weights[1:] = steps

@@ -55,10 +55,14 @@ def _restore_optimizer(name: str, optimizer: torch.optim.Optimizer, tensors: dic
             state.setdefault(int(index), {})[field] = value
     for index, values in meta["scalars"].items():
         state.setdefault(int(index), {}).update(values)
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    # Fused Adam pairs a parameter's values with its moments' in memory order, whatever their
-    # strides: each moment takes its parameter's layout (channels-last convolution weights),
-    # which the contiguous copies saved in the checkpoint lost.
+    # The implementation is this run's choice, not the checkpoint's: older ones were unfused.
+    groups = [{**saved, "fused": live.get("fused"), "foreach": live.get("foreach")}
+              for saved, live in zip(meta["param_groups"], optimizer.param_groups)]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    # The CPU's fused Adam pairs a parameter's values with its moments' in memory order,
+    # whatever their strides (CUDA's refuses mismatched layouts): each moment takes its
+    # parameter's layout (channels-last convolution weights), which the contiguous copies
+    # saved in the checkpoint lost.
     for param, values in optimizer.state.items():
         for key, value in values.items():
             if torch.is_tensor(value) and value.shape == param.shape:

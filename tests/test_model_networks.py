@@ -24,7 +24,7 @@ from dfd_model.config import ModelConfig
 from dfd_model.networks import (ComponentAutoEncoder, ComponentDecoder, ComponentEncoder, FeatureDecoder,
                                 GlobalGenerator, MultiscaleDiscriminator, NLayerDiscriminator, count_parameters,
                                 denormalize_image, fuse_feature_maps, normalize_sketch)
-from dfd_model.projection import FeatureBank, blend, project
+from dfd_model.projection import FeatureBank, SearchIndex, blend, project
 from dfd_model.sketch_to_face import SketchToFace, crop_sketch_components
 
 TINY = dict(resolution=192, latent_dim=32, ce_base_channels=4, fm_base_channels=4, fm_channels=8, ngf=8,
@@ -276,6 +276,12 @@ def test_projection_edge_cases():
     # many more neighbours than dimensions: the ridge keeps the system solvable
     projected, _, weights = project(torch.randn(2, 3), torch.randn(50, 3), k=20)
     assert torch.isfinite(projected).all() and torch.allclose(weights.sum(1), torch.ones(2), atol=1e-5)
+    # tensors that require grad (a latent straight from a training encoder) project as others do
+    wide = torch.randn(4000, 8)
+    plain = project(torch.ones(1, 8), wide, k=5, index=SearchIndex.of(wide, torch.bfloat16))
+    tracked = project(torch.ones(1, 8, requires_grad=True), wide.clone().requires_grad_(), k=5,
+                      index=SearchIndex.of(wide.clone().requires_grad_(), torch.bfloat16))
+    assert all(torch.equal(a, b) for a, b in zip(plain, tracked))
 
     with pytest.raises(ValueError, match="empty"):
         project(torch.randn(1, 8), torch.empty(0, 8))

@@ -120,7 +120,8 @@ def test_a_resumed_run_repeats_the_uninterrupted_losses(sketched_dataset, tmp_pa
 def test_restored_adam_moments_keep_channels_last_weights_in_step(tmp_path):
     """Fused Adam pairs a weight's values with its moments' in memory order; the checkpoint
     stores the moments contiguous, so restored into a channels-last convolution they must
-    take its layout again, or the next step mixes up values (it did, by up to the lr)."""
+    take its layout again, or the next step mixes up values (it did, by 1.6 times the lr).
+    And a checkpoint of unfused Adam (older runs) resumes with the fused kernel."""
     from dfd_model.training_checkpoint import load_checkpoint, save_checkpoint
 
     torch.manual_seed(0)
@@ -146,6 +147,14 @@ def test_restored_adam_moments_keep_channels_last_weights_in_step(tmp_path):
                     device=torch.device("cpu"))
     step(resumed, resumed_adam, gradients[1])
     assert torch.equal(resumed.weight, uninterrupted.weight)
+
+    unfused = torch.optim.Adam(uninterrupted.parameters(), 1e-2)
+    step(uninterrupted, unfused, gradients[0])
+    save_checkpoint(tmp_path, "unfused", modules={"conv": uninterrupted}, optimizers={"adam": unfused}, banks=None,
+                    state={})
+    load_checkpoint(tmp_path / "checkpoints" / "unfused", modules={"conv": resumed},
+                    optimizers={"adam": resumed_adam}, device=torch.device("cpu"))
+    assert resumed_adam.param_groups[0]["fused"]
 
 
 def test_stage_two_needs_stage_one_and_settings_must_match_on_resume(sketched_dataset, tmp_path):
