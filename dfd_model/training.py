@@ -185,8 +185,9 @@ class Trainer:
         torch.manual_seed(self.config.seed)
         keep_freed_memory()  # every step frees and allocates the same large activations again
         # Convolutions run fastest in channels-last layout: on CUDA with tensor cores under mixed
-        # precision; on the CPU oneDNN's NCHW kernels for few output channels (the decoders' and
-        # the generator's last layers) ran at a tenth of its rate for the others.
+        # precision; on the CPU, oneDNN's NCHW kernels for few output channels (the decoders'
+        # and the generator's last layers) ran at a tenth of the matmul rate or less, half as
+        # fast as channels-last (a full stage 1 step went from 2.2 to 1.8 s with it).
         self.layout = torch.channels_last
         self.model = SketchToFace(self.model_config).to(device, memory_format=self.layout)
         self.discriminator = MultiscaleDiscriminator(self.model_config).to(device, memory_format=self.layout)
