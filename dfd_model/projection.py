@@ -270,7 +270,8 @@ def _search(query: torch.Tensor, target: np.ndarray, bank: torch.Tensor, k: int,
         return [_rerank(row, rows, np.arange(count), count) for row in target]
     work = torch.promote_types(torch.promote_types(query.dtype, rows.dtype), torch.float32)
     index = index or SearchIndex.of(rows)
-    scores = index.scores(query if query.dtype == work else query.to(work), rows if rows.dtype == work else rows.to(work))
+    scores = index.scores(query if query.dtype == work else query.to(work),
+                          rows if rows.dtype == work else rows.to(work))
     limits = np.partition(scores, count - 1, axis=1)[:, count - 1] + 2 * index.error_bound(target)[:, 0]
     return [_rerank(row, rows, np.flatnonzero(score <= limit), count)
             for row, score, limit in zip(target, scores, limits)]

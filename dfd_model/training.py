@@ -345,8 +345,8 @@ class Trainer:
     # ---- training steps ------------------------------------------------------------------------------
     def _adam(self, parameters) -> torch.optim.Adam:
         """Adam with its fused kernel, one pass over each tensor: the full model's step is
-        memory-bound, and the default implementation, a pass per arithmetic step, took 1.1 s per stage 1
-        step on this project's CPU, against 0.24 s fused (274M parameters)."""
+        memory-bound, and the default implementation, a pass per arithmetic step, took 1.1 s
+        per stage 1 step on this project's CPU, against 0.24 s fused (274M parameters)."""
         return torch.optim.Adam(parameters, self.config.lr, (self.config.beta1, self.config.beta2), fused=True)
 
     def _backward_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
