@@ -4,7 +4,8 @@
 #   2. the network sketch methods over 16 faces at 512 on CUDA (build-sketches summary lines);
 #   3. a few training steps of both stages of the full 512 model with mixed precision, through
 #      `dfd-model train` (page-locked batches copied without blocking; grid, checkpoint, banks);
-#   4. generation of faces from those sketches with the model it trained;
+#   4. two more steps of stage 2 resumed from the run's last checkpoint (optimiser state
+#      restored on the device), then generation of faces from the sketches with that model;
 #   5. `python -m benchmarks.gpu`: each network and training step beside eager fp32 and its
 #      FLOP-bound time, fp16 training with the loss scaler, and results beside the CPU's;
 #   6. two-process DDP training with torchrun (nccl) when there are two or more GPUs.
@@ -57,6 +58,15 @@ rows = [json.loads(line) for line in open(sys.argv[1])]
 for stage in (1, 2):
     times = [r["sec_per_step"] for r in rows if r["stage"] == stage][1:]  # the first step warms up
     print(f"stage {stage}: median {statistics.median(times):.3f} s/step over {len(times)} steps (batch 2)")
+EOF
+
+echo "== resuming that run from its last checkpoint: 2 more steps of stage 2 (Adam's moments restored on $device)"
+dfd-model train "$faces" --out "$work/run" --resume --steps "$((steps + 2))" --batch-size 2 --log-every 1 \
+    --device "$device" --quiet | tail -1
+python - "$work/run/stats.jsonl" <<'EOF'
+import json, sys
+rows = [row for row in map(json.loads, open(sys.argv[1])) if row["stage"] == 2]
+print("stage 2 g_total by step:", ", ".join(f"{r['step']}: {r['losses']['g_total']:.3f}" for r in rows))
 EOF
 
 echo "== generation through dfd-model generate, 512 px, $device"
