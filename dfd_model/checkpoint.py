@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from dfd_data import __version__
-from dfd_data.atomic import atomic_write_text, atomic_write_bytes, sha256_bytes, sha256_file
+from dfd_data.atomic import atomic_write_safetensors, atomic_write_text, sha256_file
 from dfd_data.devices import prepare_for_inference, resolve_device
 from dfd_data.errors import ModelMissingError, UserError
 
@@ -48,20 +48,11 @@ def _one_line(text: str, limit: int = 160) -> str:
     return " ".join(str(text).split())[:limit]
 
 
-def _tensors_for_saving(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CPU, contiguous, and float32 for every floating tensor (whatever dtype the model was
-    cast to), so that every saved folder has the one layout the loader expects."""
-    return {key: (value.detach().float() if torch.is_floating_point(value) else value.detach()).to("cpu").contiguous()
-            for key, value in tensors.items()}
-
-
 def save_pretrained(model: SketchToFace, folder: str | os.PathLike) -> Path:
     """Write `model` to `folder` (created if needed); returns the folder path.
 
     Banks are stored only when the model has them; a banks file left by an earlier save in
     the same folder is removed once the new config.json no longer names it."""
-    from safetensors.torch import save
-
     if not isinstance(model, SketchToFace):
         raise TypeError(f"save_pretrained expects a SketchToFace, got {type(model).__name__}")
     if getattr(model, "rewritten_for_inference", False):
@@ -73,16 +64,13 @@ def save_pretrained(model: SketchToFace, folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     files = {}
-    weights = save(_tensors_for_saving(model.state_dict()), metadata={"format": FORMAT})
-    atomic_write_bytes(folder / WEIGHTS_FILE, weights)
-    files[WEIGHTS_FILE] = {"bytes": len(weights), "sha256": sha256_bytes(weights)}
-    del weights
-    bank_info = None
-    if model.banks is not None:
-        data = save(_tensors_for_saving(model.banks.flat()), metadata={"format": FORMAT})
-        atomic_write_bytes(folder / BANKS_FILE, data)
-        files[BANKS_FILE] = {"bytes": len(data), "sha256": sha256_bytes(data)}
-        bank_info = {"latent_dim": model.banks.latent_dim, "counts": model.banks.counts()}
+    # float32 for every floating tensor, whatever dtype the model was cast to: the one layout
+    # the loader expects
+    parts = {WEIGHTS_FILE: model.state_dict()} | ({BANKS_FILE: model.banks.flat()} if model.banks is not None else {})
+    for file, tensors in parts.items():
+        size, digest = atomic_write_safetensors(folder / file, tensors, {"format": FORMAT}, float_dtype=torch.float32)
+        files[file] = {"bytes": size, "sha256": digest}
+    bank_info = None if model.banks is None else {"latent_dim": model.banks.latent_dim, "counts": model.banks.counts()}
     document = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

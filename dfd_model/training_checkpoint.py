@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from dfd_data.atomic import atomic_write_bytes, atomic_write_text, sha256_bytes, sha256_file
+from dfd_data.atomic import atomic_write_safetensors, atomic_write_text, sha256_bytes, sha256_file
 from dfd_data.errors import UserError
 
 from .projection import FeatureBank
@@ -72,8 +72,6 @@ def _restore_optimizer(name: str, optimizer: torch.optim.Optimizer, tensors: dic
 def save_checkpoint(run: Path, name: str, *, modules: dict[str, torch.nn.Module],
                     optimizers: dict[str, torch.optim.Optimizer], banks: FeatureBank | None, state: dict) -> Path:
     """Write checkpoint `name` under run/checkpoints and point latest.json at it."""
-    from safetensors.torch import save
-
     folder = run / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
@@ -88,15 +86,14 @@ def save_checkpoint(run: Path, name: str, *, modules: dict[str, torch.nn.Module]
     tensors["rng.cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    data = save({key: value.detach().to("cpu").contiguous() for key, value in tensors.items()})
     temp = folder / f".tmp-{name}"
     shutil.rmtree(temp, ignore_errors=True)
     temp.mkdir()
-    document = {"format": FORMAT, "format_version": FORMAT_VERSION, "optimizers": optimizer_meta,
-                "tensors_sha256": sha256_bytes(data), **state}
-    document["state_sha256"] = _state_digest(document)
     try:
-        atomic_write_bytes(temp / TENSORS_FILE, data)
+        _, digest = atomic_write_safetensors(temp / TENSORS_FILE, tensors)
+        document = {"format": FORMAT, "format_version": FORMAT_VERSION, "optimizers": optimizer_meta,
+                    "tensors_sha256": digest, **state}
+        document["state_sha256"] = _state_digest(document)
         atomic_write_text(temp / STATE_FILE, json.dumps(document, indent=1, sort_keys=True))
     except BaseException:  # a full disk: no half checkpoint stays behind to take space
         shutil.rmtree(temp, ignore_errors=True)

@@ -138,3 +138,46 @@ def test_a_stack_written_on_a_full_disk_is_one_line_and_leaves_the_old_one(tmp_p
     assert str(caught.value) == f"{target}: cannot write (No space left on device)"
     assert target.read_bytes() == saved.getvalue()
     assert [p.name for p in tmp_path.iterdir()] == ["nose.npy"]
+
+
+def test_safetensors_written_one_tensor_at_a_time_read_back_exactly(tmp_path, monkeypatch):
+    """Checkpoints and model folders stream their tensors through atomic_write_safetensors
+    (safetensors' own writers hold a contiguous copy of all of them, which ran full-size
+    training out of memory): safetensors reads back every dtype, layout and shape, with the
+    metadata; size and digest are the file's; a full disk leaves the old file and no temp."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from dfd_data.atomic import WriteError, atomic_write_safetensors, sha256_file
+    from tests.hostile import fill_disk_after
+
+    torch.manual_seed(0)
+    tensors = {"conv.weight": torch.randn(8, 4, 3, 3).to(memory_format=torch.channels_last),
+               "moment.bf16": torch.randn(5, 3).bfloat16(), "half": torch.randn(2, 7).half(),
+               "double": torch.randn(3).double(), "step": torch.tensor(12), "rng": torch.get_rng_state(),
+               "mask": torch.rand(4, 4) > 0.5, "empty": torch.zeros(0, 4), "strided": torch.randn(6, 6)[::2, 1:]}
+    target = tmp_path / "t.safetensors"
+    size, digest = atomic_write_safetensors(target, tensors, {"format": "test"})
+    assert (size, digest) == (target.stat().st_size, sha256_file(target))
+    loaded = load_file(target)
+    assert loaded.keys() == tensors.keys()
+    for key, value in tensors.items():
+        assert loaded[key].dtype == value.dtype and torch.equal(loaded[key], value), key
+    with safe_open(target, "pt") as handle:
+        assert handle.metadata() == {"format": "test"}
+
+    as_float32 = tmp_path / "f.safetensors"
+    atomic_write_safetensors(as_float32, tensors, float_dtype=torch.float32)
+    loaded = load_file(as_float32)
+    assert loaded["moment.bf16"].dtype == torch.float32 and torch.equal(loaded["moment.bf16"], tensors["moment.bf16"].float())
+    assert loaded["step"].dtype == torch.int64 and loaded["mask"].dtype == torch.bool
+
+    with pytest.raises(TypeError, match="complex64"):
+        atomic_write_safetensors(tmp_path / "c.safetensors", {"z": torch.zeros(2, dtype=torch.complex64)})
+    before = target.read_bytes()
+    fill_disk_after(monkeypatch, 0)
+    with pytest.raises(WriteError, match="No space left"):
+        atomic_write_safetensors(target, {"other": torch.ones(3)})
+    assert target.read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(TEMP_PREFIX)]
