@@ -46,12 +46,25 @@ def _flatten_optimizer(name: str, optimizer: torch.optim.Optimizer) -> tuple[dic
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def _restore_optimizer(name: str, optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+def _restore_optimizer(name: str, optimizer: torch.optim.Optimizer, tensors, meta: dict) -> None:
+    """Load optimiser `name`'s state from the open checkpoint `tensors` (a safetensors handle)."""
+    params = [param for group in optimizer.param_groups for param in group["params"]]
     state: dict[int, dict] = {}
     prefix = f"optimizer.{name}."
-    for key, value in tensors.items():
+    for key in tensors.keys():
         if key.startswith(prefix):
             index, field = key[len(prefix):].split(".", 1)
+            value = tensors.get_tensor(key)
+            param = params[int(index)] if int(index) < len(params) else None
+            if param is not None and value.shape == param.shape:
+                # The CPU's fused Adam pairs a parameter's values with its moments' in memory
+                # order, whatever their strides (CUDA's refuses mismatched layouts): each
+                # moment takes its parameter's layout (channels-last convolution weights),
+                # which the contiguous copy in the checkpoint lost. Read one at a time, so
+                # resuming needs no second copy of every moment.
+                value = torch.empty_like(param).copy_(value)
+            else:
+                value = value.clone()  # see load_checkpoint: nothing kept may view the file
             state.setdefault(int(index), {})[field] = value
     for index, values in meta["scalars"].items():
         state.setdefault(int(index), {}).update(values)
@@ -59,13 +72,9 @@ def _restore_optimizer(name: str, optimizer: torch.optim.Optimizer, tensors: dic
     groups = [{**saved, "fused": live.get("fused"), "foreach": live.get("foreach")}
               for saved, live in zip(meta["param_groups"], optimizer.param_groups)]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
-    # The CPU's fused Adam pairs a parameter's values with its moments' in memory order,
-    # whatever their strides (CUDA's refuses mismatched layouts): each moment takes its
-    # parameter's layout (channels-last convolution weights), which the contiguous copies
-    # saved in the checkpoint lost.
-    for param, values in optimizer.state.items():
+    for param, values in optimizer.state.items():  # in case load_state_dict copied any
         for key, value in values.items():
-            if torch.is_tensor(value) and value.shape == param.shape:
+            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
                 values[key] = torch.empty_like(param).copy_(value)
 
 
@@ -140,7 +149,7 @@ def latest_checkpoint(run: Path) -> Path | None:
 def load_checkpoint(path: Path, *, modules: dict[str, torch.nn.Module],
                     optimizers: dict[str, torch.optim.Optimizer], device: torch.device) -> tuple[dict, FeatureBank | None]:
     """Restore modules, optimisers and RNG from `path`; returns (state.json, banks or None)."""
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     state_path, tensors_path = path / STATE_FILE, path / TENSORS_FILE
     if not state_path.is_file() or not tensors_path.is_file():
@@ -157,20 +166,28 @@ def load_checkpoint(path: Path, *, modules: dict[str, torch.nn.Module],
     if sha256_file(tensors_path) != state.get("tensors_sha256"):
         raise TrainingCheckpointError(f"{tensors_path}: contents differ from what {STATE_FILE} records; "
                                       "the checkpoint is damaged")
-    tensors = load_file(str(tensors_path))
-    for prefix, module in modules.items():
-        own = {key[len(prefix) + 1:]: value for key, value in tensors.items() if key.startswith(prefix + ".")}
-        try:
-            module.load_state_dict(own, strict=True)
-        except RuntimeError as error:
-            raise TrainingCheckpointError(f"{tensors_path}: {prefix} does not match the run's architecture "
-                                          f"({' '.join(str(error).split())[:200]})") from None
-    for prefix, optimizer in optimizers.items():
-        _restore_optimizer(prefix, optimizer, tensors, state["optimizers"][prefix])
-    bank_tensors = {key[len("banks."):]: value for key, value in tensors.items() if key.startswith("banks.")}
-    banks = FeatureBank.from_flat(bank_tensors).to(device) if bank_tensors else None
-    torch.set_rng_state(tensors["rng.cpu"])
-    cuda_states = [tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count()) if f"rng.cuda.{i}" in tensors]
+    # Read tensor by tensor, so resuming holds no second copy of the run. The tensors read
+    # view a memory map of the file: whatever is kept is copied, or one four-byte Adam step
+    # would keep the whole file mapped (6.3 GB for the full model) for the rest of the run,
+    # and on disk after the checkpoint is pruned.
+    with safe_open(str(tensors_path), "pt") as tensors:
+        for prefix, module in modules.items():
+            own = {key[len(prefix) + 1:]: tensors.get_tensor(key) for key in tensors.keys()
+                   if key.startswith(prefix + ".")}
+            try:
+                module.load_state_dict(own, strict=True)
+            except RuntimeError as error:
+                raise TrainingCheckpointError(f"{tensors_path}: {prefix} does not match the run's architecture "
+                                              f"({' '.join(str(error).split())[:200]})") from None
+            del own
+        for prefix, optimizer in optimizers.items():
+            _restore_optimizer(prefix, optimizer, tensors, state["optimizers"][prefix])
+        bank_tensors = {key[len("banks."):]: tensors.get_tensor(key).clone() for key in tensors.keys()
+                        if key.startswith("banks.")}
+        banks = FeatureBank.from_flat(bank_tensors).to(device) if bank_tensors else None
+        torch.set_rng_state(tensors.get_tensor("rng.cpu"))
+        cuda_states = [tensors.get_tensor(f"rng.cuda.{i}") for i in range(torch.cuda.device_count())
+                       if f"rng.cuda.{i}" in tensors.keys()]
     if cuda_states and len(cuda_states) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda_states)
     return state, banks

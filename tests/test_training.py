@@ -157,6 +157,33 @@ def test_restored_adam_moments_keep_channels_last_weights_in_step(tmp_path):
     assert resumed_adam.param_groups[0]["fused"]
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs Linux's /proc/self/maps")
+def test_a_resumed_run_keeps_nothing_of_the_checkpoint_file_mapped(tmp_path):
+    """Checkpoints are read through a memory map of their file. Whatever the run keeps (Adam's
+    steps, the banks) must be copies: one four-byte step viewing the map had kept the full
+    model's 6.3 GB file mapped for the rest of the run, and on disk once pruned."""
+    from dfd_model.projection import FeatureBank
+    from dfd_model.training_checkpoint import load_checkpoint, save_checkpoint
+
+    def conv_and_adam():
+        conv = torch.nn.Conv2d(4, 8, 3).to(memory_format=torch.channels_last)
+        return conv, torch.optim.Adam(conv.parameters(), 1e-2, fused=True)
+
+    conv, adam = conv_and_adam()
+    conv(torch.randn(1, 4, 5, 5)).sum().backward()
+    adam.step()
+    banks = FeatureBank({"nose": {"female": torch.randn(6, 3)}})
+    save_checkpoint(tmp_path, "one", modules={"conv": conv}, optimizers={"adam": adam}, banks=banks, state={})
+    resumed, resumed_adam = conv_and_adam()
+    _, loaded_banks = load_checkpoint(tmp_path / "checkpoints" / "one", modules={"conv": resumed},
+                                      optimizers={"adam": resumed_adam}, device=torch.device("cpu"))
+    assert torch.equal(loaded_banks.get("nose", "female"), banks.get("nose", "female"))
+    restored, saved = resumed_adam.state[resumed.weight], adam.state[conv.weight]
+    assert restored.keys() == saved.keys() and all(torch.equal(restored[key], saved[key]) for key in saved)
+    tensors_file = str((tmp_path / "checkpoints" / "one" / "tensors.safetensors").resolve())
+    assert not [line for line in Path("/proc/self/maps").read_text().splitlines() if tensors_file in line]
+
+
 def test_stage_two_needs_stage_one_and_settings_must_match_on_resume(sketched_dataset, tmp_path):
     with pytest.raises(TrainingError, match="needs a finished stage 1"):
         _trainer(sketched_dataset, tmp_path / "run").run("2")
