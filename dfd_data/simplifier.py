@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .atomic import atomic_write_bytes
+from .atomic import atomic_write_safetensors
 from .devices import compute_precision, cpu_threads, prepare_for_inference, resolve_device
 from .errors import ModelMissingError, UserError
 
@@ -265,8 +265,6 @@ def save_simplifier(model: Simplifier, path: str | os.PathLike, metadata: dict |
     """Atomically write `model` as safetensors. The header's metadata holds the architecture
     (under 'architecture') and each item of `metadata` (e.g. the exact training command and
     seed), every value JSON-encoded so it reads back with its type."""
-    from safetensors.torch import save
-
     if getattr(model, "rewritten_for_inference", False):
         raise ValueError(f"{path}: not written: this simplifier was loaded for inference (its large convolutions "
                          "hold Winograd-transformed weights); save the model as built or trained")
@@ -275,8 +273,7 @@ def save_simplifier(model: Simplifier, path: str | os.PathLike, metadata: dict |
         if key == "architecture":
             raise ValueError("'architecture' is reserved in simplifier metadata")
         header[str(key)] = json.dumps(value, sort_keys=True)
-    tensors = {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in model.state_dict().items()}
-    atomic_write_bytes(path, save(tensors, metadata=header))
+    atomic_write_safetensors(path, model.state_dict(), header, float_dtype=torch.float32)
 
 
 def read_simplifier_metadata(path: str | os.PathLike) -> dict:

@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import __version__
-from .atomic import atomic_write_bytes, atomic_write_text
+from .atomic import atomic_write_safetensors, atomic_write_text
 from .devices import cpu_threads, resolve_device
 from .errors import UserError
 from .image_io import ImageError, is_image_name, read_image
@@ -226,13 +226,11 @@ def _paths(out_path: Path) -> tuple[Path, Path]:
 def _save_checkpoint(path: Path, net, optimizer, state: dict) -> None:
     """Weights, Adam moments and the JSON training state (step, data RNG, history) in one
     atomically written safetensors file: no pickle, and never half-written."""
-    from safetensors.torch import save
-
-    tensors = {f"net.{key}": value.detach().cpu().contiguous() for key, value in net.state_dict().items()}
+    tensors = {f"net.{key}": value for key, value in net.state_dict().items()}
     for index, param in enumerate(p for group in optimizer.param_groups for p in group["params"]):
         for key, value in optimizer.state.get(param, {}).items():
-            tensors[f"optim.{index}.{key}"] = value.detach().cpu().contiguous()
-    atomic_write_bytes(path, save(tensors, metadata={"state": json.dumps(state)}))
+            tensors[f"optim.{index}.{key}"] = value
+    atomic_write_safetensors(path, tensors, {"state": json.dumps(state)})
 
 
 def _load_checkpoint(path: Path, net, optimizer) -> dict:
