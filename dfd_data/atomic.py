@@ -107,12 +107,17 @@ def atomic_write_safetensors(path: str | os.PathLike, tensors: Mapping, metadata
     atomically as atomic_write_bytes; returns the file's (size in bytes, sha256).
 
     safetensors' own writers want every tensor contiguous on the CPU at once. For a
-    training checkpoint of the full model that is a second copy of its 6.8 GB (weights and
+    training checkpoint of the full model that is a second copy of its 6.3 GiB (weights and
     Adam moments, channels-last), which ran a 24 GB machine out of memory; here one tensor
     at a time is copied. `float_dtype`, when given, is the dtype every floating tensor is
-    stored in."""
+    stored in. The format keeps only text metadata: anything else is refused before the
+    file is touched (written, it would replace a good file with one no reader opens)."""
     import torch
 
+    if any(not isinstance(k, str) or not isinstance(v, str) for k, v in (metadata or {}).items()):
+        raise TypeError(f"{path}: safetensors metadata must map text to text, got {metadata!r}"[:300])
+    if "__metadata__" in tensors:
+        raise TypeError(f"{path}: '__metadata__' is the safetensors header's own key, not a tensor name")
     def stored_dtype(value):
         return float_dtype if float_dtype is not None and value.is_floating_point() else value.dtype
 

@@ -243,7 +243,8 @@ def _load_checkpoint(path: Path, net, optimizer) -> dict:
     net.load_state_dict({key[len("net."):]: value for key, value in tensors.items() if key.startswith("net.")})
     device = next(net.parameters()).device
     for index, param in enumerate(p for group in optimizer.param_groups for p in group["params"]):
-        moments = {key.split(".")[2]: value.to(device) for key, value in tensors.items()
+        # copies: a view would keep the file mapped for the rest of the run
+        moments = {key.split(".")[2]: value.to(device, copy=True) for key, value in tensors.items()
                    if key.startswith(f"optim.{index}.")}
         if moments:
             moments["step"] = moments["step"].cpu()

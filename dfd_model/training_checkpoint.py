@@ -56,7 +56,7 @@ def _restore_optimizer(name: str, optimizer: torch.optim.Optimizer, tensors, met
             index, field = key[len(prefix):].split(".", 1)
             value = tensors.get_tensor(key)
             param = params[int(index)] if int(index) < len(params) else None
-            if param is not None and value.shape == param.shape:
+            if param is not None and field != "step" and value.shape == param.shape:
                 # The CPU's fused Adam pairs a parameter's values with its moments' in memory
                 # order, whatever their strides (CUDA's refuses mismatched layouts): each
                 # moment takes its parameter's layout (channels-last convolution weights),
@@ -72,10 +72,6 @@ def _restore_optimizer(name: str, optimizer: torch.optim.Optimizer, tensors, met
     groups = [{**saved, "fused": live.get("fused"), "foreach": live.get("foreach")}
               for saved, live in zip(meta["param_groups"], optimizer.param_groups)]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
-    for param, values in optimizer.state.items():  # in case load_state_dict copied any
-        for key, value in values.items():
-            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
-                values[key] = torch.empty_like(param).copy_(value)
 
 
 def save_checkpoint(run: Path, name: str, *, modules: dict[str, torch.nn.Module],
@@ -168,7 +164,7 @@ def load_checkpoint(path: Path, *, modules: dict[str, torch.nn.Module],
                                       "the checkpoint is damaged")
     # Read tensor by tensor, so resuming holds no second copy of the run. The tensors read
     # view a memory map of the file: whatever is kept is copied, or one four-byte Adam step
-    # would keep the whole file mapped (6.3 GB for the full model) for the rest of the run,
+    # would keep the whole file mapped (6.3 GiB for the full model) for the rest of the run,
     # and on disk after the checkpoint is pruned.
     with safe_open(str(tensors_path), "pt") as tensors:
         for prefix, module in modules.items():
@@ -181,7 +177,11 @@ def load_checkpoint(path: Path, *, modules: dict[str, torch.nn.Module],
                                               f"({' '.join(str(error).split())[:200]})") from None
             del own
         for prefix, optimizer in optimizers.items():
-            _restore_optimizer(prefix, optimizer, tensors, state["optimizers"][prefix])
+            try:
+                _restore_optimizer(prefix, optimizer, tensors, state["optimizers"][prefix])
+            except ValueError as error:  # load_state_dict's word for groups of other sizes
+                raise TrainingCheckpointError(f"{tensors_path}: the {prefix} optimiser does not match the run's "
+                                              f"({' '.join(str(error).split())[:200]})") from None
         bank_tensors = {key[len("banks."):]: tensors.get_tensor(key).clone() for key in tensors.keys()
                         if key.startswith("banks.")}
         banks = FeatureBank.from_flat(bank_tensors).to(device) if bank_tensors else None

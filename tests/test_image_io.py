@@ -173,6 +173,12 @@ def test_safetensors_written_one_tensor_at_a_time_read_back_exactly(tmp_path, mo
     assert loaded["moment.bf16"].dtype == torch.float32 and torch.equal(loaded["moment.bf16"], tensors["moment.bf16"].float())
     assert loaded["step"].dtype == torch.int64 and loaded["mask"].dtype == torch.bool
 
+    for metadata in ({"steps": 3}, {"nested": {"a": "b"}}):  # the format keeps text only
+        with pytest.raises(TypeError, match="metadata must map text to text"):
+            atomic_write_safetensors(target, tensors, metadata)
+    with pytest.raises(TypeError, match="header's own key"):
+        atomic_write_safetensors(target, {"__metadata__": torch.ones(1)})
+    assert load_file(target).keys() == tensors.keys()  # the file refused metadata left intact
     with pytest.raises(TypeError, match="complex64"):
         atomic_write_safetensors(tmp_path / "c.safetensors", {"z": torch.zeros(2, dtype=torch.complex64)})
     before = target.read_bytes()

@@ -161,7 +161,7 @@ def test_restored_adam_moments_keep_channels_last_weights_in_step(tmp_path):
 def test_a_resumed_run_keeps_nothing_of_the_checkpoint_file_mapped(tmp_path):
     """Checkpoints are read through a memory map of their file. Whatever the run keeps (Adam's
     steps, the banks) must be copies: one four-byte step viewing the map had kept the full
-    model's 6.3 GB file mapped for the rest of the run, and on disk once pruned."""
+    model's 6.3 GiB file mapped for the rest of the run, and on disk once pruned."""
     from dfd_model.projection import FeatureBank
     from dfd_model.training_checkpoint import load_checkpoint, save_checkpoint
 
@@ -182,6 +182,34 @@ def test_a_resumed_run_keeps_nothing_of_the_checkpoint_file_mapped(tmp_path):
     assert restored.keys() == saved.keys() and all(torch.equal(restored[key], saved[key]) for key in saved)
     tensors_file = str((tmp_path / "checkpoints" / "one" / "tensors.safetensors").resolve())
     assert not [line for line in Path("/proc/self/maps").read_text().splitlines() if tensors_file in line]
+
+
+def test_adam_steps_restore_as_steps_and_other_optimisers_are_refused(tmp_path):
+    """A 0-d parameter's step has its shape but is no moment: it stays a float32 count
+    (restored as the parameter it had stopped counting at 256 in bf16). An optimiser whose
+    groups differ from the checkpoint's is refused with one line naming the file."""
+    from dfd_model.training_checkpoint import TrainingCheckpointError, load_checkpoint, save_checkpoint
+
+    def scalar_and_adam():
+        scalar = torch.nn.ParameterDict({"gain": torch.nn.Parameter(torch.tensor(1.0, dtype=torch.bfloat16))})
+        return scalar, torch.optim.Adam(scalar.parameters(), 1e-3)
+
+    scalar, adam = scalar_and_adam()
+    for _ in range(3):
+        scalar["gain"].grad = torch.tensor(0.5, dtype=torch.bfloat16)
+        adam.step()
+    save_checkpoint(tmp_path, "one", modules={"scalar": scalar}, optimizers={"adam": adam}, banks=None, state={})
+    resumed, resumed_adam = scalar_and_adam()
+    load_checkpoint(tmp_path / "checkpoints" / "one", modules={"scalar": resumed}, optimizers={"adam": resumed_adam},
+                    device=torch.device("cpu"))
+    step = resumed_adam.state[resumed["gain"]]["step"]
+    assert step.dtype == torch.float32 and float(step) == 3.0
+
+    two = torch.nn.ParameterDict({"gain": torch.nn.Parameter(torch.tensor(1.0, dtype=torch.bfloat16))})
+    other = torch.optim.Adam([*two.parameters(), torch.nn.Parameter(torch.ones(2))], 1e-3)
+    with pytest.raises(TrainingCheckpointError, match=r"tensors\.safetensors: the adam optimiser does not match"):
+        load_checkpoint(tmp_path / "checkpoints" / "one", modules={"scalar": two}, optimizers={"adam": other},
+                        device=torch.device("cpu"))
 
 
 def test_stage_two_needs_stage_one_and_settings_must_match_on_resume(sketched_dataset, tmp_path):
