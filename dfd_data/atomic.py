@@ -118,6 +118,7 @@ def atomic_write_safetensors(path: str | os.PathLike, tensors: Mapping, metadata
         raise TypeError(f"{path}: safetensors metadata must map text to text, got {metadata!r}"[:300])
     if "__metadata__" in tensors:
         raise TypeError(f"{path}: '__metadata__' is the safetensors header's own key, not a tensor name")
+
     def stored_dtype(value):
         return float_dtype if float_dtype is not None and value.is_floating_point() else value.dtype
 
