@@ -212,6 +212,36 @@ def test_adam_steps_restore_as_steps_and_other_optimisers_are_refused(tmp_path):
                         device=torch.device("cpu"))
 
 
+def test_mixed_precision_is_for_stage_two_and_leaves_the_latents_float32(sketched_dataset, tmp_path, monkeypatch):
+    """Where bf16 is native (AMX CPUs; faked here so every machine checks it), stage 2's
+    generator computes in bf16 while its latents stay float32, as the banks and inference
+    have them; stage 1 trains in float32 (bf16 made it no faster and its reconstructions
+    worse). Without native bf16, or with amp off, everything is float32."""
+    import dfd_model.training as training
+
+    def dtypes_seen(trainer) -> dict[str, set]:
+        seen = {"encoder": set(), "generator": set()}
+        trainer.model.autoencoders["nose"].encoder.fc.register_forward_hook(
+            lambda module, inputs, output: seen["encoder"].add(output.dtype))
+        trainer.model.generator.register_forward_hook(lambda module, inputs, output: seen["generator"].add(output.dtype))
+        sketches, photos = trainer.pairs.batch(np.arange(2))
+        trainer.stage1_step(sketches)
+        stage1 = set(seen["encoder"])
+        seen["encoder"].clear()
+        trainer.stage2_step(sketches, photos)
+        return {"stage 1": stage1, "stage 2 latents": seen["encoder"], "stage 2 faces": seen["generator"]}
+
+    monkeypatch.setattr(training, "native_bf16", lambda device: True)
+    mixed = _trainer(sketched_dataset, tmp_path / "mixed")
+    assert mixed.precision == "bf16"
+    assert dtypes_seen(mixed) == {"stage 1": {torch.float32}, "stage 2 latents": {torch.float32},
+                                  "stage 2 faces": {torch.bfloat16}}
+    plain = _trainer(sketched_dataset, tmp_path / "plain", amp=False)
+    assert plain.precision == "fp32" and all(seen == {torch.float32} for seen in dtypes_seen(plain).values())
+    monkeypatch.setattr(training, "native_bf16", lambda device: False)
+    assert _trainer(sketched_dataset, tmp_path / "no-bf16").precision == "fp32"
+
+
 def test_stage_two_needs_stage_one_and_settings_must_match_on_resume(sketched_dataset, tmp_path):
     with pytest.raises(TrainingError, match="needs a finished stage 1"):
         _trainer(sketched_dataset, tmp_path / "run").run("2")
