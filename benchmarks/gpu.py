@@ -7,8 +7,8 @@ sizes): img/s of the toolkit's call beside the same layers as eager fp32 modules
 GPU, the network's seconds per image beside its FLOP-bound time at the GPU's measured bf16
 matmul rate, and its difference from the CPU's fp32 result. For training at 512: seconds per
 step of both stages in fp32 and of stage 2 with mixed precision (bf16, and fp16 with its loss
-scaler, forced), and the peak GPU memory. A difference beyond tolerance or a non-finite loss fails
-the check: the command says which and exits 1, after printing every figure.
+scaler, forced), and the peak GPU memory. A difference beyond tolerance or a non-finite loss
+fails the check: the command says which and exits 1, after printing every figure.
 """
 from __future__ import annotations
 
