@@ -105,6 +105,9 @@ def train(dataset, stage, out, resume, resolution, steps, batch_size, lr, sketch
     generate` loads). Faces labelled split=val or test are held out for the grids; banks are
     split by gender when the dataset records it.
     """
+    from dfd_data.errors import UserError
+
+    from . import distributed
     from .config import ModelConfig
     from .training import TrainConfig, Trainer, next_run_folder
 
@@ -118,14 +121,23 @@ def train(dataset, stage, out, resume, resolution, steps, batch_size, lr, sketch
     except (TypeError, ValueError) as error:
         raise click.BadParameter(str(error)) from None
     run_folder = Path(out) if out else next_run_folder(Path("runs"))
-    trainer = Trainer(dataset, run_folder, model_config, train_config, resolve_device(device), resume=resume,
-                      quiet=quiet, echo=click.echo)
     try:
-        trainer.echo(trainer.describe())
-        summary = trainer.run(stage)
-        trainer.echo(summary)
-    finally:
-        trainer.close()
+        trainer = Trainer(dataset, run_folder, model_config, train_config, resolve_device(device), resume=resume,
+                          quiet=quiet, echo=click.echo)
+        try:
+            trainer.echo(trainer.describe())
+            summary = trainer.run(stage)
+            trainer.echo(summary)
+        finally:
+            trainer.close()
+    except UserError as error:
+        rank = distributed.launched_rank()
+        if rank == 0:
+            raise
+        # under torchrun rank 0 reports what every process met; another rank only what it alone met
+        if not isinstance(error, distributed.OtherRankFailed):
+            click.echo(f"Error: rank {rank}: {error}", err=True)
+        raise SystemExit(1) from None
 
 
 def _parse_refine(values: tuple[str, ...]) -> float | dict[str, float]:

@@ -189,8 +189,8 @@ class Trainer:
         main = self.ranks.main
         self.dataset, self.out, self.device = Dataset(dataset), Path(out), device
         self.quiet, self.echo = quiet or not main, echo if main else (lambda line: None)
-        self.dataset.require()
         self.model_config, self.config = self._resolve_configs(model_config, train_config, resume)
+        self._check_batch_size()
         torch.manual_seed(self.config.seed)
         keep_freed_memory()  # every step frees and allocates the same large activations again
         # Convolutions run fastest in channels-last layout: on CUDA with tensor cores under mixed
@@ -223,29 +223,33 @@ class Trainer:
             if self.scaler is not None and state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
             self.echo(f"resuming {self.out} from {checkpoint.name} (stage {self.stage}, step {self.step})")
-            if state["processes"] != self.ranks.world:
+            processes = state.get("processes", 1)  # checkpoints from before torchrun runs lack it
+            if processes != self.ranks.world:
                 batch = self.config.batch_size
-                self.echo(f"warning: the run used {state['processes']} processes (global batch "
-                          f"{batch * state['processes']}), this one {self.ranks.world} (global batch "
-                          f"{batch * self.ranks.world}): training goes on, but not as the run would have")
-        if main:
-            self._trim_stats()
-            self.pairs, self.validation = self._load_data()
-        distributed.barrier(self.ranks)  # the others read the pairs rank 0 has stacked
-        if not main:
-            self.pairs, self.validation = self._load_data()
+                self.echo(f"warning: the run used {processes} processes (global batch {batch * processes}), "
+                          f"this one {self.ranks.world} (global batch {batch * self.ranks.world}): training "
+                          "goes on, but not as the run would have")
+        # rank 0 stacks the pairs (a cache in the run folder); the others then read them
+        data = distributed.main_first(self.ranks, lambda: (self._trim_stats(), self._load_data())[1])
+        self.pairs, self.validation = data if data is not None else self._load_data()
         self.autoencoder_net = distributed.wrap(AutoEncoderSet(self.model.autoencoders), self.ranks, device)
         self.generator_net = distributed.wrap(FeaturesToFace(self.model), self.ranks, device)
         self.discriminator_net = distributed.wrap(self.discriminator, self.ranks, device)
 
     # ---- configuration ----------------------------------------------------------------------------
     def _resolve_configs(self, model_config, train_config, resume):
+        """The run's configurations: rank 0 checks the dataset and the run folder and writes the
+        resolved configuration, which the other processes then read."""
         path = self.out / CONFIG_FILE
+        wanted = distributed.main_first(self.ranks, lambda: self._write_run_config(path, model_config, train_config,
+                                                                                  resume))
+        wanted = wanted if wanted is not None else _read_run_config(path)
+        return ModelConfig.from_dict(wanted["model"], complete=True), TrainConfig.from_dict(wanted["training"])
+
+    def _write_run_config(self, path: Path, model_config: ModelConfig, train_config: TrainConfig,
+                          resume: bool) -> dict:
+        self.dataset.require()
         wanted = {"model": model_config.to_dict(), "training": asdict(train_config)}
-        if not self.ranks.main:
-            distributed.barrier(self.ranks)  # wait for rank 0 to write the resolved config
-            saved = _read_run_config(path)
-            return ModelConfig.from_dict(saved["model"], complete=True), TrainConfig.from_dict(saved["training"])
         if latest_checkpoint(self.out) is not None and not resume:
             raise TrainingError(f"{self.out}: already holds a training run; pass --resume to continue it "
                                 "or choose another --out")
@@ -260,8 +264,16 @@ class Trainer:
             wanted = saved
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(wanted, indent=2, sort_keys=True) + "\n")
-        distributed.barrier(self.ranks)
-        return ModelConfig.from_dict(wanted["model"], complete=True), TrainConfig.from_dict(wanted["training"])
+        return wanted
+
+    def _check_batch_size(self) -> None:
+        """Batch norm in training needs two values per channel, and the autoencoders' deepest maps
+        are size / 32 pixels square: a 128 px model's 32 px windows leave one pixel."""
+        smallest = min(self.model_config.component_sizes().values()) // 32
+        if self.config.batch_size * smallest ** 2 < 2:
+            per_process = " per process" if self.ranks.active else ""
+            raise TrainingError(f"--batch-size {self.config.batch_size}{per_process} is too small at resolution "
+                                f"{self.model_config.resolution}: the autoencoders' batch norms need 2 or more")
 
     def describe(self) -> str:
         """The resolved configuration, printed before work starts."""
@@ -315,7 +327,12 @@ class Trainer:
             atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in keep))
 
     def _checkpoint(self) -> None:
-        if not distributed.parameters_agree([self.model, self.discriminator], self.ranks, self.device):
+        # Batch norms' running statistics drift apart between processes as each steps on its
+        # share (DDP hands rank 0's out only at the next forward pass): every process takes rank
+        # 0's, which the checkpoint holds, and which stage 1's last one leaves for encoding the banks.
+        for module in self._modules().values():
+            distributed.broadcast_buffers(module, self.ranks)
+        if not distributed.replicas_agree([self.model, self.discriminator], self.ranks, self.device):
             raise TrainingError(f"stage {self.stage} step {self.step}: the processes' parameters differ; "
                                 "distributed training went out of sync")
         if not self.ranks.main:
@@ -435,11 +452,14 @@ class Trainer:
         """Leave the process group (torchrun runs); the trainer cannot be used afterwards."""
         distributed.stop(self.ranks)
 
-    def run(self, stage: str) -> str:
-        """Train `stage` ("1", "2" or "all") to its end; returns a one-line summary."""
+    def _check_stage(self, stage: str) -> None:
         if stage == "2" and self.stage == 1:
             raise TrainingError(f"{self.out}: stage 2 needs a finished stage 1 in this run folder; run --stage 1 "
                                 "(or --stage all) first")
+
+    def run(self, stage: str) -> str:
+        """Train `stage` ("1", "2" or "all") to its end; returns a one-line summary."""
+        distributed.main_first(self.ranks, lambda: self._check_stage(stage))  # one process reports it
         last_stage = 1 if stage == "1" else 2
         started, summary = time.time(), []
         while self.stage <= last_stage:

@@ -245,6 +245,9 @@ def test_mixed_precision_is_for_stage_two_and_leaves_the_latents_float32(sketche
 def test_stage_two_needs_stage_one_and_settings_must_match_on_resume(sketched_dataset, tmp_path):
     with pytest.raises(TrainingError, match="needs a finished stage 1"):
         _trainer(sketched_dataset, tmp_path / "run").run("2")
+    # a 128 px model's deepest autoencoder maps are 1 pixel: batch norm needs a batch of 2
+    with pytest.raises(TrainingError, match="--batch-size 1 is too small at resolution 128"):
+        _trainer(sketched_dataset, tmp_path / "small", batch_size=1)
     _trainer(sketched_dataset, tmp_path / "run", steps=2).run("1")
     assert (tmp_path / "run" / "model" / "banks.safetensors").is_file()
     with pytest.raises(TrainingError, match="pass --resume"):  # and train_config.json is left as it was
@@ -439,6 +442,21 @@ def test_torchrun_with_two_cpu_processes_matches_one_process(sketched_dataset, t
     assert np.allclose(first_two, first_one, rtol=0.15)
     model = SketchToFace.from_pretrained(tmp_path / "double" / "model", device="cpu")
     assert sum(model.banks.counts()["nose"].values()) == 2
+    # stopped after stage 1 and resumed by 2 processes, the run repeats the uninterrupted one
+    # exactly: every process encodes the banks with the same batch norm statistics
+    for stage, resume in (("1", []), ("all", ["--resume"])):
+        cut = subprocess.run([*launcher, "-m", "dfd_model", "train", *common, "--batch-size", "2", *resume,
+                              "--stage", stage, "--out", str(tmp_path / "cut")], capture_output=True, text=True,
+                             cwd=REPO, timeout=600)
+        assert cut.returncode == 0, cut.stderr[-3000:]
+    assert _losses(tmp_path / "cut") == two
+    # a refusal is one line from rank 0, not one per process nor a connection error's traceback
+    again = subprocess.run([*launcher, "-m", "dfd_model", "train", *common, "--batch-size", "2",
+                            "--out", str(tmp_path / "cut")], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert again.returncode != 0
+    assert [line for line in again.stderr.splitlines() if "Error" in line and "ChildFailedError" not in line] == \
+        [f"Error: {tmp_path / 'cut'}: already holds a training run; pass --resume to continue it or choose another "
+         "--out"]
     # resumed by one process, the run goes on with half its global batch: said, not silent
     more = [arg if arg != "6" else "7" for arg in common]
     resumed = subprocess.run([sys.executable, "-m", "dfd_model", "train", *more, "--batch-size", "2", "--resume",
