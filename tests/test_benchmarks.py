@@ -46,9 +46,40 @@ def test_the_mixed_bound_times_the_encoders_at_the_float32_rate_and_the_rest_at_
     computes in charges their FLOPs at the float32 matmul rate, the rest at bf16's."""
     from benchmarks.suite import MATMUL_FLOPS, mixed_bound_rows
 
-    result = {"ours": 1.0, "flops": 10e9, "encoder_flops": 2e9, "dtype": "bfloat16"}
+    result = {"ours": 1.0, "flops": 10e9, "encoder_flops": 2e9, "skipped": 0, "dtype": "bfloat16"}
     seconds = {torch.float32: MATMUL_FLOPS / 100e9, torch.bfloat16: MATMUL_FLOPS / 400e9}  # 100 and 400 GFLOP/s
     (row,) = mixed_bound_rows("generate_s_512", result, seconds, {})
     assert row.name == "generate_s_512_vs_mixed_bound" and row.value == 1.0
     assert abs(row.baseline_value - (2e9 / 100e9 + 8e9 / 400e9)) < 1e-12
     assert mixed_bound_rows("generate_s_512", {**result, "dtype": "float32"}, seconds, {}) == []
+    # what Winograd layers skip is not charged in the bound of the products computed
+    mixed, computed = mixed_bound_rows("generate_s_512", {**result, "skipped": 4e9}, seconds,
+                                       {"winograd_gflop_skipped": 4.0})
+    assert mixed.baseline_value == row.baseline_value and computed.name == "generate_s_512_vs_computed_bound"
+    assert abs(computed.baseline_value - (2e9 / 100e9 + 4e9 / 400e9)) < 1e-12
+
+
+def test_the_products_winograd_layers_skip_are_counted_per_call():
+    """A 3x3 convolution over a 7x9 output by F(2x2, 3x3) computes 4x5 tiles of 16 products per
+    channel pair where the direct convolution does 9 per output pixel."""
+    from benchmarks.measure import winograd_flops_saved
+    from dfd_data.winograd import WinogradConv3x3
+
+    conv = WinogradConv3x3(nn.Conv2d(16, 24, 3), torch.float32)
+    x = torch.randn(2, 16, 9, 11)
+    nominal = forward_flops(lambda: nn.Conv2d(16, 24, 3)(x))
+    assert nominal == 2 * 2 * 16 * 24 * 9 * 7 * 9
+    assert winograd_flops_saved(nn.Sequential(conv), lambda: conv(x)) == nominal - 2 * 2 * 16 * 24 * 16 * 4 * 5
+    assert winograd_flops_saved(nn.Sequential(conv), lambda: conv(x[0])) == (nominal - 2 * 2 * 16 * 24 * 16 * 4 * 5) // 2
+
+
+def test_the_numpy_projection_baseline_does_the_same_work():
+    """The well-done numpy baseline finds the same neighbours and weights as the toolkit."""
+    from benchmarks.suite import numpy_projection
+    from dfd_model.projection import project
+
+    generator = torch.Generator().manual_seed(2)
+    bank, query = torch.randn(3_000, 64, generator=generator), torch.randn(1, 64, generator=generator)
+    ours = project(query, bank, 10)[0][0].double().numpy()
+    theirs = numpy_projection(bank.numpy(), (bank.double() ** 2).sum(1).float().numpy(), query.numpy()[0])
+    assert abs(ours - theirs).max() < 1e-5
