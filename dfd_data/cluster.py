@@ -11,12 +11,19 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import socket
+import threading
 from contextlib import contextmanager
 from typing import Iterator
 
 from .errors import UserError
 
 CLUSTER_BACKENDS = ("dask", "ray")
+# How long connecting to a cluster may take before the command gives up with one line:
+# dask's own timeout does not cover a server that accepts the connection and never answers
+# (the dashboard's port given for the scheduler's), nor ray's a GCS address nothing listens at.
+CONNECT_SECONDS = 20
 
 
 def _missing_extra(backend: str, error: ImportError) -> UserError:
@@ -39,11 +46,7 @@ def _dask_session(jobs: int, scheduler: str | None) -> Iterator[None]:
         yield
         return
     if scheduler:
-        try:
-            client = Client(scheduler, timeout="10s")
-        except (OSError, TimeoutError) as error:
-            raise UserError(f"--scheduler {scheduler}: cannot reach the dask scheduler ({error})") from None
-        with client:
+        with _connect_dask(Client, scheduler):
             yield
         return
     # The nanny gives each worker OMP_NUM_THREADS=1, so torch in `jobs` workers does not
@@ -51,6 +54,42 @@ def _dask_session(jobs: int, scheduler: str | None) -> Iterator[None]:
     with LocalCluster(n_workers=jobs, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
             Client(cluster):
         yield
+
+
+@contextmanager
+def _connect_dask(client_type, scheduler: str) -> Iterator[None]:
+    """A client of the scheduler at `scheduler` for the block, or a one-line UserError within
+    CONNECT_SECONDS (connecting runs in a thread that is left behind if it never returns)."""
+    connected: dict = {}
+
+    def connect() -> None:
+        try:
+            connected["client"] = client_type(scheduler, timeout=f"{CONNECT_SECONDS // 2}s")
+        except Exception as error:  # reported below, in the command's thread
+            connected["error"] = error
+
+    thread = threading.Thread(target=connect, name="dask-connect", daemon=True)
+    thread.start()
+    thread.join(CONNECT_SECONDS)
+    if "client" not in connected:
+        error = connected.get("error")
+        reason = " ".join(str(error).split()) if error else f"no dask scheduler answered in {CONNECT_SECONDS} s"
+        raise UserError(f"--scheduler {scheduler}: cannot reach the dask scheduler ({reason})")
+    with connected["client"]:
+        yield
+
+
+def _check_ray_address(address: str) -> None:
+    """A one-line UserError when RAY_ADDRESS is host:port and nothing accepts a connection
+    there: ray.init would retry for ever."""
+    match = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^/:\s]+):(\d+)", address)
+    if match is None:
+        return  # "auto", "local", ray:// and http:// addresses: ray reports those itself
+    try:
+        with socket.create_connection((match[1].strip("[]"), int(match[2])), timeout=CONNECT_SECONDS / 2):
+            pass
+    except OSError as error:
+        raise UserError(f"ray: cannot reach the cluster at RAY_ADDRESS={address} ({error})") from None
 
 
 @contextmanager
@@ -65,6 +104,8 @@ def _ray_session(jobs: int) -> Iterator[None]:
         yield
         return
     address = os.environ.get("RAY_ADDRESS")
+    if address:
+        _check_ray_address(address)
     options = {"address": address} if address else {"num_cpus": jobs, "include_dashboard": False}
     try:
         ray.init(logging_level=logging.WARNING, **options)

@@ -1,8 +1,9 @@
 """The batch runner behind every `dfd-data` command that works file by file.
 
 It runs a module-level work function over tasks with joblib (loky processes by default,
-threads, or a dask or ray cluster: see cluster.py), shows a progress bar, keeps going when one file fails, and ends with a one-line
-summary. Resume is the caller's part: it leaves out tasks whose outputs are already
+threads, or a dask or ray cluster: see cluster.py), shows a progress bar, keeps going when one
+file fails, also when a worker process dies on it (a crash in native code, the kernel's
+out-of-memory killer), and ends with a one-line summary. Resume is the caller's part: it leaves out tasks whose outputs are already
 complete and valid and passes their count as `already_done`.
 
 Networks work best on batches: with `batch_size`, the work function receives a list of
@@ -24,7 +25,7 @@ from .errors import UserError
 
 BACKENDS = ("loky", "threading", *CLUSTER_BACKENDS)
 # ray's joblib backend returns results only as a whole list: it runs in rounds of this many
-# calls per --jobs worker slot, so the progress bar and the records still advance as work ends.
+# calls per worker slot of the cluster, so the progress bar and the records advance as work ends.
 LIST_ONLY_BACKENDS = {"ray": 4}
 
 
@@ -148,17 +149,93 @@ def run_batch(
     return summary
 
 
+def _lost(call, error: BaseException) -> list[Outcome]:
+    """Failed outcomes for the tasks of a call whose worker process died (or whose result
+    could not come back)."""
+    _, args, _ = call
+    tasks = args[1] if isinstance(args[1], list) else [args[1]]
+    reason = " ".join(str(error).split())[:160] or type(error).__name__
+    return [Outcome(task, "failed", message=f"{task.label}: the worker process died working on it (a crash in "
+                                            f"native code, or out of memory?): {type(error).__name__}: {reason}")
+            for task in tasks]
+
+
 def _outcomes(calls: list, jobs: int, backend: str) -> Iterator[Outcome]:
-    """Outcomes as the calls finish (ray: round by round, in order). A cluster decides its own
-    parallelism."""
-    n_jobs = -1 if backend in CLUSTER_BACKENDS else max(1, min(jobs, len(calls)))
+    """Outcomes as the calls finish (ray: round by round). A cluster decides its own
+    parallelism. A worker that dies ends the joblib call with an error, losing the calls in
+    flight: those are run again in groups of `jobs`, and a group that fails again one call
+    at a time, until the call that kills its worker is found and reported as failed."""
+    if backend == "dask":
+        yield from _dask_outcomes(calls)
+        return
+    if backend == "threading":  # no worker process to lose: a crash here is this process's
+        yield from _joblib_outcomes(calls, jobs, backend, set())
+        return
+    finished: set[int] = set()
+    try:
+        yield from _joblib_outcomes(calls, jobs, backend, finished)
+        return
+    except Exception:  # the work functions catch their own errors: this is the pool's
+        pass
+    left = [index for index in range(len(calls)) if index not in finished]
+    for start in range(0, len(left), max(jobs, 1)):
+        group = left[start:start + max(jobs, 1)]
+        try:
+            yield from _joblib_outcomes(calls, jobs, backend, finished, group)
+            continue
+        except Exception:
+            pass
+        for index in (i for i in group if i not in finished):
+            try:  # in a worker process even alone, not in this one
+                yield from _joblib_outcomes(calls, jobs, backend, finished, [index], in_worker=True)
+            except Exception as error:
+                finished.add(index)
+                yield from _lost(calls[index], error)
+
+
+def _joblib_outcomes(calls: list, jobs: int, backend: str, finished: set[int],
+                     chosen: list[int] | None = None, in_worker: bool = False) -> Iterator[Outcome]:
+    """Outcomes of the `chosen` calls (all by default) through joblib; adds each finished
+    call's index to `finished`. joblib runs one job in this process unless `in_worker`."""
+    chosen = list(range(len(calls))) if chosen is None else chosen
+    indexed = [joblib.delayed(_indexed)(index, *calls[index]) for index in chosen]
+    n_jobs = -1 if backend in CLUSTER_BACKENDS else max(2 if in_worker else 1, min(jobs, len(indexed)))
     with joblib.parallel_config(backend=backend, n_jobs=n_jobs):
         if backend not in LIST_ONLY_BACKENDS:
-            for outcomes in joblib.Parallel(return_as="generator_unordered")(calls):
+            for index, outcomes in joblib.Parallel(return_as="generator_unordered")(indexed):
+                finished.add(index)
                 yield from outcomes
             return
-        round_size = LIST_ONLY_BACKENDS[backend] * max(jobs, 1)
+        import ray
+
+        slots = max(jobs, int(ray.cluster_resources().get("CPU", 1)))
+        round_size = LIST_ONLY_BACKENDS[backend] * slots
         with joblib.Parallel(return_as="list") as parallel:  # one pool of workers for every round
-            for start in range(0, len(calls), round_size):
-                for outcomes in parallel(calls[start:start + round_size]):
+            for start in range(0, len(indexed), round_size):
+                for index, outcomes in parallel(indexed[start:start + round_size]):
+                    finished.add(index)
                     yield from outcomes
+
+
+def _indexed(index: int, function: Callable, args: tuple, kwargs: dict) -> tuple[int, list[Outcome]]:
+    """Runs in the worker: `function(*args, **kwargs)` with the call's index, so that the
+    runner knows which calls a dead worker left unfinished."""
+    return index, function(*args, **kwargs)
+
+
+def _dask_outcomes(calls: list) -> Iterator[Outcome]:
+    """Outcomes as the calls finish on the session's dask cluster, through dask's own futures:
+    joblib's dask backend never completes a call whose worker died (dask marks it failed,
+    KilledWorker, once it has killed a few workers), and the run waited forever."""
+    from dask.distributed import as_completed, get_client
+
+    client = get_client()
+    futures = {client.submit(function, *args, pure=False, **kwargs): (function, args, kwargs)
+               for function, args, kwargs in calls}
+    for future in as_completed(futures):
+        try:
+            outcomes = future.result()
+        except Exception as error:  # the work functions catch their own errors: this is the cluster's
+            outcomes = _lost(futures[future], error)
+        future.release()
+        yield from outcomes

@@ -4,6 +4,8 @@ a network method) and crop-components."""
 from __future__ import annotations
 
 import json
+import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -87,7 +89,24 @@ def test_scheduler_address_only_goes_with_dask(photos, tmp_path):
 
 
 def test_unreachable_dask_scheduler_is_one_clear_line(photos, tmp_path):
+    """Nothing listening, a malformed address, and a server that accepts the connection and
+    never answers (the dashboard's port given by mistake), which once hung the command."""
     pytest.importorskip("dask.distributed", reason="the [dask] extra is not installed")
-    result = dfd_data("align", photos, tmp_path / "faces", "--backend", "dask", "--scheduler", "tcp://127.0.0.1:9")
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        for address in ("tcp://127.0.0.1:9", "localhost", f"tcp://127.0.0.1:{silent.getsockname()[1]}"):
+            result = dfd_data("align", photos, tmp_path / "faces", "--backend", "dask", "--scheduler", address,
+                              timeout=120)
+            assert result.returncode == 1, address
+            lines = result.stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith(f"Error: --scheduler {address}: cannot reach the dask "
+                                                           "scheduler"), result.stderr
+
+
+def test_unreachable_ray_address_is_one_clear_line(photos, tmp_path):
+    """ray.init retries an address nothing listens at for ever."""
+    pytest.importorskip("ray", reason="the [ray] extra is not installed")
+    result = dfd_data("align", photos, tmp_path / "faces", "--backend", "ray", timeout=120,
+                      env={**os.environ, "RAY_ADDRESS": "127.0.0.1:9"})
     assert result.returncode == 1
-    assert "cannot reach the dask scheduler" in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("Error: ray: cannot reach the cluster at "
+                                                             "RAY_ADDRESS=127.0.0.1:9")

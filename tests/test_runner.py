@@ -1,6 +1,9 @@
 """The batch runner: failures and skips are collected, never abort, on both backends."""
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 
 from dfd_data.runner import SkipItem, Task, run_batch
@@ -60,3 +63,27 @@ def test_network_threads_follow_the_workers_share(monkeypatch):
         assert torch.get_num_threads() == 1
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert thread_budget() == usable_cpus()
+
+
+def square_or_die(task: Task) -> int:
+    """Kills its own worker process on payload 6, as a crash in native code or the kernel's
+    out-of-memory killer would."""
+    if task.payload == 6:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return task.payload ** 2
+
+
+@pytest.mark.parametrize("backend", ["loky", "dask"])
+def test_a_worker_killed_by_one_file_fails_that_file_only(backend):
+    """The dead worker's file is reported as failed and every other file is done: loky had
+    aborted the batch with a traceback, joblib's dask backend waited for ever."""
+    if backend == "dask":
+        pytest.importorskip("dask.distributed", reason="the [dask] extra is not installed")
+    seen = {}
+    tasks = [Task(str(i), f"file{i}.png", i) for i in range(10)]
+    summary = run_batch("demo", tasks, square_or_die, jobs=2, backend=backend, quiet=True,
+                        on_outcome=lambda outcome: seen.__setitem__(outcome.task.key, outcome))
+    assert (summary.done, summary.failed) == (9, 1)
+    assert {key: outcome.result for key, outcome in seen.items() if key != "6"} == \
+        {str(i): i ** 2 for i in range(10) if i != 6}
+    assert seen["6"].message.startswith("file6.png: the worker process died working on it")
