@@ -77,12 +77,12 @@ def split_bound_row(name: str, baseline: str, seconds: float, flops: dict[torch.
     return [Row(name, seconds, unit, baseline, bound, config)]
 
 
-def computed_bound_row(name: str, seconds: float, flops: dict[torch.dtype, float],
+def computed_bound_row(name: str, seconds: float, flops: dict[torch.dtype, float], skipped: float,
                        matmul_seconds: dict[torch.dtype, float], unit: str, config: dict) -> list[Row]:
     """`seconds` beside the FLOP-bound time of the products the toolkit computes (`flops`: the
-    nominal count less what Winograd layers skip, by dtype): the nominal bound credits the
-    algorithm's savings as speed. No row where they skip nothing."""
-    if not config.get("winograd_gflop_skipped"):
+    nominal count less the `skipped` FLOPs of Winograd layers, by dtype): the nominal bound
+    credits the algorithm's savings as speed. No row where they skip nothing."""
+    if not skipped:
         return []
     rates = " and ".join(dtype_name(dtype) for dtype in flops)
     return split_bound_row(f"{name}_vs_computed_bound", f"FLOP-bound of the products computed, {rates} rates",
@@ -97,15 +97,16 @@ def network_rows(name: str, model: torch.nn.Module, ours, eager, flops: int, ima
     dtype = model.compute_dtype
     dtypes = rates.bound_dtypes(dtype) if images == BATCH else []
     ours_s, eager_s, *matmul_s = interleaved_medians([ours, eager, *(rates.products[d] for d in dtypes)], runs)
-    skipped = winograd_flops_saved(model, ours) if dtypes else 0
-    config = {**config, "batch": images, "precision": dtype_name(dtype), "gflop_per_img": flops / images / 1e9,
-              "winograd_gflop_skipped": skipped / images / 1e9}
+    config = {**config, "batch": images, "precision": dtype_name(dtype), "gflop_per_img": flops / images / 1e9}
+    skipped = winograd_flops_saved(model, ours) if dtypes else 0  # (measured where the bounds are)
+    if dtypes:
+        config["winograd_gflop_skipped_per_img"] = skipped / images / 1e9
     rows = [Row(f"{name}_img_per_s_512" + ("" if images == 1 else f"_b{images}"), images / ours_s, "img/s",
                 "eager fp32 NCHW modules", images / eager_s, config)]
     matmul = dict(zip(dtypes, matmul_s))
     return rows + bound_rows(f"{name}_s_per_img_512", ours_s / images, flops / images, matmul, "s/img", config) + \
-        computed_bound_row(f"{name}_s_per_img_512", ours_s / images, {dtype: (flops - skipped) / images}, matmul,
-                           "s/img", config)
+        computed_bound_row(f"{name}_s_per_img_512", ours_s / images, {dtype: (flops - skipped) / images}, skipped,
+                           matmul, "s/img", config)
 
 
 # ---- data ------------------------------------------------------------------------------------------
@@ -320,7 +321,7 @@ def mixed_bound_rows(name: str, result: dict, matmul_seconds: dict[torch.dtype, 
                            f"{result['dtype']}", result["ours"], {torch.float32: encoders, low: rest}, matmul_seconds,
                            "s", config) + \
         computed_bound_row(name, result["ours"], {torch.float32: encoders, low: rest - result["skipped"]},
-                           matmul_seconds, "s", config)
+                           result["skipped"], matmul_seconds, "s", config)
 
 
 def generation_rows(configs: dict[str, dict], rates: Rates, runs: int) -> list[Row]:
