@@ -88,7 +88,7 @@ def _check_ray_address(address: str) -> None:
     try:
         with socket.create_connection((match[1].strip("[]"), int(match[2])), timeout=CONNECT_SECONDS / 2):
             pass
-    except OSError as error:
+    except (OSError, ValueError) as error:  # (a malformed host name is a UnicodeError)
         raise UserError(f"ray: cannot reach the cluster at RAY_ADDRESS={address} ({error})") from None
 
 

@@ -149,57 +149,74 @@ def run_batch(
     return summary
 
 
+# Errors that mean a worker process died (loky, ray, dask): anything else that reaches the
+# runner from the pool (the work functions catch their own) is a call that could not run there.
+_WORKER_DEATHS = {"TerminatedWorkerError", "BrokenProcessPool", "RayActorError", "ActorDiedError",
+                  "WorkerCrashedError", "KilledWorker"}
+# joblib dispatches calls in order, a few per worker ahead: the call whose worker died is among
+# the first this many (per worker) of those left unfinished.
+_SUSPECTS_PER_JOB = 4
+
+
 def _lost(call, error: BaseException) -> list[Outcome]:
-    """Failed outcomes for the tasks of a call whose worker process died (or whose result
-    could not come back)."""
+    """Failed outcomes for the tasks of a call that the pool could not run to its end."""
     _, args, _ = call
     tasks = args[1] if isinstance(args[1], list) else [args[1]]
+    what = "the worker process died working on it (a crash in native code, or out of memory?)" \
+        if type(error).__name__ in _WORKER_DEATHS else "it could not run in a worker process"
     reason = " ".join(str(error).split())[:160] or type(error).__name__
-    return [Outcome(task, "failed", message=f"{task.label}: the worker process died working on it (a crash in "
-                                            f"native code, or out of memory?): {type(error).__name__}: {reason}")
+    return [Outcome(task, "failed", message=f"{task.label}: {what}: {type(error).__name__}: {reason}")
             for task in tasks]
 
 
 def _outcomes(calls: list, jobs: int, backend: str) -> Iterator[Outcome]:
     """Outcomes as the calls finish (ray: round by round). A cluster decides its own
     parallelism. A worker that dies ends the joblib call with an error, losing the calls in
-    flight: those are run again in groups of `jobs`, and a group that fails again one call
-    at a time, until the call that kills its worker is found and reported as failed."""
+    flight: the first few unfinished ones (the suspects) then run in groups of `jobs`, and a
+    group that fails again one call at a time, until the call that kills its worker is found
+    and reported as failed; the others go on in full passes."""
     if backend == "dask":
         yield from _dask_outcomes(calls)
         return
-    if backend == "threading":  # no worker process to lose: a crash here is this process's
-        yield from _joblib_outcomes(calls, jobs, backend, set())
-        return
     finished: set[int] = set()
-    try:
-        yield from _joblib_outcomes(calls, jobs, backend, finished)
-        return
-    except Exception:  # the work functions catch their own errors: this is the pool's
-        pass
-    left = [index for index in range(len(calls)) if index not in finished]
-    for start in range(0, len(left), max(jobs, 1)):
-        group = left[start:start + max(jobs, 1)]
+    left = list(range(len(calls)))
+    while left:
+        try:
+            yield from _joblib_outcomes(calls, jobs, backend, finished, left)
+            return
+        except Exception:  # the work functions catch their own errors: this is the pool's
+            if backend == "threading":  # no worker process to lose: this process's own failure
+                raise
+        left = [index for index in left if index not in finished]
+        suspects, left = left[:_SUSPECTS_PER_JOB * jobs], left[_SUSPECTS_PER_JOB * jobs:]
+        yield from _isolate(calls, jobs, backend, finished, suspects)
+
+
+def _isolate(calls: list, jobs: int, backend: str, finished: set[int], suspects: list[int]) -> Iterator[Outcome]:
+    """Outcomes of the `suspects` calls, run in groups of `jobs` and a failing group's calls one
+    by one: the call whose worker dies alone is reported as failed."""
+    for start in range(0, len(suspects), jobs):
+        group = suspects[start:start + jobs]
         try:
             yield from _joblib_outcomes(calls, jobs, backend, finished, group)
             continue
         except Exception:
             pass
         for index in (i for i in group if i not in finished):
-            try:  # in a worker process even alone, not in this one
-                yield from _joblib_outcomes(calls, jobs, backend, finished, [index], in_worker=True)
+            try:
+                yield from _joblib_outcomes(calls, jobs, backend, finished, [index])
             except Exception as error:
                 finished.add(index)
                 yield from _lost(calls[index], error)
 
 
 def _joblib_outcomes(calls: list, jobs: int, backend: str, finished: set[int],
-                     chosen: list[int] | None = None, in_worker: bool = False) -> Iterator[Outcome]:
-    """Outcomes of the `chosen` calls (all by default) through joblib; adds each finished
-    call's index to `finished`. joblib runs one job in this process unless `in_worker`."""
-    chosen = list(range(len(calls))) if chosen is None else chosen
+                     chosen: list[int]) -> Iterator[Outcome]:
+    """Outcomes of the `chosen` calls through joblib; adds each finished call's index to
+    `finished`. With `jobs` above 1, even one call runs in a worker process (joblib would run
+    a single job in this one, where a crash ends the command)."""
     indexed = [joblib.delayed(_indexed)(index, *calls[index]) for index in chosen]
-    n_jobs = -1 if backend in CLUSTER_BACKENDS else max(2 if in_worker else 1, min(jobs, len(indexed)))
+    n_jobs = -1 if backend in CLUSTER_BACKENDS else 1 if jobs <= 1 else max(2, min(jobs, len(indexed)))
     with joblib.parallel_config(backend=backend, n_jobs=n_jobs):
         if backend not in LIST_ONLY_BACKENDS:
             for index, outcomes in joblib.Parallel(return_as="generator_unordered")(indexed):

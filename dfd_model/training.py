@@ -190,7 +190,7 @@ class Trainer:
         self.dataset, self.out, self.device = Dataset(dataset), Path(out), device
         self.quiet, self.echo = quiet or not main, echo if main else (lambda line: None)
         self.model_config, self.config = self._resolve_configs(model_config, train_config, resume)
-        self._check_batch_size()
+        distributed.main_first(self.ranks, self._check_batch_size)  # one process reports it
         torch.manual_seed(self.config.seed)
         keep_freed_memory()  # every step frees and allocates the same large activations again
         # Convolutions run fastest in channels-last layout: on CUDA with tensor cores under mixed
