@@ -28,7 +28,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dfd_data.dataset import Dataset
-from dfd_data.devices import compute_precision, precision_name, prepare_for_inference
+from dfd_data.devices import compute_precision, native_bf16, precision_name, prepare_for_inference
 from dfd_data.image_io import read_image
 from dfd_data.sketch_methods import resolve_method, run_method
 from dfd_model.config import ModelConfig
@@ -180,7 +180,7 @@ def training_rows(bench: Bench, dataset: Path, batch: int) -> list[Row]:
     (beside fp32): stage 1 always trains in fp32 (see TrainConfig.amp)."""
     precisions = ["fp32"]
     if bench.device.type == "cuda":
-        precisions += (["bf16"] if torch.cuda.is_bf16_supported() else []) + ["fp16"]
+        precisions += (["bf16"] if native_bf16(bench.device) else []) + ["fp16"]
     fp32_seconds: dict[int, float] = {}
     rows = []
     for precision in precisions:

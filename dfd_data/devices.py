@@ -14,8 +14,11 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
-    """A torch.device for `name` (a torch.device passes through unchanged)."""
+    """A torch.device for `name` (a torch.device passes through, once CUDA is checked for)."""
     if isinstance(name, torch.device):
+        if name.type == "cuda" and (not torch.cuda.is_available() or (name.index or 0) >= torch.cuda.device_count()):
+            raise DeviceError(f"device {name} was asked for, but torch sees {torch.cuda.device_count()} CUDA "
+                              "device(s)")
         return name
     if name not in DEVICE_CHOICES:
         raise ValueError(f"unknown device {name!r}; choose from {', '.join(DEVICE_CHOICES)}")
@@ -75,9 +78,10 @@ def _cpu_flags() -> frozenset[str]:
 def native_bf16(device: torch.device) -> bool:
     """Whether the hardware computes bf16 natively: CUDA GPUs that support it, and CPUs with
     AMX tiles (Intel Xeon since Sapphire Rapids), where oneDNN runs bf16 convolutions several
-    times faster than fp32. Elsewhere bf16 is emulated and slower than fp32."""
+    times faster than fp32. Elsewhere bf16 is emulated and slower than fp32 (torch's own check
+    counts emulation as support unless told not to: a V100 or T4 would pass it)."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     return device.type == "cpu" and "amx_bf16" in _cpu_flags()
 
 

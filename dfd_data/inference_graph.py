@@ -52,6 +52,8 @@ class GroupInstanceNorm(nn.Module):
         self.weight, self.bias = norm.weight, norm.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 3:  # unbatched, as InstanceNorm2d accepts it (group_norm would read C as the batch)
+            return self(x[None])[0]
         return F.group_norm(x, self.channels, self.weight, self.bias, self.eps)
 
 
@@ -105,8 +107,12 @@ class ConvActivation(nn.Conv2d):
                 and type(activation) in (nn.ReLU, nn.LeakyReLU))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 3:  # unbatched, as Conv2d accepts it
+            return self(x[None])[0]
         dtype, weight, bias = weights_as_computed(self.weight, self.bias, "cpu")
-        if _FUSED_CONVOLUTION is None or x.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+        # (the fused kernel has no gradient: for the input's, as WinogradConv3x3, the layers in turn)
+        if _FUSED_CONVOLUTION is None or x.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) \
+                or (torch.is_grad_enabled() and x.requires_grad):
             return F.leaky_relu(super().forward(x), self.slope) if self.slope else F.relu(super().forward(x))
         attr, scalars = ("leaky_relu", [self.slope]) if self.slope else ("relu", [])
         return _FUSED_CONVOLUTION(x.to(dtype), weight, bias, list(self.padding), list(self.stride),

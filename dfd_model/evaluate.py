@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from dfd_data.atomic import atomic_write_bytes, atomic_write_text
 from dfd_data.contact_sheet import contact_sheet
+from dfd_data.devices import precision_name
 from dfd_data.errors import UserError
 from dfd_data.faces import find_faces, package_model_path
 from dfd_data.image_io import encode_jpeg, is_image_name, read_image
@@ -199,7 +200,8 @@ def evaluate(model: SketchToFace, pairs_dir: str | os.PathLike, out: str | os.Pa
         with torch.inference_mode():
             faces = denormalize_image(model(torch.from_numpy(np.stack([s for _, s, _ in chunk])), refine, gender))
         faces = faces.permute(0, 2, 3, 1).cpu().numpy()
-        redrawn = run_method(method, list(faces), device=next(model.parameters()).device.type)
+        redrawn = run_method(method, list(faces), device=next(model.parameters()).device.type,
+                             precision=precision_name(model.compute_dtype))
         for (name, sketch, photo), face, again in zip(chunk, faces, redrawn):
             atomic_write_bytes(out / "faces" / f"{name}.png", encode_png(face))
             face_points, sketch_points = landmarks_of(face), landmarks_of(sketch)

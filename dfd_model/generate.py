@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from dfd_data.atomic import atomic_write_bytes
 from dfd_data.contact_sheet import contact_sheet
+from dfd_data.devices import precision_name
 from dfd_data.errors import UserError
 from dfd_data.image_io import ImageError, encode_jpeg, encode_png, is_image_name, read_image
 
@@ -67,8 +68,9 @@ def letterbox(gray: np.ndarray, resolution: int) -> np.ndarray:
     return gray
 
 
-def sketch_from_photo(image: np.ndarray, path, method_name: str, device: str) -> np.ndarray:
-    """Align the largest face of a photo and draw it with a dfd-data sketch method."""
+def sketch_from_photo(image: np.ndarray, path, method_name: str, device: str, precision: str = "auto") -> np.ndarray:
+    """Align the largest face of a photo and draw it with a dfd-data sketch method (its
+    networks on `device` in `precision`)."""
     from dfd_data.faces import find_faces
     from dfd_data.ffhq_alignment import align_face, ffhq_quad
     from dfd_data.sketch_methods import resolve_method, run_method
@@ -77,14 +79,14 @@ def sketch_from_photo(image: np.ndarray, path, method_name: str, device: str) ->
     if not faces:
         raise ImageError(path, "no face found in the photo to turn into a sketch")
     aligned = align_face(image, ffhq_quad(faces[0].landmarks), PHOTO_ALIGN_SIZE)
-    return run_method(resolve_method(method_name), [aligned], device=device, batch_size=1)[0]
+    return run_method(resolve_method(method_name), [aligned], device=device, batch_size=1, precision=precision)[0]
 
 
 FROM_PHOTO_HINT = "pass --from-photo METHOD (e.g. photocopy+simplify) to turn photos into sketches first"
 
 
 def load_sketch(path: str | os.PathLike, resolution: int, from_photo: str | None = None,
-                device: str = "cpu", photo_hint: str = FROM_PHOTO_HINT) -> np.ndarray:
+                device: str = "cpu", precision: str = "auto", photo_hint: str = FROM_PHOTO_HINT) -> np.ndarray:
     """A sketch file as uint8 [R, R] (255 paper), or ImageError naming the file and the problem
     (for a photo: the problem, then `photo_hint`, what the caller's user can do about it)."""
     image = read_image(path)
@@ -92,7 +94,7 @@ def load_sketch(path: str | os.PathLike, resolution: int, from_photo: str | None
     if reason is not None:
         if from_photo is None:
             raise ImageError(path, f"{reason}; {photo_hint}")
-        gray = sketch_from_photo(image, path, from_photo, device)
+        gray = sketch_from_photo(image, path, from_photo, device, precision)
     else:
         gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
     return letterbox(gray, resolution)
@@ -153,7 +155,8 @@ def generate(model: SketchToFace, inputs: list[str], out: str | os.PathLike, *,
     loaded: list[tuple[str, np.ndarray]] = []
     for path, name in zip(paths, names):
         try:
-            loaded.append((name, load_sketch(path, resolution, from_photo, device.type)))
+            loaded.append((name, load_sketch(path, resolution, from_photo, device.type,
+                                             precision_name(model.compute_dtype))))
         except (UserError, OSError) as error:
             result.errors.append(str(error))
     starts = range(0, len(loaded), batch_size)

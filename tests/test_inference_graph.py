@@ -140,3 +140,44 @@ def test_sketch_to_face_casts_only_the_parts_that_run_under_autocast():
 def test_a_model_in_training_mode_is_refused():
     with pytest.raises(ValueError, match="eval mode"):
         rewrite_for_inference(trained_looking_network().train(), torch.float32)
+
+
+def test_rewritten_layers_take_unbatched_input_and_pass_gradients_like_the_originals():
+    """Conv2d and InstanceNorm2d accept [C, H, W]; group_norm would read C as the batch (a
+    silently wrong result), the fused convolution refused it. The fused kernel has no
+    gradient: with one asked for, the rewrite must compute the layers in turn."""
+    torch.manual_seed(1)
+    unbatched = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.InstanceNorm2d(8), nn.Conv2d(8, 4, 3),
+                              nn.LeakyReLU(0.2)).eval()
+    prepared = prepare_for_inference(copy.deepcopy(unbatched), CPU, "fp32")
+    assert {type(m) for m in prepared} >= {ConvActivation, GroupInstanceNorm}
+    x = torch.randn(3, 20, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(x), unbatched(x), rtol=1e-4, atol=1e-4)
+    network = trained_looking_network()
+    prepared = prepare_for_inference(copy.deepcopy(network), CPU, "fp32")
+    assert any(isinstance(m, ConvActivation) for m in prepared.modules())
+    wanted = x[None].clone().requires_grad_()
+    network(wanted).square().sum().backward()
+    given = x[None].to(memory_format=torch.channels_last).requires_grad_()
+    prepared(given).square().sum().backward()
+    assert given.grad is not None
+    torch.testing.assert_close(given.grad, wanted.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_counts_as_native_on_a_gpu_only_without_emulation(monkeypatch):
+    """torch.cuda.is_bf16_supported() says yes on any GPU that can emulate bf16 (a V100, a
+    T4), where it runs slower than float32: `auto` must pick float32 there."""
+    from dfd_data.devices import native_bf16
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert native_bf16(torch.device("cuda")) is False
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_a_cuda_device_object_without_cuda_is_one_line():
+    from dfd_data.devices import resolve_device
+    from dfd_data.errors import DeviceError
+
+    with pytest.raises(DeviceError, match="sees 0 CUDA device"):
+        resolve_device(torch.device("cuda"))

@@ -357,6 +357,21 @@ def test_sketch_inputs_are_letterboxed_and_photos_recognised(sample_photos, tmp_
     assert sketch.shape == (128, 128) and np.mean(sketch > 200) > 0.5
 
 
+def test_generate_draws_photos_in_the_models_precision(tiny_model_folder, sample_photos, tmp_path, monkeypatch):
+    """`generate --precision fp32 --from-photo ...` ran the sketch networks in bf16 where that
+    is native: the photo's sketch follows the model's precision."""
+    import dfd_data.sketch_methods
+    from dfd_model.generate import generate
+
+    asked = []
+    original = dfd_data.sketch_methods.run_method
+    monkeypatch.setattr(dfd_data.sketch_methods, "run_method",
+                        lambda *args, **kwargs: asked.append(kwargs.get("precision")) or original(*args, **kwargs))
+    model = SketchToFace.from_pretrained(tiny_model_folder, device="cpu", precision="fp32")
+    result = generate(model, [sample_photos / "astronaut.png"], tmp_path / "out", from_photo="photocopy", quiet=True)
+    assert asked == ["fp32"] and not result.errors
+
+
 def test_components_reach_every_output(sketched_dataset, tmp_path):
     """Generation uses every component: changing one window's strokes changes the face there."""
     _trainer(sketched_dataset, tmp_path / "run", steps=2).run("all")
