@@ -246,16 +246,31 @@ def _indexed(index: int, function: Callable, args: tuple, kwargs: dict) -> tuple
 def _dask_outcomes(calls: list) -> Iterator[Outcome]:
     """Outcomes as the calls finish on the session's dask cluster, through dask's own futures:
     joblib's dask backend never completes a call whose worker died (dask marks it failed,
-    KilledWorker, once it has killed a few workers), and the run waited forever."""
+    KilledWorker, once it has killed a few workers), and the run waited forever. dask blames
+    every call a dying worker held, queued ones too: a call failed that way runs again
+    alone, and only one that kills its workers then is reported."""
     from dask.distributed import as_completed, get_client
 
     client = get_client()
     futures = {client.submit(function, *args, pure=False, **kwargs): (function, args, kwargs)
                for function, args, kwargs in calls}
+    blamed = []
     for future in as_completed(futures):
         try:
             outcomes = future.result()
         except Exception as error:  # the work functions catch their own errors: this is the cluster's
-            outcomes = _lost(futures[future], error)
+            if type(error).__name__ == "KilledWorker":
+                blamed.append(futures[future])
+                outcomes = []
+            else:
+                outcomes = _lost(futures[future], error)
+        future.release()
+        yield from outcomes
+    for function, args, kwargs in blamed:
+        future = client.submit(function, *args, pure=False, **kwargs)
+        try:
+            outcomes = future.result()
+        except Exception as error:
+            outcomes = _lost((function, args, kwargs), error)
         future.release()
         yield from outcomes
