@@ -47,16 +47,6 @@ def thread_budget() -> int:
         return usable_cpus()
 
 
-@functools.cache
-def share_opencv_threads() -> None:
-    """Give OpenCV's own thread pool this process's thread_budget, once per process. It reads
-    neither OMP_NUM_THREADS nor joblib's limits and takes every CPU in every worker: N
-    workers ran N times the threads there are cores."""
-    import cv2
-
-    cv2.setNumThreads(thread_budget())
-
-
 @contextlib.contextmanager
 def cpu_threads(threads: int | None = None):
     """Let torch use `threads` (default: thread_budget(); torch's own default can be fewer

@@ -21,7 +21,6 @@ import joblib
 from tqdm import tqdm
 
 from .cluster import CLUSTER_BACKENDS, cluster_session
-from .devices import share_opencv_threads
 from .errors import UserError
 
 BACKENDS = ("loky", "threading", *CLUSTER_BACKENDS)
@@ -89,7 +88,6 @@ def _outcome_of_error(task: Task, error: BaseException) -> Outcome:
 
 def _run_task(work: Callable[[Task], Any], task: Task) -> list[Outcome]:
     """Runs in the worker: one task, every exception turned into an outcome."""
-    share_opencv_threads()
     try:
         return [Outcome(task, "done", work(task))]
     except Exception as error:  # one bad file must never stop the batch
@@ -98,7 +96,6 @@ def _run_task(work: Callable[[Task], Any], task: Task) -> list[Outcome]:
 
 def _run_batch_of_tasks(work: Callable[[list[Task]], list[Any]], tasks: list[Task]) -> list[Outcome]:
     """Runs in the worker: a batch of tasks; a result that is an exception fails its task only."""
-    share_opencv_threads()
     try:
         results = work(tasks)
     except Exception as error:  # the whole batch failed: say so for each of its files

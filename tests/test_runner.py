@@ -88,21 +88,3 @@ def test_a_worker_killed_by_one_file_fails_that_file_only(backend, count):
     assert {key: outcome.result for key, outcome in seen.items() if key != "6"} == \
         {str(i): i ** 2 for i in range(count) if i != 6}
     assert seen["6"].message.startswith("file6.png: the worker process died working on it")
-
-
-def thread_counts(task: Task) -> tuple[int, int]:
-    import cv2
-
-    from dfd_data.devices import thread_budget
-
-    return cv2.getNumThreads(), thread_budget()
-
-
-def test_workers_give_opencv_only_their_share_of_the_cores():
-    """OpenCV's thread pool ignores OMP_NUM_THREADS: each of N workers took every core."""
-    seen = []
-    run_batch("demo", [Task(str(i), f"f{i}", i) for i in range(4)], thread_counts, jobs=2, quiet=True,
-              on_outcome=lambda outcome: seen.append(outcome.result))
-    assert len(seen) == 4 and all(opencv == budget for opencv, budget in seen)
-    if "OMP_NUM_THREADS" not in os.environ:  # else loky leaves the parent's setting to its workers
-        assert all(budget == max(1, (os.cpu_count() or 1) // 2) for _, budget in seen)
