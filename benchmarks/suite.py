@@ -239,6 +239,22 @@ def _projection_banks():
         yield size, torch.randn(size, 512, generator=generator), torch.randn(1, 512, generator=generator)
 
 
+def _in_fresh_process(probe, *args, label: str):
+    """What `probe(*args, queue)` puts on its queue, run in a spawned process (whose memory and
+    threads are its own); a one-line RuntimeError if it ends without a result."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=probe, args=(*args, queue))
+    process.start()
+    while process.is_alive() and queue.empty():
+        process.join(timeout=1)
+    if queue.empty():
+        raise RuntimeError(f"{label} ended with exit code {process.exitcode} and no result (out of memory?)")
+    result = queue.get()
+    process.join()
+    return result
+
+
 def _numpy_projection_probe(runs: int, queue) -> None:
     """In a fresh process: the numpy baselines of every bank size. numpy's BLAS threads keep
     spinning after a product, and beside torch's they took both cores from each other: timed
@@ -259,12 +275,7 @@ def projection_rows(runs: int) -> list[Row]:
     for size, bank, query in _projection_banks():
         index = FeatureBank({"nose": bank}).index("nose", score_dtype=resolve_precision("auto", CPU))
         ours[size] = median_seconds(lambda: project(query, bank, 10, index=index), runs * 20, warmup=20)
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=_numpy_projection_probe, args=(runs, queue))
-    process.start()
-    baselines = queue.get()
-    process.join()
+    baselines = _in_fresh_process(_numpy_projection_probe, runs, label="the numpy projection baselines")
     config = {"k": 10, "dim": 512, "threads": torch.get_num_threads(),
               "scores": dtype_name(resolve_precision("auto", CPU))}
     rows = []
@@ -328,19 +339,10 @@ def generation_rows(configs: dict[str, dict], rates: Rates, runs: int) -> list[R
     """Sketch -> face latency at batch 1 with banks of the released sizes (random weights:
     the time does not depend on their values), and the process's peak memory."""
     rows = []
-    context = multiprocessing.get_context("spawn")
     rate_dtypes = [dtype_name(d) for d in rates.products]
     for label, config in configs.items():
-        queue = context.Queue()
-        process = context.Process(target=_generation_probe, args=(config, runs, rate_dtypes, queue))
-        process.start()
-        while process.is_alive() and queue.empty():
-            process.join(timeout=1)
-        if queue.empty():
-            raise RuntimeError(f"the generation probe for {label} ended with exit code {process.exitcode} "
-                               "and no result (out of memory?)")
-        result = queue.get()
-        process.join()
+        result = _in_fresh_process(_generation_probe, config, runs, rate_dtypes,
+                                   label=f"the generation probe for {label}")
         resolution = ModelConfig(**config).resolution
         details = {"resolution": resolution, "precision": result["dtype"], "banks": RELEASED_BANKS,
                    "bank_searched": "female", "gflop": result["flops"] / 1e9,

@@ -1,4 +1,5 @@
-"""Cluster backends for the batch runner: dask and ray, through joblib's backend mechanism.
+"""Cluster backends for the batch runner: dask (through its own futures, see
+runner._dask_outcomes) and ray (through joblib's backend mechanism).
 
 Users who already run a dask scheduler or a ray cluster can spread `align`,
 `build-sketches` and `crop-components` over it; without an address, a local cluster with

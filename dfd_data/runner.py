@@ -1,10 +1,11 @@
 """The batch runner behind every `dfd-data` command that works file by file.
 
 It runs a module-level work function over tasks with joblib (loky processes by default,
-threads, or a dask or ray cluster: see cluster.py), shows a progress bar, keeps going when one
-file fails, also when a worker process dies on it (a crash in native code, the kernel's
-out-of-memory killer), and ends with a one-line summary. Resume is the caller's part: it leaves out tasks whose outputs are already
-complete and valid and passes their count as `already_done`.
+threads, or a ray cluster) or dask's futures (see cluster.py), shows a progress bar, keeps
+going when one file fails, also when a worker process dies on it (a crash in native code, the
+kernel's out-of-memory killer), and ends with a one-line summary. Resume is the caller's
+part: it leaves out tasks whose outputs are already complete and valid and passes their
+count as `already_done`.
 
 Networks work best on batches: with `batch_size`, the work function receives a list of
 tasks and returns one result per task, where a result may be an exception instance (that

@@ -139,5 +139,4 @@ def replicas_agree(modules: list[nn.Module], ranks: Ranks, device: torch.device)
 
 
 __all__ = ["COLLECTIVE_TIMEOUT", "OtherRankFailed", "Ranks", "barrier", "broadcast_buffers", "launched_rank",
-           "main_first",
-           "mean_over_ranks", "replicas_agree", "start", "stop", "unwrap", "wrap"]
+           "main_first", "mean_over_ranks", "replicas_agree", "start", "stop", "unwrap", "wrap"]

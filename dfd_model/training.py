@@ -230,7 +230,7 @@ class Trainer:
                           f"this one {self.ranks.world} (global batch {batch * self.ranks.world}): training "
                           "goes on, but not as the run would have")
         # rank 0 stacks the pairs (a cache in the run folder); the others then read them
-        data = distributed.main_first(self.ranks, lambda: (self._trim_stats(), self._load_data())[1])
+        data = distributed.main_first(self.ranks, self._prepare_data)
         self.pairs, self.validation = data if data is not None else self._load_data()
         self.autoencoder_net = distributed.wrap(AutoEncoderSet(self.model.autoencoders), self.ranks, device)
         self.generator_net = distributed.wrap(FeaturesToFace(self.model), self.ranks, device)
@@ -294,6 +294,11 @@ class Trainer:
                  if self.ranks.active else ""))
 
     # ---- data ----------------------------------------------------------------------------------------
+    def _prepare_data(self) -> tuple[PairSet, list[tuple[str, np.ndarray, np.ndarray]]]:
+        """Rank 0's share: drop the stats rows a resume redoes, then load (and stack) the data."""
+        self._trim_stats()
+        return self._load_data()
+
     def _load_data(self) -> tuple[PairSet, list[tuple[str, np.ndarray, np.ndarray]]]:
         sketch_folder = choose_sketch_folder(self.dataset, self.config.sketches)
         train_rows, held_out = split_records(self.dataset, sketch_folder)
