@@ -14,19 +14,15 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
-    """A torch.device for `name` (a torch.device passes through, once CUDA is checked for)."""
-    if isinstance(name, torch.device):
-        if name.type == "cuda" and (not torch.cuda.is_available() or (name.index or 0) >= torch.cuda.device_count()):
-            raise DeviceError(f"device {name} was asked for, but torch sees {torch.cuda.device_count()} CUDA "
-                              "device(s)")
-        return name
-    if name not in DEVICE_CHOICES:
-        raise ValueError(f"unknown device {name!r}; choose from {', '.join(DEVICE_CHOICES)}")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DeviceError("--device cuda was asked for, but torch sees no CUDA device")
-    return torch.device(name)
+    """A torch.device for `name` (a torch.device passes through), checked to exist."""
+    if not isinstance(name, torch.device):
+        if name not in DEVICE_CHOICES:
+            raise ValueError(f"unknown device {name!r}; choose from {', '.join(DEVICE_CHOICES)}")
+        name = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    if name.type == "cuda" and (not torch.cuda.is_available() or (name.index or 0) >= torch.cuda.device_count()):
+        raise DeviceError(f"--device {name} was asked for, but torch sees {torch.cuda.device_count()} CUDA "
+                          "device(s)")
+    return name
 
 
 def usable_cpus() -> int:

@@ -148,15 +148,14 @@ def generate(model: SketchToFace, inputs: list[str], out: str | os.PathLike, *,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     resolution = model.config.resolution
-    device = next(model.parameters()).device
+    device, precision = next(model.parameters()).device, precision_name(model.compute_dtype)
     paths = collect_inputs(inputs)
     result, tiles = GenerateResult(), []
     names = _output_names(paths)
     loaded: list[tuple[str, np.ndarray]] = []
     for path, name in zip(paths, names):
         try:
-            loaded.append((name, load_sketch(path, resolution, from_photo, device.type,
-                                             precision_name(model.compute_dtype))))
+            loaded.append((name, load_sketch(path, resolution, from_photo, device.type, precision)))
         except (UserError, OSError) as error:
             result.errors.append(str(error))
     starts = range(0, len(loaded), batch_size)
