@@ -23,12 +23,13 @@ mkdir -p "$work"
 python - "$device" <<'EOF'
 import sys
 import torch
+from dfd_data.devices import native_bf16
 if sys.argv[1] == "cuda":
     if not torch.cuda.is_available():
         raise SystemExit("gpu_check: torch sees no CUDA device; nothing to check here")
     properties = torch.cuda.get_device_properties(0)
     print(f"device: {properties.name}, {properties.total_memory / 2**30:.1f} GiB, {torch.cuda.device_count()} GPU(s), "
-          f"bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no (fp16 + loss scaler)'}, torch {torch.__version__}")
+          f"native bf16 {'yes' if native_bf16(torch.device('cuda')) else 'no (fp16 + loss scaler)'}, torch {torch.__version__}")
 EOF
 dfd-model env --device "$device"
 
