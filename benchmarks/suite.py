@@ -311,28 +311,9 @@ def _generation_probe(config: dict, runs: int, rate_dtypes: list[str], queue) ->
     dtypes = [d for d in dtypes if d in (torch.float32, model.compute_dtype)]
     seconds, eager_seconds, *matmul = interleaved_medians([ours, eager, *(matmul_product(d) for d in dtypes)], runs)
     queue.put({"ours": seconds, "eager": eager_seconds, "flops": forward_flops(eager),
-               "encoder_flops": forward_flops(lambda: plain.encode(sketch, gender="female")),
                "skipped": winograd_flops_saved(model, ours), "peak_mb": peak_mb,
                "dtype": dtype_name(model.compute_dtype),
                "matmul_s": {dtype_name(d): product for d, product in zip(dtypes, matmul)}})
-
-
-def mixed_bound_rows(name: str, result: dict, matmul_seconds: dict[torch.dtype, float], config: dict) -> list[Row]:
-    """FLOP-bound times at the rates the model computes in: its encoders in float32 (by
-    design: a training sketch must encode to its bank vector), everything else in the compute
-    dtype; nominal, and of the products computed. Only where that dtype is not float32."""
-    low = getattr(torch, result["dtype"])
-    if low == torch.float32:
-        return []
-    encoders, rest = result["encoder_flops"], result["flops"] - result["encoder_flops"]
-    config = {**config, "encoder_gflop": encoders / 1e9,
-              **{f"matmul_gflops_{dtype_name(d)}": round(MATMUL_FLOPS / product / 1e9, 1)
-                 for d, product in matmul_seconds.items()}}
-    return split_bound_row(f"{name}_vs_mixed_bound", f"FLOP-bound, encoders at float32 rate, the rest at "
-                           f"{result['dtype']}", result["ours"], {torch.float32: encoders, low: rest}, matmul_seconds,
-                           "s", config) + \
-        computed_bound_row(name, result["ours"], {torch.float32: encoders, low: rest - result["skipped"]},
-                           result["skipped"], matmul_seconds, "s", config)
 
 
 def generation_rows(configs: dict[str, dict], rates: Rates, runs: int) -> list[Row]:
@@ -351,7 +332,9 @@ def generation_rows(configs: dict[str, dict], rates: Rates, runs: int) -> list[R
                         details))
         matmul = {getattr(torch, name): seconds for name, seconds in result["matmul_s"].items()}
         rows += bound_rows(f"generate_s_{label}", result["ours"], result["flops"], matmul, "s", details)
-        rows += mixed_bound_rows(f"generate_s_{label}", result, matmul, details)
+        rows += computed_bound_row(f"generate_s_{label}", result["ours"],
+                                   {getattr(torch, result["dtype"]): result["flops"] - result["skipped"]},
+                                   result["skipped"], matmul, "s", details)
         rows.append(Row(f"generate_peak_mb_{label}", result["peak_mb"], "MiB", config=details))
     return rows
 

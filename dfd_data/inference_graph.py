@@ -18,11 +18,9 @@ What it changes (the README's Speed section gives the effect on the full model):
   Winograd's F(2x2, 3x3) on the CPU (dfd_data/winograd.py): 4 products per output pixel
   instead of 9, as 16 batched matrix products. Below WINOGRAD_MIN_CHANNELS its transforms cost
   more than the products save.
-- The convolution and linear weights of the parts that run under autocast are stored in the
-  compute dtype: for bf16 they are cast once here, where autocast would cast every weight
-  again on every call. A model
-  names those parts with an `autocast_modules()` method (SketchToFace: everything but its
-  encoders, which stay float32); without one, the whole model runs under it.
+- The convolution and linear weights are stored in the compute dtype (the model runs under
+  autocast to it: see devices.compute_precision): for bf16 they are cast once here, where
+  autocast would cast every weight again on every call.
 
 Training never sees this: only models loaded for inference are rewritten.
 """
@@ -179,20 +177,16 @@ WINOGRAD_MIN_CHANNELS = {torch.float32: 256, torch.bfloat16: 512}
 
 
 def _use_winograd(model: nn.Module, compute_dtype: torch.dtype) -> None:
-    """Replace CPU 3x3 stride-1 convolutions with enough channels by WinogradConv3x3, in the
-    dtype they will compute in: `compute_dtype` in the parts under autocast, else float32."""
-    under_autocast = {id(layer) for part in getattr(model, "autocast_modules", lambda: [model])()
-                      for layer in part.modules()}
-    chosen = []
-    for parent in model.modules():
-        for name, conv in parent.named_children():
-            if WinogradConv3x3.replaces(conv) and conv.weight.device.type == "cpu":
-                dtype = compute_dtype if id(conv) in under_autocast else torch.float32
-                if min(conv.in_channels, conv.out_channels) >= WINOGRAD_MIN_CHANNELS.get(dtype, float("inf")):
-                    chosen.append((parent, name, dtype))
-    for parent, name, dtype in chosen:  # each original weight is freed as soon as it is replaced
+    """Replace CPU 3x3 stride-1 convolutions with enough channels by WinogradConv3x3 computing
+    in `compute_dtype`."""
+    least = WINOGRAD_MIN_CHANNELS.get(compute_dtype, float("inf"))
+    chosen = [(parent, name) for parent in model.modules() for name, conv in parent.named_children()
+              if WinogradConv3x3.replaces(conv) and conv.weight.device.type == "cpu"
+              and min(conv.in_channels, conv.out_channels) >= least]
+    for parent, name in chosen:  # each original weight is freed as soon as it is replaced
         conv = getattr(parent, name)
-        setattr(parent, name, WinogradConv3x3(conv, dtype, conv.slope if isinstance(conv, ConvActivation) else None))
+        setattr(parent, name, WinogradConv3x3(conv, compute_dtype,
+                                              conv.slope if isinstance(conv, ConvActivation) else None))
 
 
 def rewrite_for_inference(model: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
@@ -207,10 +201,9 @@ def rewrite_for_inference(model: nn.Module, compute_dtype: torch.dtype) -> nn.Mo
     _replace_modules(model, lambda m: isinstance(m, (nn.ReflectionPad2d, nn.ReplicationPad2d)), InputDtypePad)
     _replace_modules(model, PairMaxPool.replaces, PairMaxPool)
     _use_winograd(model, compute_dtype)
-    for part in getattr(model, "autocast_modules", lambda: [model])():  # (a second call may change the dtype)
-        for layer in part.modules():
-            if isinstance(layer, (*_MATRIX_LAYERS, WinogradConv3x3)):
-                layer.to(compute_dtype)
+    for layer in model.modules():  # (a second call may change the dtype)
+        if isinstance(layer, (*_MATRIX_LAYERS, WinogradConv3x3)):
+            layer.to(compute_dtype)
     model.rewritten_for_inference = True  # its state dict no longer has the layout it was trained with
     return model
 

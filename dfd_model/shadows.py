@@ -52,10 +52,10 @@ class ShadowRenderer:
         cache = self._cache[name]
         missing = sorted({i for i in indices if (gender, i) not in cache})
         if missing:
-            parameter = next(self.model.parameters())
+            device = next(self.model.parameters()).device
             bank = self.model.banks.get(name, gender)
-            with compute_precision(self.model, parameter.device):  # the decoders are most of the cost
-                decoded = self.model.autoencoders[name].decode(bank[missing].to(parameter.device, parameter.dtype))
+            with compute_precision(self.model, device):  # the decoders are most of the cost
+                decoded = self.model.autoencoders[name].decode(bank[missing].to(device, self.model.io_dtype))
             for row, image in zip(missing, ((1 - decoded[:, 0].float()) / 2).clamp(0, 1).half()):
                 cache[(gender, row)] = image
         found = {}

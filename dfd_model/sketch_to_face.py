@@ -86,7 +86,7 @@ class SketchToFace(nn.Module):
     follow the module across `.to()` and are saved beside the weights, not in the state dict.
     """
 
-    # What synthesis and the bank search compute in; from_pretrained may choose bf16.
+    # What the networks and the bank search compute in; from_pretrained may choose bf16.
     compute_dtype: torch.dtype = torch.float32
 
     def __init__(self, config: ModelConfig = ModelConfig(), banks: FeatureBank | None = None):
@@ -120,6 +120,15 @@ class SketchToFace(nn.Module):
             if parameter is not None and parameter.device.type != "meta":
                 banks = banks.to(parameter.device)
         self.banks = banks
+
+    @property
+    def io_dtype(self) -> torch.dtype:
+        """The dtype sketches, latents and faces are passed in: float32 for a model rewritten
+        for inference (its weights are stored in its compute dtype, its results are not), else
+        its parameters' dtype."""
+        if getattr(self, "rewritten_for_inference", False):
+            return torch.float32
+        return next(self.parameters()).dtype
 
     @property
     def genders(self) -> tuple[str, ...]:
@@ -169,12 +178,13 @@ class SketchToFace(nn.Module):
         weights = self._refine_per_component(refine)
         if gender is not None and not isinstance(gender, str):
             raise ValueError(f"gender must be a string or None, got {gender!r}")
-        parameter = next(self.parameters())
-        x = prepare_sketch(sketch, self.config.resolution).to(device=parameter.device, dtype=parameter.dtype)
+        device = next(self.parameters()).device
+        x = prepare_sketch(sketch, self.config.resolution).to(device=device, dtype=self.io_dtype)
         crops = crop_sketch_components(x, self.config)
         latents, matches = {}, {}
         for name in COMPONENTS:
-            latent = self.autoencoders[name].encoder(crops[name])
+            with compute_precision(self, device):
+                latent = self.autoencoders[name].encoder(crops[name]).to(self.io_dtype)
             if self.banks is not None and (match_all or weights[name] > 0):
                 bank = self.banks.get(name, gender).to(device=latent.device, dtype=latent.dtype)
                 projected, indices, lle_weights = project(
@@ -187,28 +197,21 @@ class SketchToFace(nn.Module):
 
     def synthesize(self, latents: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Component latents -> RGB faces [B, 3, R, R] in [-1, 1] (feature decoders, fusion,
-        generator), in the weights' dtype. The encoders and the projection keep that dtype;
-        this step, nearly all of the inference work, computes in the dtype from_pretrained chose."""
-        parameter = next(self.parameters())
-        with compute_precision(self, parameter.device):
+        generator), in `io_dtype`. Like the encoders, this step, nearly all of the inference
+        work, computes in the dtype from_pretrained chose."""
+        with compute_precision(self, next(self.parameters()).device):
             maps = {name: self.feature_decoders[name](latents[name]) for name in COMPONENTS}
             face = self.generator(fuse_feature_maps(maps, self.config))
-        return face.to(parameter.dtype)
-
-    def autocast_modules(self) -> tuple[nn.Module, ...]:
-        """The parts that run under compute_precision (see dfd_data.inference_graph): all but
-        the encoders, whose latents the projection compares with the banks."""
-        return (self.feature_decoders, self.generator, *(self.autoencoders[name].decoder for name in COMPONENTS))
+        return face.to(self.io_dtype)
 
     def draw(self, latents: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Component latents -> the sketch they stand for [B, 1, R, R] in [-1, 1]: each component's
         image decoder output on its window, the remainder underneath (what a projected sketch
         looks like; stage 1's reconstructions). Computes as `synthesize` does."""
-        parameter = next(self.parameters())
-        with compute_precision(self, parameter.device):
+        with compute_precision(self, next(self.parameters()).device):
             images = {name: self.autoencoders[name].decode(latents[name]) for name in COMPONENTS}
             drawn = fuse_feature_maps(images, self.config)  # composed as the face's feature maps are
-        return drawn.to(parameter.dtype).clamp(-1, 1)
+        return drawn.to(self.io_dtype).clamp(-1, 1)
 
     def forward(self, sketch, refine: float | Mapping[str, float] = 1.0, gender: str | None = None) -> torch.Tensor:
         """Sketches -> RGB faces [B, 3, R, R] in [-1, 1]; arguments as for `encode`."""

@@ -411,7 +411,7 @@ class Trainer:
         self.model.feature_decoders.train()
         self.model.generator.train()
         self.discriminator.train()
-        with torch.no_grad():  # raw latents (training never projects), float32 as the banks and inference
+        with torch.no_grad():  # raw latents (training never projects), float32 as the banks are
             latents = self.model.encode(sketches, refine=0.0)
         with self.autocast():
             fused, fake = self.generator_net(latents)

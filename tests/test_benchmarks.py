@@ -41,21 +41,16 @@ def test_the_table_prints_a_zero_difference_without_a_ratio():
     assert speed.endswith("2.00x")
 
 
-def test_the_mixed_bound_times_the_encoders_at_the_float32_rate_and_the_rest_at_bf16():
-    """The full model's encoders compute in float32 by design: its bound at the rates it
-    computes in charges their FLOPs at the float32 matmul rate, the rest at bf16's."""
-    from benchmarks.suite import MATMUL_FLOPS, mixed_bound_rows
+def test_the_bound_of_the_products_computed_leaves_out_what_winograd_skips():
+    """The nominal FLOP count charges every convolution as a direct one; the bound of the
+    products computed charges only what the toolkit computes, at its dtype's rate."""
+    from benchmarks.suite import MATMUL_FLOPS, computed_bound_row
 
-    result = {"ours": 1.0, "flops": 10e9, "encoder_flops": 2e9, "skipped": 0, "dtype": "bfloat16"}
     seconds = {torch.float32: MATMUL_FLOPS / 100e9, torch.bfloat16: MATMUL_FLOPS / 400e9}  # 100 and 400 GFLOP/s
-    (row,) = mixed_bound_rows("generate_s_512", result, seconds, {})
-    assert row.name == "generate_s_512_vs_mixed_bound" and row.value == 1.0
-    assert abs(row.baseline_value - (2e9 / 100e9 + 8e9 / 400e9)) < 1e-12
-    assert mixed_bound_rows("generate_s_512", {**result, "dtype": "float32"}, seconds, {}) == []
-    # what Winograd layers skip is not charged in the bound of the products computed
-    mixed, computed = mixed_bound_rows("generate_s_512", {**result, "skipped": 4e9}, seconds, {})
-    assert mixed.baseline_value == row.baseline_value and computed.name == "generate_s_512_vs_computed_bound"
-    assert abs(computed.baseline_value - (2e9 / 100e9 + 4e9 / 400e9)) < 1e-12
+    (row,) = computed_bound_row("generate_s_512", 1.0, {torch.bfloat16: 6e9}, 4e9, seconds, "s", {})
+    assert row.name == "generate_s_512_vs_computed_bound" and row.value == 1.0
+    assert abs(row.baseline_value - 6e9 / 400e9) < 1e-12
+    assert computed_bound_row("generate_s_512", 1.0, {torch.bfloat16: 6e9}, 0, seconds, "s", {}) == []
 
 
 def test_the_products_winograd_layers_skip_are_counted_per_call():

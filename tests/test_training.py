@@ -214,8 +214,8 @@ def test_adam_steps_restore_as_steps_and_other_optimisers_are_refused(tmp_path):
 
 def test_mixed_precision_is_for_stage_two_and_leaves_the_latents_float32(sketched_dataset, tmp_path, monkeypatch):
     """Where bf16 is native (AMX CPUs; faked here so every machine checks it), stage 2's
-    generator computes in bf16 while its latents stay float32, as the banks and inference
-    have them; stage 1 trains in float32 (bf16 made it no faster and its reconstructions
+    generator computes in bf16 while its latents are encoded in float32, as the banks are;
+    stage 1 trains in float32 (bf16 made it no faster and its reconstructions
     worse). Without native bf16, or with amp off, everything is float32."""
     import dfd_model.training as training
 
