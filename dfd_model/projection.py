@@ -102,7 +102,9 @@ class FeatureBank:
 
     def get(self, component: str, gender: str | None = None) -> torch.Tensor:
         """The [N, D] bank to search. gender None: the "all" bank if there is one, else every
-        gender's vectors together (the whole manifold)."""
+        gender's vectors together (the whole manifold), each vector once: training puts the
+        faces without a recorded gender in every gender's bank, and a copy would take a
+        neighbour's place."""
         per_gender = self._component(component)
         if gender is None:
             if ALL in per_gender:
@@ -110,7 +112,10 @@ class FeatureBank:
             if len(per_gender) == 1:
                 return next(iter(per_gender.values()))
             if component not in self._pooled:
-                self._pooled[component] = torch.cat(list(per_gender.values()))
+                pooled = torch.cat(list(per_gender.values()))
+                as_bytes = pooled.detach().cpu().contiguous().view(torch.uint8).numpy()  # equal bits, equal rows
+                first = np.sort(np.unique(as_bytes, axis=0, return_index=True)[1])
+                self._pooled[component] = pooled[torch.from_numpy(first).to(pooled.device)]
             return self._pooled[component]
         if gender not in per_gender:
             raise ValueError(f"feature bank {component} has no gender {gender!r} "
@@ -202,6 +207,7 @@ class SearchIndex:
     dfd_data.devices.resolve_precision), a bf16 copy of the rows. One query reads the whole
     bank, so the copy halves the memory traffic that bounds the search."""
 
+    source: tuple  # the bank it was built from: data pointer, shape, dtype, device
     squared_norms: torch.Tensor  # [N] float32, on the bank's device
     # Every score's rounding error is at most |q| * error_slope + error_floor: one bound for
     # all rows (from the largest row norm) costs two multiplications per query, not 2N.
@@ -226,7 +232,8 @@ class SearchIndex:
         gamma = bank.shape[1] * r / (1 - bank.shape[1] * r)
         product = 2 * u + u * u + gamma * (1 + u) ** 2
         dot = product + u * (1 + product)
-        return cls(squared, 1.01 * (2 * dot + 6 * r) * math.sqrt(largest), 1.01 * (gamma + 3 * r) * largest, low)
+        return cls(_source_of(bank), squared, 1.01 * (2 * dot + 6 * r) * math.sqrt(largest),
+                   1.01 * (gamma + 3 * r) * largest, low)
 
     def scores(self, query: torch.Tensor, rows: torch.Tensor) -> np.ndarray:
         """|b|^2 - 2 q.b for every row b (the distance order, shifted by |q|^2), [B, N] float32
@@ -239,6 +246,10 @@ class SearchIndex:
     def error_bound(self, target: np.ndarray) -> np.ndarray:
         """The bound on every score's rounding error for queries `target` [B, D], [B, 1]."""
         return np.sqrt(np.einsum("bd,bd->b", target, target))[:, None] * self.error_slope + self.error_floor
+
+
+def _source_of(bank: torch.Tensor) -> tuple:
+    return bank.data_ptr(), tuple(bank.shape), bank.dtype, bank.device
 
 
 class Neighbours(NamedTuple):
@@ -263,6 +274,9 @@ def _search(query: torch.Tensor, target: np.ndarray, bank: torch.Tensor, k: int,
     few dozen rows and runs in numpy, whose small operations cost microseconds where torch's
     cost tens: one query spends about as long on them as the product takes to read a 17.7K
     bank, so each step here counts."""
+    if index is not None and index.source != _source_of(bank):  # its norms and bf16 rows would be another bank's
+        raise ValueError("project: the search index was built from another tensor than the bank searched "
+                         "(a copy in another dtype or device?); build it from the bank itself")
     query, rows = query.detach(), bank.detach()  # numpy takes no tensors that require grad
     rows = rows if rows.device == query.device else rows.to(query.device)
     count = min(k, rows.shape[0])

@@ -186,7 +186,7 @@ class SketchToFace(nn.Module):
             with compute_precision(self, device):
                 latent = self.autoencoders[name].encoder(crops[name]).to(self.io_dtype)
             if self.banks is not None and (match_all or weights[name] > 0):
-                bank = self.banks.get(name, gender).to(device=latent.device, dtype=latent.dtype)
+                bank = self.banks.get(name, gender)  # (on the model's device: set_banks and .to() move it)
                 projected, indices, lle_weights = project(
                     latent, bank, self.config.knn, self.config.lle_eps, self.config.projection,
                     self.banks.index(name, gender, self.compute_dtype))

@@ -279,8 +279,9 @@ def test_projection_edge_cases():
     # tensors that require grad (a latent straight from a training encoder) project as others do
     wide = torch.randn(4000, 8)
     plain = project(torch.ones(1, 8), wide, k=5, index=SearchIndex.of(wide, torch.bfloat16))
-    tracked = project(torch.ones(1, 8, requires_grad=True), wide.clone().requires_grad_(), k=5,
-                      index=SearchIndex.of(wide.clone().requires_grad_(), torch.bfloat16))
+    tracked_bank = wide.clone().requires_grad_()
+    tracked = project(torch.ones(1, 8, requires_grad=True), tracked_bank, k=5,
+                      index=SearchIndex.of(tracked_bank, torch.bfloat16))
     assert all(torch.equal(a, b) for a, b in zip(plain, tracked))
 
     with pytest.raises(ValueError, match="empty"):
@@ -318,6 +319,38 @@ def test_feature_bank_genders():
         banks.get("nose", "other")
     with pytest.raises(ValueError, match="differs"):
         FeatureBank({"nose": torch.zeros(2, 4), "mouth": torch.zeros(2, 5)})
+
+
+def test_searching_every_gender_takes_a_face_without_gender_once():
+    """Training puts faces without a recorded gender in every gender's bank; searching every
+    gender (gender=None, the default) must not offer such a face twice, where the copy took
+    a neighbour's place with weight 0."""
+    generator = torch.Generator().manual_seed(5)
+    female, male, unknown = (torch.randn(n, 6, generator=generator) for n in (3, 2, 2))
+    banks = FeatureBank({"nose": {"female": torch.cat([female, unknown]), "male": torch.cat([male, unknown])}})
+    pooled = banks.get("nose")
+    assert torch.equal(pooled, torch.cat([female, unknown, male]))  # each vector once, in bank order
+    _, indices, _ = project(unknown[:1] + 0.01, pooled, k=4, index=banks.index("nose"))
+    assert len(set(indices[0].tolist())) == 4
+
+
+def test_an_index_of_another_tensor_is_refused_and_a_cast_model_searches_exactly(tiny):
+    """A search index holds its bank's norms (and bf16 rows): used with another tensor (the
+    bank cast to a bf16 model's dtype, as the pipeline once did) it ranked far rows first."""
+    bank = torch.randn(3000, 16)
+    with pytest.raises(ValueError, match="built from another tensor"):
+        project(torch.randn(1, 16).bfloat16(), bank.bfloat16(), k=5, index=SearchIndex.of(bank, torch.bfloat16))
+    torch.manual_seed(0)
+    model = SketchToFace(tiny).eval().to(torch.bfloat16)
+    generator = torch.Generator().manual_seed(1)
+    model.set_banks(FeatureBank({name: {"male": torch.randn(500, tiny.latent_dim, generator=generator)}
+                                 for name in COMPONENTS}))  # float32 banks beside bf16 weights
+    with torch.no_grad():
+        latents, matches = model.encode_and_match(random_sketches(1, 192), refine=0.0, gender="male")
+    for name, match in matches.items():
+        bank = model.banks.get(name, "male")
+        exact = torch.cdist(latents[name].float(), bank, compute_mode="donot_use_mm_for_euclid_dist")
+        assert torch.equal(match.indices[0], torch.topk(exact, match.indices.shape[1], largest=False)[1][0]), name
 
 
 # ---- the pipeline --------------------------------------------------------------------------------
