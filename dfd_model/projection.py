@@ -227,6 +227,9 @@ class SearchIndex:
         low = rows.to(torch.bfloat16) if score_dtype == torch.bfloat16 and bank.shape[0] > BF16_SCORING_ROWS else None
         squared = rows.pow(2).sum(1)
         largest = float(squared.max())
+        if not math.isfinite(largest):  # the bound, and every score near such a row, would be NaN
+            raise ValueError("project: the bank holds NaN or infinite values, or rows too long for float32 "
+                             "squared norms (above about 1.8e19)")
         u = torch.finfo(torch.bfloat16).eps / 2 if low is not None else 0.0
         r = _FLOAT32_ROUNDING
         gamma = bank.shape[1] * r / (1 - bank.shape[1] * r)

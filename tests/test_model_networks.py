@@ -334,10 +334,17 @@ def test_searching_every_gender_takes_a_face_without_gender_once():
     assert len(set(indices[0].tolist())) == 4
 
 
-def test_an_index_of_another_tensor_is_refused_and_a_cast_model_searches_exactly(tiny):
-    """A search index holds its bank's norms (and bf16 rows): used with another tensor (the
-    bank cast to a bf16 model's dtype, as the pipeline once did) it ranked far rows first."""
+def test_a_bad_bank_or_an_index_of_another_tensor_is_refused_and_a_cast_model_searches_exactly(tiny):
+    """A bank the index cannot bound (NaN, or norms past float32) is one line, not a silently
+    dropped neighbour. A search index holds its bank's norms (and bf16 rows): used with another
+    tensor (the bank cast to a bf16 model's dtype, as the pipeline once did) it ranked far rows
+    first."""
     bank = torch.randn(3000, 16)
+    for bad in (float("nan"), 1e20):  # a NaN, or a row whose squared norm overflows float32
+        broken = bank.clone()
+        broken[7, 3] = bad
+        with pytest.raises(ValueError, match="NaN or infinite values, or rows too long"):
+            project(torch.randn(1, 16), broken, k=5)
     with pytest.raises(ValueError, match="built from another tensor"):
         project(torch.randn(1, 16).bfloat16(), bank.bfloat16(), k=5, index=SearchIndex.of(bank, torch.bfloat16))
     torch.manual_seed(0)
