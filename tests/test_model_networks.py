@@ -532,6 +532,8 @@ def test_missing_files_and_mismatched_tensors_give_one_line_errors(saved, tmp_pa
         ({**state, key: torch.zeros(8, 8, 3, 3)}, rf"{key} has shape \[8, 8, 3, 3\], the config needs \[8, 8, 7, 7\]"),
         ({**state, key: state[key].double()}, f"{key} is F64, expected F32"),
         ({**state, key: torch.full_like(state[key], float("nan"))}, "NaN"),
+        *(({**state, key: state[key].flatten().index_fill(0, torch.tensor([5]), bad).view_as(state[key])},
+           f"{key} contains NaN or infinite values") for bad in (float("nan"), float("-inf"))),
     ]
     original = (folder / WEIGHTS_FILE).read_bytes()
     for tensors, message in cases:
