@@ -41,7 +41,7 @@ def transform_weights(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     channels (sums over strided slices had taken twice as long: 2.8 s of the full model's load)."""
     w = weight.detach().float()
     out_channels, in_channels = w.shape[:2]
-    g = torch.tensor(_G, device=w.device)
+    g = torch.tensor(_G, dtype=torch.float32, device=w.device)
     taps_to_tile = torch.kron(g, g).T.contiguous()  # [9, 16]: U[i, j] = sum over k, l of G[i, k] G[j, l] g[k, l]
     transformed = torch.empty(16, in_channels, out_channels, dtype=dtype, device=w.device)
     for first in range(0, out_channels, _WEIGHT_CHUNK):

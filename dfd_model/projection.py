@@ -112,10 +112,7 @@ class FeatureBank:
             if len(per_gender) == 1:
                 return next(iter(per_gender.values()))
             if component not in self._pooled:
-                pooled = torch.cat(list(per_gender.values()))
-                as_bytes = pooled.detach().cpu().contiguous().view(torch.uint8).numpy()  # equal bits, equal rows
-                first = np.sort(np.unique(as_bytes, axis=0, return_index=True)[1])
-                self._pooled[component] = pooled[torch.from_numpy(first).to(pooled.device)]
+                self._pooled[component] = _distinct_rows(torch.cat(list(per_gender.values())))
             return self._pooled[component]
         if gender not in per_gender:
             raise ValueError(f"feature bank {component} has no gender {gender!r} "
@@ -162,6 +159,18 @@ class FeatureBank:
         return f"FeatureBank(latent_dim={self.latent_dim}; {sizes})"
 
 
+def _distinct_rows(bank: torch.Tensor) -> torch.Tensor:
+    """`bank` without repeated rows (equal bits), first occurrences in order."""
+    if bank.device.type == "meta":  # shapes only: nothing to compare
+        return bank
+    first: dict[bytes, int] = {}
+    for row, data in enumerate(bank.detach().cpu().contiguous().view(torch.uint8).numpy()):
+        first.setdefault(data.tobytes(), row)
+    if len(first) == bank.shape[0]:
+        return bank
+    return bank[torch.tensor(list(first.values()), device=bank.device)]
+
+
 # ---- projection ------------------------------------------------------------------------------------
 def _check_projection_inputs(query, bank, k, eps, method) -> None:
     if not isinstance(query, torch.Tensor) or query.ndim != 2 or not torch.is_floating_point(query):
@@ -200,14 +209,16 @@ BF16_SCORING_ROWS = 2048
 _FLOAT32_ROUNDING = 2.0 ** -24  # unit roundoff: scores are accumulated and finished in float32
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SearchIndex:
     """What the search of one bank needs, computed once per bank: its rows' squared norms,
     the two terms of its scores' error bound and, for a model inferring in bf16 (see
     dfd_data.devices.resolve_precision), a bf16 copy of the rows. One query reads the whole
     bank, so the copy halves the memory traffic that bounds the search."""
 
-    source: tuple  # the bank it was built from: data pointer, shape, dtype, device
+    # The bank it was built from, held so that its memory is not reused while the index lives
+    # (see built_from). Its values must not change: an index describes them as they were.
+    source: torch.Tensor
     squared_norms: torch.Tensor  # [N] float32, on the bank's device
     # Every score's rounding error is at most |q| * error_slope + error_floor: one bound for
     # all rows (from the largest row norm) costs two multiplications per query, not 2N.
@@ -235,8 +246,15 @@ class SearchIndex:
         gamma = bank.shape[1] * r / (1 - bank.shape[1] * r)
         product = 2 * u + u * u + gamma * (1 + u) ** 2
         dot = product + u * (1 + product)
-        return cls(_source_of(bank), squared, 1.01 * (2 * dot + 6 * r) * math.sqrt(largest),
+        return cls(bank, squared, 1.01 * (2 * dot + 6 * r) * math.sqrt(largest),
                    1.01 * (gamma + 3 * r) * largest, low)
+
+    def built_from(self, bank: torch.Tensor) -> bool:
+        """Whether `bank` is the tensor this index was built from: the same memory seen the
+        same way (a detached view counts)."""
+        source = self.source
+        return (bank.data_ptr() == source.data_ptr() and bank.shape == source.shape and bank.stride() == source.stride()
+                and bank.dtype == source.dtype and bank.device == source.device)
 
     def scores(self, query: torch.Tensor, rows: torch.Tensor) -> np.ndarray:
         """|b|^2 - 2 q.b for every row b (the distance order, shifted by |q|^2), [B, N] float32
@@ -249,10 +267,6 @@ class SearchIndex:
     def error_bound(self, target: np.ndarray) -> np.ndarray:
         """The bound on every score's rounding error for queries `target` [B, D], [B, 1]."""
         return np.sqrt(np.einsum("bd,bd->b", target, target))[:, None] * self.error_slope + self.error_floor
-
-
-def _source_of(bank: torch.Tensor) -> tuple:
-    return bank.data_ptr(), tuple(bank.shape), bank.dtype, bank.device
 
 
 class Neighbours(NamedTuple):
@@ -277,7 +291,7 @@ def _search(query: torch.Tensor, target: np.ndarray, bank: torch.Tensor, k: int,
     few dozen rows and runs in numpy, whose small operations cost microseconds where torch's
     cost tens: one query spends about as long on them as the product takes to read a 17.7K
     bank, so each step here counts."""
-    if index is not None and index.source != _source_of(bank):  # its norms and bf16 rows would be another bank's
+    if index is not None and not index.built_from(bank):  # its norms and bf16 rows would be another bank's
         raise ValueError("project: the search index was built from another tensor than the bank searched "
                          "(a copy in another dtype or device?); build it from the bank itself")
     query, rows = query.detach(), bank.detach()  # numpy takes no tensors that require grad

@@ -347,6 +347,9 @@ def test_a_bad_bank_or_an_index_of_another_tensor_is_refused_and_a_cast_model_se
             project(torch.randn(1, 16), broken, k=5)
     with pytest.raises(ValueError, match="built from another tensor"):
         project(torch.randn(1, 16).bfloat16(), bank.bfloat16(), k=5, index=SearchIndex.of(bank, torch.bfloat16))
+    square = torch.randn(16, 16)
+    with pytest.raises(ValueError, match="built from another tensor"):  # the same memory read another way
+        project(torch.randn(1, 16), square.T, k=5, index=SearchIndex.of(square))
     torch.manual_seed(0)
     model = SketchToFace(tiny).eval().to(torch.bfloat16)
     generator = torch.Generator().manual_seed(1)

@@ -146,3 +146,14 @@ def test_the_full_size_generators_residual_block_runs_by_winograd(precision, tol
             got = rewritten(x)
     assert got.is_contiguous(memory_format=torch.channels_last)
     assert relative_error(got, expected) < tolerance
+
+
+def test_the_weight_transform_does_not_follow_the_default_dtype():
+    """transform_weights computes in float32 whatever torch's default dtype is."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        transformed = transform_weights(torch.randn(4, 3, 3, 3, dtype=torch.float32), torch.float32)
+    finally:
+        torch.set_default_dtype(previous)
+    assert transformed.dtype == torch.float32 and transformed.shape == (16, 3, 4)
