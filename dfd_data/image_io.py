@@ -79,7 +79,7 @@ def decode_image(data: bytes, path: str | os.PathLike = "<bytes>", max_pixels: i
             raise ImageError(path, "not an image (unrecognised file format)") from None
         except Image.DecompressionBombError:
             raise ImageError(path, f"image too large (over {MAX_PIXELS:,} pixels; possible decompression bomb)") from None
-        except (OSError, SyntaxError, ValueError, EOFError) as error:
+        except (OSError, SyntaxError, ValueError, EOFError, NotImplementedError) as error:
             raise _decode_error(path, error) from None
         width, height = image.size
         if width * height > max_pixels:
@@ -89,7 +89,7 @@ def decode_image(data: bytes, path: str | os.PathLike = "<bytes>", max_pixels: i
         try:
             image.load()
             image = ImageOps.exif_transpose(image)
-        except (OSError, SyntaxError, ValueError, EOFError) as error:
+        except (OSError, SyntaxError, ValueError, EOFError, NotImplementedError) as error:  # (NotImplementedError: a DDS variant)
             raise _decode_error(path, error) from None
     return _to_rgb8(image, path)
 

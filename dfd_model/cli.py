@@ -278,9 +278,10 @@ Example:
 def serve(model_folder, host, port, device, precision):
     """Start the drawing app: draw a sketch in the browser and watch the face follow every
     stroke, with shadow guidance, gender and per-component refinement."""
-    from .serve import make_server
+    from .serve import check_address, make_server
     from .sketch_to_face import SketchToFace
 
+    check_address(host, port)  # a taken port or a bad --host: one line now, not after the model loads
     model = SketchToFace.from_pretrained(model_folder, device=device, precision=precision)
     server = make_server(model, host, port)
     bound_host, bound_port = server.server_address[:2]

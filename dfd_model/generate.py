@@ -54,17 +54,22 @@ def photo_reason(image: np.ndarray) -> str | None:
 
 
 def letterbox(gray: np.ndarray, resolution: int) -> np.ndarray:
-    """Centre a gray image on a square of white paper and resize it to resolution x resolution."""
+    """A gray image resized so that its longer side is `resolution`, centred on a square of
+    white paper that size. (Resized first: a 65536 x 256 strip, within the pixel limits,
+    padded first would have been a 4 GiB square.)"""
     height, width = gray.shape
     side = max(height, width)
+    if side != resolution:
+        scale = resolution / side
+        interpolation = cv2.INTER_AREA if side > resolution else cv2.INTER_CUBIC
+        gray = cv2.resize(gray, (max(1, round(width * scale)), max(1, round(height * scale))),
+                          interpolation=interpolation)
+        height, width = gray.shape
     if height != width:
-        square = np.full((side, side), 255, np.uint8)
-        top, left = (side - height) // 2, (side - width) // 2
+        square = np.full((resolution, resolution), 255, np.uint8)
+        top, left = (resolution - height) // 2, (resolution - width) // 2
         square[top:top + height, left:left + width] = gray
         gray = square
-    if side != resolution:
-        interpolation = cv2.INTER_AREA if side > resolution else cv2.INTER_CUBIC
-        gray = cv2.resize(gray, (resolution, resolution), interpolation=interpolation)
     return gray
 
 

@@ -24,6 +24,7 @@ import base64
 import binascii
 import json
 import re
+import sys
 import threading
 import time
 import traceback
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 
 from dfd_data.components import COMPONENTS
+from dfd_data.errors import UserError
 from dfd_data.image_io import ImageError, decode_image, encode_png
 
 from .generate import letterbox, photo_reason
@@ -210,11 +212,13 @@ def make_handler(service: FaceService):
                 self.close_connection = len(body) < int(length)  # a client that hung up midway
                 try:
                     request = json.loads(body)
-                except (json.JSONDecodeError, UnicodeDecodeError):
+                except (ValueError, RecursionError):  # (bad JSON or text; numbers over 4300 digits; deep nesting)
                     raise RequestError(HTTPStatus.BAD_REQUEST, "the body is not valid JSON") from None
                 self._json(HTTPStatus.OK, service.generate(request))
             except RequestError as error:
                 self._json(error.status, {"error": str(error)})
+            except ConnectionError:  # the client hung up (a reload): nobody to answer, nothing to report
+                raise
             except Exception as error:  # a bug: the client still gets an answer, the server keeps serving
                 self.close_connection = True
                 traceback.print_exc()  # and the bug is not lost: the request log is off, stderr is not
@@ -234,10 +238,27 @@ class _Server(ThreadingHTTPServer):
     # Bursts of connections (a page reloading, a script) queue in the kernel instead of being reset.
     request_queue_size = 256
 
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that hung up is no error
+            super().handle_error(request, client_address)
+
+
+def _listening(host: str, port: int, handler) -> ThreadingHTTPServer:
+    try:
+        return _Server((host, port), handler)
+    except OSError as error:  # the port taken, no such address, no permission
+        raise UserError(f"cannot serve at {host}:{port}: {error.strerror or error}") from None
+
+
+def check_address(host: str, port: int) -> None:
+    """A one-line UserError if (host, port) cannot be listened on: the command checks it before
+    the model loads, not after."""
+    _listening(host, port, BaseHTTPRequestHandler).server_close()
+
 
 def make_server(model: SketchToFace, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
     """A ready-to-serve HTTP server (port 0 picks a free one: see server.server_address)."""
-    return _Server((host, port), make_handler(FaceService(model)))
+    return _listening(host, port, make_handler(FaceService(model)))
 
 
-__all__ = ["FaceService", "MAX_BODY_BYTES", "MAX_SKETCH_PIXELS", "make_server"]
+__all__ = ["FaceService", "MAX_BODY_BYTES", "MAX_SKETCH_PIXELS", "check_address", "make_server"]

@@ -87,6 +87,8 @@ def test_generate_returns_a_face_and_a_shadow(server):
 
 @pytest.mark.parametrize("body, status, message", [
     (b"not json", 400, "not valid JSON"),
+    (b"[" * 100_000 + b"]" * 100_000, 400, "not valid JSON"),  # deeper than Python's recursion limit
+    (b'{"refine": ' + b"1" * 5000 + b"}", 400, "not valid JSON"),  # an integer past Python's digit limit
     (json.dumps({"sketch": "@@@"}).encode(), 400, "not valid base64"),
     (json.dumps({"sketch": "data:image/png;base64"}).encode(), 400, "without data (no comma)"),
     (json.dumps({"sketch": base64.b64encode(b"<html>hello</html>").decode()}).encode(), 400, "sketch:"),
@@ -113,6 +115,18 @@ def test_real_photos_are_refused_and_real_artist_sketches_accepted(server, share
     artist = sorted((shared_data / "fs2k_train" / "sketch" / "sketch1").iterdir())[0]
     code, answer = _post(server, json.dumps({"sketch": _data_url(read_image(artist))}).encode())
     assert code == 200, answer
+
+
+def test_a_taken_port_is_one_line_before_the_model_loads(server, tmp_path):
+    """The port is tried first: a folder that is no model is never read."""
+    from click.testing import CliRunner
+
+    from dfd_model.cli import main
+
+    port = server.rsplit(":", 1)[1]
+    result = CliRunner().invoke(main, ["serve", "--model", str(tmp_path), "--port", port])
+    assert result.exit_code == 1 and f"cannot serve at 127.0.0.1:{port}:" in result.output
+    assert len(result.output.strip().splitlines()) == 1
 
 
 def test_oversized_bodies_and_unknown_paths_are_refused(server):

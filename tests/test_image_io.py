@@ -92,6 +92,17 @@ def test_unreadable_paths_are_one_line(tmp_path):
         read_image(tmp_path / "missing.png")
 
 
+def test_a_format_pillow_does_not_implement_is_one_line():
+    """A DDS header with pixel format flags Pillow does not know raises NotImplementedError in
+    Pillow (found by fuzzing the app, which answered 500)."""
+    header = bytes.fromhex(
+        "444453207c0000000f100000400000004000000000010000000000000000000000000000000000000000006d"
+        "000000000000000000003c000000000000000000000000000000000000000000200000009300000000000000"
+        "200000000000ff0000ff0000ff000000000000ff0010000000000000000000000000000000000000")
+    with pytest.raises(ImageError, match=r"x\.dds: cannot decode image \(Unknown pixel format flags 147\)"):
+        decode_image(header + bytes(16384), "x.dds")
+
+
 def test_bomb_header_is_refused_before_decoding():
     with pytest.raises(ImageError, match="decompression bomb"):
         decode_image(bomb_png(20_000, 20_000), "bomb.png")
