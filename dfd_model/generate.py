@@ -146,37 +146,56 @@ class GenerateResult:
         return f"generate: {len(self.written)} faces{failed} in {seconds:.1f} s{grid}"
 
 
+def _check_outputs(paths: list[Path], targets: list[Path]) -> None:
+    """Refuse a run that would write over one of its own inputs (OUT is an input folder)."""
+    sources = {os.path.realpath(path): path for path in paths}  # (realpath: a symlink loop is an input too)
+    for target in targets:
+        source = sources.get(os.path.realpath(target))
+        if source is not None:
+            raise UserError(f"{target}: an output would replace the input {source}; choose another output folder")
+
+
 def generate(model: SketchToFace, inputs: list[str], out: str | os.PathLike, *,
              refine: float | Mapping[str, float] = 1.0, gender: str | None = None, from_photo: str | None = None,
              batch_size: int = 4, grid: bool = False, quiet: bool = False) -> GenerateResult:
-    """Write OUT/<input stem>.png for every readable sketch; see the module docstring."""
+    """Write OUT/<input stem>.png for every readable sketch; see the module docstring. Inputs
+    are read a batch at a time, and each batch's faces written before the next is read: an
+    interrupted run keeps what it finished, and memory does not grow with the inputs."""
     out = Path(out)
+    paths = collect_inputs(inputs)
+    if not paths:
+        raise UserError(f"no image files in {', '.join(inputs)} (folders are read one level deep)")
+    targets = [out / f"{name}.png" for name in _output_names(paths)]
+    _check_outputs(paths, targets + ([out / "grid.jpg"] if grid else []))
     out.mkdir(parents=True, exist_ok=True)
     resolution = model.config.resolution
     device, precision = next(model.parameters()).device, precision_name(model.compute_dtype)
-    paths = collect_inputs(inputs)
     result, tiles = GenerateResult(), []
-    names = _output_names(paths)
-    loaded: list[tuple[str, np.ndarray]] = []
-    for path, name in zip(paths, names):
-        try:
-            loaded.append((name, load_sketch(path, resolution, from_photo, device.type, precision)))
-        except (UserError, OSError) as error:
-            result.errors.append(str(error))
-    starts = range(0, len(loaded), batch_size)
-    for start in (starts if quiet else tqdm(starts, desc="generate", unit="batch")):
-        chunk = loaded[start:start + batch_size]
-        sketches = torch.from_numpy(np.stack([sketch for _, sketch in chunk]))
-        with torch.inference_mode():
-            latents = model.encode(sketches, refine, gender)
-            faces = denormalize_image(model.synthesize(latents)).permute(0, 2, 3, 1).cpu().numpy()
-            drawn = denormalize_image(model.draw(latents))[:, 0].cpu().numpy() if grid else None
-        for index, ((name, sketch), face) in enumerate(zip(chunk, faces)):
-            target = out / f"{name}.png"
-            atomic_write_bytes(target, encode_png(face))
-            result.written.append(target)
-            if grid and len(tiles) < 3 * GRID_ROWS:
-                tiles += [sketch, drawn[index], face]
+    progress = tqdm(total=len(paths), desc="generate", unit="image", disable=quiet)
+    for start in range(0, len(paths), batch_size):
+        batch: list[tuple[Path, np.ndarray]] = []
+        for path, target in zip(paths[start:start + batch_size], targets[start:start + batch_size]):
+            try:
+                batch.append((target, load_sketch(path, resolution, from_photo, device.type, precision)))
+            except (UserError, OSError) as error:
+                result.errors.append(str(error))
+        if batch:
+            sketches = torch.from_numpy(np.stack([sketch for _, sketch in batch]))
+            with torch.inference_mode():
+                latents = model.encode(sketches, refine, gender)
+                faces = denormalize_image(model.synthesize(latents)).permute(0, 2, 3, 1).cpu().numpy()
+                drawn = denormalize_image(model.draw(latents))[:, 0].cpu().numpy() if grid else None
+            for index, ((target, sketch), face) in enumerate(zip(batch, faces)):
+                try:
+                    atomic_write_bytes(target, encode_png(face))
+                except UserError as error:  # (WriteError: this file cannot be written; the others may be)
+                    result.errors.append(str(error))
+                    continue
+                result.written.append(target)
+                if grid and len(tiles) < 3 * GRID_ROWS:
+                    tiles += [sketch, drawn[index], face]
+        progress.update(len(paths[start:start + batch_size]))
+    progress.close()
     if grid and tiles:
         result.grid = out / "grid.jpg"
         sheet = contact_sheet(tiles, thumb=min(256, resolution), columns=3)

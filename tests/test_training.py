@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from dfd_data.components import COMPONENTS
+from dfd_data.errors import UserError
 from dfd_data.image_io import ImageError, encode_png, read_image
 from dfd_model.config import ModelConfig
 from dfd_model.generate import letterbox, load_sketch, photo_reason
@@ -506,6 +507,51 @@ def test_generate_over_a_hostile_folder(tiny_model_folder, sample_photos, tmp_pa
     written = sorted(p.name for p in out.iterdir())
     assert written == sorted(["line sketch.png", "été.png", "blank.png", "flat-no-face.png"])
     assert all(read_image(out / name).shape == (128, 128, 3) for name in written)
+
+
+def test_generate_writes_as_it_goes_and_never_over_its_inputs(tiny_model_folder, tmp_path, monkeypatch):
+    """Faces are written a batch at a time (an interrupted run keeps what it finished); an
+    output that cannot be written fails alone, beside the read errors; an output folder that
+    would replace an input, and inputs with no image in them, are refused up front."""
+    import dfd_model.generate as generate_module
+    from dfd_model.generate import generate
+
+    model = SketchToFace.from_pretrained(tiny_model_folder, "cpu")
+    sketch = np.full((128, 128), 255, np.uint8)
+    sketch[60:64, 30:100] = 0
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in "abcde":
+        (folder / f"{name}.png").write_bytes(encode_png(sketch))
+    (folder / "empty.png").write_bytes(b"")
+    original = (folder / "a.png").read_bytes()
+    with pytest.raises(UserError, match=r"a\.png: an output would replace the input"):
+        generate(model, [str(folder)], folder, quiet=True)
+    assert (folder / "a.png").read_bytes() == original
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(UserError, match="no image files in"):
+        generate(model, [str(tmp_path / "nothing")], tmp_path / "out0", quiet=True)
+
+    out = tmp_path / "out"
+    (out / "b.png").mkdir(parents=True)  # b's face cannot be written there
+    result = generate(model, [str(folder)], out, batch_size=2, quiet=True)
+    assert sorted(p.name for p in result.written) == ["a.png", "c.png", "d.png", "e.png"]
+    assert len(result.errors) == 2 and any("empty.png" in line for line in result.errors) \
+        and any("b.png: cannot write" in line for line in result.errors)
+
+    calls = []
+    loader = generate_module.load_sketch
+
+    def interrupted(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return loader(path, *args, **kwargs)
+
+    monkeypatch.setattr(generate_module, "load_sketch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        generate(model, [str(folder)], tmp_path / "cut", batch_size=2, quiet=True)
+    assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == ["a.png", "b.png"]
 
 
 @pytest.mark.parametrize("seed", [1, 2])
