@@ -252,7 +252,7 @@ def evaluate(model_folder, pairs, out, refine, gender, sketch_method, tol, batch
     for line in result.skipped:
         click.echo(line, err=True)
     click.echo(result.table())
-    skipped = f", {len(result.skipped)} skipped (unreadable or ambiguous)" if result.skipped else ""
+    skipped = f", {len(result.skipped)} skipped (unreadable, ambiguous or unpaired)" if result.skipped else ""
     click.echo(f"evaluate: {result.counts['pairs']} pairs{skipped}; metrics {Path(out) / 'metrics.json'}; grid "
                f"{Path(out) / 'grid.jpg'}")
     if result.skipped:

@@ -127,8 +127,8 @@ def landmarks_of(image: np.ndarray) -> np.ndarray | None:
 # ---- pairs and the run ------------------------------------------------------------------------------
 def find_pairs(folder: str | os.PathLike) -> tuple[list[tuple[str, Path, Path]], list[str]]:
     """(name, sketch, photo) for every stem present in both DIR/sketches and DIR/photos, and one
-    line for each name left out because one side holds two images of it (a.png and a.jpg:
-    which one was meant cannot be told)."""
+    line for each name left out: one side holds two images of it (a.png and a.jpg: which one
+    was meant cannot be told), or the other side none."""
     folder = Path(folder)
     sides, ambiguous = {}, {}
     for side in ("sketches", "photos"):
@@ -148,7 +148,11 @@ def find_pairs(folder: str | os.PathLike) -> tuple[list[tuple[str, Path, Path]],
     if not names:
         raise EvaluateError(f"{folder}: no file name appears in both sketches/ and photos/")
     pairs = [(name, sides["sketches"][name], sides["photos"][name]) for name in names if name not in ambiguous]
-    return pairs, ["; ".join(ambiguous[name]) for name in names if name in ambiguous]
+    left_out = ["; ".join(ambiguous[name]) for name in names if name in ambiguous]
+    for side, other, wanted in (("sketches", "photos", "photo"), ("photos", "sketches", "sketch")):
+        left_out += [f"{sides[side][stem]}: no {wanted} named {stem!r} in {folder / other}"
+                     for stem in sorted(set(sides[side]) - set(sides[other]))]
+    return pairs, left_out
 
 
 @dataclass
@@ -179,8 +183,8 @@ def evaluate(model: SketchToFace, pairs_dir: str | os.PathLike, out: str | os.Pa
     (out / "faces").mkdir(parents=True, exist_ok=True)
     resolution = model.config.resolution
     method = resolve_method(sketch_method)
-    found, ambiguous = find_pairs(pairs_dir)
-    pairs, skipped = [], list(ambiguous)
+    found, left_out = find_pairs(pairs_dir)
+    pairs, skipped = [], list(left_out)
     for name, sketch_path, photo_path in found:
         try:
             photo = read_image(photo_path)
@@ -221,7 +225,7 @@ def evaluate(model: SketchToFace, pairs_dir: str | os.PathLike, out: str | os.Pa
         "sketch_f_score": float(np.mean([row["sketch_f_score"] for row in rows])),
         "frechet_distance": frechet_distance(np.stack(fakes), np.stack(reals)),
     }
-    counts = {"pairs": len(rows), "unreadable": len(skipped) - len(ambiguous), "ambiguous": len(ambiguous),
+    counts = {"pairs": len(rows), "unreadable": len(skipped) - len(left_out), "left_out": len(left_out),
               "landmark_pairs": len(errors)}
     result = Evaluation(metrics, counts, rows, skipped)
     atomic_write_text(out / "metrics.json", json.dumps({

@@ -77,13 +77,17 @@ def test_pairs_need_both_folders(tmp_path):
         find_pairs(tmp_path)
 
 
-def test_a_name_with_two_images_on_one_side_is_left_out_and_named(tmp_path):
-    for side, names in (("sketches", ["a.png", "a.jpg", "b.png"]), ("photos", ["a.png", "a.bmp", "b.jpg", "c.png"])):
+def test_a_name_with_two_images_on_one_side_or_none_on_the_other_is_left_out_and_named(tmp_path):
+    for side, names in (("sketches", ["a.png", "a.jpg", "b.png", "d.png"]),
+                        ("photos", ["a.png", "a.bmp", "b.jpg", "c.png"])):
         (tmp_path / side).mkdir()
         for name in names:
             (tmp_path / side / name).write_bytes(b"x")
-    pairs, ambiguous = find_pairs(tmp_path)
+    pairs, left_out = find_pairs(tmp_path)
     assert [(name, sketch.name, photo.name) for name, sketch, photo in pairs] == [("b", "b.png", "b.jpg")]
-    assert len(ambiguous) == 1
-    assert str(tmp_path / "sketches" / "a.jpg") in ambiguous[0] and str(tmp_path / "sketches" / "a.png") in ambiguous[0]
-    assert "2 images named 'a'" in ambiguous[0] and str(tmp_path / "photos" / "a.bmp") in ambiguous[0]
+    assert len(left_out) == 3
+    ambiguous, no_photo, no_sketch = left_out
+    assert str(tmp_path / "sketches" / "a.jpg") in ambiguous and str(tmp_path / "sketches" / "a.png") in ambiguous
+    assert "2 images named 'a'" in ambiguous and str(tmp_path / "photos" / "a.bmp") in ambiguous
+    assert no_photo == f"{tmp_path / 'sketches' / 'd.png'}: no photo named 'd' in {tmp_path / 'photos'}"
+    assert no_sketch == f"{tmp_path / 'photos' / 'c.png'}: no sketch named 'c' in {tmp_path / 'sketches'}"
