@@ -173,8 +173,9 @@ def generate(model: SketchToFace, inputs: list[str], out: str | os.PathLike, *,
     result, tiles = GenerateResult(), []
     progress = tqdm(total=len(paths), desc="generate", unit="image", disable=quiet)
     for start in range(0, len(paths), batch_size):
+        chunk = list(zip(paths[start:start + batch_size], targets[start:start + batch_size]))
         batch: list[tuple[Path, np.ndarray]] = []
-        for path, target in zip(paths[start:start + batch_size], targets[start:start + batch_size]):
+        for path, target in chunk:
             try:
                 batch.append((target, load_sketch(path, resolution, from_photo, device.type, precision)))
             except (UserError, OSError) as error:
@@ -194,7 +195,7 @@ def generate(model: SketchToFace, inputs: list[str], out: str | os.PathLike, *,
                 result.written.append(target)
                 if grid and len(tiles) < 3 * GRID_ROWS:
                     tiles += [sketch, drawn[index], face]
-        progress.update(len(paths[start:start + batch_size]))
+        progress.update(len(chunk))
     progress.close()
     if grid and tiles:
         result.grid = out / "grid.jpg"

@@ -178,13 +178,13 @@ class SketchToFace(nn.Module):
         weights = self._refine_per_component(refine)
         if gender is not None and not isinstance(gender, str):
             raise ValueError(f"gender must be a string or None, got {gender!r}")
-        device = next(self.parameters()).device
-        x = prepare_sketch(sketch, self.config.resolution).to(device=device, dtype=self.io_dtype)
+        device, io_dtype = next(self.parameters()).device, self.io_dtype
+        x = prepare_sketch(sketch, self.config.resolution).to(device=device, dtype=io_dtype)
         crops = crop_sketch_components(x, self.config)
         latents, matches = {}, {}
         for name in COMPONENTS:
             with compute_precision(self, device):
-                latent = self.autoencoders[name].encoder(crops[name]).to(self.io_dtype)
+                latent = self.autoencoders[name].encoder(crops[name]).to(io_dtype)
             if self.banks is not None and (match_all or weights[name] > 0):
                 bank = self.banks.get(name, gender)  # (on the model's device: set_banks and .to() move it)
                 projected, indices, lle_weights = project(
