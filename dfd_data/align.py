@@ -8,7 +8,7 @@ photos of the same bytes that showed no face (they are reported again).
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +49,8 @@ def align_source(task: Task) -> list[dict]:
     job: _Job = task.payload
     source, params = job.source, job.params
     data = read_bytes(source.path)
-    base = {"source": source.relpath, "source_sha256": sha256_bytes(data), "source_bytes": len(data)}
+    base = {"source": source.relpath, "source_sha256": sha256_bytes(data), "source_bytes": len(data),
+            "params": asdict(params)}
     image = decode_image(data, source.path)
     faces = find_faces(image)
     if not faces:
@@ -76,11 +77,15 @@ def _no_face(source: Source) -> str:
     return f"{source.path}: no face found"
 
 
-def _is_complete(dataset: Dataset, records: list[dict], source: Source) -> bool:
-    """Aligned, or found without a face (detection gives the same answer for the same bytes),
-    from the photo's present bytes, with every output present and unaltered."""
+def _is_complete(dataset: Dataset, records: list[dict], source: Source, params: dict) -> bool:
+    """Aligned with `params`, or found without a face (detection gives the same answer for
+    the same bytes), from the photo's present bytes, with every output present and unaltered.
+    The parameters are checked per record because an interrupted first run leaves records
+    but no manifest to compare them with."""
     no_face = len(records) == 1 and records[0].get("status") == "no_face"
     if not records or not (no_face or all(r.get("status") == "aligned" for r in records)):
+        return False
+    if any(r.get("params", params) != params for r in records):  # (records from before params were kept: the manifest's check)
         return False
     try:  # the size first: it rules out most changed photos without reading them
         if source.path.stat().st_size != records[0].get("source_bytes") \
@@ -101,6 +106,8 @@ def align_folder(src: str | os.PathLike, dst: str | os.PathLike, params: AlignPa
     src, dataset = Path(src), Dataset(dst)
     if not src.is_dir():
         raise DatasetError(f"{src}: source folder does not exist")
+    if os.path.realpath(src) == os.path.realpath(dataset.root):
+        raise DatasetError(f"{dataset.root}: the dataset folder must not be the source folder; name a new one")
     if params.size % 32 or params.size < 64:
         raise DatasetError(f"--size {params.size}: must be a multiple of 32 and at least 64")
     package_model_path(LANDMARK_MODEL_FILE)  # fail once, up front, rather than on every photo
@@ -112,10 +119,10 @@ def align_folder(src: str | os.PathLike, dst: str | os.PathLike, params: AlignPa
     if manifest.get("sources") and manifest["sources"][0].get("path") != source_root:
         raise DatasetError(f"{dataset.root}: built from {manifest['sources'][0]['path']}, not {source_root}; use a new folder")
 
-    sources, ignored = list_sources(src)
+    sources, ignored = list_sources(src, skip=dataset.root)  # (DST inside SRC: its own images are not photos)
     if not sources:
         raise DatasetError(f"{src}: no image files found (looked for {', '.join(IMAGE_EXTENSIONS)})")
-    dataset.root.mkdir(parents=True, exist_ok=True)
+    dataset.create()
     remove_stale_temp_files(dataset.root)
     log = RecordLog(dataset.records_path)
     by_source: dict[str, list[dict]] = {}
@@ -125,8 +132,10 @@ def align_folder(src: str | os.PathLike, dst: str | os.PathLike, params: AlignPa
     for relpath in [r for r in by_source if r not in known]:  # photos removed from SRC
         _drop(dataset, log, by_source.pop(relpath))
 
-    pending = [s for s in sources if not _is_complete(dataset, by_source.get(s.relpath, []), s)]
-    tasks = [Task(s.relpath, str(s.path), _Job(s, params, str(dataset.root))) for s in pending]
+    pending = [s for s in sources if not _is_complete(dataset, by_source.get(s.relpath, []), s, asdict(params))]
+    # workers get absolute paths: a cluster worker's working directory is not this one's
+    tasks = [Task(s.relpath, str(s.path), _Job(replace(s, path=s.path.absolute()), params, str(dataset.root.absolute())))
+             for s in pending]
 
     def on_outcome(outcome: Outcome) -> None:
         old = by_source.get(outcome.task.key, [])
@@ -147,6 +156,7 @@ def align_folder(src: str | os.PathLike, dst: str | os.PathLike, params: AlignPa
     with log:
         summary = run_batch(STEP, tasks, align_source, jobs=jobs, backend=backend, quiet=quiet,
                             already_done=len(sources) - len(pending), on_outcome=on_outcome)
+    summary.not_images = ignored
     waiting = {task.key for task in tasks}
     summary.reports = sorted(summary.reports + [  # photos known to show no face are still reported
         {"step": STEP, "file": str(s.path), "status": "skipped", "reason": _no_face(s)}

@@ -97,15 +97,15 @@ def build_sketches(root: str | os.PathLike, method: SketchMethod, *, jobs: int =
     inputs = {r["id"]: r["image"] for r in aligned}
 
     def payload(record_id: str, input_relpath: str) -> _Job:
-        return _Job(record_id, input_relpath, str(dataset.root), f"{out_dir}/{record_id}.png", method, device, precision,
-                    batch_size)
+        return _Job(record_id, input_relpath, str(dataset.root.absolute()), f"{out_dir}/{record_id}.png", method, device,
+                    precision, batch_size)
 
     if method.uses_network and backend not in CLUSTER_BACKENDS:  # one process; the network parallelises inside
         jobs, backend = 1, "threading"
     recipe = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
     summary, ids = run_derived_step(dataset, step, out_dir, inputs, recipe, payload, sketch_batch, jobs=jobs,
                                     backend=backend, quiet=quiet, batch_size=batch_size if method.uses_network else 1)
-    files = _write_preview(dataset, method, inputs, ids[:preview]) if preview else {}
+    files = _write_preview(dataset, method, inputs, ids[:preview])  # (--preview 0 deletes an earlier sheet)
     dataset.record_step(manifest, step, {
         "params": description,
         "tools": tool_versions("numpy", "opencv", "scikit-image", "torch"),

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import errno
-import os
 import sys
 
 import click
@@ -11,7 +10,7 @@ from . import __version__
 from .cluster import cluster_session
 from .dataset import Dataset
 from .errors import UserError
-from .runner import BACKENDS, BatchSummary
+from .runner import BACKENDS, BatchSummary, usable_cpus
 from .sketch_methods import DEFAULT_METHOD, DEFAULT_PARAMS, METHODS
 
 
@@ -23,8 +22,8 @@ def _batch_options(func):
     func = click.option("--backend", type=click.Choice(BACKENDS), default="loky", show_default=True,
                         help="joblib backend: loky processes, threads, or a dask or ray cluster "
                              "(extras [dask], [ray]; ray connects to RAY_ADDRESS when set).")(func)
-    func = click.option("--jobs", "-j", type=click.IntRange(1, 256), default=os.cpu_count() or 1, show_default=True,
-                        help="Parallel workers.")(func)
+    func = click.option("--jobs", "-j", type=click.IntRange(1, 256), default=usable_cpus(), show_default=True,
+                        help="Parallel workers (default: the CPUs this process may use). With 1, the work runs in this process.")(func)
     return func
 
 
@@ -35,6 +34,12 @@ def _finish(dataset: Dataset, summaries: list[BatchSummary], extra: str = "") ->
         click.echo(summary.line() + reported + extra)
     if any(summary.failed for summary in summaries):
         sys.exit(1)
+
+
+def _preview_note(dataset: Dataset, name: str) -> str:
+    """The summary line's pointer to a step's contact sheet, where the step made one."""
+    path = dataset.root / "previews" / f"{name}.jpg"
+    return f"; preview {path}" if path.is_file() else ""
 
 
 # What the system refuses for reasons outside the toolkit: told in one line, like a user error.
@@ -67,6 +72,7 @@ def main():
     Typical run:
       dfd-data align photos/ dataset/
       dfd-data label dataset/ attributes.csv
+      dfd-data build-sketches dataset/
       dfd-data crop-components dataset/
       dfd-data verify dataset/
     """
@@ -95,7 +101,7 @@ def align(src, dst, size, all_faces, jobs, backend, scheduler, quiet):
     with cluster_session(backend, jobs, scheduler):
         summary = align_folder(src, dst, AlignParams(size=size, all_faces=all_faces), jobs=jobs, backend=backend, quiet=quiet)
     dataset = Dataset(dst)
-    _finish(dataset, [summary], f"; preview {dataset.root / 'previews/align.jpg'}")
+    _finish(dataset, [summary], _preview_note(dataset, "align"))
 
 
 @main.command("crop-components")
@@ -167,9 +173,9 @@ def build_sketches(dataset, method, settings, preview, device, precision, batch_
     with cluster_session(backend, jobs, scheduler):
         summary = run(dataset, resolved, jobs=jobs, backend=backend, device=device, precision=precision,
                       batch_size=batch_size, preview=preview, quiet=quiet)
-    root = Dataset(dataset).root
-    _finish(Dataset(dataset), [summary], f"; sketches in {root / 'sketches' / resolved.id}"
-            + (f"; preview {root / 'previews' / f'sketches-{resolved.id}.jpg'}" if preview else ""))
+    dataset = Dataset(dataset)
+    _finish(dataset, [summary], f"; sketches in {dataset.root / 'sketches' / resolved.id}"
+            + _preview_note(dataset, f"sketches-{resolved.id}"))
 
 
 @main.command("train-simplifier")

@@ -55,16 +55,21 @@ def read_jsonl(path: Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             if number == len(lines):  # only the unterminated last line may be torn
                 break
             raise DatasetError(f"{path}: line {number} is not valid JSON") from None
+        if not isinstance(row, dict):
+            raise DatasetError(f"{path}: line {number} is not a JSON object")
+        rows.append(row)
     return rows
 
 
 def jsonl_text(rows: Iterable[dict]) -> str:
-    return "".join(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in rows)
+    """JSON lines in ASCII: a file name that is not valid UTF-8 (held by Python as lone
+    surrogates) is written as escapes, which read back to the same name."""
+    return "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows)
 
 
 class RecordLog:
@@ -72,7 +77,10 @@ class RecordLog:
 
     def __init__(self, path: Path):
         self.path = path
-        self.by_id = {row["id"]: row for row in read_jsonl(path)}
+        rows = read_jsonl(path)
+        if any(not isinstance(row.get("id"), str) for row in rows):
+            raise DatasetError(f"{path}: a record has no \"id\"")
+        self.by_id = {row["id"]: row for row in rows}
         self._handle = None
 
     def __enter__(self) -> "RecordLog":
@@ -155,7 +163,16 @@ class Dataset:
         if manifest.get("version") != FORMAT_VERSION:
             raise DatasetError(f"{self.manifest_path}: format version {manifest.get('version')} is not supported (expected {FORMAT_VERSION})")
         manifest.setdefault("steps", {})
+        if not isinstance(manifest["steps"], dict) or not isinstance(manifest.get("sources", []), list):
+            raise DatasetError(f"{self.manifest_path}: malformed (\"steps\" must be a mapping, \"sources\" a list)")
         return manifest
+
+    def create(self) -> None:
+        """Make the dataset folder (and its parents), or say in one line why it cannot be made."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError) as error:  # a file, or a dangling link, in the way
+            raise DatasetError(f"{self.root}: cannot create the dataset folder ({error.strerror})") from None
 
     def require(self) -> dict:
         """The manifest of an existing dataset, or a clear error if this is not one."""

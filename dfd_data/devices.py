@@ -9,6 +9,7 @@ import os
 import torch
 
 from .errors import DeviceError
+from .runner import usable_cpus
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
@@ -23,14 +24,6 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
         raise DeviceError(f"--device {name} was asked for, but torch sees {torch.cuda.device_count()} CUDA "
                           "device(s)")
     return name
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity where the OS tells, else all)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def thread_budget() -> int:

@@ -79,7 +79,8 @@ def find_faces(image: np.ndarray) -> list[Face]:
     (dlib, predictor), detector = _dlib_models(), _detector()
     height, width = image.shape[:2]
     scale = min(1.0, DETECTION_MAX_SIDE / max(height, width))
-    small = image if scale == 1.0 else cv2.resize(image, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA)
+    small = image if scale == 1.0 else cv2.resize(image, (max(1, round(width * scale)), max(1, round(height * scale))),
+                                                      interpolation=cv2.INTER_AREA)
     rects, scores, upsample = [], [], 0
     while True:
         rects, scores, _ = detector.run(small, upsample, 0.0)

@@ -18,7 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .atomic import atomic_write_bytes
 from .errors import UserError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 # Larger than any camera photo (a 150 MP medium-format frame), far below what a crafted
 # header can declare; decoding beyond it would risk the machine's memory. Pillow refuses
 # at twice its own 89.5 MP warning level, which is about the same figure.

@@ -13,6 +13,7 @@ task failed or was skipped, the others did not).
 """
 from __future__ import annotations
 
+import os
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -28,6 +29,14 @@ BACKENDS = ("loky", "threading", *CLUSTER_BACKENDS)
 # ray's joblib backend returns results only as a whole list: it runs in rounds of this many
 # calls per worker slot of the cluster, so the progress bar and the records advance as work ends.
 LIST_ONLY_BACKENDS = {"ray": 4}
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity where the OS tells, else all)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 class SkipItem(Exception):
@@ -65,13 +74,15 @@ class BatchSummary:
     failed: int = 0
     seconds: float = 0.0
     reports: list[dict] = field(default_factory=list)
+    not_images: int = 0  # files beside the inputs that are not images by their names
 
     def line(self) -> str:
         total_skipped = self.skipped + self.already_done
         detail = f" ({self.already_done} already done)" if self.already_done else ""
         rate = self.done / self.seconds if self.seconds > 0 else 0.0
+        others = f"; {self.not_images} files without an image extension left alone" if self.not_images else ""
         return (f"{self.step}: {self.done} done, {total_skipped} skipped{detail}, {self.failed} failed "
-                f"in {self.seconds:.1f} s ({rate:.2f}/s)")
+                f"in {self.seconds:.1f} s ({rate:.2f}/s){others}")
 
 
 def _outcome_of_error(task: Task, error: BaseException) -> Outcome:

@@ -17,13 +17,13 @@ class Source:
     id: str  # unique id used for every output derived from this photo
 
 
-def list_sources(folder: str | os.PathLike) -> tuple[list[Source], int]:
+def list_sources(folder: str | os.PathLike, skip: str | os.PathLike | None = None) -> tuple[list[Source], int]:
     """Image files under `folder` (recursively, following directory links but never into a
-    folder already seen, so a link loop cannot trap the walk), sorted, with unique ids;
-    also the count of other files."""
+    folder already seen, so a link loop cannot trap the walk, nor into `skip`: a dataset made
+    inside its own source folder), sorted, with unique ids; also the count of other files."""
     folder = Path(folder)
     found, ignored = [], 0
-    seen = {os.path.realpath(folder)}
+    seen = {os.path.realpath(folder)} | ({os.path.realpath(skip)} if skip is not None else set())
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         kept = []
         for name in sorted(d for d in dirnames if not d.startswith(".")):

@@ -95,9 +95,9 @@ def test_missing_source_folder_is_one_line(tmp_path):
     assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
 
 
-def kill_midway(src: Path, dst: Path, after_records: int) -> None:
+def kill_midway(src: Path, dst: Path, after_records: int, size: int = 128) -> None:
     """Start align, SIGKILL it once `after_records` records are on disk."""
-    command = [sys.executable, "-m", "dfd_data", "align", str(src), str(dst), "--size", "128", "--jobs", "1", "--quiet"]
+    command = [sys.executable, "-m", "dfd_data", "align", str(src), str(dst), "--size", str(size), "--jobs", "1", "--quiet"]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     records = dst / "records.jsonl"
@@ -132,6 +132,43 @@ def test_killed_run_resumes_to_identical_output(tmp_path, resume_source, after_r
     assert f"{14 - partial} done, {partial} skipped ({partial} already done), 1 failed" in result.stdout
     assert all_files(resumed) == all_files(reference)
     assert dfd_data("verify", resumed).returncode == 0
+
+
+def test_a_killed_first_run_is_not_resumed_with_other_parameters(tmp_path, resume_source):
+    """A first run killed before it wrote the manifest leaves records only: a rerun at another
+    size must align those photos again, not keep their images of the old size."""
+    resumed = tmp_path / "resumed"
+    kill_midway(resume_source, resumed, 2, size=128)
+    assert not (resumed / "data_manifest.yaml").exists()
+    result = dfd_data("align", resume_source, resumed, "--size", "64", "--jobs", "2")
+    assert "14 done, 0 skipped, 1 failed" in result.stdout
+    assert {read_image(path).shape for path in (resumed / "images").glob("*.png")} == {(64, 64, 3)}
+    assert dfd_data("verify", resumed).returncode == 0
+
+
+def test_odd_names_and_a_dataset_inside_its_source_folder(tmp_path, sample_photos):
+    """A file name that is not UTF-8 (an old archive's Latin-1) and a .jfif photo are aligned
+    and recorded; a dataset made inside its own source folder is not taken for more photos
+    on the next run; other files are counted in the summary line."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    latin1 = photos / os.fsdecode(b"caf\xe9.png")
+    latin1.write_bytes((sample_photos / "astronaut.png").read_bytes())
+    (photos / "grace.jfif").write_bytes((sample_photos / "grace_hopper.jpg").read_bytes())
+    (photos / "notes.txt").write_text("not a photo")
+    first = dfd_data("align", photos, photos / "aligned", "--size", "64", "--jobs", "1")
+    assert first.returncode == 0, first.stderr
+    assert "align: 2 done, 0 skipped, 0 failed" in first.stdout and "1 files without an image extension" in first.stdout
+    again = dfd_data("align", photos, photos / "aligned", "--size", "64", "--jobs", "1")
+    assert "align: 0 done, 2 skipped (2 already done), 0 failed" in again.stdout
+    assert sorted(r["source"] for r in Dataset(photos / "aligned").aligned()) == sorted([latin1.name, "grace.jfif"])
+    assert dfd_data("verify", photos / "aligned").returncode == 0
+    same = dfd_data("align", photos, photos)
+    assert same.returncode == 1 and "must not be the source folder" in same.stderr
+    (tmp_path / "file").write_text("")
+    blocked = dfd_data("align", photos, tmp_path / "file" / "faces")
+    assert blocked.returncode == 1 and "Traceback" not in blocked.stderr
+    assert f"{tmp_path / 'file' / 'faces'}: cannot create the dataset folder (Not a directory)" in blocked.stderr
 
 
 def test_all_faces_keeps_every_face(tmp_path, sample_photos):
@@ -204,3 +241,9 @@ def test_a_rerun_follows_edited_photos(tmp_path, sample_photos):
     after = read_image(root / "images/astronaut.png")
     assert np.abs(after.astype(int) - before[:, ::-1].astype(int)).mean() < 8  # the mirrored face
     assert dfd_data("verify", root).returncode == 0
+
+
+def test_a_very_elongated_image_has_no_face_rather_than_an_opencv_error():
+    from dfd_data.faces import find_faces
+
+    assert find_faces(np.full((16, 100_000, 3), 255, np.uint8)) == []

@@ -218,7 +218,7 @@ def test_written_manifest_follows_the_documented_schema(sample_dataset):
         assert set(written["steps"][step]) == set(documented["steps"][step])
     assert set(written["sources"][0]) == set(documented["sources"][0])
     record = Dataset(sample_dataset).aligned()[0]
-    assert {"id", "source", "source_sha256", "source_bytes", "status", "image", "outputs", "face_index",
+    assert {"id", "source", "source_sha256", "source_bytes", "params", "status", "image", "outputs", "face_index",
             "faces_found", "detection", "landmarks", "quad"} == set(record)
 
 
@@ -230,6 +230,23 @@ def test_precision_does_not_redo_sketches_made_without_a_network(dataset_copy):
     again = dfd_data("build-sketches", dataset_copy, "--method", "canny", "--precision", "fp32", "--quiet")
     assert "0 done, 2 skipped (2 already done)" in again.stdout
     assert "precision" not in Dataset(dataset_copy).load_manifest()["steps"]["build-sketches:canny"]["params"]
+    sheet = dataset_copy / "previews/sketches-canny.jpg"
+    assert sheet.is_file() and f"preview {sheet}" in first.stdout
+    without = dfd_data("build-sketches", dataset_copy, "--method", "canny", "--preview", "0", "--quiet")
+    assert not sheet.exists() and "preview" not in without.stdout  # --preview 0: no stale sheet beside the manifest
+    assert dfd_data("verify", dataset_copy).returncode == 0
+
+
+def test_malformed_record_lines_are_one_line_errors(dataset_copy, sample_photos):
+    records = dataset_copy / "records.jsonl"
+    records.write_text(records.read_text() + "[1, 2]\n")
+    for command in (("verify", dataset_copy), ("crop-components", dataset_copy)):
+        result = dfd_data(*command)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert f"{records}: line 3 is not a JSON object" in result.stderr
+    records.write_text(records.read_text().replace("[1, 2]", '{"status": "aligned"}'))
+    result = dfd_data("align", sample_photos, dataset_copy, "--size", "128")
+    assert result.returncode == 1 and result.stderr == f'Error: {records}: a record has no "id"\n'
 
 
 def test_label_rows_that_would_put_wrong_labels_in_are_refused_with_their_row(tmp_path, sample_photos):
