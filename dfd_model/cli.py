@@ -5,6 +5,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 import torch
 import yaml
 
@@ -40,6 +41,16 @@ def env(device):
                f"CUDA devices: {torch.cuda.device_count()}; inference precision (auto): {precision}")
 
 
+def _number(text: str) -> int | float | None:
+    """`text` as an int or a float where it is one: YAML 1.1 reads 1e-6 (no dot) as a string."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return None
+
+
 def _split_settings(settings: tuple[str, ...]) -> tuple[dict, dict]:
     """--set KEY=VALUE pairs -> (ModelConfig fields, TrainConfig fields), values parsed as YAML
     scalars (numbers, true/false, null)."""
@@ -50,10 +61,12 @@ def _split_settings(settings: tuple[str, ...]) -> tuple[dict, dict]:
     train_keys = {f.name for f in fields(TrainConfig)}
     model, training = {}, {}
     for key, text in parse_settings(settings).items():
-        try:
-            value = yaml.safe_load(text) if text else None
-        except yaml.YAMLError:
-            value = text
+        value = _number(text)
+        if value is None:
+            try:
+                value = yaml.safe_load(text) if text else None
+            except yaml.YAMLError:
+                value = text
         if key in model_keys:
             model[key] = value
         elif key in train_keys:
@@ -77,7 +90,8 @@ Examples:
                    "discriminators (needs stage 1 in the same run folder); all: both.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Run folder. Default: the next free runs/run-NNN.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint, with its own "
+              "settings: options given again must match them, except --steps, --lr and the --*-every ones.")
 @click.option("--resolution", type=int, default=512, help="Side of sketches and faces (multiple of 32, >= 64).")
 @click.option("--steps", type=click.IntRange(1), default=50_000, help="Optimisation steps per stage.")
 @click.option("--batch-size", type=click.IntRange(1), default=8)
@@ -91,7 +105,7 @@ Examples:
 @click.option("--log-every", type=click.IntRange(1), default=50, help="Steps per stats.jsonl row.")
 @click.option("--grid-every", type=click.IntRange(1), default=1000, help="Steps between validation grids.")
 @click.option("--checkpoint-every", type=click.IntRange(1), default=1000, help="Steps between checkpoints.")
-@click.option("--seed", type=click.IntRange(0), default=0)
+@click.option("--seed", type=click.IntRange(0, 2 ** 63 - 1), default=0)
 @click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train(dataset, stage, out, resume, resolution, steps, batch_size, lr, sketches, vgg_weights, settings,
@@ -123,7 +137,7 @@ def train(dataset, stage, out, resume, resolution, steps, batch_size, lr, sketch
     run_folder = Path(out) if out else next_run_folder(Path("runs"))
     try:
         trainer = Trainer(dataset, run_folder, model_config, train_config, resolve_device(device), resume=resume,
-                          quiet=quiet, echo=click.echo)
+                          given=_given_settings(model_settings, train_settings), quiet=quiet, echo=click.echo)
         try:
             trainer.echo(trainer.describe())
             summary = trainer.run(stage)
@@ -138,6 +152,16 @@ def train(dataset, stage, out, resume, resolution, steps, batch_size, lr, sketch
         if not isinstance(error, distributed.OtherRankFailed):
             click.echo(f"Error: rank {rank}: {error}", err=True)
         raise SystemExit(1) from None
+
+
+def _given_settings(model_settings: dict, train_settings: dict) -> set[str]:
+    """The configuration keys this command line sets: its options not left at their defaults,
+    and its --set keys (a resumed run keeps its own value of every other setting)."""
+    context = click.get_current_context()
+    options = ("resolution", "steps", "batch_size", "lr", "sketches", "vgg_weights", "log_every", "grid_every",
+               "checkpoint_every", "seed")
+    return {name for name in options if context.get_parameter_source(name) is not ParameterSource.DEFAULT} \
+        | set(model_settings) | set(train_settings)
 
 
 def _parse_refine(values: tuple[str, ...]) -> float | dict[str, float]:

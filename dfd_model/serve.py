@@ -55,6 +55,9 @@ MAX_WAITING = 8
 WAIT_SECONDS = 60.0
 
 
+ALLOWED_METHODS = "GET, HEAD, POST, OPTIONS"
+
+
 class RequestError(Exception):
     def __init__(self, status: HTTPStatus, message: str):
         super().__init__(message)
@@ -174,8 +177,11 @@ def make_handler(service: FaceService):
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Cache-Control", "no-store")
             self.send_header("X-Content-Type-Options", "nosniff")
+            if status == HTTPStatus.METHOD_NOT_ALLOWED:
+                self.send_header("Allow", ALLOWED_METHODS)
             self.end_headers()
-            self.wfile.write(body)
+            if self.command != "HEAD":  # HEAD: GET's status and headers, without its body
+                self.wfile.write(body)
 
         def _json(self, status: HTTPStatus, document: dict) -> None:
             self._send(status, json.dumps(document).encode(), "application/json")
@@ -223,6 +229,14 @@ def make_handler(service: FaceService):
                 self.close_connection = True
                 traceback.print_exc()  # and the bug is not lost: the request log is off, stderr is not
                 self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error: {type(error).__name__}"})
+
+        do_HEAD = do_GET  # noqa: N815
+
+        def do_OPTIONS(self):  # noqa: N802
+            self.close_connection = True  # its body, if any, is never read
+            self.send_response(HTTPStatus.NO_CONTENT)
+            self.send_header("Allow", ALLOWED_METHODS)
+            self.end_headers()
 
         def do_PUT(self):  # noqa: N802
             self.close_connection = True  # its body, if any, is never read

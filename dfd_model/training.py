@@ -27,6 +27,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Collection
 
 import numpy as np
 import torch
@@ -49,15 +50,17 @@ from .losses import VGG19Features, feature_matching_loss, lsgan_loss, perceptual
 from .networks import MultiscaleDiscriminator, denormalize_image, fuse_feature_maps
 from .projection import FeatureBank
 from .sketch_to_face import SketchToFace, crop_sketch_components
-from .training_checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .training_checkpoint import (checkpoint_configs, checkpoint_name, latest_checkpoint, load_checkpoint,
+                                  save_checkpoint)
 from .training_data import (BatchOrder, PairSet, TrainingDataError, UNKNOWN_GENDER, build_pair_set,
                             choose_sketch_folder, load_pair, split_records)
 
 VALIDATION_FACES = 8
 CONFIG_FILE = "train_config.json"
 STATS_FILE = "stats.jsonl"
-# Settings a resumed run may change; any other difference means a different experiment.
-RESUMABLE_CHANGES = ("steps", "log_every", "grid_every", "checkpoint_every")
+# Settings a resumed run may change; any other difference means a different experiment. (A
+# lower lr is the way on after a loss that diverged: the optimisers take it on resuming.)
+RESUMABLE_CHANGES = ("steps", "lr", "log_every", "grid_every", "checkpoint_every")
 
 
 class TrainingError(UserError):
@@ -184,12 +187,15 @@ class Trainer:
     """One run: `Trainer(...).run(stage)`; see the module docstring for the folder it fills."""
 
     def __init__(self, dataset: str | Path, out: Path, model_config: ModelConfig, train_config: TrainConfig,
-                 device: torch.device, *, resume: bool = False, quiet: bool = False, echo=print):
+                 device: torch.device, *, resume: bool = False, given: Collection[str] | None = None,
+                 quiet: bool = False, echo=print):
+        """`given`: the settings the user chose (the command line's explicit options); a resumed
+        run keeps its own value of every other one. None: all of them."""
         self.ranks, device = distributed.start(device)
         main = self.ranks.main
         self.dataset, self.out, self.device = Dataset(dataset), Path(out), device
         self.quiet, self.echo = quiet or not main, echo if main else (lambda line: None)
-        self.model_config, self.config = self._resolve_configs(model_config, train_config, resume)
+        self.model_config, self.config = self._resolve_configs(model_config, train_config, resume, given)
         distributed.main_first(self.ranks, self._check_batch_size)  # one process reports it
         torch.manual_seed(self.config.seed)
         keep_freed_memory()  # every step frees and allocates the same large activations again
@@ -214,12 +220,17 @@ class Trainer:
         self.autocast, self.scaler, self.precision = _amp_context(device, self.config.amp)
         self.stage, self.step, self.banks = 1, 0, None
         self.pending_losses: list[dict] = []  # the steps' losses since the last stats row
+        self._pairs_trained_on = None
         checkpoint = latest_checkpoint(self.out)
         if checkpoint is not None:
             state, self.banks = load_checkpoint(checkpoint, modules=self._modules(), optimizers=self.optimizers,
                                                 device=device)
             self.stage, self.step = state["stage"], state["step"]
             self.pending_losses = state["pending_losses"]
+            self._pairs_trained_on = state.get("pairs")  # (checkpoints from before it was kept lack it)
+            for optimizer in self.optimizers.values():  # the run's lr, which a resume may have lowered
+                for group in optimizer.param_groups:
+                    group["lr"] = self.config.lr
             if self.scaler is not None and state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
             self.echo(f"resuming {self.out} from {checkpoint.name} (stage {self.stage}, step {self.step})")
@@ -232,39 +243,69 @@ class Trainer:
         # rank 0 stacks the pairs (a cache in the run folder); the others then read them
         data = distributed.main_first(self.ranks, self._prepare_data)
         self.pairs, self.validation = data if data is not None else self._load_data()
+        if self._pairs_trained_on not in (None, self.pairs.fingerprint):
+            raise TrainingError(f"{self.out}: was trained on other pairs than {self.dataset.root} gives now (its "
+                                "faces, sketches, labels or split changed, or it is another dataset); resume with "
+                                "the data it was trained on or start a new --out")
+        elif checkpoint is None and resume:
+            self.echo(f"no checkpoint in {self.out}: starting at step 0")
         self.autoencoder_net = distributed.wrap(AutoEncoderSet(self.model.autoencoders), self.ranks, device)
         self.generator_net = distributed.wrap(FeaturesToFace(self.model), self.ranks, device)
         self.discriminator_net = distributed.wrap(self.discriminator, self.ranks, device)
 
     # ---- configuration ----------------------------------------------------------------------------
-    def _resolve_configs(self, model_config, train_config, resume):
+    def _resolve_configs(self, model_config, train_config, resume, given):
         """The run's configurations: rank 0 checks the dataset and the run folder and writes the
         resolved configuration, which the other processes then read."""
         path = self.out / CONFIG_FILE
         wanted = distributed.main_first(self.ranks, lambda: self._write_run_config(path, model_config, train_config,
-                                                                                  resume))
+                                                                                  resume, given))
         wanted = wanted if wanted is not None else _read_run_config(path)
-        return ModelConfig.from_dict(wanted["model"], complete=True), TrainConfig.from_dict(wanted["training"])
+        try:
+            return ModelConfig.from_dict(wanted["model"], complete=True), TrainConfig.from_dict(wanted["training"])
+        except (TypeError, ValueError) as error:  # a train_config.json edited by hand, or from another version
+            raise TrainingError(f"{path}: {error}; restore it or start a new --out") from None
 
     def _write_run_config(self, path: Path, model_config: ModelConfig, train_config: TrainConfig,
-                          resume: bool) -> dict:
+                          resume: bool, given: Collection[str] | None) -> dict:
         self.dataset.require()
         wanted = {"model": model_config.to_dict(), "training": asdict(train_config)}
-        if latest_checkpoint(self.out) is not None and not resume:
+        checkpoint = latest_checkpoint(self.out)
+        if checkpoint is not None and not resume:
             raise TrainingError(f"{self.out}: already holds a training run; pass --resume to continue it "
                                 "or choose another --out")
-        if path.is_file() and resume:
-            saved = _read_run_config(path)
-            differ = [f"{section}.{key}" for section in ("model", "training") for key in saved[section]
-                      if saved[section][key] != wanted[section].get(key) and key not in RESUMABLE_CHANGES]
-            if differ:
-                raise TrainingError(f"{path}: the run was started with other settings ({', '.join(differ)}); "
-                                    "resume with the same options or start a new --out")
-            saved["training"].update({key: wanted["training"][key] for key in RESUMABLE_CHANGES})
-            wanted = saved
-        self.out.mkdir(parents=True, exist_ok=True)
+        saved = _read_run_config(path) if path.is_file() else checkpoint_configs(checkpoint) if checkpoint else None
+        if saved is not None and resume:
+            wanted = self._resumed_config(path, saved, wanted, given)
+        elif wanted["training"]["sketches"] is None:  # pinned: a set added later must not change the run's data
+            wanted["training"]["sketches"] = choose_sketch_folder(self.dataset, None)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError) as error:
+            raise TrainingError(f"{self.out}: cannot create the run folder ({error.strerror})") from None
         atomic_write_text(path, json.dumps(wanted, indent=2, sort_keys=True) + "\n")
         return wanted
+
+    def _resumed_config(self, path: Path, saved: dict, wanted: dict, given: Collection[str] | None) -> dict:
+        """The saved configuration, with the resumable settings the user chose anew; a chosen
+        setting that would make another experiment is refused."""
+        differ, changed = [], []
+        for section in ("model", "training"):
+            for key, value in saved[section].items():
+                chosen = (given is None or key in given) and not (key == "sketches" and wanted[section][key] is None)
+                if not chosen or wanted[section].get(key) == value:  # (no --sketches: the set it was pinned to)
+                    continue
+                if key not in RESUMABLE_CHANGES:
+                    differ.append(f"{section}.{key}")
+                else:
+                    changed.append(f"{key} {value} -> {wanted[section][key]}")
+                    saved[section][key] = wanted[section][key]
+        if differ:
+            raise TrainingError(f"{path}: the run was started with other settings ({', '.join(differ)}); "
+                                "resume with the same options or start a new --out")
+        if changed:
+            self.echo(f"resuming with {', '.join(changed)}")
+        return saved
 
     def _check_batch_size(self) -> None:
         """Batch norm in training needs two values per channel, and the autoencoders' deepest maps
@@ -349,9 +390,9 @@ class Trainer:
             return
         state = {"stage": self.stage, "step": self.step, "model_config": self.model_config.to_dict(),
                  "train_config": asdict(self.config), "pending_losses": self.pending_losses,
-                 "processes": self.ranks.world,
+                 "processes": self.ranks.world, "pairs": self.pairs.fingerprint,
                  "scaler": self.scaler.state_dict() if self.scaler is not None else None}
-        save_checkpoint(self.out, f"stage{self.stage}-step{self.step:07d}", modules=self._modules(),
+        save_checkpoint(self.out, checkpoint_name(self.stage, self.step), modules=self._modules(),
                         optimizers=self.optimizers, banks=self.banks, state=state)
 
     def _save_model(self) -> None:
@@ -510,8 +551,8 @@ class Trainer:
             losses = self.stage1_step(sketches) if stage == 1 else self.stage2_step(sketches, photos)
             losses = distributed.mean_over_ranks(losses, self.ranks, self.device)
             if not all(math.isfinite(v) for v in losses.values()):
-                raise TrainingError(f"stage {stage} step {self.step + 1}: the loss became {losses}; lower --lr "
-                                    f"or resume from the last checkpoint")
+                raise TrainingError(f"stage {stage} step {self.step + 1}: the loss became {losses}; resume from "
+                                    f"the last checkpoint with a lower --lr")
             pending.append(losses)
             self.step, timed = self.step + 1, timed + 1
             if bar is not None:
@@ -544,7 +585,8 @@ class Trainer:
         rows = [r for r in read_jsonl(self.out / STATS_FILE) if r["stage"] == stage]
         first, last = rows[0]["losses"], rows[-1]["losses"]
         key = "total" if stage == 1 else "g_total"
-        return f"stage {stage}: {self.step} steps, loss {first[key]:.4f} -> {last[key]:.4f}"
+        losses = f"{first[key]:.4f} -> {last[key]:.4f}" if len(rows) > 1 else f"{last[key]:.4f} (one stats row)"
+        return f"stage {stage}: {self.step} steps, loss {losses}"
 
 
 __all__ = ["TrainConfig", "Trainer", "TrainingError", "next_run_folder"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -28,6 +29,7 @@ TENSORS_FILE = "tensors.safetensors"
 STATE_FILE = "state.json"
 LATEST = "latest.json"
 KEEP = 2  # checkpoints kept on disk (the newest ones)
+_CHECKPOINT_NAME = re.compile(r"stage(\d+)-step(\d+)")  # see checkpoint_name
 
 
 class TrainingCheckpointError(UserError, ValueError):
@@ -127,19 +129,38 @@ def _prune(folder: Path, keep: str) -> None:
 
 
 def latest_checkpoint(run: Path) -> Path | None:
-    """The checkpoint folder latest.json names, or None when the run has none yet."""
-    pointer = run / "checkpoints" / LATEST
-    if not pointer.is_file():
-        return None
+    """The checkpoint folder latest.json names, or None when the run has none yet. Where
+    latest.json is missing or names a folder that is gone (deleted by hand, say, being damaged),
+    the newest checkpoint folder on disk, by stage and step."""
+    folder = run / "checkpoints"
+    pointer = folder / LATEST
+    if pointer.is_file():
+        try:
+            name = json.loads(pointer.read_text())["checkpoint"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            raise TrainingCheckpointError(f"{pointer}: unreadable; delete it to resume from the newest checkpoint "
+                                          "beside it") from None
+        if not isinstance(name, str) or "/" in name or name.startswith("."):
+            raise TrainingCheckpointError(f"{pointer}: names an invalid checkpoint {name!r}")
+        if (folder / name).is_dir():
+            return folder / name
+    found = [(int(match[1]), int(match[2]), path) for path in (folder.iterdir() if folder.is_dir() else ())
+             if path.is_dir() and (match := _CHECKPOINT_NAME.fullmatch(path.name))]
+    return max(found)[2] if found else None
+
+
+def checkpoint_name(stage: int, step: int) -> str:
+    return f"stage{stage}-step{step:07d}"
+
+
+def checkpoint_configs(path: Path) -> dict:
+    """{"model": ..., "training": ...} as checkpoint `path` records them (a run folder that lost
+    its train_config.json is still checked against them on resuming)."""
     try:
-        entry = json.loads(pointer.read_text())
-        name = entry["checkpoint"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise TrainingCheckpointError(f"{pointer}: unreadable; delete it to resume from the checkpoints listed "
-                                      "beside it by hand") from None
-    if not isinstance(name, str) or "/" in name or name.startswith("."):
-        raise TrainingCheckpointError(f"{pointer}: names an invalid checkpoint {name!r}")
-    return run / "checkpoints" / name
+        state = json.loads((path / STATE_FILE).read_text())
+        return {"model": dict(state["model_config"]), "training": dict(state["train_config"])}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise TrainingCheckpointError(f"{path / STATE_FILE}: unreadable, or records no configuration") from None
 
 
 def load_checkpoint(path: Path, *, modules: dict[str, torch.nn.Module],
@@ -158,10 +179,10 @@ def load_checkpoint(path: Path, *, modules: dict[str, torch.nn.Module],
         raise TrainingCheckpointError(f"{state_path}: not a {FORMAT} version {FORMAT_VERSION} checkpoint")
     if _state_digest(state) != state.get("state_sha256"):
         raise TrainingCheckpointError(f"{state_path}: contents differ from the digest it records; "
-                                      "the checkpoint is damaged")
+                                      f"the checkpoint is damaged (delete {path} to resume from the one before)")
     if sha256_file(tensors_path) != state.get("tensors_sha256"):
         raise TrainingCheckpointError(f"{tensors_path}: contents differ from what {STATE_FILE} records; "
-                                      "the checkpoint is damaged")
+                                      f"the checkpoint is damaged (delete {path} to resume from the one before)")
     # Read tensor by tensor, so resuming holds no second copy of the run. The tensors read
     # view a memory map of the file: whatever is kept is copied, or one four-byte Adam step
     # would keep the whole file mapped (6.3 GiB for the full model) for the rest of the run,
@@ -193,4 +214,4 @@ def load_checkpoint(path: Path, *, modules: dict[str, torch.nn.Module],
     return state, banks
 
 
-__all__ = ["TrainingCheckpointError", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = ["TrainingCheckpointError", "checkpoint_configs", "checkpoint_name", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]

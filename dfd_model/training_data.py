@@ -44,6 +44,7 @@ class PairSet:
     genders: list[str]
     sketches: np.ndarray
     photos: np.ndarray
+    fingerprint: str  # of the rows they were stacked from (checkpoints record what they trained on)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -78,7 +79,7 @@ def choose_sketch_folder(dataset: Dataset, wanted: str | None) -> str:
 def split_records(dataset: Dataset, sketch_folder: str) -> tuple[list[dict], list[dict]]:
     """(training, held-out) aligned records that have a finished sketch in `sketch_folder`,
     each with "sketch" and "gender" filled in, sorted by id."""
-    done = {row["id"]: row for row in read_jsonl(dataset.path(f"sketches/{sketch_folder}/records.jsonl"))}
+    done = {row.get("id"): row for row in read_jsonl(dataset.path(f"sketches/{sketch_folder}/records.jsonl"))}
     train, held_out = [], []
     for record in dataset.aligned():
         sketch = done.get(record["id"])
@@ -93,7 +94,7 @@ def split_records(dataset: Dataset, sketch_folder: str) -> tuple[list[dict], lis
 
 
 def _fingerprint(rows: list[dict], resolution: int) -> str:
-    text = json.dumps([resolution, [(r["id"], r["image"], r["sketch"], r["digests"]) for r in rows]])
+    text = json.dumps([resolution, [(r["id"], r["image"], r["sketch"], r["digests"], r["gender"]) for r in rows]])
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -117,11 +118,9 @@ def build_pair_set(dataset: Dataset, rows: list[dict], resolution: int, cache: P
     Returns the pairs and one error line per file that could not be used."""
     fingerprint = _fingerprint(rows, resolution)
     stamp = cache / "fingerprint.json"
-    if stamp.is_file():
-        saved = json.loads(stamp.read_text())
-        if saved.get("fingerprint") == fingerprint:
-            return PairSet(saved["ids"], saved["genders"], np.load(cache / "sketches.npy", mmap_mode="r"),
-                           np.load(cache / "photos.npy", mmap_mode="r")), saved["errors"]
+    cached = _cached_pairs(cache, fingerprint, resolution) if stamp.is_file() else None
+    if cached is not None:
+        return cached
     cache.mkdir(parents=True, exist_ok=True)
     stamp.unlink(missing_ok=True)
     shape = (len(rows), resolution, resolution)
@@ -147,7 +146,26 @@ def build_pair_set(dataset: Dataset, rows: list[dict], resolution: int, cache: P
     atomic_write_text(stamp, json.dumps({"fingerprint": fingerprint, "ids": ids, "genders": genders,
                                          "errors": errors}))
     return PairSet(ids, genders, np.load(cache / "sketches.npy", mmap_mode="r"),
-                   np.load(cache / "photos.npy", mmap_mode="r")), errors
+                   np.load(cache / "photos.npy", mmap_mode="r"), fingerprint), errors
+
+
+def _cached_pairs(cache: Path, fingerprint: str, resolution: int) -> tuple[PairSet, list[str]] | None:
+    """The pairs stacked earlier from the same rows, or None where the cache is from other rows
+    or damaged (a disk problem, a file edited): it is only a cache, and is built again."""
+    try:
+        saved = json.loads((cache / "fingerprint.json").read_text())
+        if saved["fingerprint"] != fingerprint:
+            return None
+        ids, genders, errors = list(saved["ids"]), list(saved["genders"]), list(saved["errors"])
+        sketches = np.load(cache / "sketches.npy", mmap_mode="r")
+        photos = np.load(cache / "photos.npy", mmap_mode="r")
+    except (OSError, ValueError, KeyError, TypeError):  # (JSONDecodeError and numpy's format errors are ValueErrors)
+        return None
+    shape = (len(ids), resolution, resolution)
+    if sketches.shape != shape or photos.shape != (*shape, 3) or len(genders) != len(ids) \
+            or sketches.dtype != np.uint8 or photos.dtype != np.uint8:
+        return None
+    return PairSet(ids, genders, sketches, photos, fingerprint), errors
 
 
 def _truncate_rows(temp: Path, rows: int, target: Path) -> None:

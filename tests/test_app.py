@@ -171,6 +171,21 @@ def test_a_refused_request_never_leaves_its_body_to_be_read_as_the_next_request(
     assert answer.count(b"HTTP/1.1 200 ") == 2
 
 
+def test_head_options_and_other_methods_get_standard_answers(server):
+    """HEAD is GET without the body; OPTIONS and a refused method name the methods allowed."""
+    get = _exchange(server, b"GET /api/info HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    head = _exchange(server, b"HEAD /api/info HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    headers, body = get.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200 ") and head.endswith(b"\r\n\r\n") and body
+    assert [line for line in head.split(b"\r\n") if line.startswith(b"Content-Length")] == \
+        [line for line in headers.split(b"\r\n") if line.startswith(b"Content-Length")]
+    options = _exchange(server, b"OPTIONS /api/generate HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert options.startswith(b"HTTP/1.1 204 ") and b"Allow: GET, HEAD, POST, OPTIONS\r\n" in options
+    delete = _exchange(server, b"DELETE /api/generate HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert delete.startswith(b"HTTP/1.1 405 ") and b"Allow: GET, HEAD, POST, OPTIONS\r\n" in delete
+    assert delete.endswith(b'{"error": "use GET or POST"}')
+
+
 def test_many_concurrent_requests_are_answered_or_refused_and_the_server_survives(server):
     body = json.dumps({"sketch": _sketch_url()}).encode()
     with ThreadPoolExecutor(max_workers=50) as pool:

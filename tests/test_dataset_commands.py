@@ -174,6 +174,10 @@ def test_labels_from_csv_are_kept_and_counted(dataset_copy, tmp_path):
     assert manifest["splits"] == {"test": 1, "train": 1}
     assert manifest["attributes"]["gender"] == {"female": 1, "male": 1}
     assert dfd_data("verify", dataset_copy).returncode == 0
+    other = tmp_path / "other.csv"
+    other.write_text("source,gender\nsomeone.jpg,female\n")
+    unmatched = dfd_data("label", dataset_copy, other)
+    assert unmatched.returncode == 1 and "0 images labelled from 1 rows, 1 rows matched no image" in unmatched.stdout
 
 
 def test_labels_survive_a_rerun_of_align(dataset_copy, tmp_path, sample_photos):

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from dfd_data.components import COMPONENTS
+from dfd_data.dataset import Dataset
 from dfd_data.errors import UserError
 from dfd_data.image_io import ImageError, encode_png, read_image
 from dfd_model.config import ModelConfig
@@ -253,10 +254,36 @@ def test_stage_two_needs_stage_one_and_settings_must_match_on_resume(sketched_da
     assert (tmp_path / "run" / "model" / "banks.safetensors").is_file()
     with pytest.raises(TrainingError, match="pass --resume"):  # and train_config.json is left as it was
         _trainer(sketched_dataset, tmp_path / "run", steps=2, lr=1e-3)
-    with pytest.raises(TrainingError, match="training.lr"):
-        _trainer(sketched_dataset, tmp_path / "run", resume=True, steps=2, lr=1e-3)
+    with pytest.raises(TrainingError, match="training.seed"):
+        _trainer(sketched_dataset, tmp_path / "run", resume=True, steps=2, seed=1)
     summary = _trainer(sketched_dataset, tmp_path / "run", resume=True, steps=2).run("2")
     assert summary.startswith("train: stage 2: 2 steps")
+
+
+def test_resuming_keeps_the_runs_own_settings_and_data(sketched_dataset, tmp_path):
+    """A resume takes the run's settings where none are given, and a new lr where one is (the
+    optimisers step with it); it finds the newest checkpoint when latest.json was lost, and
+    refuses pairs other than those the run was trained on."""
+    dataset = tmp_path / "faces"
+    shutil.copytree(sketched_dataset, dataset)
+    run = tmp_path / "run"
+    _trainer(dataset, run, steps=2).run("1")
+    assert json.loads((run / "train_config.json").read_text())["training"]["sketches"] == "photocopy"  # pinned
+    (run / "checkpoints" / "latest.json").unlink()
+    with pytest.raises(TrainingError, match="already holds a training run"):
+        _trainer(dataset, run, steps=2)
+    lines = []
+    resumed = Trainer(dataset, run, ModelConfig(**TINY_128), TrainConfig(lr=1e-4), torch.device("cpu"), resume=True,
+                      given={"lr"}, quiet=True, echo=lines.append)
+    assert (resumed.stage, resumed.step, resumed.config.steps, resumed.config.batch_size) == (2, 0, 2, 2)
+    assert "resuming with lr 0.0002 -> 0.0001" in lines
+    assert {group["lr"] for optimizer in resumed.optimizers.values() for group in optimizer.param_groups} == {1e-4}
+    resumed.close()
+    (run / "data" / "sketches.npy").write_bytes(b"damaged")  # only a cache: stacked again
+    assert _trainer(dataset, run, resume=True, steps=2, lr=1e-4).pairs.sketches.shape[0] > 0
+    label_dataset(dataset, [(r["id"], "female", "train") for r in Dataset(dataset).aligned()])
+    with pytest.raises(TrainingError, match="was trained on other pairs"):
+        _trainer(dataset, run, resume=True, steps=2, lr=1e-4)
 
 
 def test_a_damaged_checkpoint_or_run_config_is_refused(sketched_dataset, tmp_path):
@@ -323,6 +350,10 @@ def test_smoke_command_then_generate(sketched_dataset, tmp_path):
     assert json.loads((run / "train_config.json").read_text())["model"]["ngf"] == 8
     again = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     assert again.returncode == 1 and "pass --resume" in again.stderr and "Traceback" not in again.stderr
+    bare = subprocess.run([sys.executable, "-m", "dfd_model", "train", str(sketched_dataset), "--out", str(run),
+                           "--resume", "--quiet"], capture_output=True, text=True, cwd=REPO)
+    assert bare.returncode == 0, bare.stderr  # the run's own settings: not 50,000 steps at 512 px
+    assert "train: nothing left to do" in bare.stdout and "steps=3" in bare.stdout
 
     sketch = read_image(next((sketched_dataset / "sketches" / "photocopy").glob("*.png")))[:, :, 0]
     inputs = tmp_path / "inputs"
