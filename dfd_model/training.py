@@ -235,11 +235,10 @@ class Trainer:
                 self.scaler.load_state_dict(state["scaler"])
             self.echo(f"resuming {self.out} from {checkpoint.name} (stage {self.stage}, step {self.step})")
             processes = state.get("processes", 1)  # checkpoints from before torchrun runs lack it
-            if processes != self.ranks.world:
-                batch = self.config.batch_size
-                self.echo(f"warning: the run used {processes} processes (global batch {batch * processes}), "
-                          f"this one {self.ranks.world} (global batch {batch * self.ranks.world}): training "
-                          "goes on, but not as the run would have")
+            was, now = state["train_config"]["batch_size"] * processes, self.config.batch_size * self.ranks.world
+            if was != now:
+                self.echo(f"warning: the run's global batch was {was} ({processes} processes), this one's is {now} "
+                          f"({self.ranks.world}): training goes on, but not as the run would have")
         # rank 0 stacks the pairs (a cache in the run folder); the others then read them
         data = distributed.main_first(self.ranks, self._prepare_data)
         self.pairs, self.validation = data if data is not None else self._load_data()
@@ -274,9 +273,10 @@ class Trainer:
         if checkpoint is not None and not resume:
             raise TrainingError(f"{self.out}: already holds a training run; pass --resume to continue it "
                                 "or choose another --out")
-        saved = _read_run_config(path) if path.is_file() else checkpoint_configs(checkpoint) if checkpoint else None
+        saved = _read_run_config(path) if path.is_file() else checkpoint_configs(checkpoint)[0] if checkpoint else None
         if saved is not None and resume:
-            wanted = self._resumed_config(path, saved, wanted, given)
+            processes = checkpoint_configs(checkpoint)[1] if checkpoint else self.ranks.world
+            wanted = self._resumed_config(path, saved, wanted, given, processes)
         elif wanted["training"]["sketches"] is None:  # pinned: a set added later must not change the run's data
             wanted["training"]["sketches"] = choose_sketch_folder(self.dataset, None)
         try:
@@ -286,16 +286,23 @@ class Trainer:
         atomic_write_text(path, json.dumps(wanted, indent=2, sort_keys=True) + "\n")
         return wanted
 
-    def _resumed_config(self, path: Path, saved: dict, wanted: dict, given: Collection[str] | None) -> dict:
+    def _resumed_config(self, path: Path, saved: dict, wanted: dict, given: Collection[str] | None,
+                        processes: int) -> dict:
         """The saved configuration, with the resumable settings the user chose anew; a chosen
-        setting that would make another experiment is refused."""
+        setting that would make another experiment is refused. The batch is per process: on
+        another number of processes (`processes` ran the checkpoint), a batch size that keeps
+        the global batch keeps the run's batches."""
         differ, changed = [], []
         for section in ("model", "training"):
             for key, value in saved[section].items():
                 chosen = (given is None or key in given) and not (key == "sketches" and wanted[section][key] is None)
                 if not chosen or wanted[section].get(key) == value:  # (no --sketches: the set it was pinned to)
                     continue
-                if key not in RESUMABLE_CHANGES:
+                if key == "batch_size" and value * processes == wanted[section][key] * self.ranks.world:
+                    changed.append(f"batch_size {value} -> {wanted[section][key]} per process "
+                                   f"(global batch {value * processes} on {self.ranks.world} processes)")
+                    saved[section][key] = wanted[section][key]
+                elif key not in RESUMABLE_CHANGES:
                     differ.append(f"{section}.{key}")
                 else:
                     changed.append(f"{key} {value} -> {wanted[section][key]}")

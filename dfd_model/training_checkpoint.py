@@ -153,12 +153,14 @@ def checkpoint_name(stage: int, step: int) -> str:
     return f"stage{stage}-step{step:07d}"
 
 
-def checkpoint_configs(path: Path) -> dict:
-    """{"model": ..., "training": ...} as checkpoint `path` records them (a run folder that lost
-    its train_config.json is still checked against them on resuming)."""
+def checkpoint_configs(path: Path) -> tuple[dict, int]:
+    """({"model": ..., "training": ...}, processes) as checkpoint `path` records them: a resumed
+    run is checked against them where train_config.json was lost, and its batch per process
+    may differ where its number of processes does."""
     try:
         state = json.loads((path / STATE_FILE).read_text())
-        return {"model": dict(state["model_config"]), "training": dict(state["train_config"])}
+        return ({"model": dict(state["model_config"]), "training": dict(state["train_config"])},
+                int(state.get("processes", 1)))  # (checkpoints from before torchrun runs lack it)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
         raise TrainingCheckpointError(f"{path / STATE_FILE}: unreadable, or records no configuration") from None
 

@@ -506,12 +506,18 @@ def test_torchrun_with_two_cpu_processes_matches_one_process(sketched_dataset, t
     assert [line for line in again.stderr.splitlines() if "Error" in line and "ChildFailedError" not in line] == \
         [f"Error: {tmp_path / 'cut'}: already holds a training run; pass --resume to continue it or choose another "
          "--out"]
-    # resumed by one process, the run goes on with half its global batch: said, not silent
+    # resumed by one process with twice the batch, the run keeps its global batch (and batches);
+    # with the same batch per process it goes on with half its global batch: said, not silent
     more = [arg if arg != "6" else "7" for arg in common]
-    resumed = subprocess.run([sys.executable, "-m", "dfd_model", "train", *more, "--batch-size", "2", "--resume",
+    resumed = subprocess.run([sys.executable, "-m", "dfd_model", "train", *more, "--batch-size", "4", "--resume",
                               "--out", str(tmp_path / "double")], capture_output=True, text=True, cwd=REPO)
     assert resumed.returncode == 0, resumed.stderr
-    assert "warning: the run used 2 processes (global batch 4), this one 1 (global batch 2)" in resumed.stdout
+    assert "resuming with batch_size 2 -> 4 per process (global batch 4 on 1 processes), steps 6 -> 7" \
+        in resumed.stdout and "warning" not in resumed.stdout
+    halved = subprocess.run([sys.executable, "-m", "dfd_model", "train", *more, "--batch-size", "2", "--resume",
+                             "--out", str(tmp_path / "cut")], capture_output=True, text=True, cwd=REPO)
+    assert halved.returncode == 0, halved.stderr
+    assert "warning: the run's global batch was 4 (2 processes), this one's is 2 (1)" in halved.stdout
 
 
 def test_generate_over_a_hostile_folder(tiny_model_folder, sample_photos, tmp_path):
