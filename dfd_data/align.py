@@ -8,7 +8,7 @@ photos of the same bytes that showed no face (they are reported again).
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -103,7 +103,8 @@ def _is_complete(dataset: Dataset, records: list[dict], source: Source, params: 
 
 def align_folder(src: str | os.PathLike, dst: str | os.PathLike, params: AlignParams = AlignParams(), *,
                  jobs: int = 1, backend: str = "loky", quiet: bool = False) -> BatchSummary:
-    src, dataset = Path(src), Dataset(dst)
+    # absolute paths: a cluster worker's working directory is not this one's
+    src, dataset = Path(os.path.abspath(src)), Dataset(os.path.abspath(dst))
     if not src.is_dir():
         raise DatasetError(f"{src}: source folder does not exist")
     if os.path.realpath(src) == os.path.realpath(dataset.root):
@@ -133,9 +134,7 @@ def align_folder(src: str | os.PathLike, dst: str | os.PathLike, params: AlignPa
         _drop(dataset, log, by_source.pop(relpath))
 
     pending = [s for s in sources if not _is_complete(dataset, by_source.get(s.relpath, []), s, asdict(params))]
-    # workers get absolute paths: a cluster worker's working directory is not this one's
-    tasks = [Task(s.relpath, str(s.path), _Job(replace(s, path=s.path.absolute()), params, str(dataset.root.absolute())))
-             for s in pending]
+    tasks = [Task(s.relpath, str(s.path), _Job(s, params, str(dataset.root))) for s in pending]
 
     def on_outcome(outcome: Outcome) -> None:
         old = by_source.get(outcome.task.key, [])

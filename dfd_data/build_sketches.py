@@ -79,7 +79,7 @@ def sketch_batch(tasks: list[Task]) -> list:
 def build_sketches(root: str | os.PathLike, method: SketchMethod, *, jobs: int = 1, backend: str = "loky",
                    device: str = "auto", precision: str = "auto", batch_size: int = 4, preview: int = 16,
                    quiet: bool = False) -> BatchSummary:
-    dataset = Dataset(root)
+    dataset = Dataset(os.path.abspath(root))  # (absolute: a cluster worker's working directory is not this one's)
     manifest = dataset.require()
     aligned = dataset.aligned()
     if not aligned:
@@ -97,7 +97,7 @@ def build_sketches(root: str | os.PathLike, method: SketchMethod, *, jobs: int =
     inputs = {r["id"]: r["image"] for r in aligned}
 
     def payload(record_id: str, input_relpath: str) -> _Job:
-        return _Job(record_id, input_relpath, str(dataset.root.absolute()), f"{out_dir}/{record_id}.png", method, device,
+        return _Job(record_id, input_relpath, str(dataset.root), f"{out_dir}/{record_id}.png", method, device,
                     precision, batch_size)
 
     if method.uses_network and backend not in CLUSTER_BACKENDS:  # one process; the network parallelises inside

@@ -75,7 +75,7 @@ def crop_one(task: Task) -> dict:
 
 def crop_dataset(root: str | os.PathLike, sources: list[str] | None = None, *, jobs: int = 1,
                  backend: str = "loky", quiet: bool = False) -> list[BatchSummary]:
-    dataset = Dataset(root)
+    dataset = Dataset(os.path.abspath(root))  # (absolute: a cluster worker's working directory is not this one's)
     manifest = dataset.require()
     resolution = manifest.get("resolution")
     aligned = dataset.aligned()
@@ -100,7 +100,7 @@ def _crop_source(dataset, manifest, source, aligned, resolution, jobs, backend, 
     windows = {name: vars(window) for name, window in component_windows(resolution).items()}
     summary, ids = run_derived_step(
         dataset, step, out_dir, wanted, json.dumps(windows, sort_keys=True),
-        lambda i, relpath: _Job(i, relpath, gray, resolution, str(dataset.root.absolute()), out_dir, photos.get(i),
+        lambda i, relpath: _Job(i, relpath, gray, resolution, str(dataset.root), out_dir, photos.get(i),
                                 drawn_from.get(i)),
         crop_one, jobs=jobs, backend=backend, quiet=quiet, upstream=photos)
     files = _pack(dataset, out_dir, ids, gray, resolution)

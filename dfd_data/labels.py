@@ -133,6 +133,9 @@ def apply_labels(root: str | os.PathLike, labels_file: str | os.PathLike) -> Lab
             record = log.by_id[record_id]
             record["attributes"] = {**record.get("attributes", {}), **attributes}
             labelled.add(record_id)
+    if rows and not labelled:  # a file for another dataset, or keyed by something else: keep the labels there are
+        raise DatasetError(f"{path}: none of its {len(rows)} rows matched an image of {dataset.root} "
+                           f"(first: {unmatched[0]!r}); nothing was changed")
     log.rewrite()
     manifest["steps"][STEP] = {"params": {"file": str(path.resolve())},
                                "counts": {"rows": len(rows), "labelled_images": len(labelled), "unmatched_rows": len(unmatched)}}

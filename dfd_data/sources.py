@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .dataset import MANIFEST_NAME
 from .image_io import is_image_name
 
 
@@ -19,8 +20,9 @@ class Source:
 
 def list_sources(folder: str | os.PathLike, skip: str | os.PathLike | None = None) -> tuple[list[Source], int]:
     """Image files under `folder` (recursively, following directory links but never into a
-    folder already seen, so a link loop cannot trap the walk, nor into `skip`: a dataset made
-    inside its own source folder), sorted, with unique ids; also the count of other files."""
+    folder already seen, so a link loop cannot trap the walk, nor into a dataset folder: `skip`,
+    the one being made, perhaps inside its own source folder, and any holding a manifest),
+    sorted, with unique ids; also the count of other files."""
     folder = Path(folder)
     found, ignored = [], 0
     seen = {os.path.realpath(folder)} | ({os.path.realpath(skip)} if skip is not None else set())
@@ -28,7 +30,7 @@ def list_sources(folder: str | os.PathLike, skip: str | os.PathLike | None = Non
         kept = []
         for name in sorted(d for d in dirnames if not d.startswith(".")):
             real = os.path.realpath(os.path.join(dirpath, name))
-            if real not in seen:
+            if real not in seen and not os.path.isfile(os.path.join(real, MANIFEST_NAME)):
                 seen.add(real)
                 kept.append(name)
         dirnames[:] = kept

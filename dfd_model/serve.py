@@ -240,7 +240,7 @@ def make_handler(service: FaceService):
 
         def do_PUT(self):  # noqa: N802
             self.close_connection = True  # its body, if any, is never read
-            self._json(HTTPStatus.METHOD_NOT_ALLOWED, {"error": "use GET or POST"})
+            self._json(HTTPStatus.METHOD_NOT_ALLOWED, {"error": "use GET, HEAD or POST"})
 
         do_DELETE = do_PATCH = do_PUT
 

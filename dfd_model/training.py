@@ -53,7 +53,7 @@ from .sketch_to_face import SketchToFace, crop_sketch_components
 from .training_checkpoint import (checkpoint_configs, checkpoint_name, latest_checkpoint, load_checkpoint,
                                   save_checkpoint)
 from .training_data import (BatchOrder, PairSet, TrainingDataError, UNKNOWN_GENDER, build_pair_set,
-                            choose_sketch_folder, load_pair, split_records)
+                            choose_sketch_folder, load_pair, pairs_fingerprint, split_records)
 
 VALIDATION_FACES = 8
 CONFIG_FILE = "train_config.json"
@@ -242,11 +242,7 @@ class Trainer:
         # rank 0 stacks the pairs (a cache in the run folder); the others then read them
         data = distributed.main_first(self.ranks, self._prepare_data)
         self.pairs, self.validation = data if data is not None else self._load_data()
-        if self._pairs_trained_on not in (None, self.pairs.fingerprint):
-            raise TrainingError(f"{self.out}: was trained on other pairs than {self.dataset.root} gives now (its "
-                                "faces, sketches, labels or split changed, or it is another dataset); resume with "
-                                "the data it was trained on or start a new --out")
-        elif checkpoint is None and resume:
+        if checkpoint is None and resume:
             self.echo(f"no checkpoint in {self.out}: starting at step 0")
         self.autoencoder_net = distributed.wrap(AutoEncoderSet(self.model.autoencoders), self.ranks, device)
         self.generator_net = distributed.wrap(FeaturesToFace(self.model), self.ranks, device)
@@ -275,10 +271,12 @@ class Trainer:
                                 "or choose another --out")
         saved = _read_run_config(path) if path.is_file() else checkpoint_configs(checkpoint)[0] if checkpoint else None
         if saved is not None and resume:
-            processes = checkpoint_configs(checkpoint)[1] if checkpoint else self.ranks.world
+            processes = checkpoint_configs(checkpoint)[1] if checkpoint else None
             wanted = self._resumed_config(path, saved, wanted, given, processes)
-        elif wanted["training"]["sketches"] is None:  # pinned: a set added later must not change the run's data
+        if wanted["training"]["sketches"] is None:  # pinned: a set added later must not change the run's data
             wanted["training"]["sketches"] = choose_sketch_folder(self.dataset, None)
+            if saved is not None and resume:  # a run from before the set was recorded
+                self.echo(f"the run did not record its sketch set: resuming with {wanted['training']['sketches']}")
         try:
             self.out.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError) as error:
@@ -287,22 +285,24 @@ class Trainer:
         return wanted
 
     def _resumed_config(self, path: Path, saved: dict, wanted: dict, given: Collection[str] | None,
-                        processes: int) -> dict:
-        """The saved configuration, with the resumable settings the user chose anew; a chosen
-        setting that would make another experiment is refused. The batch is per process: on
-        another number of processes (`processes` ran the checkpoint), a batch size that keeps
-        the global batch keeps the run's batches."""
+                        processes: int | None) -> dict:
+        """The saved configuration, with the settings the user chose anew where they may change:
+        the resumable ones, and any before the first checkpoint (`processes`, which ran it, is
+        None: nothing was trained yet). A chosen setting that would make another experiment is
+        refused. The batch is per process: on another number of processes, a batch size that
+        keeps the global batch keeps the run's batches."""
         differ, changed = [], []
         for section in ("model", "training"):
             for key, value in saved[section].items():
                 chosen = (given is None or key in given) and not (key == "sketches" and wanted[section][key] is None)
                 if not chosen or wanted[section].get(key) == value:  # (no --sketches: the set it was pinned to)
                     continue
-                if key == "batch_size" and value * processes == wanted[section][key] * self.ranks.world:
+                if key == "batch_size" and processes and value * processes == wanted[section][key] * self.ranks.world:
                     changed.append(f"batch_size {value} -> {wanted[section][key]} per process "
                                    f"(global batch {value * processes} on {self.ranks.world} processes)")
                     saved[section][key] = wanted[section][key]
-                elif key not in RESUMABLE_CHANGES:
+                elif key not in RESUMABLE_CHANGES and processes is not None \
+                        and not (key == "sketches" and value is None):  # (a run from before the set was recorded)
                     differ.append(f"{section}.{key}")
                 else:
                     changed.append(f"{key} {value} -> {wanted[section][key]}")
@@ -343,9 +343,10 @@ class Trainer:
 
     # ---- data ----------------------------------------------------------------------------------------
     def _prepare_data(self) -> tuple[PairSet, list[tuple[str, np.ndarray, np.ndarray]]]:
-        """Rank 0's share: drop the stats rows a resume redoes, then load (and stack) the data."""
+        """Rank 0's share: load (and stack) the data, then drop the stats rows a resume redoes."""
+        data = self._load_data()
         self._trim_stats()
-        return self._load_data()
+        return data
 
     def _load_data(self) -> tuple[PairSet, list[tuple[str, np.ndarray, np.ndarray]]]:
         sketch_folder = choose_sketch_folder(self.dataset, self.config.sketches)
@@ -354,6 +355,10 @@ class Trainer:
             raise TrainingDataError(f"{self.dataset.root}: no aligned face with a {sketch_folder} sketch is in the "
                                     "training split")
         resolution = self.model_config.resolution
+        if self._pairs_trained_on not in (None, pairs_fingerprint(train_rows, resolution)):  # before stacking them
+            raise TrainingError(f"{self.out}: was trained on other pairs than {self.dataset.root} gives now (its "
+                                "faces, sketches, labels or split changed, or it is another dataset); resume with "
+                                "the data it was trained on or start a new --out")
         progress = (lambda rows: rows) if self.quiet else \
             (lambda rows: tqdm(rows, desc="load pairs", unit="pair", leave=False))
         pairs, errors = build_pair_set(self.dataset, train_rows, resolution, self.out / "data", progress)

@@ -93,7 +93,8 @@ def split_records(dataset: Dataset, sketch_folder: str) -> tuple[list[dict], lis
     return sorted(train, key=lambda r: r["id"]), sorted(held_out, key=lambda r: r["id"])
 
 
-def _fingerprint(rows: list[dict], resolution: int) -> str:
+def pairs_fingerprint(rows: list[dict], resolution: int) -> str:
+    """Names the training pairs (ids, files, digests, genders) at `resolution`."""
     text = json.dumps([resolution, [(r["id"], r["image"], r["sketch"], r["digests"], r["gender"]) for r in rows]])
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -116,7 +117,7 @@ def build_pair_set(dataset: Dataset, rows: list[dict], resolution: int, cache: P
     """Stack `rows` into `cache`/{sketches,photos}.npy (reused when its fingerprint matches).
 
     Returns the pairs and one error line per file that could not be used."""
-    fingerprint = _fingerprint(rows, resolution)
+    fingerprint = pairs_fingerprint(rows, resolution)
     stamp = cache / "fingerprint.json"
     cached = _cached_pairs(cache, fingerprint, resolution) if stamp.is_file() else None
     if cached is not None:
@@ -204,4 +205,4 @@ class BatchOrder:
 
 
 __all__ = ["BatchOrder", "DEFAULT_SKETCHES", "PairSet", "TrainingDataError", "build_pair_set",
-           "choose_sketch_folder", "load_pair", "split_records"]
+           "choose_sketch_folder", "load_pair", "pairs_fingerprint", "split_records"]

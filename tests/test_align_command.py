@@ -163,6 +163,8 @@ def test_odd_names_and_a_dataset_inside_its_source_folder(tmp_path, sample_photo
     assert "align: 0 done, 2 skipped (2 already done), 0 failed" in again.stdout
     assert sorted(r["source"] for r in Dataset(photos / "aligned").aligned()) == sorted([latin1.name, "grace.jfif"])
     assert dfd_data("verify", photos / "aligned").returncode == 0
+    second = dfd_data("align", photos, photos / "second", "--size", "64", "--jobs", "1")
+    assert "align: 2 done, 0 skipped, 0 failed" in second.stdout  # photos/aligned holds a dataset, not photos
     same = dfd_data("align", photos, photos)
     assert same.returncode == 1 and "must not be the source folder" in same.stderr
     (tmp_path / "file").write_text("")

@@ -183,7 +183,7 @@ def test_head_options_and_other_methods_get_standard_answers(server):
     assert options.startswith(b"HTTP/1.1 204 ") and b"Allow: GET, HEAD, POST, OPTIONS\r\n" in options
     delete = _exchange(server, b"DELETE /api/generate HTTP/1.1\r\nHost: x\r\n\r\n")
     assert delete.startswith(b"HTTP/1.1 405 ") and b"Allow: GET, HEAD, POST, OPTIONS\r\n" in delete
-    assert delete.endswith(b'{"error": "use GET or POST"}')
+    assert delete.endswith(b'{"error": "use GET, HEAD or POST"}')
 
 
 def test_many_concurrent_requests_are_answered_or_refused_and_the_server_survives(server):

@@ -177,7 +177,9 @@ def test_labels_from_csv_are_kept_and_counted(dataset_copy, tmp_path):
     other = tmp_path / "other.csv"
     other.write_text("source,gender\nsomeone.jpg,female\n")
     unmatched = dfd_data("label", dataset_copy, other)
-    assert unmatched.returncode == 1 and "0 images labelled from 1 rows, 1 rows matched no image" in unmatched.stdout
+    assert unmatched.returncode == 1 and "Traceback" not in unmatched.stderr
+    assert f"{other}: none of its 1 rows matched an image of {dataset_copy} (first: 'someone.jpg')" in unmatched.stderr
+    assert Dataset(dataset_copy).load_manifest()["steps"]["label"]["params"]["file"] == str(labels.resolve())
 
 
 def test_labels_survive_a_rerun_of_align(dataset_copy, tmp_path, sample_photos):

@@ -281,9 +281,24 @@ def test_resuming_keeps_the_runs_own_settings_and_data(sketched_dataset, tmp_pat
     resumed.close()
     (run / "data" / "sketches.npy").write_bytes(b"damaged")  # only a cache: stacked again
     assert _trainer(dataset, run, resume=True, steps=2, lr=1e-4).pairs.sketches.shape[0] > 0
+    # a run from before the sketch set was recorded, resumed once the dataset has a second set
+    saved = json.loads((run / "train_config.json").read_text())
+    saved["training"]["sketches"] = None
+    (run / "train_config.json").write_text(json.dumps(saved))
+    assert dfd_data("build-sketches", dataset, "--method", "canny", "--quiet").returncode == 0
+    with pytest.raises(UserError, match="holds several sketch sets"):
+        _trainer(dataset, run, resume=True, steps=2, lr=1e-4)
+    assert _trainer(dataset, run, resume=True, steps=2, lr=1e-4, sketches="photocopy").config.sketches == "photocopy"
+    with pytest.raises(TrainingError, match="training.sketches"):
+        _trainer(dataset, run, resume=True, steps=2, lr=1e-4, sketches="canny")
     label_dataset(dataset, [(r["id"], "female", "train") for r in Dataset(dataset).aligned()])
+    stacked = (run / "data" / "sketches.npy").stat().st_mtime_ns
     with pytest.raises(TrainingError, match="was trained on other pairs"):
         _trainer(dataset, run, resume=True, steps=2, lr=1e-4)
+    assert (run / "data" / "sketches.npy").stat().st_mtime_ns == stacked  # refused before stacking the new pairs
+    # before its first checkpoint a run has trained nothing: any setting may change on resuming
+    _trainer(dataset, tmp_path / "fresh", steps=2, sketches="canny").close()
+    assert _trainer(dataset, tmp_path / "fresh", resume=True, steps=2, batch_size=4).config.batch_size == 4
 
 
 def test_a_damaged_checkpoint_or_run_config_is_refused(sketched_dataset, tmp_path):
