@@ -54,7 +54,9 @@ class UserErrorGroup(click.Group):
         try:
             return super().invoke(ctx)
         except UserError as error:
-            raise click.ClickException(str(error)) from None
+            exception = click.ClickException(str(error))
+            exception.exit_code = getattr(error, "exit_code", 1)  # (a pipeline's failed step: that step's)
+            raise exception from None
         except OSError as error:
             if error.errno not in SYSTEM_REFUSALS:  # any other OSError is a bug: keep its traceback
                 raise

@@ -1,6 +1,8 @@
 """`dfd-pipeline`: run an end-to-end recipe with one command."""
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import click
@@ -55,6 +57,9 @@ def run(name, out, photos, celebamask, labels, steps, jobs):
         raise click.UsageError(f"the {name} recipe does not take {', '.join(unused)} (it takes {', '.join(takes)})")
     jobs = jobs or 2
     out_path = Path(out)
+    for option, folder in (("--photos", photos), ("--celebamask", celebamask)):
+        if folder is not None and _inside(out_path, Path(folder)):  # its grids and faces would be taken for photos
+            raise click.UsageError(f"--out {out} is inside {option} {folder}; put the run's folder elsewhere")
     if name == "demo":
         plan = demo_steps(out_path, Path(photos) if photos else None, steps or DEMO_STEPS, echo=click.echo)
     elif name == "folder":
@@ -69,5 +74,16 @@ def run(name, out, photos, celebamask, labels, steps, jobs):
     manifest = run_pipeline(name, plan, out_path, echo=click.echo)
     ran = sum(1 for step in manifest["steps"] if not step.get("skipped"))
     report = out_path / "report.html"
+    partial = [step["name"] for step in manifest["steps"] if step["status"] == "partial"]
+    failed_files = (f"; some files failed in {', '.join(partial)} (named above; the data steps' also in "
+                    f"{out_path / 'faces' / 'errors.jsonl'})") if partial else ""
     click.echo(f"pipeline {name}: {ran} steps run, {len(plan) - ran} skipped in {manifest['total_seconds']:.0f} s; "
-               f"report {report.resolve()}")
+               f"report {report.resolve()}{failed_files}")
+    if partial:
+        sys.exit(1)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether `path` is `folder` or lies under it (links resolved)."""
+    path, folder = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
+    return path == folder or folder in path.parents

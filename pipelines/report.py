@@ -65,6 +65,15 @@ def _figure(title: str, source: str, caption: str) -> str:
             f"<figcaption>{html.escape(caption)}</figcaption></figure>\n")
 
 
+def _time_cell(step: dict) -> str:
+    """A step's time in the table: the report is written while its own step is still running."""
+    if step.get("skipped"):
+        return "skipped"
+    if step["status"] == "running":
+        return "(writing this page)"
+    return f"{step.get('seconds')} s{' (some files failed)' if step['status'] == 'partial' else ''}"
+
+
 def write_report(out: Path, name: str) -> Path:
     """Write out/report.html from what the run folder holds; returns its path."""
     parts = [f"<!doctype html><html><head><meta charset=\"utf-8\"><title>DeepFaceDrawing {html.escape(name)} run"
@@ -90,8 +99,8 @@ def write_report(out: Path, name: str) -> Path:
         if (out / relpath).is_file():
             parts.append(_figure(title, relpath, caption))
     rows = "".join(f"<tr><td>{html.escape(s['name'])}</td><td>{html.escape(s['description'])}</td>"
-                   f"<td>{'skipped' if s.get('skipped') else (str(s.get('seconds')) + ' s' if s.get('seconds') is not None else s['status'])}</td>"
-                   f"<td><code>{html.escape(s['command'])}</code></td></tr>" for s in manifest["steps"])
+                   f"<td>{_time_cell(s)}</td><td><code>{html.escape(s['command'])}</code></td></tr>"
+                   for s in manifest["steps"])
     parts.append(f"<h2>Steps and timings</h2><table><tr><th>step</th><th>what</th><th>time</th><th>command</th></tr>"
                  f"{rows}</table></body></html>\n")
     target = out / "report.html"

@@ -2,19 +2,24 @@
 small Python function, with one manifest (`pipeline.json`) for the whole run.
 
 A step is skipped when the manifest records it finished with the same command, its declared
-outputs are still there and no step before it ran in this run (a step that ran may have
-changed what the later ones read); otherwise it runs (the commands resume their own partial
-work, so an interrupted step picks up where it stopped). A step that failed on some files
-only is not finished: the next run tries it again. The first failing step stops the run with
-its exit status; the manifest says which step failed and how long each took.
+outputs are still there and no step before it changed anything in this run (a step that ran
+may have changed what the later ones read; a data step that changed nothing leaves its
+dataset's manifest byte for byte as it was); otherwise it runs (the commands resume their own
+partial work, so an interrupted step picks up where it stopped). A step that failed on some
+files only is not finished: the next run tries it again. The first failing step stops the run
+with its exit status; the manifest says which step failed and how long each took. A
+termination signal (kill, a closed terminal) reaches the running step too, and the step is
+recorded as failed, so that no step goes on alone and a rerun starts it afresh.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +34,11 @@ TOOLS = {"dfd-data": "dfd_data", "dfd-model": "dfd_model"}
 
 
 class PipelineError(UserError):
-    """A step that failed; one line naming it."""
+    """A step that failed; one line naming it. The pipeline exits with the step's status."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass
@@ -45,10 +54,14 @@ class Step:
     function: Callable[[], None] | None = None
     outputs: list[Path] = field(default_factory=list)
     partial_ok: bool = False
+    # What a function step works on (its inputs' paths): a function's name alone does not say.
+    key: str = ""
+    # A file that changes whenever the step changes what later steps read (a dataset's manifest).
+    state: Path | None = None
 
     def fingerprint(self) -> str:
         what = self.command if self.command is not None else f"{self.function.__module__}.{self.function.__qualname__}"
-        return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps([what, self.key] if self.key else what).encode()).hexdigest()[:16]
 
     def shown(self) -> str:
         return shlex.join(self.command) if self.command else f"(python) {self.description}"
@@ -59,6 +72,32 @@ def _argv(command: list[str]) -> list[str]:
     if tool not in TOOLS:
         raise ValueError(f"pipeline commands must start with {' or '.join(TOOLS)}, got {tool!r}")
     return [sys.executable, "-m", TOOLS[tool], *rest]
+
+
+def _run_command(argv: list[str]) -> int:
+    """Run one step's command; a SIGTERM or SIGHUP sent to the pipeline is passed on to it."""
+    child = subprocess.Popen(argv)
+    if threading.current_thread() is not threading.main_thread():  # (signal handlers live in the main thread)
+        return child.wait()
+    previous = {number: signal.signal(number, lambda received, _frame: child.send_signal(received))
+                for number in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return child.wait()
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _failure(code: int) -> tuple[str, int]:
+    """How a step's exit status reads, and the pipeline's own exit status for it."""
+    if code >= 0:
+        return f"exit status {code}", code
+    name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+    return f"killed by {name}{' (out of memory?)' if -code == signal.SIGKILL else ''}", 128 - code
+
+
+def _digest(path: Path | None) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path is not None and path.is_file() else None
 
 
 def _load(path: Path) -> dict:
@@ -86,11 +125,11 @@ def run_pipeline(name: str, steps: list[Step], out: Path, echo=print) -> dict:
             manifest["steps"].append({**row, "status": "done", "seconds": before.get("seconds"), "skipped": True})
             continue
         echo(f"{header}\n    $ {step.shown()}")
-        tick, ran = time.time(), True
+        tick, state = time.time(), _digest(step.state)
         manifest["steps"].append({**row, "status": "running"})
         atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")
         if step.command is not None:
-            code = subprocess.run(_argv(step.command)).returncode
+            code = _run_command(_argv(step.command))
         else:
             try:
                 step.function()
@@ -102,12 +141,14 @@ def run_pipeline(name: str, steps: list[Step], out: Path, echo=print) -> dict:
         if code == 1 and step.partial_ok and step.outputs and all(p.exists() for p in step.outputs):
             echo(f"    {step.name} failed on some files (listed in errors.jsonl); going on with the rest")
             status = "partial"  # not finished: the next run tries the failed files again
+        ran = ran or step.state is None or _digest(step.state) != state
         manifest["steps"][-1].update(status=status, seconds=round(time.time() - tick, 1), returncode=code)
         manifest["total_seconds"] = round(time.time() - started, 1)
         atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")
         if status == "failed":
-            raise PipelineError(f"pipeline {name}: step {step.name} failed (exit status {code}); fix the cause and "
-                                f"rerun the same command to continue from it")
+            how, exit_code = _failure(code)
+            raise PipelineError(f"pipeline {name}: step {step.name} failed ({how}); fix the cause and "
+                                f"rerun the same command to continue from it", exit_code)
     manifest["total_seconds"] = round(time.time() - started, 1)
     atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")
     return manifest

@@ -3,13 +3,18 @@ demo recipe end to end (with 2 training steps per stage, so it takes about a min
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
+from dfd_data.errors import UserError
 from pipelines.full_size import RecipeError, select_celebamask
 from pipelines.runner import PipelineError, Step, run_pipeline
 from tests.conftest import REPO
@@ -58,6 +63,46 @@ def test_a_step_that_failed_on_some_files_is_tried_again(tmp_path):
         run_pipeline("test", steps, tmp_path, echo=lambda line: None)
 
 
+def test_a_retried_step_that_changed_nothing_does_not_redo_the_later_ones(tmp_path):
+    """A step that failed on some files is tried again on every run; where its dataset's
+    manifest (its `state`) comes out as it was, the steps after it stay done."""
+    state, log = tmp_path / "state.yaml", []
+
+    def flaky(content: str):
+        def work():
+            state.write_text(content)
+            raise UserError("one photo is broken")
+        return work
+
+    def steps(content: str) -> list[Step]:
+        return [Step("data", "data", function=flaky(content), outputs=[state], partial_ok=True, state=state),
+                Step("after", "after", function=_touch(tmp_path / "after.txt", log, "after"),
+                     outputs=[tmp_path / "after.txt"])]
+
+    for content, runs in (("a", ["after"]), ("a", ["after"]), ("b", ["after", "after"])):
+        manifest = run_pipeline("test", steps(content), tmp_path, echo=lambda line: None)
+        assert log == runs and manifest["steps"][0]["status"] == "partial"
+    assert Step("s", "s", function=print, key="one").fingerprint() != Step("s", "s", function=print,
+                                                                            key="two").fingerprint()
+
+
+def test_a_failed_step_gives_its_exit_status_and_a_termination_signal_reaches_it(tmp_path):
+    from pipelines.runner import _failure, _run_command
+
+    steps = [Step("check", "check", command=["dfd-data", "verify"])]  # a usage error: exit status 2
+    with pytest.raises(PipelineError, match="step check failed \\(exit status 2\\)") as caught:
+        run_pipeline("test", steps, tmp_path, echo=lambda line: None)
+    assert caught.value.exit_code == 2
+    assert _failure(-9) == ("killed by SIGKILL (out of memory?)", 137)
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()  # as `kill PIPELINE_PID` would
+    started = time.monotonic()
+    assert _run_command([sys.executable, "-c", "import time; time.sleep(60)"]) == -signal.SIGTERM
+    assert time.monotonic() - started < 30
+    result = subprocess.run([sys.executable, "-m", "pipelines", "run", "folder", "--photos", str(tmp_path),
+                             "--out", str(tmp_path / "run")], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2 and f"--out {tmp_path / 'run'} is inside --photos" in result.stderr
+
+
 def _fake_celebamask(root: Path, photos: list[Path]) -> None:
     (root / "CelebA-HQ-img").mkdir(parents=True)
     poses = [(0.0, 3.0), (40.0, 0.0), (-5.0, -20.0), (12.0, -9.0)]
@@ -78,8 +123,17 @@ def test_celebamask_selection_keeps_frontal_faces_with_gender(shared_data, tmp_p
     assert sorted(p.name for p in (tmp_path / "out" / "photos").iterdir()) == ["0.jpg", "3.jpg"]
     assert (tmp_path / "out" / "labels.csv").read_text().splitlines() == [
         "file,gender,split", "0.jpg,female,train", "3.jpg,male,train"]
+    other = tmp_path / "other-copy"  # another copy, with other poses: the selection follows it
+    _fake_celebamask(other, photos)
+    (other / "CelebAMask-HQ-pose-anno.txt").write_text("4\nYaw Pitch Raw\n1.jpg 0 0 0\n2.jpg 0 0 0\n")
+    assert select_celebamask(other, tmp_path / "out") == 2
+    assert {p.name: p.resolve().parent for p in (tmp_path / "out" / "photos").iterdir()} == \
+        {"1.jpg": (other / "CelebA-HQ-img").resolve(), "2.jpg": (other / "CelebA-HQ-img").resolve()}
     (root / "CelebAMask-HQ-pose-anno.txt").write_text("4\nYaw Pitch Raw\n0.jpg 1.0\n")
     with pytest.raises(RecipeError, match="line 3 has 1 values"):
+        select_celebamask(root, tmp_path / "again")
+    (root / "CelebAMask-HQ-pose-anno.txt").write_text("4\nYaw Pitch Raw\n0.jpg n/a 0 0\n")
+    with pytest.raises(RecipeError, match="0.jpg: yaw 'n/a' or pitch '0' is not a number"):
         select_celebamask(root, tmp_path / "again")
 
 
