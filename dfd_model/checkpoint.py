@@ -49,8 +49,10 @@ def _one_line(text: str, limit: int = 160) -> str:
     return " ".join(str(text).split())[:limit]
 
 
-def save_pretrained(model: SketchToFace, folder: str | os.PathLike) -> Path:
-    """Write `model` to `folder` (created if needed); returns the folder path.
+def save_pretrained(model: SketchToFace, folder: str | os.PathLike, trained: dict | None = None) -> Path:
+    """Write `model` to `folder` (created if needed); returns the folder path. `trained`
+    ({"stage": 1 or 2, "step": N}, from training) says how far training had gone: a folder
+    saved after stage 1 holds an untrained face generator (see untrained_warning).
 
     Banks are stored only when the model has them; a banks file left by an earlier save in
     the same folder is removed once the new config.json no longer names it."""
@@ -79,7 +81,7 @@ def save_pretrained(model: SketchToFace, folder: str | os.PathLike) -> Path:
         "config": model.config.to_dict(),
         "banks": bank_info,
         "files": files,
-    }
+    } | ({"trained": trained} if trained is not None else {})
     atomic_write_text(folder / CONFIG_FILE, json.dumps(document, indent=2, sort_keys=True) + "\n")
     if bank_info is None:
         (folder / BANKS_FILE).unlink(missing_ok=True)
@@ -192,6 +194,16 @@ def _load_tensors(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def untrained_warning(folder: str | os.PathLike) -> str | None:
+    """A one-line warning for a model folder that training saved before its stage 2 (its
+    faces would be an untrained generator's), else None."""
+    trained = read_config(folder)[1].get("trained")
+    if isinstance(trained, dict) and trained.get("stage") == 1:
+        return (f"warning: {folder} was saved after training stage 1 only: its face generator is untrained and "
+                "its faces will be noise; train stage 2 in the same run folder")
+    return None
+
+
 def load_pretrained(folder: str | os.PathLike, device: str | torch.device = "auto",
                     precision: str = "auto") -> SketchToFace:
     """Rebuild a SketchToFace from a folder written by `save_pretrained`, ready for inference
@@ -238,4 +250,4 @@ def load_pretrained(folder: str | os.PathLike, device: str | torch.device = "aut
 
 
 __all__ = ["BANKS_FILE", "CONFIG_FILE", "CheckpointError", "FORMAT", "FORMAT_VERSION", "WEIGHTS_FILE",
-           "load_pretrained", "read_config", "save_pretrained"]
+           "load_pretrained", "read_config", "save_pretrained", "untrained_warning"]

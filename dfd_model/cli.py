@@ -164,6 +164,19 @@ def _given_settings(model_settings: dict, train_settings: dict) -> set[str]:
         | set(model_settings) | set(train_settings)
 
 
+def _load_model(folder: str, device: str, precision: str):
+    """The model in `folder`, prepared for inference; a model saved after stage 1 only is
+    loaded with a warning (its faces are an untrained generator's)."""
+    from .checkpoint import untrained_warning
+    from .sketch_to_face import SketchToFace
+
+    model = SketchToFace.from_pretrained(folder, device=device, precision=precision)
+    warning = untrained_warning(folder)
+    if warning:
+        click.echo(warning, err=True)
+    return model
+
+
 def _parse_refine(values: tuple[str, ...]) -> float | dict[str, float]:
     """--refine 0.5 (all components) and/or --refine nose=0.2 (one component) -> refine argument."""
     from dfd_data.components import COMPONENTS
@@ -217,14 +230,13 @@ def generate(model_folder, inputs, out, refine, gender, from_photo, grid, batch_
 
     from dfd_data.sketch_methods import METHODS
     from .generate import generate as run
-    from .sketch_to_face import SketchToFace
 
     if from_photo is not None and from_photo not in METHODS:
         raise click.BadParameter(f"unknown sketch method {from_photo!r} (known: {', '.join(METHODS)})",
                                  param_hint="--from-photo")
     refine_value = _parse_refine(refine)
     started = time.time()
-    model = SketchToFace.from_pretrained(model_folder, device=device, precision=precision)
+    model = _load_model(model_folder, device, precision)
     if gender is not None and gender not in model.genders:
         known = ", ".join(model.genders) or "none: the model's banks are not split by gender"
         raise click.BadParameter(f"{gender!r} is not one of the model's genders ({known})", param_hint="--gender")
@@ -262,12 +274,11 @@ def evaluate(model_folder, pairs, out, refine, gender, sketch_method, tol, batch
     then 1."""
     from dfd_data.sketch_methods import METHODS
     from .evaluate import evaluate as run
-    from .sketch_to_face import SketchToFace
 
     if sketch_method not in METHODS:
         raise click.BadParameter(f"unknown sketch method {sketch_method!r} (known: {', '.join(METHODS)})",
                                  param_hint="--sketch-method")
-    model = SketchToFace.from_pretrained(model_folder, device=device, precision=precision)
+    model = _load_model(model_folder, device, precision)
     if gender is not None and gender not in model.genders:
         raise click.BadParameter(f"{gender!r} is not one of the model's genders ({', '.join(model.genders) or 'none'})",
                                  param_hint="--gender")
@@ -303,10 +314,9 @@ def serve(model_folder, host, port, device, precision):
     """Start the drawing app: draw a sketch in the browser and watch the face follow every
     stroke, with shadow guidance, gender and per-component refinement."""
     from .serve import check_address, make_server
-    from .sketch_to_face import SketchToFace
 
     check_address(host, port)  # a taken port or a bad --host: one line now, not after the model loads
-    model = SketchToFace.from_pretrained(model_folder, device=device, precision=precision)
+    model = _load_model(model_folder, device, precision)
     server = make_server(model, host, port)
     bound_host, bound_port = server.server_address[:2]
     click.echo(f"serving {model_folder} ({model.config.resolution} px, device "

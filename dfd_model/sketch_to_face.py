@@ -218,11 +218,12 @@ class SketchToFace(nn.Module):
         return self.synthesize(self.encode(sketch, refine, gender))
 
     # ---- persistence -------------------------------------------------------------------------
-    def save_pretrained(self, folder: str | os.PathLike) -> None:
-        """Write config.json, model.safetensors and (with banks) banks.safetensors to `folder`."""
+    def save_pretrained(self, folder: str | os.PathLike, trained: dict | None = None) -> None:
+        """Write config.json, model.safetensors and (with banks) banks.safetensors to `folder`
+        (`trained`: see checkpoint.save_pretrained)."""
         from .checkpoint import save_pretrained
 
-        save_pretrained(self, folder)
+        save_pretrained(self, folder, trained)
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, device: str | torch.device = "auto",

@@ -411,7 +411,7 @@ class Trainer:
         if not self.ranks.main:
             return
         self.model.set_banks(self.banks)
-        self.model.save_pretrained(self.out / "model")
+        self.model.save_pretrained(self.out / "model", trained={"stage": self.stage, "step": self.step})
 
     def _write_grid(self) -> None:
         if not self.ranks.main or not self.validation:

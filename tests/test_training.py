@@ -21,6 +21,7 @@ from dfd_data.components import COMPONENTS
 from dfd_data.dataset import Dataset
 from dfd_data.errors import UserError
 from dfd_data.image_io import ImageError, encode_png, read_image
+from dfd_model.checkpoint import untrained_warning
 from dfd_model.config import ModelConfig
 from dfd_model.generate import letterbox, load_sketch, photo_reason
 from dfd_model.sketch_to_face import SketchToFace
@@ -252,12 +253,14 @@ def test_stage_two_needs_stage_one_and_settings_must_match_on_resume(sketched_da
         _trainer(sketched_dataset, tmp_path / "small", batch_size=1)
     _trainer(sketched_dataset, tmp_path / "run", steps=2).run("1")
     assert (tmp_path / "run" / "model" / "banks.safetensors").is_file()
+    assert "saved after training stage 1 only" in untrained_warning(tmp_path / "run" / "model")
     with pytest.raises(TrainingError, match="pass --resume"):  # and train_config.json is left as it was
         _trainer(sketched_dataset, tmp_path / "run", steps=2, lr=1e-3)
     with pytest.raises(TrainingError, match="training.seed"):
         _trainer(sketched_dataset, tmp_path / "run", resume=True, steps=2, seed=1)
     summary = _trainer(sketched_dataset, tmp_path / "run", resume=True, steps=2).run("2")
     assert summary.startswith("train: stage 2: 2 steps")
+    assert untrained_warning(tmp_path / "run" / "model") is None
 
 
 def test_resuming_keeps_the_runs_own_settings_and_data(sketched_dataset, tmp_path):
