@@ -239,6 +239,10 @@ class Trainer:
             if was != now:
                 self.echo(f"warning: the run's global batch was {was} ({processes} processes), this one's is {now} "
                           f"({self.ranks.world}): training goes on, but not as the run would have")
+            precision = state.get("precision", self.precision)  # (checkpoints from before it was kept lack it)
+            if precision != self.precision:  # another machine: bf16 where the run had none, or the reverse
+                self.echo(f"warning: the run trained stage 2 in {precision}, this machine does in {self.precision}: "
+                          "training goes on, but not as the run would have")
         # rank 0 stacks the pairs (a cache in the run folder); the others then read them
         data = distributed.main_first(self.ranks, self._prepare_data)
         self.pairs, self.validation = data if data is not None else self._load_data()
@@ -402,7 +406,7 @@ class Trainer:
             return
         state = {"stage": self.stage, "step": self.step, "model_config": self.model_config.to_dict(),
                  "train_config": asdict(self.config), "pending_losses": self.pending_losses,
-                 "processes": self.ranks.world, "pairs": self.pairs.fingerprint,
+                 "processes": self.ranks.world, "pairs": self.pairs.fingerprint, "precision": self.precision,
                  "scaler": self.scaler.state_dict() if self.scaler is not None else None}
         save_checkpoint(self.out, checkpoint_name(self.stage, self.step), modules=self._modules(),
                         optimizers=self.optimizers, banks=self.banks, state=state)

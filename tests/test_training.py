@@ -243,6 +243,15 @@ def test_mixed_precision_is_for_stage_two_and_leaves_the_latents_float32(sketche
     assert plain.precision == "fp32" and all(seen == {torch.float32} for seen in dtypes_seen(plain).values())
     monkeypatch.setattr(training, "native_bf16", lambda device: False)
     assert _trainer(sketched_dataset, tmp_path / "no-bf16").precision == "fp32"
+    # a run resumed on a machine without native bf16: said, not silent
+    monkeypatch.setattr(training, "native_bf16", lambda device: True)
+    _trainer(sketched_dataset, tmp_path / "moved", steps=1).run("1")
+    monkeypatch.setattr(training, "native_bf16", lambda device: False)
+    lines = []
+    Trainer(sketched_dataset, tmp_path / "moved", ModelConfig(**TINY_128), TrainConfig(), torch.device("cpu"),
+            resume=True, given=set(), quiet=True, echo=lines.append).close()
+    assert "warning: the run trained stage 2 in bf16, this machine does in fp32: training goes on, but not as the " \
+           "run would have" in lines
 
 
 def test_stage_two_needs_stage_one_and_settings_must_match_on_resume(sketched_dataset, tmp_path):
