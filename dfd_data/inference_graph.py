@@ -72,6 +72,10 @@ class InputDtypePad(nn.Module):
 # build without it runs the convolution and the activation in turn (the same function).
 _FUSED_CONVOLUTION = getattr(getattr(torch.ops, "mkldnn", None), "_convolution_pointwise", None) \
     if torch.backends.mkldnn.is_available() else None
+# Its bf16 path needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT: elsewhere (AVX2 CPUs) bf16 runs
+# as the layers in turn, which PyTorch computes on any CPU.
+_FUSED_DTYPES = (torch.float32, torch.bfloat16) if _FUSED_CONVOLUTION is not None \
+    and torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
 
 
 def _conv_shape(conv: nn.Conv2d) -> tuple:
@@ -82,7 +86,8 @@ def _conv_shape(conv: nn.Conv2d) -> tuple:
 
 class ConvActivation(nn.Conv2d):
     """A Conv2d (zero padding given as numbers) and the ReLU or LeakyReLU after it, as one
-    oneDNN convolution on CPU float32 or bf16 tensors. It computes in the dtype a Conv2d
+    oneDNN convolution on CPU float32 tensors, and bf16 ones where the CPU has the
+    instructions oneDNN's fused bf16 kernel needs. It computes in the dtype a Conv2d
     would: under autocast, the autocast dtype (the input and, where they are stored in float32,
     the weights are cast to it, as autocast casts them); otherwise the weights' dtype. It is
     still a Conv2d holding the same parameters, so state-dict names and the dtype and layout
@@ -109,7 +114,7 @@ class ConvActivation(nn.Conv2d):
             return self(x[None])[0]
         dtype, weight, bias = weights_as_computed(self.weight, self.bias, "cpu")
         # (the fused kernel has no gradient: for the input's, as WinogradConv3x3, the layers in turn)
-        if _FUSED_CONVOLUTION is None or x.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) \
+        if _FUSED_CONVOLUTION is None or x.device.type != "cpu" or dtype not in _FUSED_DTYPES \
                 or (torch.is_grad_enabled() and x.requires_grad):
             return F.leaky_relu(super().forward(x), self.slope) if self.slope else F.relu(super().forward(x))
         attr, scalars = ("leaky_relu", [self.slope]) if self.slope else ("relu", [])
