@@ -117,25 +117,28 @@ def resolve_method(name: str, overrides: dict | None = None) -> SketchMethod:
             raise MethodError(f"parameter low={params[stage]['low']} is above high={params[stage]['high']}")
     if SIMPLIFY in params and params[SIMPLIFY]["ink"] >= params[SIMPLIFY]["paper"]:
         raise MethodError(f"parameter ink={params[SIMPLIFY]['ink']} is not below paper={params[SIMPLIFY]['paper']}")
-    method = SketchMethod(name, params)
-    if SIMPLIFY in method.stages:
-        _simplifier_path(params[SIMPLIFY]["weights"])  # fail now if the weights are missing
-    return method
+    if SIMPLIFY in params:  # fail now if the weights are missing; absolute for workers in other folders
+        path = _simplifier_path(params[SIMPLIFY]["weights"])
+        if params[SIMPLIFY]["weights"] != "compact":
+            params[SIMPLIFY]["weights"] = str(path.resolve())  # (and one id however the path is spelled)
+    return SketchMethod(name, params)
 
 
 def _convert(key: str, value, default):
-    """Parse a command-line value to the type of the parameter's default."""
+    """Parse a command-line value to the type of the parameter's default (-0.0 as 0.0: the
+    same sketches, so the same method id)."""
     if isinstance(value, type(default)):
-        return value
+        return value + 0.0 if isinstance(value, float) else value
     text = str(value).strip().lower()
     try:
         if isinstance(default, bool):
             if text not in ("true", "false", "1", "0", "yes", "no"):
                 raise ValueError(text)
             return text in ("true", "1", "yes")
-        return type(default)(value)
+        converted = type(default)(value)
     except ValueError:
         raise MethodError(f"parameter {key}={value!r} is not a valid {type(default).__name__}") from None
+    return converted + 0.0 if isinstance(converted, float) else converted
 
 
 def _simplifier_path(weights: str) -> Path:

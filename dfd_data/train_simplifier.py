@@ -205,6 +205,8 @@ def _crop_range(crop) -> tuple[int, int]:
     low, high = (crop, crop) if isinstance(crop, (int, np.integer)) else (int(crop[0]), int(crop[1]))
     if low < 32 or high < low:
         raise TrainingError(f"crop must be a size or (min, max) range of at least 32 px, got {crop}")
+    if -(-low // 8) * 8 > high:  # crops are drawn in multiples of 8 inside the range
+        raise TrainingError(f"crop range {low}..{high} holds no multiple of 8")
     return low, high
 
 
@@ -233,14 +235,24 @@ def _save_checkpoint(path: Path, net, optimizer, state: dict) -> None:
     atomic_write_safetensors(path, tensors, {"state": json.dumps(state)})
 
 
-def _load_checkpoint(path: Path, net, optimizer) -> dict:
-    from safetensors import safe_open
+def _load_checkpoint(path: Path, net, optimizer, config: dict) -> dict:
+    """Restore an interrupted run's network and Adam moments from `path`; its state (step,
+    history, RNG). A checkpoint of other settings, or one that cannot be read, is one line."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
-    with safe_open(str(path), framework="pt") as handle:
-        state = json.loads((handle.metadata() or {})["state"])
-    tensors = load_file(str(path))
-    net.load_state_dict({key[len("net."):]: value for key, value in tensors.items() if key.startswith("net.")})
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            state = json.loads((handle.metadata() or {})["state"])
+        if state["config"] != config:  # before the weights: another width would not even fit
+            raise TrainingError(f"{path}: checkpoint was made with other settings; remove it or match them")
+        tensors = load_file(str(path))
+        net.load_state_dict({key[len("net."):]: value for key, value in tensors.items() if key.startswith("net.")})
+    except TrainingError:
+        raise
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise TrainingError(f"{path}: not a readable train-simplifier checkpoint ({type(error).__name__}); "
+                            "remove it to start afresh") from None
     device = next(net.parameters()).device
     for index, param in enumerate(p for group in optimizer.param_groups for p in group["params"]):
         # copies: a view would keep the file mapped for the rest of the run
@@ -292,9 +304,7 @@ def train_simplifier(out_path, clean_dirs=(), width: float = 0.25, steps: int = 
     source = PairSource(train_seed, clean_paths, procedural_fraction)
     history, window, start_step, spent = [], [], 0, 0.0
     if resume and ckpt_path.is_file():
-        state = _load_checkpoint(ckpt_path, net, optimizer)
-        if state["config"] != config:
-            raise TrainingError(f"{ckpt_path}: checkpoint was made with other settings; remove it or match them")
+        state = _load_checkpoint(ckpt_path, net, optimizer, config)
         source.rng.bit_generator.state = state["rng"]
         start_step, history, window, spent = state["step"], state["history"], state["window"], state["seconds"]
 
@@ -313,7 +323,7 @@ def train_simplifier(out_path, clean_dirs=(), width: float = 0.25, steps: int = 
     with cpu_threads(threads), bar:
         began = time.perf_counter() - spent
         for step in range(start_step, steps):
-            size = int(source.rng.integers(low // 8, high // 8 + 1)) * 8
+            size = int(source.rng.integers(-(-low // 8), high // 8 + 1)) * 8
             rough, clean = source.batch(size, batch_size)
             rough, clean = rough.to(torch_device), clean.to(torch_device)
             for group in optimizer.param_groups:

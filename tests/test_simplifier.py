@@ -20,8 +20,8 @@ from dfd_data.rough_sketches import RoughSketchGenerator, degrade, procedural_cl
 from dfd_data.simplifier import (GAN_MEAN, GAN_STD, RELEASED_STATISTICS, Simplifier, SimplifierWeightsError, default_simplifier_path,
                                  load_released, load_simplifier, read_simplifier_metadata, save_simplifier,
                                  scaled_channels, simplify)
-from dfd_data.train_simplifier import (PairSource, evaluate_denoising, loss_weights, make_eval_pairs,
-                                       train_simplifier)
+from dfd_data.train_simplifier import (PairSource, TrainingError, evaluate_denoising, loss_weights,
+                                       make_eval_pairs, train_simplifier)
 from dfd_data.winograd import WinogradConv3x3
 
 RELEASED_KEYS = [f"{index}.{kind}" for index in range(0, 45, 2) for kind in ("weight", "bias")]
@@ -335,6 +335,12 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch)
     a, b = load_simplifier(straight, "cpu"), load_simplifier(resumed, "cpu")
     assert all(torch.equal(a.state_dict()[key], b.state_dict()[key]) for key in a.state_dict())
     assert a.metadata["final_loss"] == b.metadata["final_loss"]  # the loss history resumed too
+    checkpoint = tmp_path / "resumed.ckpt.safetensors"
+    checkpoint.write_bytes((tmp_path / "straight.safetensors").read_bytes()[:4000])  # a checkpoint cut short
+    with pytest.raises(TrainingError, match="not a readable train-simplifier checkpoint"):
+        train_simplifier(resumed, resume=True, **settings)
+    with pytest.raises(TrainingError, match="crop range 33..39 holds no multiple of 8"):
+        train_simplifier(resumed, **{**settings, "crop": (33, 39)})
 
 
 def test_evaluate_denoising_reports_output_and_rough_scores(tiny):

@@ -71,6 +71,20 @@ def test_method_ids_name_the_parameters():
     assert tuned.params["photocopy"]["mask_radius"] == 6.0
     assert tuned.id.startswith("photocopy-") and tuned.id == resolve_method("photocopy", {"mask_radius": 6.0}).id
     assert resolve_method("canny", {"equalize": "false"}).params["canny"]["equalize"] is False
+    assert resolve_method("photocopy", {"pct_black": "-0"}).id == resolve_method("photocopy", {"pct_black": 0}).id
+
+
+def test_simplifier_weights_are_named_by_their_absolute_path(tmp_path, monkeypatch):
+    """However the path is spelled, one file is one method id, and workers in other folders
+    (a dask cluster) find it."""
+    from dfd_data.simplifier import default_simplifier_path
+
+    (tmp_path / "w.safetensors").write_bytes(default_simplifier_path().read_bytes())
+    monkeypatch.chdir(tmp_path)
+    methods = [resolve_method("photocopy+simplify", {"weights": spelled})
+               for spelled in ("w.safetensors", "./w.safetensors", str(tmp_path / "w.safetensors"))]
+    assert {m.params["simplify"]["weights"] for m in methods} == {str((tmp_path / "w.safetensors").resolve())}
+    assert len({m.id for m in methods}) == 1
 
 
 @pytest.mark.parametrize("name, overrides, message", [
