@@ -21,7 +21,7 @@ from tests.conftest import dfd_data
 @pytest.fixture(scope="module")
 def celebahq_faces(shared_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("celebahq") / "faces"
-    result = dfd_data("align", shared_data / "celebahq", root, "--size", "256", "--jobs", "2")
+    result = dfd_data("align", shared_data / "celebahq", root, "--size", "128", "--jobs", "2")
     assert result.returncode == 0, result.stderr
     return root
 

@@ -618,8 +618,24 @@ def test_generate_writes_as_it_goes_and_never_over_its_inputs(tiny_model_folder,
     assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == ["a.png", "b.png"]
 
 
+def _kill_test_command(dataset) -> list[str]:
+    return [sys.executable, "-m", "dfd_model", "train", str(dataset), "--stage", "all", "--resolution", "128",
+            "--steps", "10", "--batch-size", "2", "--log-every", "1", "--checkpoint-every", "3", "--quiet",
+            *TINY_SETTINGS]
+
+
+@pytest.fixture(scope="module")
+def never_killed(sketched_dataset, tmp_path_factory) -> Path:
+    """The run the killed ones must end equal to (one for every kill moment)."""
+    run = tmp_path_factory.mktemp("never-killed") / "whole"
+    whole = subprocess.run([*_kill_test_command(sketched_dataset), "--out", str(run)], capture_output=True, text=True,
+                           cwd=REPO)
+    assert whole.returncode == 0, whole.stderr
+    return run
+
+
 @pytest.mark.parametrize("seed", [1, 2])
-def test_train_killed_at_a_random_moment_resumes_to_the_same_losses(sketched_dataset, tmp_path, seed):
+def test_train_killed_at_a_random_moment_resumes_to_the_same_losses(sketched_dataset, never_killed, tmp_path, seed):
     """SIGKILL `dfd-model train` at a random point (maybe while it writes a checkpoint or a
     stats line), rerun it with --resume until it finishes: the losses and the saved model
     equal those of a run never interrupted."""
@@ -627,11 +643,7 @@ def test_train_killed_at_a_random_moment_resumes_to_the_same_losses(sketched_dat
     import signal
     import time
 
-    common = [sys.executable, "-m", "dfd_model", "train", str(sketched_dataset), "--stage", "all", "--resolution",
-              "128", "--steps", "10", "--batch-size", "2", "--log-every", "1", "--checkpoint-every", "3", "--quiet",
-              *TINY_SETTINGS]
-    whole = subprocess.run([*common, "--out", str(tmp_path / "whole")], capture_output=True, text=True, cwd=REPO)
-    assert whole.returncode == 0, whole.stderr
+    common = _kill_test_command(sketched_dataset)
     run = tmp_path / "killed"
     process = subprocess.Popen([*common, "--out", str(run)], cwd=REPO, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
@@ -644,15 +656,33 @@ def test_train_killed_at_a_random_moment_resumes_to_the_same_losses(sketched_dat
     assert len(_losses(run)) < 20
     resumed = subprocess.run([*common, "--out", str(run), "--resume"], capture_output=True, text=True, cwd=REPO)
     assert resumed.returncode == 0, resumed.stderr
-    assert _losses(run) == _losses(tmp_path / "whole")
+    assert _losses(run) == _losses(never_killed)
     killed = SketchToFace.from_pretrained(run / "model", device="cpu").state_dict()
-    expected = SketchToFace.from_pretrained(tmp_path / "whole" / "model", device="cpu").state_dict()
+    expected = SketchToFace.from_pretrained(never_killed / "model", device="cpu").state_dict()
     assert all(torch.equal(killed[key], expected[key]) for key in expected)
+
+
+def _full_disk_args(dataset) -> list[str]:
+    return ["train", str(dataset), "--stage", "all", "--resolution", "128", "--steps", "6", "--batch-size", "2",
+            "--log-every", "1", "--checkpoint-every", "2", "--quiet", *TINY_SETTINGS]
+
+
+@pytest.fixture(scope="module")
+def never_stopped(sketched_dataset, tmp_path_factory) -> Path:
+    """The run a full disk's ones must end equal to (one for every moment the disk fills)."""
+    from click.testing import CliRunner
+
+    from dfd_model.cli import main
+
+    run = tmp_path_factory.mktemp("never-stopped") / "whole"
+    whole = CliRunner().invoke(main, [*_full_disk_args(sketched_dataset), "--out", str(run)])
+    assert whole.exit_code == 0, whole.output
+    return run
 
 
 @pytest.mark.parametrize("writes_before_full", [4, 9])
 def test_a_disk_that_fills_up_stops_training_with_one_line_and_resume_repeats_the_losses(
-        sketched_dataset, tmp_path, monkeypatch, writes_before_full):
+        sketched_dataset, never_stopped, tmp_path, monkeypatch, writes_before_full):
     """Every fsync after the first few fails with ENOSPC, as on a full disk: train stops with one
     line naming the file it could not write, leaves no temporary file or half checkpoint, and a
     --resume once there is space again ends with the losses and weights of a run never stopped."""
@@ -661,10 +691,7 @@ def test_a_disk_that_fills_up_stops_training_with_one_line_and_resume_repeats_th
     from dfd_data.atomic import TEMP_PREFIX
     from dfd_model.cli import main
 
-    args = ["train", str(sketched_dataset), "--stage", "all", "--resolution", "128", "--steps", "6", "--batch-size",
-            "2", "--log-every", "1", "--checkpoint-every", "2", "--quiet", *TINY_SETTINGS]
-    whole = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "whole")])
-    assert whole.exit_code == 0, whole.output
+    args = _full_disk_args(sketched_dataset)
     run = tmp_path / "full"
     fill_disk_after(monkeypatch, writes_before_full)
     full = CliRunner().invoke(main, [*args, "--out", str(run)])
@@ -675,7 +702,7 @@ def test_a_disk_that_fills_up_stops_training_with_one_line_and_resume_repeats_th
     assert not [p for p in run.rglob("*") if p.name.startswith((TEMP_PREFIX, ".tmp-"))]
     resumed = CliRunner().invoke(main, [*args, "--out", str(run), "--resume"])
     assert resumed.exit_code == 0, resumed.output
-    assert _losses(run) == _losses(tmp_path / "whole")
+    assert _losses(run) == _losses(never_stopped)
     again = SketchToFace.from_pretrained(run / "model", device="cpu").state_dict()
-    expected = SketchToFace.from_pretrained(tmp_path / "whole" / "model", device="cpu").state_dict()
+    expected = SketchToFace.from_pretrained(never_stopped / "model", device="cpu").state_dict()
     assert all(torch.equal(again[key], expected[key]) for key in expected)
