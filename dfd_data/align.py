@@ -133,7 +133,8 @@ def align_folder(src: str | os.PathLike, dst: str | os.PathLike, params: AlignPa
     for relpath in [r for r in by_source if r not in known]:  # photos removed from SRC
         _drop(dataset, log, by_source.pop(relpath))
 
-    pending = [s for s in sources if not _is_complete(dataset, by_source.get(s.relpath, []), s, asdict(params))]
+    wanted = asdict(params)
+    pending = [s for s in sources if not _is_complete(dataset, by_source.get(s.relpath, []), s, wanted)]
     tasks = [Task(s.relpath, str(s.path), _Job(s, params, str(dataset.root))) for s in pending]
 
     def on_outcome(outcome: Outcome) -> None:

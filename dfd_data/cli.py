@@ -23,7 +23,8 @@ def _batch_options(func):
                         help="joblib backend: loky processes, threads, or a dask or ray cluster "
                              "(extras [dask], [ray]; ray connects to RAY_ADDRESS when set).")(func)
     func = click.option("--jobs", "-j", type=click.IntRange(1, 256), default=usable_cpus(), show_default=True,
-                        help="Parallel workers (default: the CPUs this process may use). With 1, the work runs in this process.")(func)
+                        help="Parallel workers (default: the CPUs this process may use). With 1, the work "
+                             "runs in this process.")(func)
     return func
 
 

@@ -273,9 +273,9 @@ class Trainer:
         if checkpoint is not None and not resume:
             raise TrainingError(f"{self.out}: already holds a training run; pass --resume to continue it "
                                 "or choose another --out")
-        saved = _read_run_config(path) if path.is_file() else checkpoint_configs(checkpoint)[0] if checkpoint else None
+        recorded, processes = checkpoint_configs(checkpoint) if checkpoint else (None, None)
+        saved = _read_run_config(path) if path.is_file() else recorded
         if saved is not None and resume:
-            processes = checkpoint_configs(checkpoint)[1] if checkpoint else None
             wanted = self._resumed_config(path, saved, wanted, given, processes)
         if wanted["training"]["sketches"] is None:  # pinned: a set added later must not change the run's data
             wanted["training"]["sketches"] = choose_sketch_folder(self.dataset, None)
