@@ -216,4 +216,5 @@ def load_checkpoint(path: Path, *, modules: dict[str, torch.nn.Module],
     return state, banks
 
 
-__all__ = ["TrainingCheckpointError", "checkpoint_configs", "checkpoint_name", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = ["TrainingCheckpointError", "checkpoint_configs", "checkpoint_name", "latest_checkpoint", "load_checkpoint",
+           "save_checkpoint"]

@@ -30,6 +30,7 @@ DEFAULT_SKETCHES = "photocopy+simplify"
 # Splits kept out of training: their faces serve the fixed validation grids.
 HELD_OUT_SPLITS = ("val", "test")
 UNKNOWN_GENDER = "all"
+STAMP_FILE = "fingerprint.json"  # beside the stacked pairs: the rows they came from
 
 
 class TrainingDataError(UserError):
@@ -118,8 +119,8 @@ def build_pair_set(dataset: Dataset, rows: list[dict], resolution: int, cache: P
 
     Returns the pairs and one error line per file that could not be used."""
     fingerprint = pairs_fingerprint(rows, resolution)
-    stamp = cache / "fingerprint.json"
-    cached = _cached_pairs(cache, fingerprint, resolution) if stamp.is_file() else None
+    stamp = cache / STAMP_FILE
+    cached = _cached_pairs(cache, fingerprint, resolution)  # (None when there is none yet: an OSError)
     if cached is not None:
         return cached
     cache.mkdir(parents=True, exist_ok=True)
@@ -154,7 +155,7 @@ def _cached_pairs(cache: Path, fingerprint: str, resolution: int) -> tuple[PairS
     """The pairs stacked earlier from the same rows, or None where the cache is from other rows
     or damaged (a disk problem, a file edited): it is only a cache, and is built again."""
     try:
-        saved = json.loads((cache / "fingerprint.json").read_text())
+        saved = json.loads((cache / STAMP_FILE).read_text())
         if saved["fingerprint"] != fingerprint:
             return None
         ids, genders, errors = list(saved["ids"]), list(saved["genders"]), list(saved["errors"])
