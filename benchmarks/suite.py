@@ -271,16 +271,16 @@ def _numpy_projection_probe(runs: int, queue) -> None:
 def projection_rows(runs: int) -> list[Row]:
     """One 512-d query, K = 10, against banks of three sizes, beside a brute-force numpy search
     (the plain baseline) and beside numpy_projection (the same work done well)."""
-    ours = {}
+    ours, scored = {}, {}
     for size, bank, query in _projection_banks():
-        index = FeatureBank({"nose": bank}).index("nose", score_dtype=resolve_precision("auto", CPU))
+        index = FeatureBank({"nose": bank}).index("nose")
         ours[size] = median_seconds(lambda: project(query, bank, 10, index=index), runs * 20, warmup=20)
+        scored[size] = "float32" if index.rows_bf16 is None else "bfloat16"
     baselines = _in_fresh_process(_numpy_projection_probe, runs, label="the numpy projection baselines")
-    config = {"k": 10, "dim": 512, "threads": torch.get_num_threads(),
-              "scores": dtype_name(resolve_precision("auto", CPU))}
     rows = []
     for size, seconds in ours.items():
         brute, done_well = baselines[size]
+        config = {"k": 10, "dim": 512, "threads": torch.get_num_threads(), "scores": scored[size]}
         rows += [Row(f"projection_ms_bank{size}", seconds * 1000, "ms", "brute-force numpy search", brute * 1000,
                      config),
                  Row(f"projection_ms_bank{size}_vs_numpy_matvec", seconds * 1000, "ms",

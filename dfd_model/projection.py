@@ -16,9 +16,10 @@ Two solves of the locally linear weights are offered (`method`):
   queried projects about 1-2% of a neighbour distance away from itself.
 
 Both solve in float64 (in numpy: the result carries no gradient) and return tensors in the
-query's dtype. The neighbour search scores the bank with one matrix product (in bf16 for a
-model inferring in bf16) and re-ranks, by float64 distances, every row that the scores'
-rounding error bound leaves a chance of being among the k nearest: the result is exact.
+query's dtype. The neighbour search scores the bank with one matrix product (from a bf16 copy
+of a large bank where that is faster) and re-ranks, by float64 distances, every row that the
+scores' rounding error bound leaves a chance of being among the k nearest: the result is
+exact, whatever the scores were computed in.
 """
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ class FeatureBank:
         self._banks = banks
         self.latent_dim: int = latent_dim
         self._pooled: dict[str, torch.Tensor] = {}
-        self._indexes: dict[tuple[str, str | None, torch.dtype], SearchIndex] = {}
+        self._indexes: dict[tuple[str, str | None], SearchIndex] = {}
 
     # ---- access ------------------------------------------------------------------------------
     @property
@@ -119,13 +120,11 @@ class FeatureBank:
                              f"(it has {', '.join(per_gender)}; pass gender=None to search them all)")
         return per_gender[gender]
 
-    def index(self, component: str, gender: str | None = None,
-              score_dtype: torch.dtype = torch.float32) -> "SearchIndex":
-        """The search index of `get(component, gender)`, built once: every query reuses it.
-        score_dtype bfloat16 (a model inferring in bf16) scores large banks in bf16."""
-        key = (component, gender, score_dtype)
+    def index(self, component: str, gender: str | None = None) -> "SearchIndex":
+        """The search index of `get(component, gender)`, built once: every query reuses it."""
+        key = (component, gender)
         if key not in self._indexes:
-            self._indexes[key] = SearchIndex.of(self.get(component, gender), score_dtype)
+            self._indexes[key] = SearchIndex.of(self.get(component, gender))
         return self._indexes[key]
 
     def counts(self) -> dict[str, dict[str, int]]:
@@ -203,18 +202,23 @@ def _with_ridge(gram: np.ndarray, eps: float) -> np.ndarray:
     return gram
 
 
-# Banks above this size are scored from a bf16 copy when asked to; below it the float32 bank
-# is read so fast that the copy would not pay for its memory.
+# Banks above this size get a bf16 copy to score; below it the float32 bank is read so fast
+# that the copy would not pay for its memory.
 BF16_SCORING_ROWS = 2048
+# A few queries read the whole bank for few products, at memory speed, so the bf16 copy halves
+# their time on any CPU (17,703 x 512, one query, on a 2-vCPU AVX2 EPYC: 1.3 ms against 3.4 ms
+# in float32). More queries make it a matrix product, which CPUs without native bf16 (see
+# dfd_data.devices.native_bf16) emulate: 16 queries there took 20 ms in bf16, 10 in float32.
+BF16_EMULATED_MAX_QUERIES = 4
 _FLOAT32_ROUNDING = 2.0 ** -24  # unit roundoff: scores are accumulated and finished in float32
 
 
 @dataclass(frozen=True, eq=False)
 class SearchIndex:
     """What the search of one bank needs, computed once per bank: its rows' squared norms,
-    the two terms of its scores' error bound and, for a model inferring in bf16 (see
-    dfd_data.devices.resolve_precision), a bf16 copy of the rows. One query reads the whole
-    bank, so the copy halves the memory traffic that bounds the search."""
+    the two terms of its scores' error bound and, for a large bank, a bf16 copy of the rows.
+    One query reads the whole bank, so the copy halves the memory traffic that bounds the
+    search; the bound covers scores from either copy."""
 
     # The bank it was built from, held so that its memory is not reused while the index lives
     # (see built_from). Its values must not change: an index describes them as they were.
@@ -227,7 +231,7 @@ class SearchIndex:
     rows_bf16: torch.Tensor | None = None
 
     @classmethod
-    def of(cls, bank: torch.Tensor, score_dtype: torch.dtype = torch.float32) -> "SearchIndex":
+    def of(cls, bank: torch.Tensor) -> "SearchIndex":
         """Worst-case rounding of a score |b|^2 - 2 q.b, in any summation order. The dot
         product: rounding q and b to the scoring dtype (unit roundoff u) errs by at most
         (2u + u^2)|q||b|, float32 accumulation of D products by gamma_D (1 + u)^2 |q||b|
@@ -235,7 +239,7 @@ class SearchIndex:
         more, by u times its size. The norms err by gamma_D |b|^2 and three float32 roundings
         finish the score; 1.01 covers the second-order terms left out."""
         rows = bank.detach().float()
-        low = rows.to(torch.bfloat16) if score_dtype == torch.bfloat16 and bank.shape[0] > BF16_SCORING_ROWS else None
+        low = rows.to(torch.bfloat16) if bank.shape[0] > BF16_SCORING_ROWS else None
         squared = rows.pow(2).sum(1)
         largest = float(squared.max())
         if not math.isfinite(largest):  # the bound, and every score near such a row, would be NaN
@@ -259,10 +263,18 @@ class SearchIndex:
     def scores(self, query: torch.Tensor, rows: torch.Tensor) -> np.ndarray:
         """|b|^2 - 2 q.b for every row b (the distance order, shifted by |q|^2), [B, N] float32
         numpy. `rows` and `query` share a floating dtype of at least float32's precision."""
-        bank, q = (self.rows_bf16, query.to(torch.bfloat16)) if self.rows_bf16 is not None else (rows, query)
+        bank, q = (self.rows_bf16, query.to(torch.bfloat16)) if self._bf16_pays(query) else (rows, query)
         # one query is a matrix-vector product: torch.mv reads the bank once, at memory speed
         dots = torch.mv(bank, q[0])[None] if q.shape[0] == 1 else q @ bank.T
         return torch.sub(self.squared_norms.to(dots.device), dots, alpha=2).cpu().numpy()
+
+    def _bf16_pays(self, query: torch.Tensor) -> bool:
+        """Whether scoring `query` from the bf16 copy is the faster way (see
+        BF16_EMULATED_MAX_QUERIES)."""
+        from dfd_data.devices import native_bf16
+
+        return self.rows_bf16 is not None and (query.shape[0] <= BF16_EMULATED_MAX_QUERIES
+                                               or native_bf16(self.rows_bf16.device))
 
     def error_bound(self, target: np.ndarray) -> np.ndarray:
         """The bound on every score's rounding error for queries `target` [B, D], [B, 1]."""

@@ -189,7 +189,7 @@ class SketchToFace(nn.Module):
                 bank = self.banks.get(name, gender)  # (on the model's device: set_banks and .to() move it)
                 projected, indices, lle_weights = project(
                     latent, bank, self.config.knn, self.config.lle_eps, self.config.projection,
-                    self.banks.index(name, gender, self.compute_dtype))
+                    self.banks.index(name, gender))
                 matches[name] = Match(indices, lle_weights)
                 latent = blend(latent, projected, weights[name])
             latents[name] = latent

@@ -278,10 +278,10 @@ def test_projection_edge_cases():
     assert torch.isfinite(projected).all() and torch.allclose(weights.sum(1), torch.ones(2), atol=1e-5)
     # tensors that require grad (a latent straight from a training encoder) project as others do
     wide = torch.randn(4000, 8)
-    plain = project(torch.ones(1, 8), wide, k=5, index=SearchIndex.of(wide, torch.bfloat16))
+    plain = project(torch.ones(1, 8), wide, k=5, index=SearchIndex.of(wide))
     tracked_bank = wide.clone().requires_grad_()
     tracked = project(torch.ones(1, 8, requires_grad=True), tracked_bank, k=5,
-                      index=SearchIndex.of(tracked_bank, torch.bfloat16))
+                      index=SearchIndex.of(tracked_bank))
     assert all(torch.equal(a, b) for a, b in zip(plain, tracked))
 
     with pytest.raises(ValueError, match="empty"):
@@ -346,7 +346,7 @@ def test_a_bad_bank_or_an_index_of_another_tensor_is_refused_and_a_cast_model_se
         with pytest.raises(ValueError, match="NaN or infinite values, or rows too long"):
             project(torch.randn(1, 16), broken, k=5)
     with pytest.raises(ValueError, match="built from another tensor"):
-        project(torch.randn(1, 16).bfloat16(), bank.bfloat16(), k=5, index=SearchIndex.of(bank, torch.bfloat16))
+        project(torch.randn(1, 16).bfloat16(), bank.bfloat16(), k=5, index=SearchIndex.of(bank))
     square = torch.randn(16, 16)
     with pytest.raises(ValueError, match="built from another tensor"):  # the same memory read another way
         project(torch.randn(1, 16), square.T, k=5, index=SearchIndex.of(square))
@@ -593,7 +593,7 @@ def test_bf16_scoring_finds_the_exact_neighbours_in_a_bank_of_tight_clusters():
     centres = torch.randn(300, 512, generator=generator)
     bank = centres[torch.randint(0, 300, (17_703,), generator=generator)] + 0.1 * torch.randn(17_703, 512,
                                                                                              generator=generator)
-    index = FeatureBank({"nose": bank}).index("nose", score_dtype=torch.bfloat16)
+    index = FeatureBank({"nose": bank}).index("nose")
     assert index.rows_bf16 is not None
     for row in range(0, 17_703, 1_770):
         query = bank[row:row + 1] + 0.005 * torch.randn(1, 512, generator=generator)
@@ -614,7 +614,7 @@ def test_the_score_error_bound_holds_where_bf16_rounding_errs_the_most():
     row[0] = 3.0
     bank = row.repeat(BF16_SCORING_ROWS + 1, 1)
     query = torch.full((1, 512), near_one)
-    index = SearchIndex.of(bank, torch.bfloat16)
+    index = SearchIndex.of(bank)
     assert index.rows_bf16 is not None
     exact = (bank.double() ** 2).sum(1) - 2 * bank.double() @ query[0].double()
     error = np.abs(index.scores(query, bank)[0] - exact.numpy())
@@ -623,9 +623,9 @@ def test_the_score_error_bound_holds_where_bf16_rounding_errs_the_most():
 
 
 def test_large_banks_are_searched_by_matrix_product_and_reranked_exactly():
-    """Banks above BF16_SCORING_ROWS are scored in bf16 where that is native; the search must
-    find the same neighbours as an exhaustive exact search, and a bank vector must still
-    project onto itself exactly."""
+    """Banks above BF16_SCORING_ROWS are scored from a bf16 copy (many queries at once in float32
+    on CPUs that emulate bf16); the search must find the same neighbours as an exhaustive exact
+    search, and a bank vector must still project onto itself exactly."""
     from dfd_model.projection import BF16_SCORING_ROWS, nearest
 
     generator = torch.Generator().manual_seed(3)
@@ -639,7 +639,7 @@ def test_large_banks_are_searched_by_matrix_product_and_reranked_exactly():
     projected, own, weights = project(bank[7:8], bank, 10, index=banks.index("nose"))
     assert own[0, 0] == 7 and torch.equal(projected, bank[7:8]) and weights[0, 0] == 1
 
-    # one query at a time (the matrix-vector path; bf16 scores on AMX CPUs), at the released
+    # one query at a time (the matrix-vector path, from the bf16 copy on every CPU), at the released
     # bank size and latent width
     bank = torch.randn(17_703, 512, generator=generator)
     index = FeatureBank({"nose": bank}).index("nose")
