@@ -11,6 +11,8 @@ from dfd_data import __version__
 from dfd_data.cli import UserErrorGroup
 
 RECIPES = ("demo", "folder", "celebamask-hq")
+# The full-size recipes' training batch (per process): sized for a GPU.
+FULL_SIZE_BATCH = 8
 
 
 @click.group(cls=UserErrorGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -30,6 +32,7 @@ Recipes:
 Examples:
   dfd-pipeline run demo --out demo-out
   dfd-pipeline run folder --photos ~/portraits --out runs/portraits --steps 20000
+  dfd-pipeline run folder --photos ~/portraits --out runs/cpu-try --batch-size 2
   dfd-pipeline run celebamask-hq --celebamask /data/CelebAMask-HQ --out runs/celeba""")
 @click.argument("name", type=click.Choice(RECIPES))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for everything the run makes.")
@@ -43,19 +46,24 @@ Examples:
               help="Training steps per stage (demo: 400, full size: 50,000).")
 @click.option("--jobs", type=click.IntRange(1), default=None,
               help="Processes for the data steps (folder and celebamask-hq; default 2).")
-def run(name, out, photos, celebamask, labels, steps, jobs):
+@click.option("--batch-size", type=click.IntRange(1), default=None,
+              help=f"Training batch (folder and celebamask-hq; default {FULL_SIZE_BATCH}). At 512 px a batch of 2 "
+                   "peaks at about 16 GB on a CPU; if training is killed for memory before its first "
+                   "checkpoint, rerun with a smaller one.")
+def run(name, out, photos, celebamask, labels, steps, jobs, batch_size):
     """Run recipe NAME into OUT; rerunning the same command skips finished steps and resumes the rest."""
     from .demo import DEMO_STEPS, demo_steps
     from .full_size import celebamask_steps, full_size_steps
     from .runner import run_pipeline
 
-    given = {"--photos": photos, "--celebamask": celebamask, "--labels": labels, "--jobs": jobs}
-    takes = {"demo": ("--photos",), "folder": ("--photos", "--labels", "--jobs"),
-             "celebamask-hq": ("--celebamask", "--jobs")}[name]
+    given = {"--photos": photos, "--celebamask": celebamask, "--labels": labels, "--jobs": jobs,
+             "--batch-size": batch_size}
+    takes = {"demo": ("--photos",), "folder": ("--photos", "--labels", "--jobs", "--batch-size"),
+             "celebamask-hq": ("--celebamask", "--jobs", "--batch-size")}[name]
     unused = [option for option, value in given.items() if value is not None and option not in takes]
     if unused:  # an option the recipe would silently ignore
         raise click.UsageError(f"the {name} recipe does not take {', '.join(unused)} (it takes {', '.join(takes)})")
-    jobs = jobs or 2
+    jobs, batch_size = jobs or 2, batch_size or FULL_SIZE_BATCH
     out_path = Path(out)
     for option, folder in (("--photos", photos), ("--celebamask", celebamask)):
         if folder is not None and _inside(out_path, Path(folder)):  # its grids and faces would be taken for photos
@@ -66,11 +74,12 @@ def run(name, out, photos, celebamask, labels, steps, jobs):
         if photos is None:
             raise click.UsageError("the folder recipe needs --photos FOLDER")
         plan = full_size_steps(out_path, Path(photos), labels=Path(labels) if labels else None,
-                               steps=steps or 50_000, jobs=jobs)
+                               steps=steps or 50_000, jobs=jobs, batch_size=batch_size)
     else:
         if celebamask is None:
             raise click.UsageError("the celebamask-hq recipe needs --celebamask ROOT")
-        plan = celebamask_steps(out_path, Path(celebamask), steps=steps or 50_000, jobs=jobs)
+        plan = celebamask_steps(out_path, Path(celebamask), steps=steps or 50_000, jobs=jobs,
+                                batch_size=batch_size)
     manifest = run_pipeline(name, plan, out_path, echo=click.echo)
     ran = sum(1 for step in manifest["steps"] if not step.get("skipped"))
     report = out_path / "report.html"

@@ -93,7 +93,7 @@ def select_celebamask(root: Path, out: Path) -> int:
 
 
 def full_size_steps(out: Path, photos: Path, *, labels: Path | None = None, steps: int = 50_000,
-                    batch_size: int = 8, jobs: int = 2, extra_first: list[Step] | None = None) -> list[Step]:
+                    batch_size: int, jobs: int = 2, extra_first: list[Step] | None = None) -> list[Step]:
     from .report import write_report
 
     faces, run = out / "faces", out / "run"

@@ -163,7 +163,19 @@ def test_an_option_the_recipe_does_not_take_is_refused(tmp_path):
     labels = tmp_path / "labels.csv"
     labels.write_text("id,gender\n")
     result = subprocess.run([sys.executable, "-m", "pipelines", "run", "demo", "--out", str(tmp_path / "out"),
-                             "--labels", str(labels), "--jobs", "7"], capture_output=True, text=True, cwd=REPO)
+                             "--labels", str(labels), "--jobs", "7", "--batch-size", "2"],
+                            capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2
-    assert "the demo recipe does not take --labels, --jobs (it takes --photos)" in result.stderr
+    assert "the demo recipe does not take --labels, --jobs, --batch-size (it takes --photos)" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_full_size_recipes_train_with_the_batch_asked_for(tmp_path):
+    """The 512 model at the default batch of 8 runs out of memory on a 24 GB CPU machine:
+    --batch-size must reach the training step of both full-size recipes."""
+    from pipelines.full_size import celebamask_steps, full_size_steps
+
+    for plan in (full_size_steps(tmp_path, tmp_path / "photos", batch_size=2),
+                 celebamask_steps(tmp_path, tmp_path / "CelebAMask-HQ", batch_size=2)):
+        train = next(step for step in plan if step.name == "train").command
+        assert train[train.index("--batch-size") + 1] == "2"
