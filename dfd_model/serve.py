@@ -12,16 +12,24 @@ API (JSON over HTTP; images travel as base64 PNG data URLs):
                             "seconds": 0.41}
 
 Errors are JSON {"error": "one line"} with 400 (malformed request or image, or an image that
-is not a sketch: a photo, or mostly dark), 404, 405, 411,
-413 (body over the limit), 503 (too many requests waiting; try again) or, for a bug, 500.
-Sketches over MAX_SKETCH_PIXELS are refused from their header. The server binds
+is not a sketch: a photo, or mostly dark), 403 (see below), 404, 405, 411, 413 (body over the
+limit), 415 (a POST body not declared application/json), 503 (too many requests waiting; try
+again), the standard library's own refusals (an unknown method, headers too long), or, for a
+bug, 500. Sketches over MAX_SKETCH_PIXELS are refused from their header. The server binds
 127.0.0.1 unless told otherwise, never reads a file a client names, and runs one inference
 at a time (the model uses every core), with a short queue in front.
+
+Web pages from elsewhere must not drive the model through the user's browser: a POST must
+declare its JSON (which a cross-site page cannot do without the browser asking first, and
+the server grants nothing), a POST whose Origin is another site's is refused, and a server
+bound to a loopback address answers only requests addressed to a loopback name (a site that
+points its own name at 127.0.0.1, DNS rebinding, gets 403).
 """
 from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import json
 import re
 import sys
@@ -56,6 +64,22 @@ WAIT_SECONDS = 60.0
 
 
 ALLOWED_METHODS = "GET, HEAD, POST, OPTIONS"
+# What each path answers (anything else is 404).
+PAGES = {"/": "GET", "/index.html": "GET", "/api/info": "GET", "/api/generate": "POST"}
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+
+
+def _host_name(host: str) -> str:
+    """A Host header without its port: "127.0.0.1:8000" -> "127.0.0.1", "[::1]:80" -> "[::1]"."""
+    host = host.strip().lower()
+    return host[:host.index("]") + 1] if host.startswith("[") and "]" in host else host.partition(":")[0]
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return address == "localhost"
 
 
 class RequestError(Exception):
@@ -186,36 +210,83 @@ def make_handler(service: FaceService):
         def _json(self, status: HTTPStatus, document: dict) -> None:
             self._send(status, json.dumps(document).encode(), "application/json")
 
-        def do_GET(self):  # noqa: N802 - http.server's naming
-            if self.headers.get("Content-Length", "0") != "0":
-                self.close_connection = True  # a GET's body is never read
+        def send_error(self, code, message=None, explain=None):
+            """The standard library's own refusals (a malformed request line, headers too long,
+            an unknown method) in JSON, like every other answer."""
+            self.close_connection = True
+            status = HTTPStatus(code)
+            self._json(status, {"error": message or status.phrase})
+
+        def _check_request(self, method: str) -> None:
+            """RequestError for a request addressed to another host name, or for a method `path`
+            does not answer: what every method checks before anything else."""
+            host = self.headers.get("Host")
+            if host is not None and _is_loopback(self.server.server_address[0]) \
+                    and _host_name(host) not in LOOPBACK_NAMES:
+                raise RequestError(HTTPStatus.FORBIDDEN, f"this server answers requests to 127.0.0.1 or localhost, "
+                                                         f"not to {_host_name(host)!r}")
             path = self.path.split("?", 1)[0]
-            if path in ("/", "/index.html"):
-                self._send(HTTPStatus.OK, page, "text/html; charset=utf-8")
-            elif path == "/api/info":
+            wanted = PAGES.get(path)
+            if wanted is None:
+                raise RequestError(HTTPStatus.NOT_FOUND, f"no such page {path!r}")
+            if method != wanted and not (method == "HEAD" and wanted == "GET"):
+                raise RequestError(HTTPStatus.METHOD_NOT_ALLOWED, f"{path} answers {wanted} only")
+
+        def _check_post(self) -> int:
+            """The body's length, once the POST's headers are acceptable (RequestError if not)."""
+            self._check_request("POST")
+            length = self.headers.get("Content-Length")
+            if length is None or not re.fullmatch(r"[0-9]+", length):
+                raise RequestError(HTTPStatus.LENGTH_REQUIRED, "a Content-Length header giving the body's size is required")
+            if int(length) > MAX_BODY_BYTES:
+                raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                                   f"the body is {int(length)} bytes; the limit is {MAX_BODY_BYTES}")
+            media_type = self.headers.get("Content-Type", "").partition(";")[0].strip().lower()
+            if media_type != "application/json":
+                raise RequestError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                                   f"the body must be sent as application/json, not {media_type or 'undeclared'}")
+            origin, host = self.headers.get("Origin"), self.headers.get("Host")
+            if origin is not None and origin.lower().partition("://")[2] != (host or "").strip().lower():
+                raise RequestError(HTTPStatus.FORBIDDEN, f"requests from pages of {origin!r} are refused")
+            return int(length)
+
+        def handle_expect_100(self):
+            """Invite the body (Expect: 100-continue) only if it will be read: a refusal is
+            sent at once instead of after the upload."""
+            if self.command == "POST":
+                try:
+                    self._check_post()
+                except RequestError as error:
+                    self.close_connection = True
+                    self._json(error.status, {"error": str(error)})
+                    return False
+            return super().handle_expect_100()
+
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            if self.headers.get("Content-Length", "0") != "0" or "Transfer-Encoding" in self.headers:
+                self.close_connection = True  # a GET's body is never read
+            try:
+                self._check_request("GET")
+            except RequestError as error:
+                self._json(error.status, {"error": str(error)})
+                return
+            if self.path.split("?", 1)[0] == "/api/info":
                 self._json(HTTPStatus.OK, service.info())
             else:
-                self._json(HTTPStatus.NOT_FOUND, {"error": f"no such page {path!r}"})
+                self._send(HTTPStatus.OK, page, "text/html; charset=utf-8")
 
         def do_POST(self):  # noqa: N802
             # Until the body is read, an answer must close the connection: the unread body
             # would otherwise be parsed as the client's next request.
             self.close_connection = True
             try:
-                if self.path.split("?", 1)[0] != "/api/generate":
-                    raise RequestError(HTTPStatus.NOT_FOUND, f"no such endpoint {self.path!r}")
-                length = self.headers.get("Content-Length")
-                if length is None or not re.fullmatch(r"[0-9]+", length):
-                    raise RequestError(HTTPStatus.LENGTH_REQUIRED, "a Content-Length header giving the body's size is required")
-                if int(length) > MAX_BODY_BYTES:
-                    raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                                       f"the body is {int(length)} bytes; the limit is {MAX_BODY_BYTES}")
+                length = self._check_post()
                 try:
-                    body = self.rfile.read(int(length))
+                    body = self.rfile.read(length)
                 except TimeoutError:
                     raise RequestError(HTTPStatus.REQUEST_TIMEOUT, f"the body did not arrive within {self.timeout} s") \
                         from None
-                self.close_connection = len(body) < int(length)  # a client that hung up midway
+                self.close_connection = len(body) < length  # a client that hung up midway
                 try:
                     request = json.loads(body)
                 except (ValueError, RecursionError):  # (bad JSON or text; numbers over 4300 digits; deep nesting)
@@ -234,6 +305,7 @@ def make_handler(service: FaceService):
 
         def do_OPTIONS(self):  # noqa: N802
             self.close_connection = True  # its body, if any, is never read
+            # (no Access-Control-Allow-* header: a page of another site may not send its JSON)
             self.send_response(HTTPStatus.NO_CONTENT)
             self.send_header("Allow", ALLOWED_METHODS)
             self.end_headers()

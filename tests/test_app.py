@@ -156,34 +156,68 @@ def _exchange(server: str, raw: bytes) -> bytes:
 def test_a_refused_request_never_leaves_its_body_to_be_read_as_the_next_request(server):
     """On a keep-alive connection a body left unread would be parsed as the client's next
     request: a refusal sent before reading it must close the connection."""
-    smuggled = b"GET /api/info HTTP/1.1\r\nHost: x\r\n\r\n"
-    for head in (b"POST /api/nothing HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(smuggled),
-                 b"PUT /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(smuggled),
-                 b"POST /api/generate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"):
+    smuggled = b"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    for head in (b"POST /api/nothing HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n" % len(smuggled),
+                 b"PUT /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n" % len(smuggled),
+                 b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"):
         answer = _exchange(server, head + smuggled)
         assert answer.count(b"HTTP/1.1 ") == 1, (head, answer)
         assert b'"resolution"' not in answer
     # a length that str.isdigit() accepts but int() does not is refused, not a server error
-    answer = _exchange(server, b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 1\xb2\r\n\r\n{")
+    answer = _exchange(server, b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1\xb2\r\n\r\n{")
     assert answer.startswith(b"HTTP/1.1 411 ")
     # and a well-formed request still gets its answer on a connection that stays open
-    answer = _exchange(server, b"GET /api/info HTTP/1.1\r\nHost: x\r\n\r\n" * 2)
+    answer = _exchange(server, b"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 2)
     assert answer.count(b"HTTP/1.1 200 ") == 2
 
 
 def test_head_options_and_other_methods_get_standard_answers(server):
     """HEAD is GET without the body; OPTIONS and a refused method name the methods allowed."""
-    get = _exchange(server, b"GET /api/info HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-    head = _exchange(server, b"HEAD /api/info HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    get = _exchange(server, b"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    head = _exchange(server, b"HEAD /api/info HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
     headers, body = get.split(b"\r\n\r\n", 1)
     assert head.startswith(b"HTTP/1.1 200 ") and head.endswith(b"\r\n\r\n") and body
     assert [line for line in head.split(b"\r\n") if line.startswith(b"Content-Length")] == \
         [line for line in headers.split(b"\r\n") if line.startswith(b"Content-Length")]
-    options = _exchange(server, b"OPTIONS /api/generate HTTP/1.1\r\nHost: x\r\n\r\n")
+    options = _exchange(server, b"OPTIONS /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     assert options.startswith(b"HTTP/1.1 204 ") and b"Allow: GET, HEAD, POST, OPTIONS\r\n" in options
-    delete = _exchange(server, b"DELETE /api/generate HTTP/1.1\r\nHost: x\r\n\r\n")
+    delete = _exchange(server, b"DELETE /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     assert delete.startswith(b"HTTP/1.1 405 ") and b"Allow: GET, HEAD, POST, OPTIONS\r\n" in delete
     assert delete.endswith(b'{"error": "use GET, HEAD or POST"}')
+
+
+def test_pages_of_other_sites_cannot_drive_the_model(server):
+    """A page elsewhere can make the browser POST to 127.0.0.1 (a "simple" cross-site request)
+    or point its own name at it (DNS rebinding): neither may reach the model."""
+    body = json.dumps({"sketch": _sketch_url()}).encode()
+    assert _post(server, body, {"Content-Type": "text/plain"}) == \
+        (415, {"error": "the body must be sent as application/json, not text/plain"})
+    code, answer = _post(server, body, {"Origin": "http://attacker.example"})
+    assert code == 403 and "attacker.example" in answer["error"]
+    assert _post(server, body, {"Origin": server})[0] == 200  # the page itself
+    port = server.rsplit(":", 1)[1]
+    for host in (b"attacker.example", b"attacker.example:" + port.encode()):
+        answer = _exchange(server, b"GET /api/info HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % host)
+        assert answer.startswith(b"HTTP/1.1 403 ") and b"'attacker.example'" in answer
+    answer = _exchange(server, b"GET / HTTP/1.1\r\nHost: localhost:%s\r\nConnection: close\r\n\r\n" % port.encode())
+    assert answer.startswith(b"HTTP/1.1 200 ")
+
+
+def test_every_refusal_is_json_and_comes_before_the_body_is_sent(server):
+    """Wrong methods on real pages are 405; the standard library's own refusals are JSON; an
+    oversized body is refused before the client is invited to upload it (Expect: 100-continue);
+    a GET's chunked body is never read as the next request."""
+    answer = _exchange(server, b"GET /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 405 ") and b"Allow: GET, HEAD, POST, OPTIONS" in answer
+    assert answer.endswith(b'{"error": "/api/generate answers POST only"}')
+    answer = _exchange(server, b"TRACE / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 501 ") and answer.endswith(b'{"error": "Unsupported method (\'TRACE\')"}')
+    answer = _exchange(server, b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
+                               b"\r\nContent-Length: %d\r\nExpect: 100-continue\r\n\r\n" % (MAX_BODY_BYTES + 1))
+    assert answer.startswith(b"HTTP/1.1 413 ") and b"100 Continue" not in answer
+    answer = _exchange(server, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                               b"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert answer.count(b"HTTP/1.1 ") == 1 and b'"resolution"' not in answer
 
 
 def test_many_concurrent_requests_are_answered_or_refused_and_the_server_survives(server):
