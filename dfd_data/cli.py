@@ -5,9 +5,10 @@ import errno
 import sys
 
 import click
+from click.core import ParameterSource
 
 from . import __version__
-from .cluster import cluster_session
+from .cluster import CLUSTER_BACKENDS, cluster_session
 from .dataset import Dataset
 from .errors import UserError
 from .runner import BACKENDS, BatchSummary, usable_cpus
@@ -44,7 +45,8 @@ def _preview_note(dataset: Dataset, name: str) -> str:
 
 
 # What the system refuses for reasons outside the toolkit: told in one line, like a user error.
-SYSTEM_REFUSALS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENAMETOOLONG}
+SYSTEM_REFUSALS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENAMETOOLONG,
+                   errno.ENOTDIR, errno.EISDIR, errno.ELOOP}  # (the last three: a path through a file or a loop)
 
 
 class UserErrorGroup(click.Group):
@@ -173,6 +175,10 @@ def build_sketches(dataset, method, settings, preview, device, precision, batch_
     from .sketch_methods import resolve_method
 
     resolved = resolve_method(method, parse_settings(settings))
+    given_jobs = click.get_current_context().get_parameter_source("jobs") is not ParameterSource.DEFAULT
+    if resolved.uses_network and given_jobs and jobs > 1 and backend not in CLUSTER_BACKENDS and not quiet:
+        click.echo(f"build-sketches: {resolved.name} runs its network in this process on every core; "
+                   f"--jobs {jobs} applies to filter methods and cluster backends", err=True)
     with cluster_session(backend, jobs, scheduler):
         summary = run(dataset, resolved, jobs=jobs, backend=backend, device=device, precision=precision,
                       batch_size=batch_size, preview=preview, quiet=quiet)

@@ -105,6 +105,8 @@ def _to_rgb8(image: Image.Image, path) -> np.ndarray:
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         gray = np.asarray(image, dtype=np.float64)
+        if np.isnan(gray).any():
+            raise ImageError(path, "a floating-point image with NaN (undefined) values")
         # 16-bit and 32-bit integer images span 0..65535; float images 0..1.
         scale = 255.0 if mode == "F" and gray.max(initial=0) <= 1.0 else (1.0 if mode == "F" else 255.0 / 65535.0)
         gray = np.clip(np.rint(gray * scale), 0, 255).astype(np.uint8)

@@ -96,6 +96,8 @@ def read_config(folder: str | os.PathLike) -> tuple[ModelConfig, dict]:
         raise ModelMissingError(f"{folder}: model folder not found")
     path = folder / CONFIG_FILE
     if not path.is_file():
+        if (folder / "model" / CONFIG_FILE).is_file():  # a training run's folder, not its model/
+            raise ModelMissingError(f"{path}: not found; {folder} looks like a training run: pass {folder / 'model'}")
         raise ModelMissingError(f"{path}: not found; a model folder needs {CONFIG_FILE} (written by save_pretrained)")
     if path.stat().st_size > MAX_CONFIG_BYTES:
         raise CheckpointError(f"{path}: {path.stat().st_size} bytes is far too large for a model config")
@@ -231,8 +233,9 @@ def load_pretrained(folder: str | os.PathLike, device: str | torch.device = "aut
         except (AttributeError, TypeError, ValueError):
             raise CheckpointError(f"{folder / CONFIG_FILE}: bad bank counts") from None
         _compare(banks_path, wanted, _read_header(banks_path))
+        tensors = _load_tensors(banks_path, target)  # (its errors name the file already)
         try:
-            banks = FeatureBank.from_flat(_load_tensors(banks_path, target))
+            banks = FeatureBank.from_flat(tensors)
         except ValueError as error:
             raise CheckpointError(f"{banks_path}: {error}") from None
 

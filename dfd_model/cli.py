@@ -218,7 +218,8 @@ Examples:
 @click.option("--gender", default=None, help="Search only this gender's bank (as the model's banks name them).")
 @click.option("--from-photo", default=None, metavar="METHOD",
               help="Accept photos: align each and draw it with this dfd-data sketch method first.")
-@click.option("--grid", is_flag=True, help="Also write grid.jpg: sketch | projected sketch | face per input.")
+@click.option("--grid", is_flag=True, help="Also write grid.jpg: sketch | projected sketch | face per input "
+                                         "(the first 64).")
 @click.option("--batch-size", type=click.IntRange(1), default=4)
 @click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto")
 @precision_option
@@ -269,12 +270,17 @@ Example:
 def evaluate(model_folder, pairs, out, refine, gender, sketch_method, tol, batch_size, device, precision, quiet):
     """Generate a face for every (sketch, photo) pair and report face detection rate, landmark
     error, sketch fidelity and the Frechet distance of face embeddings (see metrics.json for
-    one sentence per metric). An unreadable sketch or photo, or a name with two images on one
-    side (a.png and a.jpg), leaves its pair out with one line on stderr, and the exit status is
-    then 1."""
+    one sentence per metric). An unreadable sketch or photo, a name with two images on one
+    side (a.png and a.jpg), or a name on one side only leaves its pair out with one line on
+    stderr, and the exit status is then 1."""
+    import math
+
     from dfd_data.sketch_methods import METHODS
     from .evaluate import evaluate as run
 
+    for value, option in ((refine, "--refine"), (tol, "--tol")):
+        if not math.isfinite(value):  # (click's ranges let NaN through, and --tol inf)
+            raise click.BadParameter(f"{value}: expected a finite number", param_hint=option)
     if sketch_method not in METHODS:
         raise click.BadParameter(f"unknown sketch method {sketch_method!r} (known: {', '.join(METHODS)})",
                                  param_hint="--sketch-method")
@@ -300,7 +306,9 @@ API (JSON; images as base64 PNG data URLs):
   POST /api/generate  {"sketch": "data:image/png;base64,...", "refine": 1 | {"nose": 0.5},
                        "gender": null | "female", "shadow": false}
                       -> {"face": "data:image/png;base64,...", "shadow": ... | null, "seconds": 0.4}
-  Errors: {"error": "..."} with 400, 404, 411, 413 (body over 8 MiB) or 503 (busy).
+  Errors: {"error": "..."} with 400, 403 (a page of another site, or a Host header naming
+  one), 404, 405, 411, 413 (body over 8 MiB), 415 (a POST not sent as application/json),
+  503 (busy) or 500 (a bug).
 \b
 Example:
   dfd-model serve --model runs/run-001/model        # then open http://127.0.0.1:8000/""")

@@ -180,7 +180,10 @@ def evaluate(model: SketchToFace, pairs_dir: str | os.PathLike, out: str | os.Pa
     from dfd_data.sketch_methods import resolve_method, run_method
 
     out = Path(out)
-    (out / "faces").mkdir(parents=True, exist_ok=True)
+    for side in ("sketches", "photos"):  # the grid and faces written there would replace or join the inputs
+        inputs = os.path.realpath(Path(pairs_dir, side))
+        if os.path.commonpath([inputs, os.path.realpath(out)]) == inputs:
+            raise EvaluateError(f"--out {out} is inside the pairs' {side}/ folder; choose another output folder")
     resolution = model.config.resolution
     method = resolve_method(sketch_method)
     found, left_out = find_pairs(pairs_dir)
@@ -197,6 +200,7 @@ def evaluate(model: SketchToFace, pairs_dir: str | os.PathLike, out: str | os.Pa
     if len(pairs) < 2:
         raise EvaluateError(f"{pairs_dir}: {len(pairs)} readable pair(s); evaluation needs at least 2"
                             + (f" ({skipped[0]})" if skipped else ""))
+    (out / "faces").mkdir(parents=True, exist_ok=True)
     rows, fakes, reals, tiles = [], [], [], []
     starts = range(0, len(pairs), batch_size)
     for start in (starts if quiet else tqdm(starts, desc="evaluate", unit="batch")):

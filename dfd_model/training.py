@@ -369,6 +369,8 @@ class Trainer:
         for line in errors:
             self.echo(f"skipped: {line}")
         source = held_out or train_rows
+        if not held_out:
+            self.echo("no face is labelled split=val or test (dfd-data label): the validation grids show training faces")
         picks = [source[i] for i in np.linspace(0, len(source) - 1, min(VALIDATION_FACES, len(source))).round()
                  .astype(int)]
         validation = []

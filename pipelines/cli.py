@@ -45,7 +45,7 @@ Examples:
 @click.option("--steps", type=click.IntRange(1), default=None,
               help="Training steps per stage (demo: 400, full size: 50,000).")
 @click.option("--jobs", type=click.IntRange(1), default=None,
-              help="Processes for the data steps (folder and celebamask-hq; default 2).")
+              help="Processes for align and crop-components (folder and celebamask-hq; default 2).")
 @click.option("--batch-size", type=click.IntRange(1), default=None,
               help=f"Training batch (folder and celebamask-hq; default {FULL_SIZE_BATCH}). At 512 px a batch of 2 "
                    "peaks at about 16 GB on a CPU; if training is killed for memory before its first "

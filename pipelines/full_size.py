@@ -106,7 +106,8 @@ def full_size_steps(out: Path, photos: Path, *, labels: Path | None = None, step
         result.append(Step("label", "attach gender and split", ["dfd-data", "label", str(faces), str(labels)],
                            outputs=[faces / "records.jsonl"], state=faces / MANIFEST_NAME))
     result += [
-        Step("build-sketches", "draw photocopy+simplify sketches", ["dfd-data", "build-sketches", str(faces), "--jobs", str(jobs)],
+        # (its network uses every core in one process: --jobs would change nothing)
+        Step("build-sketches", "draw photocopy+simplify sketches", ["dfd-data", "build-sketches", str(faces)],
              outputs=[faces / "sketches" / "photocopy+simplify"], partial_ok=True, state=faces / MANIFEST_NAME),
         Step("crop-components", "cut the five component windows",
              ["dfd-data", "crop-components", str(faces), "--jobs", str(jobs)], outputs=[faces / "components"],

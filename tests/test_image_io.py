@@ -47,6 +47,16 @@ def test_sixteen_bit_is_scaled_not_clipped():
     assert 120 <= image[32, 0, 0] <= 135  # mid-grey stays mid-grey
 
 
+def test_a_float_image_with_nan_values_is_one_line_without_warnings():
+    values = np.full((32, 32), 0.5, np.float32)
+    values[4, 4] = np.nan
+    buffer = io.BytesIO()
+    Image.fromarray(values).save(buffer, "TIFF")  # (float32: mode F)
+    with np.errstate(all="raise"):  # a cast of NaN would raise FloatingPointError here
+        with pytest.raises(ImageError, match=r"^nan\.tiff: a floating-point image with NaN"):
+            decode_image(buffer.getvalue(), "nan.tiff")
+
+
 def test_transparency_composites_on_white():
     rgba = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
     rgba.paste((10, 20, 30, 255), (0, 0, 16, 32))

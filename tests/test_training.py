@@ -418,6 +418,21 @@ def test_sketch_inputs_are_letterboxed_and_photos_recognised(sample_photos, tmp_
     assert sketch.shape == (128, 128) and np.mean(sketch > 200) > 0.5
 
 
+def test_grey_photos_are_recognised_and_artist_sketches_are_not(shared_data):
+    """A grey photo with a bright background has enough white to pass as paper; its smooth
+    skin tones give it away. Hand-drawn sketches, shading and all, must still pass."""
+    import cv2
+
+    sketches = sorted((shared_data / "fs2k_train" / "sketch").glob("*/*.jpg"))[::5]
+    refused = [path.name for path in sketches if photo_reason(read_image(path)) is not None]
+    assert not refused and len(sketches) > 200
+    photos = sorted((shared_data / "celebahq").iterdir())
+    grey = [np.repeat(cv2.cvtColor(read_image(path), cv2.COLOR_RGB2GRAY)[:, :, None], 3, axis=2) for path in photos]
+    reasons = [photo_reason(image) for image in grey]
+    assert sum(reason is not None for reason in reasons) >= 50 and len(photos) == 56
+    assert any(reason is not None and "grey photo" in reason for reason in reasons)
+
+
 def test_generate_draws_photos_in_the_models_precision(tiny_model_folder, sample_photos, tmp_path, monkeypatch):
     """`generate --precision fp32 --from-photo ...` ran the sketch networks in bf16 where that
     is native: the photo's sketch follows the model's precision."""
@@ -603,6 +618,25 @@ def test_generate_writes_as_it_goes_and_never_over_its_inputs(tiny_model_folder,
     assert len(result.errors) == 2 and any("empty.png" in line for line in result.errors) \
         and any("b.png: cannot write" in line for line in result.errors)
 
+    # a grid that cannot be written is one more error: the faces and the summary stand
+    writer = generate_module.atomic_write_bytes
+
+    def no_room_for_the_grid(path, data):
+        if Path(path).name == "grid.jpg":
+            raise UserError(f"{path}: cannot write (No space left on device)")
+        writer(path, data)
+
+    monkeypatch.setattr(generate_module, "atomic_write_bytes", no_room_for_the_grid)
+    result = generate(model, [str(folder / "a.png"), str(folder / "c.png")], tmp_path / "gridless", grid=True,
+                      quiet=True)
+    assert len(result.written) == 2 and result.grid is None
+    assert [line.endswith("grid.jpg: cannot write (No space left on device)") for line in result.errors] == [True]
+    monkeypatch.setattr(generate_module, "atomic_write_bytes", writer)
+    monkeypatch.setattr(generate_module, "GRID_ROWS", 1)
+    result = generate(model, [str(folder / "a.png"), str(folder / "c.png")], tmp_path / "short", grid=True,
+                      quiet=True)
+    assert result.line(1.0).endswith(f"grid {tmp_path / 'short' / 'grid.jpg'} (the first 1)")
+
     calls = []
     loader = generate_module.load_sketch
 
@@ -616,6 +650,38 @@ def test_generate_writes_as_it_goes_and_never_over_its_inputs(tiny_model_folder,
     with pytest.raises(KeyboardInterrupt):
         generate(model, [str(folder)], tmp_path / "cut", batch_size=2, quiet=True)
     assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == ["a.png", "b.png"]
+
+
+def test_model_commands_refuse_bad_options_and_outputs_in_one_line(tiny_model_folder, tmp_path):
+    """NaN and infinite numbers, an output folder under a file or among evaluate's inputs, and
+    a training run's folder given for its model: one line each, before any output is made."""
+    from click.testing import CliRunner
+
+    from dfd_model.cli import main
+
+    pairs = tmp_path / "pairs"
+    (pairs / "sketches").mkdir(parents=True)
+    (pairs / "photos").mkdir()
+    evaluate = ["evaluate", "--model", str(tiny_model_folder), "--pairs", str(pairs)]
+    for option, value in (("--refine", "nan"), ("--tol", "nan"), ("--tol", "inf")):
+        result = CliRunner().invoke(main, [*evaluate, "--out", str(tmp_path / "ev"), option, value])
+        assert result.exit_code == 2 and f"{value}: expected a finite number" in result.output, result.output
+    result = CliRunner().invoke(main, [*evaluate, "--out", str(pairs / "photos")])
+    assert result.exit_code == 1 and "is inside the pairs' photos/ folder" in result.output
+    result = CliRunner().invoke(main, [*evaluate, "--out", str(tmp_path / "ev")])  # no pairs: refused, nothing made
+    assert result.exit_code == 1 and "no file name appears in both" in result.output
+    assert not (tmp_path / "ev").exists()
+
+    (tmp_path / "a-file").write_text("")
+    sketch = tmp_path / "sketch.png"
+    sketch.write_bytes(encode_png(np.full((64, 64), 255, np.uint8)))
+    result = CliRunner().invoke(main, ["generate", "--model", str(tiny_model_folder), str(sketch),
+                                       "-o", str(tmp_path / "a-file" / "out")])
+    assert result.exit_code == 1 and "Not a directory" in result.output and "Traceback" not in result.output
+    run = tmp_path / "run"
+    shutil.copytree(tiny_model_folder, run / "model")
+    result = CliRunner().invoke(main, ["generate", "--model", str(run), str(sketch), "-o", str(tmp_path / "o")])
+    assert result.exit_code == 1 and f"looks like a training run: pass {run / 'model'}" in result.output
 
 
 def _kill_test_command(dataset) -> list[str]:
