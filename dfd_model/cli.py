@@ -137,7 +137,8 @@ def train(dataset, stage, out, resume, resolution, steps, batch_size, lr, sketch
     run_folder = Path(out) if out else next_run_folder(Path("runs"))
     try:
         trainer = Trainer(dataset, run_folder, model_config, train_config, resolve_device(device), resume=resume,
-                          given=_given_settings(model_settings, train_settings), quiet=quiet, echo=click.echo)
+                          given=_given_settings(model_settings, train_settings), stage=stage, quiet=quiet,
+                          echo=click.echo)
         try:
             trainer.echo(trainer.describe())
             summary = trainer.run(stage)

@@ -188,9 +188,10 @@ class Trainer:
 
     def __init__(self, dataset: str | Path, out: Path, model_config: ModelConfig, train_config: TrainConfig,
                  device: torch.device, *, resume: bool = False, given: Collection[str] | None = None,
-                 quiet: bool = False, echo=print):
+                 stage: str | None = None, quiet: bool = False, echo=print):
         """`given`: the settings the user chose (the command line's explicit options); a resumed
-        run keeps its own value of every other one. None: all of them."""
+        run keeps its own value of every other one. None: all of them. `stage`, the one `run`
+        will be asked for, is checked before the data is stacked (minutes, for a large set)."""
         self.ranks, device = distributed.start(device)
         main = self.ranks.main
         self.dataset, self.out, self.device = Dataset(dataset), Path(out), device
@@ -243,6 +244,8 @@ class Trainer:
             if precision != self.precision:  # another machine: bf16 where the run had none, or the reverse
                 self.echo(f"warning: the run trained stage 2 in {precision}, this machine does in {self.precision}: "
                           "training goes on, but not as the run would have")
+        if stage is not None:
+            distributed.main_first(self.ranks, lambda: self._check_stage(stage))
         # rank 0 stacks the pairs (a cache in the run folder); the others then read them
         data = distributed.main_first(self.ranks, self._prepare_data)
         self.pairs, self.validation = data if data is not None else self._load_data()

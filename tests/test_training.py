@@ -257,6 +257,10 @@ def test_mixed_precision_is_for_stage_two_and_leaves_the_latents_float32(sketche
 def test_stage_two_needs_stage_one_and_settings_must_match_on_resume(sketched_dataset, tmp_path):
     with pytest.raises(TrainingError, match="needs a finished stage 1"):
         _trainer(sketched_dataset, tmp_path / "run").run("2")
+    with pytest.raises(TrainingError, match="needs a finished stage 1"):  # told before the pairs are stacked
+        Trainer(sketched_dataset, tmp_path / "fresh", ModelConfig(**TINY_128), TrainConfig(), torch.device("cpu"),
+                stage="2", quiet=True, echo=lambda line: None)
+    assert not (tmp_path / "fresh" / "data").exists()
     # a 128 px model's deepest autoencoder maps are 1 pixel: batch norm needs a batch of 2
     with pytest.raises(TrainingError, match="--batch-size 1 is too small at resolution 128"):
         _trainer(sketched_dataset, tmp_path / "small", batch_size=1)
