@@ -124,6 +124,15 @@ def align_folder(src: str | os.PathLike, dst: str | os.PathLike, params: AlignPa
     if not sources:
         raise DatasetError(f"{src}: no image files found (looked for {', '.join(IMAGE_EXTENSIONS)})")
     dataset.create()
+    with dataset.writing("align"):
+        return _align_sources(dataset, src, sources, ignored, params, jobs=jobs, backend=backend, quiet=quiet)
+
+
+def _align_sources(dataset: Dataset, src: Path, sources: list[Source], ignored: int, params: AlignParams, *,
+                   jobs: int, backend: str, quiet: bool) -> BatchSummary:
+    """align_folder's work, holding the dataset's write lock (with the manifest read under it)."""
+    manifest = dataset.load_manifest()
+    source_root = str(src.resolve())
     remove_stale_temp_files(dataset.root)
     log = RecordLog(dataset.records_path)
     by_source: dict[str, list[dict]] = {}

@@ -17,7 +17,7 @@ from pathlib import Path
 from .atomic import atomic_write_bytes, remove_stale_temp_files, sha256_bytes
 from .cluster import CLUSTER_BACKENDS
 from .contact_sheet import contact_sheet
-from .dataset import Dataset, DatasetError
+from .dataset import Dataset, DatasetError, writes_dataset
 from .derived import run_derived_step
 from .image_io import decode_image, encode_png, read_bytes, read_image
 from .runner import BatchSummary, Task
@@ -76,6 +76,7 @@ def sketch_batch(tasks: list[Task]) -> list:
     return results
 
 
+@writes_dataset("build-sketches")
 def build_sketches(root: str | os.PathLike, method: SketchMethod, *, jobs: int = 1, backend: str = "loky",
                    device: str = "auto", precision: str = "auto", batch_size: int = 4, preview: int = 16,
                    quiet: bool = False) -> BatchSummary:

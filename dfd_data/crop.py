@@ -16,7 +16,7 @@ import cv2
 from .atomic import all_or_none, atomic_write_npy, atomic_write_text, remove_stale_temp_files, sha256_bytes
 from .components import COMPONENTS, component_windows, crop_components
 from .contact_sheet import contact_sheet
-from .dataset import Dataset, DatasetError, read_jsonl
+from .dataset import Dataset, DatasetError, read_jsonl, writes_dataset
 from .derived import run_derived_step
 from .image_io import decode_image, encode_png, read_bytes, read_image
 from .runner import BatchSummary, Task
@@ -73,6 +73,7 @@ def crop_one(task: Task) -> dict:
     return {"id": job.record_id, "input": job.input_relpath, "input_sha256": sha256_bytes(data), "outputs": outputs}
 
 
+@writes_dataset("crop-components")
 def crop_dataset(root: str | os.PathLike, sources: list[str] | None = None, *, jobs: int = 1,
                  backend: str = "loky", quiet: bool = False) -> list[BatchSummary]:
     dataset = Dataset(os.path.abspath(root))  # (absolute: a cluster worker's working directory is not this one's)

@@ -9,6 +9,7 @@ Layout (see data_manifest.yaml at the repository root for the annotated schema):
     sketches/<method>/   sketches per method (sketch-synthesis step)
     components/<source>/ component crops of images/ or of a sketch set
     previews/            contact sheets a person can look at
+    .dfd-lock            held by the command writing the dataset (see Dataset.writing)
 
 Every record that a step writes names its output files with their sha256 under "outputs",
 so `verify` can re-check a dataset without knowing each step.
@@ -16,13 +17,19 @@ so `verify` can re-check a dataset without knowing each step.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
+
+try:
+    import fcntl
+except ImportError:  # (Windows: commands are not kept from writing one dataset at once there)
+    fcntl = None
 
 import yaml
 
@@ -36,6 +43,8 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "data_manifest.yaml"
 RECORDS_NAME = "records.jsonl"
 ERRORS_NAME = "errors.jsonl"
+# Held by the command writing the dataset (see Dataset.writing); it names that command.
+LOCK_NAME = ".dfd-lock"
 # Record ids name output files (images/<id>.png, sketches/<method>/<id>.png): only a plain
 # file name is accepted, so that an edited records.jsonl cannot make a step write elsewhere.
 SAFE_ID = re.compile(r"[\w\-][\w.\-]*")
@@ -174,6 +183,37 @@ class Dataset:
         except (FileExistsError, NotADirectoryError) as error:  # a file, or a dangling link, in the way
             raise DatasetError(f"{self.root}: cannot create the dataset folder ({error.strerror})") from None
 
+    @contextlib.contextmanager
+    def writing(self, command: str):
+        """Hold the dataset's write lock while `command` changes it. A step reads the manifest
+        when it starts and writes it when it ends: two at once (two sketch methods run from two
+        terminals) lost the first one's record. Another command is refused in one line; the
+        system drops the lock of a process that dies."""
+        if fcntl is None:
+            yield
+            return
+        path = self.root / LOCK_NAME
+        try:
+            handle = open(path, "a+", encoding="utf-8")
+        except OSError as error:
+            raise DatasetError(f"{path}: cannot open the dataset's lock file ({error.strerror})") from None
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another command"
+                raise DatasetError(f"{self.root}: {holder} is writing this dataset; run this command when it "
+                                   "has finished") from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"dfd-data {command} (pid {os.getpid()})\n")
+            handle.flush()
+            try:
+                yield
+            finally:  # emptied again: a finished dataset's files do not depend on which command ran last
+                handle.truncate(0)
+
     def require(self) -> dict:
         """The manifest of an existing dataset, or a clear error if this is not one."""
         if not self.manifest_path.exists():
@@ -264,7 +304,7 @@ class Dataset:
                 report.altered.append(relpath)
         if manifest.get("checksum") != "sha256:" + aggregate_checksum(tracked):
             report.altered.append(MANIFEST_NAME + " (aggregate checksum)")
-        untracked_ok = {MANIFEST_NAME, ERRORS_NAME}
+        untracked_ok = {MANIFEST_NAME, ERRORS_NAME, LOCK_NAME}
         for dirpath, _dirs, files in os.walk(self.root):
             for name in files:
                 relpath = Path(dirpath, name).relative_to(self.root).as_posix()
@@ -272,6 +312,21 @@ class Dataset:
                     report.added.append(relpath)
         report.added.sort()
         return report
+
+
+def writes_dataset(command: str) -> Callable:
+    """Decorate a step taking the dataset's root first: it runs holding the write lock (see
+    Dataset.writing). A folder that is no dataset is left alone: the step says so itself."""
+    def decorate(step: Callable) -> Callable:
+        @functools.wraps(step)
+        def locked(root, *args, **kwargs):
+            dataset = Dataset(os.path.abspath(root))
+            if not dataset.manifest_path.is_file():
+                return step(root, *args, **kwargs)
+            with dataset.writing(command):
+                return step(root, *args, **kwargs)
+        return locked
+    return decorate
 
 
 def aggregate_checksum(tracked: dict[str, str]) -> str:

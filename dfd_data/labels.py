@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .dataset import Dataset, DatasetError, RecordLog
+from .dataset import Dataset, DatasetError, RecordLog, writes_dataset
 
 KEY_COLUMNS = ("id", "source", "image", "image_name", "file", "filename", "name", "path")
 GENDERS = {"female": "female", "f": "female", "woman": "female", "male": "male", "m": "male", "man": "male"}
@@ -100,6 +100,7 @@ def _match_levels(records: list[dict]) -> list[dict[str, list[str]]]:
     return levels
 
 
+@writes_dataset("label")
 def apply_labels(root: str | os.PathLike, labels_file: str | os.PathLike) -> LabelReport:
     dataset, path = Dataset(root), Path(labels_file)
     manifest = dataset.require()

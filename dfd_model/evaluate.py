@@ -182,8 +182,10 @@ def evaluate(model: SketchToFace, pairs_dir: str | os.PathLike, out: str | os.Pa
     out = Path(out)
     for side in ("sketches", "photos"):  # the grid and faces written there would replace or join the inputs
         inputs = os.path.realpath(Path(pairs_dir, side))
-        if os.path.commonpath([inputs, os.path.realpath(out)]) == inputs:
-            raise EvaluateError(f"--out {out} is inside the pairs' {side}/ folder; choose another output folder")
+        for written in (out, out / "faces"):  # (faces/ may be a link into the inputs)
+            if os.path.commonpath([inputs, os.path.realpath(written)]) == inputs:
+                raise EvaluateError(f"--out {out}: {written} lies in the pairs' {side}/ folder; choose another "
+                                    "output folder")
     resolution = model.config.resolution
     method = resolve_method(sketch_method)
     found, left_out = find_pairs(pairs_dir)

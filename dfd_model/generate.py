@@ -30,16 +30,8 @@ from .sketch_to_face import SketchToFace
 # A sketch is dark lines on paper: at least this share of near-white pixels ...
 MIN_PAPER_FRACTION = 0.25
 PAPER_LEVEL = 200
-# ... and (almost) no colour: the mean spread between the RGB channels stays below this ...
+# ... and (almost) no colour: the mean spread between the RGB channels stays below this.
 MAX_COLOUR_SPREAD = 12.0
-# ... and few smooth mid-grey areas, which skin makes in a grey photo and lines do not: at
-# most this share of the image (seen at SMOOTH_SIDE px) lies between the tones below, where
-# the grey level varies by less than SMOOTH_STD around each pixel. On the shared data the
-# 1,058 FS2K artist sketches and 32 sketches of each dfd-data method reached at most 0.0032;
-# 95% of the grey photos with enough white to pass as paper exceeded 0.02.
-MAX_SMOOTH_TONE = 0.02
-SMOOTH_TONES = (60, 180)
-SMOOTH_SIDE, SMOOTH_STD = 256, 6.0
 # Photos given with --from-photo are aligned at this size (the sketch methods' tuning), then resized.
 PHOTO_ALIGN_SIZE = 512
 # The --grid sheet shows at most this many inputs (sketch | projected sketch | face each).
@@ -58,25 +50,7 @@ def photo_reason(image: np.ndarray) -> str | None:
     paper = cv2.countNonZero(cv2.compare(low, PAPER_LEVEL, cv2.CMP_GE)) / low.size
     if paper < MIN_PAPER_FRACTION:
         return f"looks like a photo, not a sketch (only {paper:.0%} of it is white paper)"
-    smooth = _smooth_tone_share(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY))
-    if smooth > MAX_SMOOTH_TONE:
-        return f"looks like a grey photo, not a sketch ({smooth:.0%} of it is smooth mid-grey, as skin is)"
     return None
-
-
-def _smooth_tone_share(gray: np.ndarray) -> float:
-    """The share of `gray` (seen at SMOOTH_SIDE px) that is mid-grey and locally flat."""
-    side = max(gray.shape)
-    if side > SMOOTH_SIDE:
-        scale = SMOOTH_SIDE / side
-        gray = cv2.resize(gray, (max(1, round(gray.shape[1] * scale)), max(1, round(gray.shape[0] * scale))),
-                          interpolation=cv2.INTER_AREA)
-    values = gray.astype(np.float32)
-    mean = cv2.GaussianBlur(values, (0, 0), 2)
-    variance = cv2.GaussianBlur(values * values, (0, 0), 2) - mean * mean
-    flat = variance < SMOOTH_STD ** 2
-    low, high = SMOOTH_TONES
-    return float(np.mean(flat & (gray > low) & (gray < high)))
 
 
 def letterbox(gray: np.ndarray, resolution: int) -> np.ndarray:

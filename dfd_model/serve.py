@@ -21,9 +21,9 @@ at a time (the model uses every core), with a short queue in front.
 
 Web pages from elsewhere must not drive the model through the user's browser: a POST must
 declare its JSON (which a cross-site page cannot do without the browser asking first, and
-the server grants nothing), a POST whose Origin is another site's is refused, and a server
-bound to a loopback address answers only requests addressed to a loopback name (a site that
-points its own name at 127.0.0.1, DNS rebinding, gets 403).
+the server grants nothing), a POST whose Origin is another site's is refused, and a request
+addressed to a name that is not an IP address, localhost or this machine's name gets 403 (a
+site that points its own name at the server, DNS rebinding, sends its name).
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ import binascii
 import ipaddress
 import json
 import re
+import socket
 import sys
 import threading
 import time
@@ -64,28 +65,32 @@ WAIT_SECONDS = 60.0
 
 
 ALLOWED_METHODS = "GET, HEAD, POST, OPTIONS"
-# What each path answers (anything else is 404).
+# What each path answers (anything else is 404), and the Allow header that says so.
 PAGES = {"/": "GET", "/index.html": "GET", "/api/info": "GET", "/api/generate": "POST"}
-LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+PAGE_ALLOW = {"GET": "GET, HEAD, OPTIONS", "POST": "POST, OPTIONS"}
 
 
 def _host_name(host: str) -> str:
-    """A Host header without its port: "127.0.0.1:8000" -> "127.0.0.1", "[::1]:80" -> "[::1]"."""
+    """A Host header without its port: "127.0.0.1:8000" -> "127.0.0.1", "[::1]:80" -> "::1"."""
     host = host.strip().lower()
-    return host[:host.index("]") + 1] if host.startswith("[") and "]" in host else host.partition(":")[0]
+    return host[1:host.index("]")] if host.startswith("[") and "]" in host else host.partition(":")[0]
 
 
-def _is_loopback(address: str) -> bool:
+def _names_this_machine(name: str) -> bool:
+    """Whether a Host name can only mean this machine: an IP address, localhost or its own
+    host name. A web page that points a name of its own at the server (DNS rebinding) sends
+    that name."""
     try:
-        return ipaddress.ip_address(address).is_loopback
+        ipaddress.ip_address(name)
+        return True
     except ValueError:
-        return address == "localhost"
+        return name in ("localhost", socket.gethostname().lower(), socket.getfqdn().lower())
 
 
 class RequestError(Exception):
-    def __init__(self, status: HTTPStatus, message: str):
+    def __init__(self, status: HTTPStatus, message: str, allow: str = ALLOWED_METHODS):
         super().__init__(message)
-        self.status = status
+        self.status, self.allow = status, allow
 
 
 def _decode_data_url(value) -> bytes:
@@ -195,20 +200,25 @@ def make_handler(service: FaceService):
         def log_message(self, format, *args):  # noqa: A002 - the base class's name
             pass  # one line per request would drown the terminal while drawing
 
-        def _send(self, status: HTTPStatus, body: bytes, content_type: str) -> None:
+        def _send(self, status: HTTPStatus, body: bytes, content_type: str, allow: str = ALLOWED_METHODS) -> None:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Cache-Control", "no-store")
             self.send_header("X-Content-Type-Options", "nosniff")
             if status == HTTPStatus.METHOD_NOT_ALLOWED:
-                self.send_header("Allow", ALLOWED_METHODS)
+                self.send_header("Allow", allow)
+            if self.close_connection:
+                self.send_header("Connection", "close")
             self.end_headers()
             if self.command != "HEAD":  # HEAD: GET's status and headers, without its body
                 self.wfile.write(body)
 
         def _json(self, status: HTTPStatus, document: dict) -> None:
             self._send(status, json.dumps(document).encode(), "application/json")
+
+        def _refuse(self, error: RequestError) -> None:
+            self._send(error.status, json.dumps({"error": str(error)}).encode(), "application/json", error.allow)
 
         def send_error(self, code, message=None, explain=None):
             """The standard library's own refusals (a malformed request line, headers too long,
@@ -221,16 +231,16 @@ def make_handler(service: FaceService):
             """RequestError for a request addressed to another host name, or for a method `path`
             does not answer: what every method checks before anything else."""
             host = self.headers.get("Host")
-            if host is not None and _is_loopback(self.server.server_address[0]) \
-                    and _host_name(host) not in LOOPBACK_NAMES:
-                raise RequestError(HTTPStatus.FORBIDDEN, f"this server answers requests to 127.0.0.1 or localhost, "
-                                                         f"not to {_host_name(host)!r}")
+            if host is not None and not _names_this_machine(_host_name(host)):
+                raise RequestError(HTTPStatus.FORBIDDEN, "this server answers requests addressed to an IP address, "
+                                                         f"localhost or {socket.gethostname()}, not to "
+                                                         f"{_host_name(host)!r}")
             path = self.path.split("?", 1)[0]
             wanted = PAGES.get(path)
             if wanted is None:
                 raise RequestError(HTTPStatus.NOT_FOUND, f"no such page {path!r}")
             if method != wanted and not (method == "HEAD" and wanted == "GET"):
-                raise RequestError(HTTPStatus.METHOD_NOT_ALLOWED, f"{path} answers {wanted} only")
+                raise RequestError(HTTPStatus.METHOD_NOT_ALLOWED, f"{path} answers {wanted} only", PAGE_ALLOW[wanted])
 
         def _check_post(self) -> int:
             """The body's length, once the POST's headers are acceptable (RequestError if not)."""
@@ -252,14 +262,16 @@ def make_handler(service: FaceService):
 
         def handle_expect_100(self):
             """Invite the body (Expect: 100-continue) only if it will be read: a refusal is
-            sent at once instead of after the upload."""
-            if self.command == "POST":
-                try:
-                    self._check_post()
-                except RequestError as error:
-                    self.close_connection = True
-                    self._json(error.status, {"error": str(error)})
-                    return False
+            sent at once instead of after the upload, and a method whose body is never read
+            is answered without the invitation."""
+            if self.command != "POST":
+                return True
+            try:
+                self._check_post()
+            except RequestError as error:
+                self.close_connection = True
+                self._refuse(error)
+                return False
             return super().handle_expect_100()
 
         def do_GET(self):  # noqa: N802 - http.server's naming
@@ -268,7 +280,7 @@ def make_handler(service: FaceService):
             try:
                 self._check_request("GET")
             except RequestError as error:
-                self._json(error.status, {"error": str(error)})
+                self._refuse(error)
                 return
             if self.path.split("?", 1)[0] == "/api/info":
                 self._json(HTTPStatus.OK, service.info())
@@ -293,7 +305,7 @@ def make_handler(service: FaceService):
                     raise RequestError(HTTPStatus.BAD_REQUEST, "the body is not valid JSON") from None
                 self._json(HTTPStatus.OK, service.generate(request))
             except RequestError as error:
-                self._json(error.status, {"error": str(error)})
+                self._refuse(error)
             except ConnectionError:  # the client hung up (a reload): nobody to answer, nothing to report
                 raise
             except Exception as error:  # a bug: the client still gets an answer, the server keeps serving
@@ -307,12 +319,17 @@ def make_handler(service: FaceService):
             self.close_connection = True  # its body, if any, is never read
             # (no Access-Control-Allow-* header: a page of another site may not send its JSON)
             self.send_response(HTTPStatus.NO_CONTENT)
-            self.send_header("Allow", ALLOWED_METHODS)
+            wanted = PAGES.get(self.path.split("?", 1)[0])
+            self.send_header("Allow", PAGE_ALLOW[wanted] if wanted else ALLOWED_METHODS)
+            self.send_header("Connection", "close")
             self.end_headers()
 
         def do_PUT(self):  # noqa: N802
             self.close_connection = True  # its body, if any, is never read
-            self._json(HTTPStatus.METHOD_NOT_ALLOWED, {"error": "use GET, HEAD or POST"})
+            try:
+                self._check_request(self.command)
+            except RequestError as error:
+                self._refuse(error)
 
         do_DELETE = do_PATCH = do_PUT
 

@@ -154,6 +154,22 @@ def test_verify_catches_changed_removed_and_added_files(dataset_copy):
     assert lines[-1].endswith("1 missing, 1 altered, 1 added")
 
 
+def test_one_command_at_a_time_writes_a_dataset(dataset_copy):
+    """Steps read the manifest when they start and write it when they end: a second command
+    running at once lost the first one's record. It is now refused, naming the one at work;
+    the lock goes with the command, and verify does not count its file as added."""
+    from dfd_data.build_sketches import build_sketches
+    from dfd_data.sketch_methods import resolve_method
+
+    with Dataset(dataset_copy).writing("label"):
+        with pytest.raises(DatasetError, match=r"dfd-data label \(pid \d+\) is writing this dataset; run this"):
+            build_sketches(dataset_copy, resolve_method("canny"), preview=0, quiet=True)
+    assert build_sketches(dataset_copy, resolve_method("canny"), preview=0, quiet=True).done > 0
+    assert "build-sketches:canny" in Dataset(dataset_copy).require()["steps"]
+    result = dfd_data("verify", dataset_copy)
+    assert result.returncode == 0 and result.stdout.endswith(", 0 added\n")
+
+
 def test_verify_catches_edited_records(dataset_copy):
     records = dataset_copy / "records.jsonl"
     records.write_text(records.read_text().replace('"status": "aligned"', '"status": "aligned" ', 1))
