@@ -51,9 +51,11 @@ def _dask_session(jobs: int, scheduler: str | None) -> Iterator[None]:
             yield
         return
     # The nanny gives each worker OMP_NUM_THREADS=1, so torch in `jobs` workers does not
-    # oversubscribe the cores.
-    with LocalCluster(n_workers=jobs, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            Client(cluster):
+    # oversubscribe the cores. The dashboard takes any free port (its default one, taken by
+    # another cluster, was a warning on every run), and the workers' own logs stay quiet: a
+    # task's error comes back to this process, and Ctrl-C made each worker print tracebacks.
+    with LocalCluster(n_workers=jobs, threads_per_worker=1, processes=True, dashboard_address=":0",
+                      silence_logs=logging.CRITICAL) as cluster, Client(cluster):
         yield
 
 
@@ -74,7 +76,10 @@ def _connect_dask(client_type, scheduler: str) -> Iterator[None]:
     thread.join(CONNECT_SECONDS)
     if "client" not in connected:
         error = connected.get("error")
-        reason = " ".join(str(error).split()) if error else f"no dask scheduler answered in {CONNECT_SECONDS} s"
+        if isinstance(error, MemoryError):  # (a reply that is no dask message, read as an absurd length)
+            reason = "what answered there is not a dask scheduler"
+        else:
+            reason = " ".join(str(error).split()) if error else f"no dask scheduler answered in {CONNECT_SECONDS} s"
         raise UserError(f"--scheduler {scheduler}: cannot reach the dask scheduler ({reason})")
     with connected["client"]:
         yield
@@ -107,12 +112,29 @@ def _ray_session(jobs: int) -> Iterator[None]:
     address = os.environ.get("RAY_ADDRESS")
     if address:
         _check_ray_address(address)
-    options = {"address": address} if address else {"num_cpus": jobs, "include_dashboard": False}
-    try:
-        ray.init(logging_level=logging.WARNING, **options)
-    except (ConnectionError, RuntimeError, ValueError) as error:
-        raise UserError(f"ray: cannot start or reach the cluster{f' at {address}' if address else ''} "
-                        f"({' '.join(str(error).split())})") from None
+    # ("local": a new local instance, even where an earlier `ray start` left its address behind)
+    options = {"address": address} if address else {"address": "local", "num_cpus": jobs, "include_dashboard": False}
+    outcome: dict = {}
+
+    def start() -> None:  # in a thread: ray retries for ever where something answers but no ray head
+        try:
+            ray.init(logging_level=logging.WARNING, **options)
+            outcome["started"] = True
+        except Exception as error:  # reported below, in the command's thread
+            outcome["error"] = error
+
+    if address:  # (off the main thread ray sets no SIGTERM handler, and says so: local runs start here)
+        thread = threading.Thread(target=start, name="ray-init", daemon=True)
+        thread.start()
+        thread.join(CONNECT_SECONDS)
+    else:
+        start()
+    if "started" not in outcome:
+        error = outcome.get("error")
+        if error is not None and not isinstance(error, (ConnectionError, RuntimeError, ValueError)):
+            raise error  # a bug, not a cluster that cannot be reached: keep its traceback
+        reason = " ".join(str(error).split()) if error else f"no ray head answered in {CONNECT_SECONDS} s"
+        raise UserError(f"ray: cannot start or reach the cluster{f' at {address}' if address else ''} ({reason})")
     try:
         yield
     finally:

@@ -110,3 +110,39 @@ def test_unreachable_ray_address_is_one_clear_line(photos, tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("Error: ray: cannot reach the cluster at "
                                                              "RAY_ADDRESS=127.0.0.1:9")
+
+
+def test_a_cluster_that_answers_but_is_not_one_is_one_line_in_time(monkeypatch):
+    """A RAY_ADDRESS port that accepts connections but is no ray head made ray.init retry for
+    ever (over 5 minutes, measured); an HTTP server given as --scheduler read as a message of
+    exabytes. Both are one line, the first within the connection time."""
+    import sys
+    import threading
+    import types
+
+    from dfd_data import cluster
+    from dfd_data.errors import UserError
+
+    never = threading.Event()
+    ray = types.ModuleType("ray")
+    ray.is_initialized, ray.shutdown = (lambda: False), (lambda: None)
+    ray.init = lambda **options: never.wait()  # what ray.init does against such a port
+    ray_joblib = types.ModuleType("ray.util.joblib")
+    ray_joblib.register_ray = lambda: None
+    for name, module in (("ray", ray), ("ray.util", types.ModuleType("ray.util")), ("ray.util.joblib", ray_joblib)):
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(cluster, "CONNECT_SECONDS", 1)
+    monkeypatch.setattr(cluster, "_check_ray_address", lambda address: None)  # (its port does accept)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    with pytest.raises(UserError, match=r"^ray: cannot start or reach the cluster at 127\.0\.0\.1:6379 \(no ray "
+                                        r"head answered in 1 s\)$"):
+        with cluster.cluster_session("ray", 1):
+            pass
+    never.set()
+
+    def http_server_answers(address, timeout):
+        raise MemoryError("Unable to allocate 3.07 EiB for an array")  # dask reading HTTP as a frame length
+
+    with pytest.raises(UserError, match="what answered there is not a dask scheduler"):
+        with cluster._connect_dask(http_server_answers, "tcp://127.0.0.1:8797"):
+            pass
