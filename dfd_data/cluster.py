@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import socket
 import threading
 from contextlib import contextmanager
@@ -54,9 +55,25 @@ def _dask_session(jobs: int, scheduler: str | None) -> Iterator[None]:
     # oversubscribe the cores. The dashboard takes any free port (its default one, taken by
     # another cluster, was a warning on every run), and the workers' own logs stay quiet: a
     # task's error comes back to this process, and Ctrl-C made each worker print tracebacks.
-    with LocalCluster(n_workers=jobs, threads_per_worker=1, processes=True, dashboard_address=":0",
-                      silence_logs=logging.CRITICAL) as cluster, Client(cluster):
+    with _ctrl_c_ignored():  # by the workers it starts: this process stops them (one line, not 50)
+        cluster = LocalCluster(n_workers=jobs, threads_per_worker=1, processes=True, dashboard_address=":0",
+                               silence_logs=logging.CRITICAL)
+    with cluster, Client(cluster):
         yield
+
+
+@contextmanager
+def _ctrl_c_ignored() -> Iterator[None]:
+    """SIGINT ignored for the block, in the main thread: processes started meanwhile inherit
+    that, and Python leaves a signal ignored at its start ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextmanager
