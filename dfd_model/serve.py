@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import ipaddress
 import json
 import re
@@ -84,7 +85,13 @@ def _names_this_machine(name: str) -> bool:
         ipaddress.ip_address(name)
         return True
     except ValueError:
-        return name in ("localhost", socket.gethostname().lower(), socket.getfqdn().lower())
+        return name == "localhost" or name in _machine_names()
+
+
+@functools.lru_cache(maxsize=1)
+def _machine_names() -> tuple[str, ...]:
+    """This machine's host name and fully qualified name, looked up once (the second may ask DNS)."""
+    return socket.gethostname().lower(), socket.getfqdn().lower()
 
 
 class RequestError(Exception):
