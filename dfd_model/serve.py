@@ -238,6 +238,8 @@ def make_handler(service: FaceService):
             """RequestError for a request addressed to another host name, or for a method `path`
             does not answer: what every method checks before anything else."""
             host = self.headers.get("Host")
+            if host is None and self.request_version != "HTTP/1.0":
+                raise RequestError(HTTPStatus.BAD_REQUEST, "an HTTP/1.1 request needs a Host header")
             if host is not None and not _names_this_machine(_host_name(host)):
                 raise RequestError(HTTPStatus.FORBIDDEN, "this server answers requests addressed to an IP address, "
                                                          f"localhost or {socket.gethostname()}, not to "

@@ -199,6 +199,8 @@ def test_pages_of_other_sites_cannot_drive_the_model(server):
     for host in (b"attacker.example", b"attacker.example:" + port.encode()):
         answer = _exchange(server, b"GET /api/info HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % host)
         assert answer.startswith(b"HTTP/1.1 403 ") and b"'attacker.example'" in answer
+    answer = _exchange(server, b"GET /api/info HTTP/1.1\r\nConnection: close\r\n\r\n")  # no Host at all
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"needs a Host header" in answer
     for host in (b"localhost", b"127.0.0.2", b"[::1]", socket.gethostname().encode()):  # names only this machine has
         answer = _exchange(server, b"GET / HTTP/1.1\r\nHost: %s:%s\r\nConnection: close\r\n\r\n"
                            % (host, port.encode()))
