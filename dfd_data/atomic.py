@@ -171,12 +171,15 @@ def all_or_none(root: str | os.PathLike):
         raise
 
 
-def remove_stale_temp_files(folder: str | os.PathLike) -> int:
-    """Delete temporary files left by a killed run under `folder`; returns how many."""
+def remove_stale_temp_files(folder: str | os.PathLike, recursive: bool = True) -> int:
+    """Delete temporary files left by a killed run under `folder` (or, not `recursive`, in it
+    alone); returns how many."""
     removed = 0
-    for root, _dirs, files in os.walk(folder):
+    for root, dirs, files in os.walk(folder):
         for name in files:
             if name.startswith(TEMP_PREFIX):
                 Path(root, name).unlink(missing_ok=True)
                 removed += 1
+        if not recursive:
+            dirs.clear()
     return removed

@@ -34,7 +34,7 @@ except ImportError:  # (Windows: commands are not kept from writing one dataset 
 import yaml
 
 from . import __version__
-from .atomic import WriteError, atomic_write_bytes, atomic_write_text, sha256_file
+from .atomic import WriteError, atomic_write_bytes, atomic_write_text, remove_stale_temp_files, sha256_file
 from .errors import UserError
 from .image_io import encode_jpeg
 
@@ -209,6 +209,10 @@ class Dataset:
             handle.truncate()
             handle.write(f"dfd-data {command} (pid {os.getpid()})\n")
             handle.flush()
+            # a command killed while writing the manifest, records or a preview left its
+            # temporary file: no other command can be writing one now (each step cleans its own folders)
+            for folder, recursive in ((self.root, False), (self.root / "previews", True)):
+                remove_stale_temp_files(folder, recursive)
             try:
                 yield
             finally:  # emptied again: a finished dataset's files do not depend on which command ran last

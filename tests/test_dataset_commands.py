@@ -157,15 +157,21 @@ def test_verify_catches_changed_removed_and_added_files(dataset_copy):
 def test_one_command_at_a_time_writes_a_dataset(dataset_copy):
     """Steps read the manifest when they start and write it when they end: a second command
     running at once lost the first one's record. It is now refused, naming the one at work;
-    the lock goes with the command, and verify does not count its file as added."""
+    the lock goes with the command, and verify does not count its file as added. Holding it,
+    a command can clean the temporary files a killed one left beside the manifest."""
     from dfd_data.build_sketches import build_sketches
     from dfd_data.sketch_methods import resolve_method
 
     with Dataset(dataset_copy).writing("label"):
         with pytest.raises(DatasetError, match=r"dfd-data label \(pid \d+\) is writing this dataset; run this"):
             build_sketches(dataset_copy, resolve_method("canny"), preview=0, quiet=True)
+    # what a command killed while writing the manifest or a preview leaves: the next one cleans it
+    leftovers = [dataset_copy / ".dfd-tmp-manifest", dataset_copy / "previews" / ".dfd-tmp-sheet"]
+    for path in leftovers:
+        path.write_bytes(b"half")
     assert build_sketches(dataset_copy, resolve_method("canny"), preview=0, quiet=True).done > 0
     assert "build-sketches:canny" in Dataset(dataset_copy).require()["steps"]
+    assert not any(path.exists() for path in leftovers)
     result = dfd_data("verify", dataset_copy)
     assert result.returncode == 0 and result.stdout.endswith(", 0 added\n")
 
