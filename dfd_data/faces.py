@@ -77,6 +77,10 @@ def _detector():
 def find_faces(image: np.ndarray) -> list[Face]:
     """All frontal faces in an RGB uint8 image, largest first, with 68 landmarks each."""
     (dlib, predictor), detector = _dlib_models(), _detector()
+    # dlib reads the array's memory as packed rows of RGB: a strided view (a channel-planar
+    # tensor's permute, as evaluate's faces are) came out as other pixels, and the
+    # detection changed from call to call
+    image = np.ascontiguousarray(image)
     height, width = image.shape[:2]
     scale = min(1.0, DETECTION_MAX_SIDE / max(height, width))
     small = image if scale == 1.0 else cv2.resize(image, (max(1, round(width * scale)), max(1, round(height * scale))),

@@ -18,6 +18,8 @@ def ink_mask(sketch: np.ndarray, threshold: int = INK_THRESHOLD) -> np.ndarray:
     """Boolean HxW: True where the uint8 sketch (255 = paper) is darker than `threshold`."""
     if sketch.ndim != 2:
         raise ValueError(f"expected an HxW sketch, got shape {sketch.shape}")
+    if sketch.dtype != np.uint8:  # (a float sketch in 0..1 would be all ink)
+        raise ValueError(f"expected a uint8 sketch (255 = paper), got {sketch.dtype}")
     return sketch < threshold
 
 

@@ -9,10 +9,11 @@ The metrics, one sentence each (also printed with the table):
   re-drawn from its generated face with a dfd-data sketch method (default photocopy).
 - frechet_distance: Frechet distance between the Gaussians fitted to the 128-d dlib face
   recognition ResNet embeddings of the generated faces and of the real photos (lower is
-  closer; the embeddings are unit-scale, so values are small).
+  closer; dlib's same-person threshold between two embeddings is a distance of 0.6).
 
 Pairs are read from DIR/sketches/<name>.* and DIR/photos/<name>.* (same stem), both aligned
-like training faces; photos are resized to the model's resolution.
+like training faces; both are brought to the model's resolution the same way (a non-square
+one is letterboxed on white, not stretched).
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from dfd_data.faces import find_faces, package_model_path
 from dfd_data.image_io import encode_jpeg, is_image_name, read_image
 from dfd_data.line_metrics import line_f_score
 
-from .generate import load_sketch
+from .generate import letterbox, load_sketch
 from .networks import denormalize_image
 from .sketch_to_face import SketchToFace
 
@@ -192,9 +193,7 @@ def evaluate(model: SketchToFace, pairs_dir: str | os.PathLike, out: str | os.Pa
     pairs, skipped = [], list(left_out)
     for name, sketch_path, photo_path in found:
         try:
-            photo = read_image(photo_path)
-            photo = cv2.resize(photo, (resolution, resolution), interpolation=cv2.INTER_AREA) \
-                if photo.shape[:2] != (resolution, resolution) else photo
+            photo = letterbox(read_image(photo_path), resolution)  # as its sketch is: side by side, they match
             pairs.append((name, load_sketch(sketch_path, resolution,
                                             photo_hint="a pair's sketch must be a drawing, not a photo"), photo))
         except UserError as error:

@@ -53,24 +53,24 @@ def photo_reason(image: np.ndarray) -> str | None:
     return None
 
 
-def letterbox(gray: np.ndarray, resolution: int) -> np.ndarray:
-    """A gray image resized so that its longer side is `resolution`, centred on a square of
-    white paper that size. (Resized first: a 65536 x 256 strip, within the pixel limits,
-    padded first would have been a 4 GiB square.)"""
-    height, width = gray.shape
+def letterbox(image: np.ndarray, resolution: int) -> np.ndarray:
+    """A gray (or RGB) image resized so that its longer side is `resolution`, centred on a
+    square of white paper that size. (Resized first: a 65536 x 256 strip, within the pixel
+    limits, padded first would have been a 4 GiB square.)"""
+    height, width = image.shape[:2]
     side = max(height, width)
     if side != resolution:
         scale = resolution / side
         interpolation = cv2.INTER_AREA if side > resolution else cv2.INTER_CUBIC
-        gray = cv2.resize(gray, (max(1, round(width * scale)), max(1, round(height * scale))),
-                          interpolation=interpolation)
-        height, width = gray.shape
+        image = cv2.resize(image, (max(1, round(width * scale)), max(1, round(height * scale))),
+                           interpolation=interpolation)
+        height, width = image.shape[:2]
     if height != width:
-        square = np.full((resolution, resolution), 255, np.uint8)
+        square = np.full((resolution, resolution, *image.shape[2:]), 255, np.uint8)
         top, left = (resolution - height) // 2, (resolution - width) // 2
-        square[top:top + height, left:left + width] = gray
-        gray = square
-    return gray
+        square[top:top + height, left:left + width] = image
+        image = square
+    return image
 
 
 def sketch_from_photo(image: np.ndarray, path, method_name: str, device: str, precision: str = "auto") -> np.ndarray:

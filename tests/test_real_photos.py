@@ -64,3 +64,20 @@ def test_contact_sheet_shows_the_aligned_faces(real_run):
     sheet = read_image(dst / "previews" / "align.jpg")
     assert sheet.shape == (8 * 128, 8 * 128, 3)  # 64 faces, 8 by 8
     assert dfd_data("verify", dst).returncode == 0
+
+
+def test_faces_are_found_the_same_in_a_strided_view(shared_data):
+    """A model's faces come out channel-planar; evaluate hands find_faces their HWC view.
+    dlib read such a view as other pixels: detector scores and landmarks changed from call to
+    call (and with the batch size), and some faces were not found."""
+    import cv2
+    import torch
+
+    photos = [cv2.resize(read_image(path), (256, 256), interpolation=cv2.INTER_AREA)
+              for path in sorted((shared_data / "celebahq").iterdir())[:16]]
+    planar = torch.from_numpy(np.stack(photos)).permute(0, 3, 1, 2).contiguous()  # as a model writes them
+    for view, photo in zip(planar.permute(0, 2, 3, 1).numpy(), photos):
+        assert not view.flags["C_CONTIGUOUS"]
+        found, expected = find_faces(view), find_faces(photo)
+        assert [(face.box, face.score) for face in found] == [(face.box, face.score) for face in expected]
+        assert all(np.array_equal(a.landmarks, b.landmarks) for a, b in zip(found, expected))

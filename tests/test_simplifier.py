@@ -372,6 +372,8 @@ def test_line_f_score_sanity():
     assert scores["precision"] == 1.0 and scores["recall"] < 0.8
     with pytest.raises(ValueError):
         line_scores(lines, lines[:30])
+    with pytest.raises(ValueError, match="expected a uint8 sketch"):  # a float page in 0..1 read as all ink
+        line_scores(blank / 255.0, lines)
 
 
 def test_a_broken_clean_sketch_stops_training_before_it_starts(tmp_path):

@@ -413,6 +413,8 @@ def test_sketch_inputs_are_letterboxed_and_photos_recognised(sample_photos, tmp_
     assert boxed.shape == (64, 64) and boxed[:16].min() == 255 and boxed[16:48].min() < 128
     strip = np.full((16, 1 << 20), 255, np.uint8)  # 16.8 MP: padded before resizing, a 1 TiB square
     assert letterbox(strip, 64).shape == (64, 64)
+    colour = letterbox(np.zeros((50, 100, 3), np.uint8), 64)  # (evaluate's photos, as their sketches)
+    assert colour.shape == (64, 64, 3) and colour[:16].min() == 255 and colour[16:48].max() == 0
     photo = read_image(sample_photos / "astronaut.png")
     assert photo_reason(photo) is not None
     assert photo_reason(np.repeat(boxed[:, :, None], 3, axis=2)) is None
