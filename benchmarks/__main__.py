@@ -17,6 +17,9 @@ import time
 
 import torch
 
+from dfd_data.devices import thread_budget
+from dfd_data.errors import UserError
+from dfd_data.weights import hed_weights_path
 from pipelines.demo import DEMO_MODEL
 
 from . import suite
@@ -31,7 +34,16 @@ def main() -> int:
     parser.add_argument("--json", metavar="PATH", help="also write the rows to this JSON file")
     parser.add_argument("--only", nargs="+", choices=GROUPS, default=list(GROUPS), help="run only these groups")
     args = parser.parse_args()
-    runs = 2 if args.quick else 5
+    args.only = list(dict.fromkeys(args.only))  # (a group named twice runs once)
+    if args.json and (os.path.isdir(args.json) or not os.path.isdir(os.path.dirname(os.path.abspath(args.json)))):
+        parser.error(f"--json {args.json}: not a file in an existing folder")  # found now, not after the run
+    if "sketch" in args.only:
+        try:
+            hed_weights_path()
+        except UserError as error:
+            parser.error(f"the sketch group needs the HED weights: {error}")
+    runs = 3 if args.quick else 5  # (an odd count: the median is one of the runs)
+    torch.set_num_threads(thread_budget())  # what the toolkit's own calls use: every figure at one count
     started = time.time()
     print(f"{cpu_name()} ({os.cpu_count()} CPUs), torch {torch.__version__} with {torch.get_num_threads()} threads, "
           f"python {platform.python_version()}; {'quick' if args.quick else 'full'} run", flush=True)
@@ -61,13 +73,13 @@ def main() -> int:
         print(f"... {name}", file=sys.stderr, flush=True)
         rows += groups[name]()
     for row in rows:  # a row copied out of the file still says how it was measured
-        row.config.update(quick=args.quick, runs=runs)
+        row.config.update(quick=args.quick, threads=torch.get_num_threads())
     print(table(rows))
     print(f"{len(rows)} figures in {time.time() - started:.0f} s")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump({"machine": cpu_name(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                       "threads": torch.get_num_threads(), "quick": args.quick,
+                       "threads": torch.get_num_threads(), "quick": args.quick, "runs": runs,
                        "rows": [row.as_dict() for row in rows]}, handle, indent=1)
         print(f"rows written to {args.json}")
     return 0

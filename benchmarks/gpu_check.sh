@@ -15,10 +15,8 @@
 # without it the package's sample photos are aligned first. GPU_CHECK_DEVICE=cpu tries the
 # script on a machine without a GPU (slowly: use GPU_CHECK_STEPS=2 and GPU_CHECK_QUICK=1).
 set -euo pipefail
-work="${1:-$(mktemp -d /tmp/dfd-gpu-check.XXXXXX)}"
 steps="${GPU_CHECK_STEPS:-6}"
 device="${GPU_CHECK_DEVICE:-cuda}"
-mkdir -p "$work"
 
 python - "$device" <<'EOF'
 import sys
@@ -31,6 +29,8 @@ if sys.argv[1] == "cuda":
     print(f"device: {properties.name}, {properties.total_memory / 2**30:.1f} GiB, {torch.cuda.device_count()} GPU(s), "
           f"native bf16 {'yes' if native_bf16(torch.device('cuda')) else 'no (fp16 + loss scaler)'}, torch {torch.__version__}")
 EOF
+work="${1:-$(mktemp -d /tmp/dfd-gpu-check.XXXXXX)}"  # (made once a GPU is known to be there)
+mkdir -p "$work"
 dfd-model env --device "$device"
 
 faces="$work/faces"

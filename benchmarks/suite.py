@@ -8,6 +8,7 @@ for projection, a brute-force numpy search; for alignment, the published FFHQ re
 from __future__ import annotations
 
 import multiprocessing
+import sys
 import tempfile
 from pathlib import Path
 
@@ -112,31 +113,38 @@ def network_rows(name: str, model: torch.nn.Module, ours, eager, flops: int, ima
 # ---- data ------------------------------------------------------------------------------------------
 def aligned_faces(count: int, size: int = 512) -> list[np.ndarray]:
     """`count` real faces aligned at `size` (from ../shared/data, else the package samples)."""
-    photos = align_throughput.pick_photos(count * 2) if align_throughput.DATA.is_dir() else []
-    if not photos:
-        photos = write_samples(tempfile.mkdtemp(prefix="dfd-bench-"))
     faces = []
-    for path in photos:
-        image = read_image(path)
-        found = find_faces(image)
-        if found:
-            faces.append(align_face(image, ffhq_quad(found[0].landmarks), size))
-        if len(faces) == count:
-            break
+    with tempfile.TemporaryDirectory(prefix="dfd-bench-") as scratch:
+        for path in _photos(count * 2, scratch):
+            image = read_image(path)
+            found = find_faces(image)
+            if found:
+                faces.append(align_face(image, ffhq_quad(found[0].landmarks), size))
+            if len(faces) == count:
+                break
     return (faces * count)[:count]
+
+
+def _photos(count: int, scratch: str) -> list:
+    """`count` photos from ../shared/data, or (saying so) the package's samples written to `scratch`."""
+    photos = align_throughput.pick_photos(count) if align_throughput.DATA.is_dir() else []
+    if not photos:
+        photos = write_samples(scratch)
+        print(f"benchmarks: {align_throughput.DATA} not found: using the {len(photos)} sample photos of the "
+              "installed packages", file=sys.stderr, flush=True)
+    return photos
 
 
 # ---- groups ----------------------------------------------------------------------------------------
 def alignment_rows(photos: int) -> list[Row]:
     """Single-process photos/s, end to end (decode, detect + landmarks, align, PNG encode)."""
-    paths = align_throughput.pick_photos(photos) if align_throughput.DATA.is_dir() else []
-    if not paths:
-        paths = write_samples(tempfile.mkdtemp(prefix="dfd-bench-"))
     threads = cv2.getNumThreads()
     cv2.setNumThreads(1)  # one process, one thread: what each --jobs worker does
     try:
-        align_throughput.measure(paths[0], 512)  # loads dlib's models
-        results = [align_throughput.measure(path, 512) for path in paths]
+        with tempfile.TemporaryDirectory(prefix="dfd-bench-") as scratch:
+            paths = _photos(photos, scratch)
+            align_throughput.measure(paths[0], 512)  # loads dlib's models
+            results = [align_throughput.measure(path, 512) for path in paths]
     finally:
         cv2.setNumThreads(threads)
     aligned = [r for r in results if "align" in r]
@@ -246,8 +254,13 @@ def _in_fresh_process(probe, *args, label: str):
     queue = context.Queue()
     process = context.Process(target=probe, args=(*args, queue))
     process.start()
-    while process.is_alive() and queue.empty():
-        process.join(timeout=1)
+    try:
+        while process.is_alive() and queue.empty():
+            process.join(timeout=1)
+    except KeyboardInterrupt:  # the probe (minutes, for the 512 model) stops with the run
+        process.terminate()
+        process.join()
+        raise
     if queue.empty():
         raise RuntimeError(f"{label} ended with exit code {process.exitcode} and no result (out of memory?)")
     result = queue.get()
