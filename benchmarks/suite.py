@@ -293,7 +293,7 @@ def projection_rows(runs: int) -> list[Row]:
     rows = []
     for size, seconds in ours.items():
         brute, done_well = baselines[size]
-        config = {"k": 10, "dim": 512, "threads": torch.get_num_threads(), "scores": scored[size]}
+        config = {"k": 10, "dim": 512, "scores": scored[size]}  # (every row's threads are added by the run)
         rows += [Row(f"projection_ms_bank{size}", seconds * 1000, "ms", "brute-force numpy search", brute * 1000,
                      config),
                  Row(f"projection_ms_bank{size}_vs_numpy_matvec", seconds * 1000, "ms",

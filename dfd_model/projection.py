@@ -205,9 +205,9 @@ def _with_ridge(gram: np.ndarray, eps: float) -> np.ndarray:
 # Banks above this size get a bf16 copy to score; below it the float32 bank is read so fast
 # that the copy would not pay for its memory.
 BF16_SCORING_ROWS = 2048
-# A few queries read the whole bank for few products, at memory speed, so the bf16 copy halves
-# their time on any CPU (17,703 x 512, one query, on a 2-vCPU AVX2 EPYC: 1.3 ms against 3.4 ms
-# in float32). More queries make it a matrix product, which CPUs without native bf16 (see
+# A few queries are matrix-vector products, which torch computes from the bf16 copy faster on
+# any CPU (17,703 x 512, one query, on a 2-vCPU AVX2 EPYC: 1.3 ms against 3.4 ms in float32).
+# More queries make a matrix product, which CPUs without native bf16 (see
 # dfd_data.devices.native_bf16) emulate: 16 queries there took 20 ms in bf16, 10 in float32.
 BF16_EMULATED_MAX_QUERIES = 4
 _FLOAT32_ROUNDING = 2.0 ** -24  # unit roundoff: scores are accumulated and finished in float32
