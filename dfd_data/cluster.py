@@ -17,7 +17,7 @@ import signal
 import socket
 import threading
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .errors import UserError
 
@@ -80,26 +80,33 @@ def _ctrl_c_ignored() -> Iterator[None]:
 def _connect_dask(client_type, scheduler: str) -> Iterator[None]:
     """A client of the scheduler at `scheduler` for the block, or a one-line UserError within
     CONNECT_SECONDS (connecting runs in a thread that is left behind if it never returns)."""
-    connected: dict = {}
-
-    def connect() -> None:
-        try:
-            connected["client"] = client_type(scheduler, timeout=f"{CONNECT_SECONDS // 2}s")
-        except Exception as error:  # reported below, in the command's thread
-            connected["error"] = error
-
-    thread = threading.Thread(target=connect, name="dask-connect", daemon=True)
-    thread.start()
-    thread.join(CONNECT_SECONDS)
-    if "client" not in connected:
-        error = connected.get("error")
+    client, error = _in_time(lambda: client_type(scheduler, timeout=f"{CONNECT_SECONDS // 2}s"), "dask-connect")
+    if client is None:
         if isinstance(error, MemoryError):  # (a reply that is no dask message, read as an absurd length)
             reason = "what answered there is not a dask scheduler"
         else:
             reason = " ".join(str(error).split()) if error else f"no dask scheduler answered in {CONNECT_SECONDS} s"
         raise UserError(f"--scheduler {scheduler}: cannot reach the dask scheduler ({reason})")
-    with connected["client"]:
+    with client:
         yield
+
+
+def _in_time(connect: Callable[[], object], name: str) -> tuple[object | None, Exception | None]:
+    """`connect()` run in a daemon thread for at most CONNECT_SECONDS (a client that retries
+    for ever is left behind there): (its result, None), (None, its error), or (None, None)
+    when it has not returned in time."""
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = connect()
+        except Exception as error:  # reported by the caller, in the command's thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    thread.join(CONNECT_SECONDS)
+    return outcome.get("result"), outcome.get("error")
 
 
 def _check_ray_address(address: str) -> None:
@@ -131,23 +138,19 @@ def _ray_session(jobs: int) -> Iterator[None]:
         _check_ray_address(address)
     # ("local": a new local instance, even where an earlier `ray start` left its address behind)
     options = {"address": address} if address else {"address": "local", "num_cpus": jobs, "include_dashboard": False}
-    outcome: dict = {}
 
-    def start() -> None:  # in a thread: ray retries for ever where something answers but no ray head
+    def start() -> bool:
+        ray.init(logging_level=logging.WARNING, **options)
+        return True
+
+    if address:  # in time: ray retries for ever where something answers but is no ray head
+        started, error = _in_time(start, "ray-init")
+    else:  # (off the main thread ray sets no SIGTERM handler, and says so: local runs start here)
         try:
-            ray.init(logging_level=logging.WARNING, **options)
-            outcome["started"] = True
-        except Exception as error:  # reported below, in the command's thread
-            outcome["error"] = error
-
-    if address:  # (off the main thread ray sets no SIGTERM handler, and says so: local runs start here)
-        thread = threading.Thread(target=start, name="ray-init", daemon=True)
-        thread.start()
-        thread.join(CONNECT_SECONDS)
-    else:
-        start()
-    if "started" not in outcome:
-        error = outcome.get("error")
+            started, error = start(), None
+        except Exception as caught:  # (sorted below, as the thread's)
+            started, error = None, caught
+    if not started:
         if error is not None and not isinstance(error, (ConnectionError, RuntimeError, ValueError)):
             raise error  # a bug, not a cluster that cannot be reached: keep its traceback
         reason = " ".join(str(error).split()) if error else f"no ray head answered in {CONNECT_SECONDS} s"

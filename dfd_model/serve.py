@@ -221,6 +221,11 @@ def make_handler(service: FaceService):
             if self.command != "HEAD":  # HEAD: GET's status and headers, without its body
                 self.wfile.write(body)
 
+        @property
+        def _page(self) -> str:
+            """The request's path without its query."""
+            return self.path.split("?", 1)[0]
+
         def _json(self, status: HTTPStatus, document: dict) -> None:
             self._send(status, json.dumps(document).encode(), "application/json")
 
@@ -244,7 +249,7 @@ def make_handler(service: FaceService):
                 raise RequestError(HTTPStatus.FORBIDDEN, "this server answers requests addressed to an IP address, "
                                                          f"localhost or {socket.gethostname()}, not to "
                                                          f"{_host_name(host)!r}")
-            path = self.path.split("?", 1)[0]
+            path = self._page
             wanted = PAGES.get(path)
             if wanted is None:
                 raise RequestError(HTTPStatus.NOT_FOUND, f"no such page {path!r}")
@@ -291,7 +296,7 @@ def make_handler(service: FaceService):
             except RequestError as error:
                 self._refuse(error)
                 return
-            if self.path.split("?", 1)[0] == "/api/info":
+            if self._page == "/api/info":
                 self._json(HTTPStatus.OK, service.info())
             else:
                 self._send(HTTPStatus.OK, page, "text/html; charset=utf-8")
@@ -328,7 +333,7 @@ def make_handler(service: FaceService):
             self.close_connection = True  # its body, if any, is never read
             # (no Access-Control-Allow-* header: a page of another site may not send its JSON)
             self.send_response(HTTPStatus.NO_CONTENT)
-            wanted = PAGES.get(self.path.split("?", 1)[0])
+            wanted = PAGES.get(self._page)
             self.send_header("Allow", PAGE_ALLOW[wanted] if wanted else ALLOWED_METHODS)
             self.send_header("Connection", "close")
             self.end_headers()
