@@ -7,6 +7,7 @@ for projection, a brute-force numpy search; for alignment, the published FFHQ re
 """
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import sys
 import tempfile
@@ -25,7 +26,7 @@ from dfd_data.sketch_methods import METHODS, resolve_method, run_method
 from dfd_model.config import ModelConfig
 from dfd_model.projection import FeatureBank, project
 
-from . import align_throughput
+from . import align_throughput, plain_filters
 from .measure import (MATMUL_SIZE, RELEASED_BANKS, Row, dtype_name, eager_copy, forward_flops, interleaved_medians,
                       matmul_flops_per_second, matmul_product, median_seconds, peak_rss_mb, random_sketches,
                       released_size_model, winograd_flops_saved)
@@ -157,16 +158,23 @@ def alignment_rows(photos: int) -> list[Row]:
 
 
 def sketch_rows(faces: list[np.ndarray], rates: Rates, runs: int) -> list[Row]:
-    """Every sketch method (img/s at 512, batch 1 and batched), then the two networks alone."""
+    """Every sketch method (img/s at 512, batch 1 and batched; a filter beside the same filter
+    written plainly, face by face), then the two networks alone."""
     rows = []
     for name in METHODS:
         method = resolve_method(name)
-        single = median_seconds(lambda: run_method(method, faces[:1], "cpu", 1), runs)
-        rows.append(Row(f"sketch_{name}_img_per_s_512", 1 / single, "img/s", config={"batch": 1}))
-        if method.uses_network:
-            batched = median_seconds(lambda: run_method(method, faces[:BATCH], "cpu", BATCH), runs)
-            rows.append(Row(f"sketch_{name}_img_per_s_512_b{BATCH}", BATCH / batched, "img/s",
-                            config={"batch": BATCH}))
+        for batch in (1, BATCH):
+            ours = functools.partial(run_method, method, faces[:batch], "cpu", batch)
+            label = f"sketch_{name}_img_per_s_512" + ("" if batch == 1 else f"_b{batch}")
+            config = {"batch": batch}
+            if name in plain_filters.FILTERS:
+                plain = functools.partial(map, functools.partial(plain_filters.FILTERS[name], **method.params[name]),
+                                          faces[:batch])
+                ours_s, plain_s = interleaved_medians([ours, lambda: list(plain())], runs)
+                rows.append(Row(label, batch / ours_s, "img/s", "scikit-image filter, face by face",
+                                batch / plain_s, config))
+            else:  # (its networks' baselines are the hed and simplify rows)
+                rows.append(Row(label, batch / median_seconds(ours, runs), "img/s", config=config))
     rows += hed_rows(faces, rates, runs) + simplifier_rows(faces, rates, runs)
     return rows
 
@@ -212,7 +220,7 @@ def simplifier_rows(faces: list[np.ndarray], rates: Rates, runs: int) -> list[Ro
 
 def crop_rows(faces: list[np.ndarray], runs: int) -> list[Row]:
     """Five component crops of an aligned 512 face plus their PNG encoding (what crop-components
-    does per image, less the file system)."""
+    does per image, less the file system), beside the same with Pillow at its default settings."""
     from dfd_data.components import crop_components
     from dfd_data.image_io import encode_png
 
@@ -221,8 +229,10 @@ def crop_rows(faces: list[np.ndarray], runs: int) -> list[Row]:
             for crop in crop_components(face).values():
                 encode_png(crop)
 
-    seconds = median_seconds(crop_all, runs)
-    return [Row("crop_img_per_s_512", len(faces) / seconds, "img/s", config={"images": len(faces), "processes": 1})]
+    seconds, plain = interleaved_medians([crop_all, lambda: [plain_filters.crop_and_encode(face) for face in faces]],
+                                         runs)
+    return [Row("crop_img_per_s_512", len(faces) / seconds, "img/s", "Pillow crops and PNG files", len(faces) / plain,
+                {"images": len(faces), "processes": 1})]
 
 
 def numpy_projection(bank: np.ndarray, squared_norms: np.ndarray, query: np.ndarray, k: int = 10,
