@@ -6,10 +6,15 @@ class UserError(Exception):
     """Base of every error the command line reports as a one-line message."""
 
 
-class ModelMissingError(UserError, RuntimeError):
+class SetupError(UserError, RuntimeError):
+    """What a machine lacks (weights, a device), not what is wrong with an input: in a batch,
+    every other file would fail alike on that machine, so a worker that raises it stops the run."""
+
+
+class ModelMissingError(SetupError):
     """Weights or a model file that must come from a package or a fetch step are not there;
     the message names the command or package that provides them."""
 
 
-class DeviceError(UserError, RuntimeError):
+class DeviceError(SetupError):
     """A device that was asked for but is not there."""

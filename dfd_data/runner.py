@@ -3,7 +3,9 @@
 It runs a module-level work function over tasks with joblib (loky processes by default,
 threads, or a ray cluster) or dask's futures (see cluster.py), shows a progress bar, keeps
 going when one file fails, also when a worker process dies on it (a crash in native code, the
-kernel's out-of-memory killer), and ends with a one-line summary. Resume is the caller's
+kernel's out-of-memory killer), and ends with a one-line summary. A worker whose machine lacks
+what the step needs (errors.SetupError: weights, a device; on a cluster, the command's own
+check ran elsewhere) stops the run with one line instead. Resume is the caller's
 part: it leaves out tasks whose outputs are already complete and valid and passes their
 count as `already_done`.
 
@@ -14,6 +16,7 @@ task failed or was skipped, the others did not).
 from __future__ import annotations
 
 import os
+import socket
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -23,7 +26,7 @@ import joblib
 from tqdm import tqdm
 
 from .cluster import CLUSTER_BACKENDS, cluster_session
-from .errors import UserError
+from .errors import SetupError, UserError
 
 BACKENDS = ("loky", "threading", *CLUSTER_BACKENDS)
 # ray's joblib backend returns results only as a whole list: it runs in rounds of this many
@@ -60,7 +63,7 @@ class Task:
 @dataclass
 class Outcome:
     task: Task
-    status: str  # "done" | "skipped" | "failed"
+    status: str  # "done" | "skipped" | "failed" | "unfit" (the worker's machine lacks what the step needs)
     result: Any = None
     message: str = ""
 
@@ -89,6 +92,8 @@ def _outcome_of_error(task: Task, error: BaseException) -> Outcome:
     """A one-line outcome for an exception raised while working on `task`."""
     if isinstance(error, SkipItem):
         return Outcome(task, "skipped", result=error.result, message=str(error))
+    if isinstance(error, SetupError):  # (named by the machine it ran on: a cluster's workers differ)
+        return Outcome(task, "unfit", message=f"{socket.gethostname()} (pid {os.getpid()}): {' '.join(str(error).split())}")
     message = " ".join(str(error).split()) or type(error).__name__
     if not message.startswith(task.label):
         last = traceback.extract_tb(error.__traceback__)[-1:]
@@ -144,6 +149,10 @@ def run_batch(
         with cluster_session(backend, jobs), \
                 tqdm(total=len(tasks), desc=step, unit=unit, disable=quiet, dynamic_ncols=True) as bar:
             for outcome in _outcomes(calls, jobs, backend):
+                if outcome.status == "unfit":  # a worker that would fail every file it took, at once
+                    raise UserError(f"{step}: stopped, because a worker cannot run it: {outcome.message}; the "
+                                    f"{summary.done} files done before are kept: run the command again once every "
+                                    "worker has what it needs")
                 if outcome.status == "done":
                     summary.done += 1
                 elif outcome.status == "skipped":

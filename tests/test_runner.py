@@ -51,6 +51,42 @@ def test_batches_fail_per_item_or_as_a_whole():
     assert seen["6"].message.startswith("f6: RuntimeError: the whole batch broke")
 
 
+def sketch_unless_weights_missing(tasks: list[Task]) -> list:
+    """Fails as a worker without the HED weights does: every file, with the same error."""
+    from dfd_data.errors import ModelMissingError
+
+    missing = ModelMissingError("HED weights not found at /w/hed.safetensors; fetch them with `dfd-data weights "
+                                "fetch hed`")
+    return [missing if task.payload >= 4 else task.payload for task in tasks]
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_worker_without_the_weights_stops_the_run_and_keeps_what_was_done(jobs):
+    """A worker whose machine lacks the weights would fail every file it took (and take them
+    fast, ahead of the healthy workers): the run stops with one line naming the machine, and
+    the files finished before stay recorded for the next run to resume from."""
+    import socket
+
+    from dfd_data.errors import UserError
+
+    recorded = []
+    tasks = [Task(str(i), f"f{i}.png", i) for i in range(12)]
+    with pytest.raises(UserError) as stopped:
+        run_batch("build-sketches:hed", tasks, sketch_unless_weights_missing, jobs=jobs, batch_size=2, quiet=True,
+                  on_outcome=lambda outcome: recorded.append(outcome))
+    message = str(stopped.value)
+    assert message.startswith(f"build-sketches:hed: stopped, because a worker cannot run it: {socket.gethostname()} "
+                              "(pid ") and "\n" not in message
+    assert "HED weights not found at /w/hed.safetensors; fetch them with `dfd-data weights fetch hed`" in message
+    assert all(outcome.status == "done" for outcome in recorded) and len(recorded) <= 4
+    assert f"the {len(recorded)} files done before are kept" in message
+    if jobs == 1:
+        assert [outcome.task.key for outcome in recorded] == ["0", "1", "2", "3"]
+        assert f"(pid {os.getpid()})" in message
+    else:  # (the outcome is made in the worker process, which names itself)
+        assert f"(pid {os.getpid()})" not in message
+
+
 def test_network_threads_follow_the_workers_share(monkeypatch):
     """A worker that joblib, dask or ray gave OMP_NUM_THREADS=1 runs torch on one thread, not
     on every core (which would oversubscribe the machine as many times as there are workers)."""
