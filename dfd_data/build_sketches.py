@@ -109,7 +109,8 @@ def build_sketches(root: str | os.PathLike, method: SketchMethod, *, jobs: int =
     files = _write_preview(dataset, method, inputs, ids[:preview])  # (--preview 0 deletes an earlier sheet)
     dataset.record_step(manifest, step, {
         "params": description,
-        "tools": tool_versions("numpy", "opencv", "scikit-image", "torch"),
+        # (the filters are OpenCV and NumPy alone: importing torch to name its version took 3 s)
+        "tools": tool_versions("numpy", "opencv", *(("scikit-image", "torch") if method.uses_network else ())),
         "records": f"{out_dir}/records.jsonl",
         "files": files,
         "counts": {"sketched": len(ids), "failed": summary.failed},

@@ -9,7 +9,7 @@ import os
 import torch
 
 from .errors import DeviceError
-from .runner import usable_cpus
+from .runner import thread_budget
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
@@ -24,16 +24,6 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
         raise DeviceError(f"--device {name} was asked for, but torch sees {torch.cuda.device_count()} CUDA "
                           "device(s)")
     return name
-
-
-def thread_budget() -> int:
-    """CPU threads one process may use: OMP_NUM_THREADS where a launcher set it (joblib's
-    loky workers, dask's nanny and ray workers each get their share that way, so workers
-    never oversubscribe the cores), else every usable CPU."""
-    try:
-        return max(1, int(os.environ["OMP_NUM_THREADS"]))
-    except (KeyError, ValueError):
-        return usable_cpus()
 
 
 @contextlib.contextmanager

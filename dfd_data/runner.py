@@ -42,6 +42,16 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def thread_budget() -> int:
+    """CPU threads one process may use: OMP_NUM_THREADS where a launcher set it (joblib's
+    loky workers, dask's nanny and ray workers each get their share that way, so workers
+    never oversubscribe the cores), else every usable CPU."""
+    try:
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    except (KeyError, ValueError):
+        return usable_cpus()
+
+
 class SkipItem(Exception):
     """Raised by a work function when an input has nothing to produce (e.g. no face).
 

@@ -22,6 +22,7 @@ import numpy as np
 from . import sketch_filters
 from .atomic import sha256_file
 from .errors import UserError
+from .runner import thread_budget
 
 BASE_METHODS = ("canny", "pencil", "photocopy", "hed", "hed-raw")
 SIMPLIFY = "simplify"
@@ -191,6 +192,8 @@ def load_networks(method: SketchMethod, device: str = "auto", precision: str = "
     devices fail once, before any image is processed. Returns the precision they compute in
     ("fp32" or "bf16"; None without a network), which `auto` resolves on this machine: pass
     it on to workers elsewhere so that every sketch is computed alike."""
+    if not method.uses_network:  # (nor is torch imported for a filter: 2 s)
+        return None
     from .devices import precision_name
 
     models = []
@@ -202,13 +205,11 @@ def load_networks(method: SketchMethod, device: str = "auto", precision: str = "
 
 
 def _thread_map(function, items: list) -> list:
-    """`function` over `items` on as many threads as torch may use here (1 inside a worker
-    process, so workers are not oversubscribed). The filters and the thinning of HED maps are
-    OpenCV and NumPy work that releases the GIL: serial, thinning took longer than the network
-    on a GPU."""
-    import torch
-
-    workers = min(torch.get_num_threads(), len(items))
+    """`function` over `items` on as many threads as this process may use (1 inside a worker
+    process, so workers are not oversubscribed; torch is not imported for that, which took 2 s
+    in each filter worker). Photocopy and the thinning of HED maps are OpenCV and NumPy work
+    that releases the GIL: serial, thinning took longer than the network on a GPU."""
+    workers = min(thread_budget(), len(items))
     if workers <= 1:
         return [function(item) for item in items]
     with ThreadPoolExecutor(workers) as pool:

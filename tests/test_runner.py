@@ -92,7 +92,8 @@ def test_network_threads_follow_the_workers_share(monkeypatch):
     on every core (which would oversubscribe the machine as many times as there are workers)."""
     import torch
 
-    from dfd_data.devices import cpu_threads, thread_budget, usable_cpus
+    from dfd_data.devices import cpu_threads
+    from dfd_data.runner import thread_budget, usable_cpus
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     with cpu_threads():

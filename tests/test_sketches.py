@@ -1,6 +1,7 @@
 """Sketch filters, method resolution and `dfd-data build-sketches` on a small dataset."""
 from __future__ import annotations
 
+import os
 import numpy as np
 import pytest
 import torch
@@ -140,10 +141,8 @@ def test_changed_recipe_redoes_the_sketches(dataset_copy):
     assert again.stdout.startswith("build-sketches:canny: 2 done, 0 skipped, 0 failed")
 
 
-def test_hed_thinning_runs_on_torch_s_threads_in_order_and_alone_in_a_one_thread_worker():
+def test_thinning_and_photocopy_run_on_the_process_s_threads_in_order_and_alone_in_a_one_thread_worker(monkeypatch):
     import threading
-
-    import torch
 
     from dfd_data.sketch_methods import _thread_map
 
@@ -151,15 +150,33 @@ def test_hed_thinning_runs_on_torch_s_threads_in_order_and_alone_in_a_one_thread
         seen.add(threading.get_ident())
         return item * 2
 
-    before = torch.get_num_threads()
-    try:
-        for threads, pool in ((1, False), (2, True)):
-            seen = set()
-            torch.set_num_threads(threads)
-            assert _thread_map(work, list(range(20))) == [2 * i for i in range(20)]
-            assert (threading.get_ident() not in seen) == pool
-    finally:
-        torch.set_num_threads(before)
+    for threads, pool in (("1", False), ("2", True)):  # (a worker process's share: OMP_NUM_THREADS)
+        seen = set()
+        monkeypatch.setenv("OMP_NUM_THREADS", threads)
+        assert _thread_map(work, list(range(20))) == [2 * i for i in range(20)]
+        assert (threading.get_ident() not in seen) == pool
+
+
+def test_a_filter_method_runs_without_importing_torch(sample_dataset, tmp_path):
+    """A filter method needs OpenCV and NumPy only: importing torch took 2 s of the command's
+    start (its up-front weights check) and of every loky worker's (the thread count)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "sketch.py"
+    script.write_text("import sys\n"
+                      "import dfd_data.build_sketches\n"
+                      "from dfd_data.image_io import read_image\n"
+                      "from dfd_data.sketch_methods import load_networks, resolve_method, run_method\n"
+                      "method = resolve_method('photocopy')\n"
+                      "assert load_networks(method) is None\n"
+                      f"face = read_image({str(sample_dataset / 'images' / 'astronaut.png')!r})\n"
+                      "assert len(run_method(method, [face, face])) == 2\n"
+                      "print('torch' in sys.modules)\n")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env={
+        **os.environ, "OMP_NUM_THREADS": "2"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
 
 
 def test_a_network_loaded_under_auto_is_the_one_workers_get_under_its_resolved_settings():
