@@ -34,6 +34,8 @@ def _finish(dataset: Dataset, summaries: list[BatchSummary], extra: str = "") ->
     for summary in summaries:
         reported = f"; {len(summary.reports)} reported in {dataset.errors_path}" if summary.reports else ""
         click.echo(summary.line() + reported + extra)
+        for line in summary.lacking_lines():
+            click.echo(line)
     if any(summary.failed for summary in summaries):
         sys.exit(1)
 

@@ -7,8 +7,8 @@ class UserError(Exception):
 
 
 class SetupError(UserError, RuntimeError):
-    """What a machine lacks (weights, a device), not what is wrong with an input: in a batch,
-    every other file would fail alike on that machine, so a worker that raises it stops the run."""
+    """What a machine lacks (usable weights, a device), not what is wrong with an input: in a
+    batch, every file would fail alike on that machine, so the failures name the machine."""
 
 
 class ModelMissingError(SetupError):

@@ -3,9 +3,10 @@
 It runs a module-level work function over tasks with joblib (loky processes by default,
 threads, or a ray cluster) or dask's futures (see cluster.py), shows a progress bar, keeps
 going when one file fails, also when a worker process dies on it (a crash in native code, the
-kernel's out-of-memory killer), and ends with a one-line summary. A worker whose machine lacks
-what the step needs (errors.SetupError: weights, a device; on a cluster, the command's own
-check ran elsewhere) stops the run with one line instead. Resume is the caller's
+kernel's out-of-memory killer), and ends with a one-line summary. Files that failed because a
+worker's machine lacks what the step needs (errors.SetupError: weights, a device; on a
+cluster the command's own check ran on another machine) are also counted per machine, for one
+line each. Resume is the caller's
 part: it leaves out tasks whose outputs are already complete and valid and passes their
 count as `already_done`.
 
@@ -73,9 +74,10 @@ class Task:
 @dataclass
 class Outcome:
     task: Task
-    status: str  # "done" | "skipped" | "failed" | "unfit" (the worker's machine lacks what the step needs)
+    status: str  # "done" | "skipped" | "failed"
     result: Any = None
     message: str = ""
+    lacking: str = ""  # a failure's cause where it is the worker's machine, not the file
 
 
 @dataclass
@@ -88,6 +90,12 @@ class BatchSummary:
     seconds: float = 0.0
     reports: list[dict] = field(default_factory=list)
     not_images: int = 0  # files beside the inputs that are not images by their names
+    lacking: dict[str, int] = field(default_factory=dict)  # "HOST lacks ...: cause" -> files failed so
+
+    def lacking_lines(self) -> list[str]:
+        """One line per machine that lacks what the step needs, after the summary line."""
+        return [f"{self.step}: {count} of the failures because {cause}; run the command again once it has it"
+                for cause, count in self.lacking.items()]
 
     def line(self) -> str:
         total_skipped = self.skipped + self.already_done
@@ -102,8 +110,9 @@ def _outcome_of_error(task: Task, error: BaseException) -> Outcome:
     """A one-line outcome for an exception raised while working on `task`."""
     if isinstance(error, SkipItem):
         return Outcome(task, "skipped", result=error.result, message=str(error))
-    if isinstance(error, SetupError):  # (named by the machine it ran on: a cluster's workers differ)
-        return Outcome(task, "unfit", message=f"{socket.gethostname()} (pid {os.getpid()}): {' '.join(str(error).split())}")
+    if isinstance(error, SetupError):  # named by the machine it ran on: a cluster's workers differ
+        cause = f"{socket.gethostname()} lacks what this step needs: {' '.join(str(error).split())}"
+        return Outcome(task, "failed", message=f"{task.label}: {cause}", lacking=cause)
     message = " ".join(str(error).split()) or type(error).__name__
     if not message.startswith(task.label):
         last = traceback.extract_tb(error.__traceback__)[-1:]
@@ -159,10 +168,8 @@ def run_batch(
         with cluster_session(backend, jobs), \
                 tqdm(total=len(tasks), desc=step, unit=unit, disable=quiet, dynamic_ncols=True) as bar:
             for outcome in _outcomes(calls, jobs, backend):
-                if outcome.status == "unfit":  # a worker that would fail every file it took, at once
-                    raise UserError(f"{step}: stopped, because a worker cannot run it: {outcome.message}; the "
-                                    f"{summary.done} files done before are kept: run the command again once every "
-                                    "worker has what it needs")
+                if outcome.lacking:
+                    summary.lacking[outcome.lacking] = summary.lacking.get(outcome.lacking, 0) + 1
                 if outcome.status == "done":
                     summary.done += 1
                 elif outcome.status == "skipped":

@@ -25,7 +25,7 @@ from torch.nn import functional as F
 
 from .atomic import atomic_write_safetensors
 from .devices import compute_precision, cpu_threads, prepare_for_inference, resolve_device
-from .errors import ModelMissingError, UserError
+from .errors import ModelMissingError, SetupError, UserError
 
 # Input statistics of the released "gan" model (model_gan.py of the PyTorch conversion).
 GAN_MEAN = 0.9664114577640158
@@ -71,7 +71,7 @@ _LAYERS = (
 )
 
 
-class SimplifierWeightsError(UserError, ValueError):
+class SimplifierWeightsError(SetupError, ValueError):
     """A weights file that is not a usable simplifier; str() is one line naming the file."""
 
 
