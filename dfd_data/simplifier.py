@@ -25,7 +25,7 @@ from torch.nn import functional as F
 
 from .atomic import atomic_write_safetensors
 from .devices import compute_precision, cpu_threads, prepare_for_inference, resolve_device
-from .errors import ModelMissingError, SetupError, UserError
+from .errors import ModelMissingError, SetupError
 
 # Input statistics of the released "gan" model (model_gan.py of the PyTorch conversion).
 GAN_MEAN = 0.9664114577640158
