@@ -111,7 +111,7 @@ def _outcome_of_error(task: Task, error: BaseException) -> Outcome:
     if isinstance(error, SkipItem):
         return Outcome(task, "skipped", result=error.result, message=str(error))
     if isinstance(error, SetupError):  # named by the machine it ran on: a cluster's workers differ
-        cause = f"{socket.gethostname()} lacks what this step needs: {' '.join(str(error).split())}"
+        cause = f"machine {socket.gethostname()} lacks what this step needs: {' '.join(str(error).split())}"
         return Outcome(task, "failed", message=f"{task.label}: {cause}", lacking=cause)
     message = " ".join(str(error).split()) or type(error).__name__
     if not message.startswith(task.label):

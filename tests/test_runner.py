@@ -71,7 +71,7 @@ def test_files_failed_for_what_a_machine_lacks_name_the_machine_once(jobs):
     tasks = [Task(str(i), f"f{i}.png", i) for i in range(12)]
     summary = run_batch("build-sketches:hed", tasks, sketch_unless_weights_missing, jobs=jobs, batch_size=2,
                         quiet=True, on_outcome=lambda outcome: recorded.append(outcome))
-    cause = (f"{socket.gethostname()} lacks what this step needs: HED weights not found at /w/hed.safetensors; "
+    cause = (f"machine {socket.gethostname()} lacks what this step needs: HED weights not found at /w/hed.safetensors; "
              "fetch them with `dfd-data weights fetch hed`")
     assert (summary.done, summary.failed) == (4, 8) and len(recorded) == 12
     assert sorted(o.task.key for o in recorded if o.status == "done") == ["0", "1", "2", "3"]
