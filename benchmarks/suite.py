@@ -7,11 +7,13 @@ for projection, a brute-force numpy search; for alignment, the published FFHQ re
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import multiprocessing
 import sys
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import cv2
 import numpy as np
@@ -158,8 +160,8 @@ def alignment_rows(photos: int) -> list[Row]:
 
 
 def sketch_rows(faces: list[np.ndarray], rates: Rates, runs: int) -> list[Row]:
-    """Every sketch method (img/s at 512, batch 1 and batched; a filter beside the same filter
-    written plainly, face by face), then the two networks alone."""
+    """Every sketch method (img/s at 512, batch 1 and batched), beside the same filter written
+    plainly, face by face, or the same method with eager networks; then the two networks alone."""
     rows = []
     for name in METHODS:
         method = resolve_method(name)
@@ -173,10 +175,34 @@ def sketch_rows(faces: list[np.ndarray], rates: Rates, runs: int) -> list[Row]:
                 ours_s, plain_s = interleaved_medians([ours, lambda: list(plain())], runs)
                 rows.append(Row(label, batch / ours_s, "img/s", "scikit-image filter, face by face",
                                 batch / plain_s, config))
-            else:  # (its networks' baselines are the hed and simplify rows)
-                rows.append(Row(label, batch / median_seconds(ours, runs), "img/s", config=config))
+            else:
+                with eager_networks():
+                    eager = functools.partial(run_method, method, faces[:batch], "cpu", batch)
+                    ours_s, eager_s = interleaved_medians([ours, eager], runs)
+                rows.append(Row(label, batch / ours_s, "img/s", "same method, eager fp32 NCHW networks",
+                                batch / eager_s, config))
     rows += hed_rows(faces, rates, runs) + simplifier_rows(faces, rates, runs)
     return rows
+
+
+@contextlib.contextmanager
+def eager_networks():
+    """While open, run_method(..., "cpu") finds the eager copies (see eager_copy) of its
+    networks where it would load them, each made once; outside, the toolkit's own."""
+    from dfd_data import sketch_methods
+
+    copies = {}
+
+    def eager(loader):
+        def load(*args):
+            if args not in copies:
+                copies[args] = eager_copy(loader(*args))
+            return copies[args]
+        return load
+
+    with mock.patch.object(sketch_methods, "_hed_model", eager(sketch_methods._hed_model)), \
+            mock.patch.object(sketch_methods, "_simplifier_model", eager(sketch_methods._simplifier_model)):
+        yield
 
 
 def hed_rows(faces: list[np.ndarray], rates: Rates, runs: int) -> list[Row]:

@@ -114,3 +114,31 @@ def test_the_plain_filter_and_crop_baselines_compute_what_the_toolkit_computes(s
     batched = run_method(resolve_method("photocopy"), faces[:8], "cpu", 8)  # (threads over the faces)
     assert all(np.array_equal(sketch, sketch_filters.photocopy(face, **DEFAULT_PARAMS["photocopy"]))
                for sketch, face in zip(batched, faces))
+
+
+def test_a_network_method_s_baseline_runs_it_with_plain_eager_networks(sample_dataset):
+    """The baseline of a network sketch method's row is the same method whose networks are the
+    eager copies (plain layers, float32, NCHW); outside the block, the toolkit's own again."""
+    import numpy as np
+
+    from benchmarks.suite import eager_networks
+    from dfd_data import sketch_methods
+    from dfd_data.image_io import read_image
+    from dfd_data.inference_graph import ConvActivation
+    from dfd_data.sketch_methods import resolve_method, run_method
+
+    def fused_layers(model) -> int:
+        return sum(isinstance(module, ConvActivation) for module in model.modules())
+
+    method = resolve_method("pencil+simplify")
+    weights = method.params["simplify"]["weights"]
+    face = read_image(sample_dataset / "images" / "astronaut.png")
+    ours = run_method(method, [face], "cpu", 1)[0]
+    with eager_networks():
+        plain = sketch_methods._simplifier_model(weights, "cpu", "auto")
+        assert fused_layers(plain) == 0 and plain.compute_dtype == torch.float32
+        assert sketch_methods._simplifier_model(weights, "cpu", "auto") is plain  # (copied once)
+        eager = run_method(method, [face], "cpu", 1)[0]
+    assert fused_layers(sketch_methods._simplifier_model(weights, "cpu", "auto")) > 0
+    difference = np.abs(ours.astype(int) - eager)
+    assert difference.mean() < 2  # (float32 rounding, or bf16's where the toolkit infers in it)
