@@ -90,11 +90,17 @@ def prepare_for_inference(model: torch.nn.Module, device: torch.device, precisio
     keep_freed_memory()
     model = model.to(device).eval()
     model.compute_dtype = resolve_precision(precision, device)
-    if device.type == "cuda" and model.compute_dtype == torch.float32:
-        # float32 means float32: CUDA convolutions default to TF32 (10-bit mantissas) on Ampere+
+    if model.compute_dtype == torch.float32:
+        no_tf32(device)
+    return rewrite_for_inference(model, model.compute_dtype).to(memory_format=torch.channels_last)
+
+
+def no_tf32(device: torch.device) -> None:
+    """float32 means float32: on `device` CUDA, turn off TF32 (10-bit mantissas), which CUDA
+    convolutions use by default on Ampere and newer GPUs, for the process."""
+    if device.type == "cuda":
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
-    return rewrite_for_inference(model, model.compute_dtype).to(memory_format=torch.channels_last)
 
 
 def weights_as_computed(weight: torch.Tensor, bias: torch.Tensor | None, device_type: str

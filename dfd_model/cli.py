@@ -153,6 +153,12 @@ def train(dataset, stage, out, resume, resolution, steps, batch_size, lr, sketch
         if not isinstance(error, distributed.OtherRankFailed):
             click.echo(f"Error: rank {rank}: {error}", err=True)
         raise SystemExit(1) from None
+    except RuntimeError as error:  # a collective that found another process gone: one line, not gloo's traceback
+        if distributed.launched_world() <= 1 or not distributed.lost_peer(error):
+            raise
+        click.echo(f"Error: rank {distributed.launched_rank()}: stopped: another process of the run has ended "
+                   f"(see its error) [{str(error).split('. ')[0]}]", err=True)
+        raise SystemExit(1) from None
 
 
 def _given_settings(model_settings: dict, train_settings: dict) -> set[str]:

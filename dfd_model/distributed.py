@@ -46,14 +46,19 @@ class Ranks:
         return self.world > 1
 
 
+def launched_world() -> int:
+    """The number of processes torchrun started (1 without torchrun), before any process group."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def launched_rank() -> int:
     """This process's rank as torchrun started it (0 without torchrun), before any process group."""
-    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    return int(os.environ.get("RANK", "0")) if launched_world() > 1 else 0
 
 
 def start(device: torch.device) -> tuple[Ranks, torch.device]:
     """Join torchrun's process group if there is one; returns the ranks and this process's device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_world()
     if world <= 1:
         return Ranks(), device
     ranks = Ranks(launched_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
@@ -97,6 +102,13 @@ def main_first(ranks: Ranks, work: Callable[[], T]) -> T | None:
     return result
 
 
+def lost_peer(error: BaseException) -> bool:
+    """Whether `error`, raised in a collective, says that another process of the run has gone
+    (it ended with an error of its own, which it prints): c10d's DistError family, or gloo's
+    connection closed or reset by the peer (a plain RuntimeError)."""
+    return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and "by peer" in str(error))
+
+
 def broadcast_buffers(module: nn.Module, ranks: Ranks) -> None:
     """Give every process rank 0's buffers (batch norms' running statistics). DDP copies them
     at the start of each forward pass, but the pass then updates each process's copy from its
@@ -111,7 +123,7 @@ def wrap(module: nn.Module, ranks: Ranks, device: torch.device) -> nn.Module:
     if not ranks.active:
         return module
     ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids, gradient_as_bucket_view=True)
 
 
 def unwrap(module: nn.Module) -> nn.Module:

@@ -202,8 +202,9 @@ def _with_ridge(gram: np.ndarray, eps: float) -> np.ndarray:
     return gram
 
 
-# Banks above this size get a bf16 copy to score; below it the float32 bank is read so fast
-# that the copy would not pay for its memory.
+# CPU banks above this size get a bf16 copy to score; below it the float32 bank is read so fast
+# that the copy would not pay for its memory. A GPU reads a float32 bank in microseconds, and
+# its bf16 products may add up partial sums in bf16, outside the error bound below.
 BF16_SCORING_ROWS = 2048
 # A few queries are matrix-vector products, which torch computes from the bf16 copy faster on
 # any CPU (17,703 x 512, one query, on a 2-vCPU AVX2 EPYC: 1.3 ms against 3.4 ms in float32).
@@ -239,7 +240,7 @@ class SearchIndex:
         more, by u times its size. The norms err by gamma_D |b|^2 and three float32 roundings
         finish the score; 1.01 covers the second-order terms left out."""
         rows = bank.detach().float()
-        low = rows.to(torch.bfloat16) if bank.shape[0] > BF16_SCORING_ROWS else None
+        low = rows.to(torch.bfloat16) if bank.shape[0] > BF16_SCORING_ROWS and bank.device.type == "cpu" else None
         squared = rows.pow(2).sum(1)
         largest = float(squared.max())
         if not math.isfinite(largest):  # the bound, and every score near such a row, would be NaN

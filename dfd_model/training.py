@@ -40,7 +40,7 @@ from dfd_data.atomic import WriteError, atomic_write_bytes, atomic_write_text
 from dfd_data.components import COMPONENTS
 from dfd_data.contact_sheet import contact_sheet
 from dfd_data.dataset import Dataset, read_jsonl
-from dfd_data.devices import native_bf16
+from dfd_data.devices import native_bf16, no_tf32
 from dfd_data.errors import UserError
 from dfd_data.image_io import encode_jpeg
 
@@ -129,6 +129,13 @@ def next_run_folder(parent: Path) -> Path:
     return parent / f"run-{max(numbers, default=0) + 1:03d}"
 
 
+STAGE_NETS = {"autoencoders": 1, "generator": 2, "discriminator": 2}  # the stage that trains each
+# fp16's loss scaler halves its scale at each step whose gradients overflow, and skips the
+# step. Below 1 the loss is no longer scaled up: gradients that still overflow are not finite
+# in themselves, and every step would be skipped while the losses stay finite.
+MIN_LOSS_SCALE = 1.0
+
+
 def _amp_context(device: torch.device, enabled: bool):
     """(autocast context factory, loss scaler or None, the compute precision's name): bf16
     where the hardware computes it natively (see native_bf16), fp16 with a loss scaler on GPUs
@@ -205,6 +212,7 @@ class Trainer:
         # and the generator's last layers) ran at a tenth of the matmul rate or less, half as
         # fast as channels-last (a full stage 1 step went from 2.2 to 1.8 s with it).
         self.layout = torch.channels_last
+        no_tf32(device)  # stage 1, and stage 2 without amp, train in float32 as TrainConfig says
         self.model = SketchToFace(self.model_config).to(device, memory_format=self.layout)
         self.discriminator = MultiscaleDiscriminator(self.model_config).to(device, memory_format=self.layout)
         self.vgg = None
@@ -251,9 +259,7 @@ class Trainer:
         self.pairs, self.validation = data if data is not None else self._load_data()
         if checkpoint is None and resume:
             self.echo(f"no checkpoint in {self.out}: starting at step 0")
-        self.autoencoder_net = distributed.wrap(AutoEncoderSet(self.model.autoencoders), self.ranks, device)
-        self.generator_net = distributed.wrap(FeaturesToFace(self.model), self.ranks, device)
-        self.discriminator_net = distributed.wrap(self.discriminator, self.ranks, device)
+        self._wrapped: dict[str, torch.nn.Module] = {}  # see _net
 
     # ---- configuration ----------------------------------------------------------------------------
     def _resolve_configs(self, model_config, train_config, resume, given):
@@ -388,6 +394,23 @@ class Trainer:
         return pairs, validation
 
     # ---- bookkeeping ---------------------------------------------------------------------------------
+    def _net(self, name: str) -> torch.nn.Module:
+        """The module `name` ("autoencoders", "generator" or "discriminator") as its stage trains
+        it: under torchrun, in a DDP wrapper made when the stage first uses it, when the other
+        stage's wrappers and gradients are dropped. A wrapper holds gradient buckets as large as
+        its parameters (the autoencoders' 1.1 GB), which the other stage does not need; its
+        gradients are views of them, not a second copy."""
+        stage = STAGE_NETS[name]
+        if name not in self._wrapped:
+            for other in [other for other in self._wrapped if STAGE_NETS[other] != stage]:
+                for parameter in self._wrapped.pop(other).parameters():
+                    parameter.grad = None  # (its last step's gradients: views that would keep the buckets)
+            module = {"autoencoders": lambda: AutoEncoderSet(self.model.autoencoders),
+                      "generator": lambda: FeaturesToFace(self.model),
+                      "discriminator": lambda: self.discriminator}[name]()
+            self._wrapped[name] = distributed.wrap(module, self.ranks, self.device)
+        return self._wrapped[name]
+
     def _modules(self) -> dict[str, torch.nn.Module]:
         return {"model": self.model, "discriminator": self.discriminator}
 
@@ -462,7 +485,7 @@ class Trainer:
     def stage1_step(self, sketches: torch.Tensor) -> dict[str, float]:
         self.model.autoencoders.train()
         crops = crop_sketch_components(sketches, self.model_config)
-        reconstructions = self.autoencoder_net(crops)  # float32: see TrainConfig.amp
+        reconstructions = self._net("autoencoders")(crops)  # float32: see TrainConfig.amp
         losses = {name: F.mse_loss(reconstructions[name], crops[name]) for name in COMPONENTS}
         total = sum(losses.values())
         self._backward_step(total, self.optimizers["autoencoders"])  # float32: no loss scaling
@@ -476,12 +499,13 @@ class Trainer:
         with torch.no_grad():  # raw latents (training never projects), float32 as the banks are
             latents = self.model.encode(sketches, refine=0.0)
         with self.autocast():
-            fused, fake = self.generator_net(latents)
+            fused, fake = self._net("generator")(latents)
             condition = fused if self.model_config.d_condition == "features" else sketches
             # As in pix2pixHD every loss comes from the same discriminator, then G steps, then D.
             # D sees fake and real in one batch (one DDP forward); for G's loss its parameters
             # are frozen, so G's backward neither fills nor synchronises D's gradients.
-            both = self.discriminator_net(torch.cat([condition.detach()] * 2), torch.cat([fake.detach(), photos]))
+            both = self._net("discriminator")(torch.cat([condition.detach()] * 2),
+                                                torch.cat([fake.detach(), photos]))
             pred_fake_detached, pred_real = _split_halves(both)
             self.discriminator.requires_grad_(False)
             pred_fake = self.discriminator(condition, fake)
@@ -565,7 +589,7 @@ class Trainer:
             self._write_grid()
         while self.step < self.config.steps:
             sketches, photos = self.pairs.batch(order.rows(self.step)[share])
-            if self.device.type == "cuda":  # page-locked, so the copies overlap the previous step's work
+            if self.device.type == "cuda":  # page-locked, so that the copies need no staging copy
                 sketches, photos = sketches.pin_memory(), photos.pin_memory()
             sketches = sketches.to(self.device, non_blocking=True, memory_format=self.layout)
             photos = photos.to(self.device, non_blocking=True, memory_format=self.layout)
@@ -574,6 +598,10 @@ class Trainer:
             if not all(math.isfinite(v) for v in losses.values()):
                 raise TrainingError(f"stage {stage} step {self.step + 1}: the loss became {losses}; resume from "
                                     f"the last checkpoint with a lower --lr")
+            if stage == 2 and self.scaler is not None and self.scaler.get_scale() < MIN_LOSS_SCALE:
+                raise TrainingError(f"stage 2 step {self.step + 1}: the fp16 gradients overflowed on every recent "
+                                    f"step (loss scale {self.scaler.get_scale():g}), so none of them trained; resume "
+                                    "from the last checkpoint with a lower --lr, or with --set amp=false")
             pending.append(losses)
             self.step, timed = self.step + 1, timed + 1
             if bar is not None:
@@ -587,7 +615,8 @@ class Trainer:
                            "losses": {k: sum(d[k] for d in pending) / len(pending) for k in pending[0]},
                            "sec_per_step": round(seconds, 4),
                            "images_per_s": round(self.config.batch_size * self.ranks.world / seconds, 2),
-                           "time": round(time.time(), 1)}
+                           "time": round(time.time(), 1),
+                           **({"loss_scale": self.scaler.get_scale()} if stage == 2 and self.scaler else {})}
                     try:  # a torn line (disk full) is dropped when resuming reads the file
                         with open(self.out / STATS_FILE, "a", encoding="utf-8") as handle:
                             handle.write(json.dumps(row) + "\n")

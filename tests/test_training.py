@@ -254,6 +254,30 @@ def test_mixed_precision_is_for_stage_two_and_leaves_the_latents_float32(sketche
            "run would have" in lines
 
 
+def test_fp16_steps_that_all_overflow_stop_training_instead_of_skipping_it(sketched_dataset, tmp_path, monkeypatch):
+    """On GPUs without bf16, stage 2 runs in fp16 with a loss scaler, which skips every step
+    whose gradients overflow and halves its scale: the losses stay finite while nothing trains.
+    Gradients that overflow even unscaled stop the run (fp16 autocast on the CPU stands in for
+    the GPU's; the scale starts low so that a few skipped steps take it below 1), and the stats
+    record the scale."""
+    import dfd_model.training as training
+
+    monkeypatch.setattr(training, "_amp_context", lambda device, enabled: (
+        lambda: torch.autocast("cpu", dtype=torch.float16), torch.amp.GradScaler("cpu", init_scale=4.0), "fp16"))
+    trainer = _trainer(sketched_dataset, tmp_path / "run", steps=8, checkpoint_every=100)
+    weight = trainer.model.generator.model[1].weight
+    weight.register_hook(lambda gradient: gradient * float("nan") if trainer.stage == 2 else gradient)
+    with pytest.raises(TrainingError) as stopped:
+        trainer.run("all")
+    assert str(stopped.value) == ("stage 2 step 3: the fp16 gradients overflowed on every recent step (loss scale "
+                                  "0.5), so none of them trained; resume from the last checkpoint with a lower --lr, "
+                                  "or with --set amp=false")
+    assert torch.isfinite(weight).all()
+    assert all(float(state["step"]) == 0 for state in trainer.optimizers["generator"].state.values())  # never stepped
+    scales = [row.get("loss_scale") for row in map(json.loads, (tmp_path / "run" / "stats.jsonl").read_text().splitlines())]
+    assert scales == [None] * 8 + [2.0, 1.0]  # stage 1's rows have none
+
+
 def test_stage_two_needs_stage_one_and_settings_must_match_on_resume(sketched_dataset, tmp_path):
     with pytest.raises(TrainingError, match="needs a finished stage 1"):
         _trainer(sketched_dataset, tmp_path / "run").run("2")
@@ -767,3 +791,43 @@ def test_a_disk_that_fills_up_stops_training_with_one_line_and_resume_repeats_th
     again = SketchToFace.from_pretrained(run / "model", device="cpu").state_dict()
     expected = SketchToFace.from_pretrained(never_stopped / "model", device="cpu").state_dict()
     assert all(torch.equal(again[key], expected[key]) for key in expected)
+
+
+def test_a_process_that_finds_another_gone_says_so_in_one_line(sketched_dataset, tmp_path, monkeypatch):
+    """Under torchrun, a process whose collective finds another process gone (it ended with
+    its own error, which it printed) ends with one line, not gloo's 50-line traceback; any
+    other RuntimeError is a bug and keeps its traceback, as it does outside torchrun."""
+    from click.testing import CliRunner
+
+    import dfd_model.training as training
+    from dfd_model.cli import main
+
+    class PeerGone:  # (what rank 0 met in a real 2-process run whose rank 1 failed at step 3)
+        error = RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection "
+                             "closed by peer [127.0.0.1]:5309. This is typically caused by a remote worker crashing.")
+
+        def __init__(self, *args, **kwargs):
+            self.echo = lambda line: None
+
+        def describe(self) -> str:
+            return ""
+
+        def run(self, stage):
+            raise self.error
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(training, "Trainer", PeerGone)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    args = ["train", str(sketched_dataset), "--out", str(tmp_path / "run")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and result.stdout == "" and result.stderr == (
+        "Error: rank 0: stopped: another process of the run has ended (see its error) [[/__w/pytorch/pytorch/"
+        "third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:5309]\n")
+    PeerGone.error = RuntimeError("a bug")
+    assert isinstance(CliRunner().invoke(main, args).exception, RuntimeError)
+    PeerGone.error = RuntimeError("Connection closed by peer")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert isinstance(CliRunner().invoke(main, args).exception, RuntimeError)
