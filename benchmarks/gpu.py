@@ -224,6 +224,10 @@ def _training_steps(bench: Bench, dataset: Path, out: Path, batch: int, precisio
             rows.append(Row(name, seconds, "s", "fp32 steps, same device", fp32_seconds[stage], config))
     if trainer.scaler is not None and not math.isfinite(trainer.scaler.get_scale()):
         bench.checks.failures.append(f"train {precision}: the loss scale is {trainer.scaler.get_scale()}")
+    if 2 in steps:  # (fp16 skips a step whose gradients overflow: finite losses alone do not say it trained)
+        stepped = [float(state["step"]) for state in trainer.optimizers["generator"].state.values()]
+        if not stepped or max(stepped) == 0:
+            bench.checks.failures.append(f"train stage 2 {precision}: the generator's optimiser never stepped")
     trainer.close()
     return rows
 
