@@ -352,7 +352,9 @@ class Trainer:
                 f"the discriminators; device {self.device}, stage 2 in {self.precision}; {len(self.pairs)} "
                 f"training pairs, {len(self.validation)} validation faces" +
                 (f"; {self.ranks.world} processes, global batch {self.config.batch_size * self.ranks.world}"
-                 if self.ranks.active else ""))
+                 if self.ranks.active else "") +
+                ("; warning: a batch is larger than the training set, so every batch repeats pairs"
+                 if self.config.batch_size * self.ranks.world > len(self.pairs) else ""))
 
     # ---- data ----------------------------------------------------------------------------------------
     def _prepare_data(self) -> tuple[PairSet, list[tuple[str, np.ndarray, np.ndarray]]]:

@@ -831,3 +831,11 @@ def test_a_process_that_finds_another_gone_says_so_in_one_line(sketched_dataset,
     PeerGone.error = RuntimeError("Connection closed by peer")
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert isinstance(CliRunner().invoke(main, args).exception, RuntimeError)
+
+
+def test_a_batch_larger_than_the_training_set_is_said_before_training(sketched_dataset, tmp_path):
+    """Batches wrap around the training set; a batch (under torchrun, the global batch) larger
+    than the set repeats pairs in every step, which the printed configuration says."""
+    warning = "warning: a batch is larger than the training set, so every batch repeats pairs"
+    assert _trainer(sketched_dataset, tmp_path / "fits").describe().endswith("2 training pairs, 2 validation faces")
+    assert _trainer(sketched_dataset, tmp_path / "repeats", batch_size=3).describe().endswith(warning)
