@@ -122,6 +122,31 @@ def _check_ray_address(address: str) -> None:
         raise UserError(f"ray: cannot reach the cluster at RAY_ADDRESS={address} ({error})") from None
 
 
+class _RayNotices(logging.Filter):
+    """Drops two notices ray prints on every run, about what the command chose for the user:
+    that the local instance it starts uses token authentication (ray's secure default; its
+    warning that authentication is off still shows), and that ray's pool ignores the start
+    method joblib passes it."""
+
+    LOGGERS = ("ray._private.authentication.authentication_token_setup", "ray.util.multiprocessing.pool")
+    NOTICES = ("Token authentication is enabled for this Ray cluster", "The 'context' argument is not supported")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.NOTICES)
+
+
+@contextmanager
+def _ray_notices_dropped() -> Iterator[None]:
+    notices = _RayNotices()
+    for name in _RayNotices.LOGGERS:
+        logging.getLogger(name).addFilter(notices)
+    try:
+        yield
+    finally:
+        for name in _RayNotices.LOGGERS:
+            logging.getLogger(name).removeFilter(notices)
+
+
 @contextmanager
 def _ray_session(jobs: int) -> Iterator[None]:
     try:
@@ -130,9 +155,17 @@ def _ray_session(jobs: int) -> Iterator[None]:
     except ImportError as error:
         raise _missing_extra("ray", error) from None
     register_ray()
-    if ray.is_initialized():  # the command's own session, or the caller's: theirs to end
-        yield
-        return
+    with _ray_notices_dropped():
+        if ray.is_initialized():  # the command's own session, or the caller's: theirs to end
+            yield
+        else:
+            with _ray_connection(ray, jobs):
+                yield
+
+
+@contextmanager
+def _ray_connection(ray, jobs: int) -> Iterator[None]:
+    """A ray session at RAY_ADDRESS, or a local instance of `jobs` CPUs, for the block."""
     address = os.environ.get("RAY_ADDRESS")
     if address:
         _check_ray_address(address)

@@ -43,6 +43,8 @@ def prepare(photos: Path, root: Path, *backend_args: str) -> dict[str, int]:
         result = dfd_data("build-sketches", root, "--method", method, "--jobs", "2", "--quiet", "--preview", "0",
                           *backend_args)
         assert result.returncode == 0, result.stderr
+        # (ray's notices about what the command chose, printed on every run, are left out)
+        assert "Token authentication is enabled" not in result.stderr and "'context' argument" not in result.stderr
         codes[method] = result.returncode
     codes["crop"] = dfd_data("crop-components", root, "--jobs", "2", *backend_args).returncode
     return codes
