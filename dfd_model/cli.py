@@ -157,7 +157,7 @@ def train(dataset, stage, out, resume, resolution, steps, batch_size, lr, sketch
         if distributed.launched_world() <= 1 or not distributed.lost_peer(error):
             raise
         click.echo(f"Error: rank {distributed.launched_rank()}: stopped: another process of the run has ended "
-                   f"(see its error) [{str(error).split('. ')[0]}]", err=True)
+                   f"(see its error): {' '.join(str(error).split())}", err=True)
         raise SystemExit(1) from None
 
 

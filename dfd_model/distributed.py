@@ -102,11 +102,15 @@ def main_first(ranks: Ranks, work: Callable[[], T]) -> T | None:
     return result
 
 
+# What a collective's error says where the process at the other end has gone (it ended with an
+# error of its own, which it prints): gloo's closed or reset connections, NCCL's remote error.
+# c10d raises the same error types for faults of this process's own (a port in use, a store).
+LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "remote process exited")
+
+
 def lost_peer(error: BaseException) -> bool:
-    """Whether `error`, raised in a collective, says that another process of the run has gone
-    (it ended with an error of its own, which it prints): c10d's DistError family, or gloo's
-    connection closed or reset by the peer (a plain RuntimeError)."""
-    return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and "by peer" in str(error))
+    """Whether `error`, raised in a collective, says that another process of the run has gone."""
+    return isinstance(error, RuntimeError) and any(text in str(error) for text in LOST_PEER)
 
 
 def broadcast_buffers(module: nn.Module, ranks: Ranks) -> None:

@@ -60,7 +60,7 @@ CONFIG_FILE = "train_config.json"
 STATS_FILE = "stats.jsonl"
 # Settings a resumed run may change; any other difference means a different experiment. (A
 # lower lr is the way on after a loss that diverged: the optimisers take it on resuming.)
-RESUMABLE_CHANGES = ("steps", "lr", "log_every", "grid_every", "checkpoint_every")
+RESUMABLE_CHANGES = ("steps", "lr", "log_every", "grid_every", "checkpoint_every", "amp")
 
 
 class TrainingError(UserError):
@@ -130,10 +130,13 @@ def next_run_folder(parent: Path) -> Path:
 
 
 STAGE_NETS = {"autoencoders": 1, "generator": 2, "discriminator": 2}  # the stage that trains each
-# fp16's loss scaler halves its scale at each step whose gradients overflow, and skips the
-# step. Below 1 the loss is no longer scaled up: gradients that still overflow are not finite
-# in themselves, and every step would be skipped while the losses stay finite.
-MIN_LOSS_SCALE = 1.0
+# fp16's loss scaler skips each step whose gradients overflow and halves its scale, while the
+# losses stay finite: this many generator steps skipped in a row stop the run. A fresh scaler
+# (65,536) finds its scale in fewer (about 10 for the models here); each skip halves it, so
+# by then the gradients overflow at a scale 2^30 lower. A checkpoint's scale below 1 (the
+# loss no longer scaled up) is not restored: the resumed run finds its scale afresh.
+MAX_SKIPPED_STEPS = 30
+MIN_RESTORED_LOSS_SCALE = 1.0
 
 
 def _amp_context(device: torch.device, enabled: bool):
@@ -241,7 +244,11 @@ class Trainer:
                 for group in optimizer.param_groups:
                     group["lr"] = self.config.lr
             if self.scaler is not None and state.get("scaler"):
-                self.scaler.load_state_dict(state["scaler"])
+                if state["scaler"].get("scale", MIN_RESTORED_LOSS_SCALE) >= MIN_RESTORED_LOSS_SCALE:
+                    self.scaler.load_state_dict(state["scaler"])
+                else:
+                    self.echo(f"the checkpoint's fp16 loss scale ({state['scaler']['scale']:g}) is below "
+                              f"{MIN_RESTORED_LOSS_SCALE:g}: the scale starts afresh")
             self.echo(f"resuming {self.out} from {checkpoint.name} (stage {self.stage}, step {self.step})")
             processes = state.get("processes", 1)  # checkpoints from before torchrun runs lack it
             was, now = state["train_config"]["batch_size"] * processes, self.config.batch_size * self.ranks.world
@@ -412,6 +419,12 @@ class Trainer:
                       "discriminator": lambda: self.discriminator}[name]()
             self._wrapped[name] = distributed.wrap(module, self.ranks, self.device)
         return self._wrapped[name]
+
+    def generator_steps(self) -> float:
+        """The steps the generator's optimiser has taken (Adam counts none for a step the loss
+        scaler skipped)."""
+        states = self.optimizers["generator"].state.values()
+        return float(next(iter(states))["step"]) if states else 0.0
 
     def _modules(self) -> dict[str, torch.nn.Module]:
         return {"model": self.model, "discriminator": self.discriminator}
@@ -589,6 +602,7 @@ class Trainer:
                                            unit="step")
         if self.step == 0:
             self._write_grid()
+        skipped, steps_taken = 0, self.generator_steps()  # (fp16 steps the loss scaler skipped in a row)
         while self.step < self.config.steps:
             sketches, photos = self.pairs.batch(order.rows(self.step)[share])
             if self.device.type == "cuda":  # page-locked, so that the copies need no staging copy
@@ -600,10 +614,14 @@ class Trainer:
             if not all(math.isfinite(v) for v in losses.values()):
                 raise TrainingError(f"stage {stage} step {self.step + 1}: the loss became {losses}; resume from "
                                     f"the last checkpoint with a lower --lr")
-            if stage == 2 and self.scaler is not None and self.scaler.get_scale() < MIN_LOSS_SCALE:
-                raise TrainingError(f"stage 2 step {self.step + 1}: the fp16 gradients overflowed on every recent "
-                                    f"step (loss scale {self.scaler.get_scale():g}), so none of them trained; resume "
-                                    "from the last checkpoint with a lower --lr, or with --set amp=false")
+            if stage == 2 and self.scaler is not None:
+                stepped = self.generator_steps()
+                skipped, steps_taken = (skipped + 1 if stepped == steps_taken else 0), stepped
+                if skipped == MAX_SKIPPED_STEPS:
+                    raise TrainingError(f"stage 2 step {self.step + 1}: the fp16 gradients overflowed on the last "
+                                        f"{skipped} steps, so the generator did not train on them (loss scale "
+                                        f"{self.scaler.get_scale():g}); resume from the last checkpoint with a lower "
+                                        "--lr, or with --set amp=false")
             pending.append(losses)
             self.step, timed = self.step + 1, timed + 1
             if bar is not None:

@@ -7,6 +7,7 @@ checkpoints are refused, and the saved model folder generates faces from sketch 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -255,27 +256,40 @@ def test_mixed_precision_is_for_stage_two_and_leaves_the_latents_float32(sketche
 
 
 def test_fp16_steps_that_all_overflow_stop_training_instead_of_skipping_it(sketched_dataset, tmp_path, monkeypatch):
-    """On GPUs without bf16, stage 2 runs in fp16 with a loss scaler, which skips every step
+    """On GPUs without bf16, stage 2 runs in fp16 with a loss scaler, which skips each step
     whose gradients overflow and halves its scale: the losses stay finite while nothing trains.
-    Gradients that overflow even unscaled stop the run (fp16 autocast on the CPU stands in for
-    the GPU's; the scale starts low so that a few skipped steps take it below 1), and the stats
-    record the scale."""
+    Generator steps skipped MAX_SKIPPED_STEPS times in a row stop the run (fp16 autocast on the
+    CPU stands in for the GPU's; 4 skips here); the stats record the scale; a resume does not
+    restore a scale below 1, and may turn amp off as the message advises."""
     import dfd_model.training as training
 
     monkeypatch.setattr(training, "_amp_context", lambda device, enabled: (
-        lambda: torch.autocast("cpu", dtype=torch.float16), torch.amp.GradScaler("cpu", init_scale=4.0), "fp16"))
-    trainer = _trainer(sketched_dataset, tmp_path / "run", steps=8, checkpoint_every=100)
+        (lambda: torch.autocast("cpu", dtype=torch.float16), torch.amp.GradScaler("cpu", init_scale=4.0), "fp16")
+        if enabled else (contextlib.nullcontext, None, "fp32")))
+    monkeypatch.setattr(training, "MAX_SKIPPED_STEPS", 4)
+    run = tmp_path / "run"
+    trainer = _trainer(sketched_dataset, run, steps=8, checkpoint_every=1)
     weight = trainer.model.generator.model[1].weight
     weight.register_hook(lambda gradient: gradient * float("nan") if trainer.stage == 2 else gradient)
     with pytest.raises(TrainingError) as stopped:
         trainer.run("all")
-    assert str(stopped.value) == ("stage 2 step 3: the fp16 gradients overflowed on every recent step (loss scale "
-                                  "0.5), so none of them trained; resume from the last checkpoint with a lower --lr, "
-                                  "or with --set amp=false")
+    assert str(stopped.value) == ("stage 2 step 4: the fp16 gradients overflowed on the last 4 steps, so the generator "
+                                  "did not train on them (loss scale 0.25); resume from the last checkpoint with a "
+                                  "lower --lr, or with --set amp=false")
     assert torch.isfinite(weight).all()
     assert all(float(state["step"]) == 0 for state in trainer.optimizers["generator"].state.values())  # never stepped
-    scales = [row.get("loss_scale") for row in map(json.loads, (tmp_path / "run" / "stats.jsonl").read_text().splitlines())]
-    assert scales == [None] * 8 + [2.0, 1.0]  # stage 1's rows have none
+    scales = [row.get("loss_scale") for row in map(json.loads, (run / "stats.jsonl").read_text().splitlines())]
+    assert scales == [None] * 8 + [2.0, 1.0, 0.5]  # (stage 1's rows have none; step 4 stopped before its row)
+    lines = []
+    resumed = Trainer(sketched_dataset, run, ModelConfig(**TINY_128), TrainConfig(lr=1e-4), torch.device("cpu"),
+                      resume=True, given={"lr"}, quiet=True, echo=lines.append)
+    assert "the checkpoint's fp16 loss scale (0.5) is below 1: the scale starts afresh" in lines
+    assert resumed.step == 3 and resumed.scaler.get_scale() == 4.0
+    resumed.close()
+    plain = Trainer(sketched_dataset, run, ModelConfig(**TINY_128), TrainConfig(amp=False), torch.device("cpu"),
+                    resume=True, given={"amp"}, quiet=True, echo=lambda line: None)
+    assert plain.precision == "fp32" and plain.scaler is None
+    plain.run("all")
 
 
 def test_stage_two_needs_stage_one_and_settings_must_match_on_resume(sketched_dataset, tmp_path):
@@ -824,10 +838,15 @@ def test_a_process_that_finds_another_gone_says_so_in_one_line(sketched_dataset,
     args = ["train", str(sketched_dataset), "--out", str(tmp_path / "run")]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1 and result.stdout == "" and result.stderr == (
-        "Error: rank 0: stopped: another process of the run has ended (see its error) [[/__w/pytorch/pytorch/"
-        "third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:5309]\n")
+        "Error: rank 0: stopped: another process of the run has ended (see its error): [/__w/pytorch/pytorch/"
+        "third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:5309. This is "
+        "typically caused by a remote worker crashing.\n")
     PeerGone.error = RuntimeError("a bug")
     assert isinstance(CliRunner().invoke(main, args).exception, RuntimeError)
+    import torch.distributed as dist  # (c10d's own errors are this process's faults too: a port in use)
+
+    PeerGone.error = dist.DistNetworkError("The server socket has failed to listen on any local network address")
+    assert isinstance(CliRunner().invoke(main, args).exception, dist.DistNetworkError)
     PeerGone.error = RuntimeError("Connection closed by peer")
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert isinstance(CliRunner().invoke(main, args).exception, RuntimeError)
