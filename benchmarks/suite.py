@@ -162,7 +162,7 @@ def alignment_rows(photos: int) -> list[Row]:
 def sketch_rows(faces: list[np.ndarray], rates: Rates, runs: int) -> list[Row]:
     """Every sketch method (img/s at 512, batch 1 and batched), beside the same filter written
     plainly, face by face, or the same method with eager networks; then the two networks alone."""
-    rows = []
+    rows, copies = [], {}
     for name in METHODS:
         method = resolve_method(name)
         for batch in (1, BATCH):
@@ -176,9 +176,11 @@ def sketch_rows(faces: list[np.ndarray], rates: Rates, runs: int) -> list[Row]:
                 rows.append(Row(label, batch / ours_s, "img/s", "scikit-image filter, face by face",
                                 batch / plain_s, config))
             else:
-                with eager_networks():
-                    eager = functools.partial(run_method, method, faces[:batch], "cpu", batch)
-                    ours_s, eager_s = interleaved_medians([ours, eager], runs)
+                def eager():
+                    with eager_networks(copies):
+                        run_method(method, faces[:batch], "cpu", batch)
+
+                ours_s, eager_s = interleaved_medians([ours, eager], runs)
                 rows.append(Row(label, batch / ours_s, "img/s", "same method, eager fp32 NCHW networks",
                                 batch / eager_s, config))
     rows += hed_rows(faces, rates, runs) + simplifier_rows(faces, rates, runs)
@@ -186,12 +188,10 @@ def sketch_rows(faces: list[np.ndarray], rates: Rates, runs: int) -> list[Row]:
 
 
 @contextlib.contextmanager
-def eager_networks():
-    """While open, run_method(..., "cpu") finds the eager copies (see eager_copy) of its
-    networks where it would load them, each made once; outside, the toolkit's own."""
+def eager_networks(copies: dict):
+    """While open, run_method finds the eager copies (see eager_copy) of its networks where it
+    would load them, each made once and kept in `copies`; outside, the toolkit's own."""
     from dfd_data import sketch_methods
-
-    copies = {}
 
     def eager(loader):
         def load(*args):

@@ -134,11 +134,41 @@ def test_a_network_method_s_baseline_runs_it_with_plain_eager_networks(sample_da
     weights = method.params["simplify"]["weights"]
     face = read_image(sample_dataset / "images" / "astronaut.png")
     ours = run_method(method, [face], "cpu", 1)[0]
-    with eager_networks():
-        plain = sketch_methods._simplifier_model(weights, "cpu", "auto")
-        assert fused_layers(plain) == 0 and plain.compute_dtype == torch.float32
-        assert sketch_methods._simplifier_model(weights, "cpu", "auto") is plain  # (copied once)
-        eager = run_method(method, [face], "cpu", 1)[0]
-    assert fused_layers(sketch_methods._simplifier_model(weights, "cpu", "auto")) > 0
+    copies = {}
+    for _ in range(2):  # (the suite enters the block for each eager call, timed in turn with the toolkit's)
+        with eager_networks(copies):
+            plain = sketch_methods._simplifier_model(weights, "cpu", "auto")
+            assert fused_layers(plain) == 0 and plain.compute_dtype == torch.float32
+            eager = run_method(method, [face], "cpu", 1)[0]
+        assert fused_layers(sketch_methods._simplifier_model(weights, "cpu", "auto")) > 0
+    assert list(copies.values()) == [plain]  # (copied once)
     difference = np.abs(ours.astype(int) - eager)
     assert difference.mean() < 2  # (float32 rounding, or bf16's where the toolkit infers in it)
+
+
+def test_a_network_method_s_row_times_the_toolkit_beside_its_eager_baseline(sample_dataset, monkeypatch):
+    """Each row times the toolkit's own networks and, in turn, the eager copies (once both ran
+    inside the copies' block, and the row compared the baseline with itself)."""
+    import numpy as np
+
+    from benchmarks import suite
+    from dfd_data import simplifier
+    from dfd_data.image_io import read_image
+    from dfd_data.inference_graph import ConvActivation
+
+    models = []
+    real_simplify = simplifier.simplify
+
+    def simplify(model, *args, **kwargs):
+        models.append(any(isinstance(module, ConvActivation) for module in model.modules()))
+        return real_simplify(model, *args, **kwargs)
+
+    monkeypatch.setattr(simplifier, "simplify", simplify)
+    monkeypatch.setattr(suite, "METHODS", ("pencil+simplify",))
+    monkeypatch.setattr(suite, "hed_rows", lambda *args: [])
+    monkeypatch.setattr(suite, "simplifier_rows", lambda *args: [])
+    face = read_image(sample_dataset / "images" / "astronaut.png")
+    rows = suite.sketch_rows([face, np.ascontiguousarray(face[:, ::-1])] * 2, None, 1)
+    assert [row.name for row in rows] == ["sketch_pencil+simplify_img_per_s_512", "sketch_pencil+simplify_img_per_s_512_b4"]
+    assert all(row.baseline == "same method, eager fp32 NCHW networks" for row in rows)
+    assert models == [True, False] * 4  # (warm-up and one timed run per batch size, the toolkit's then the copy's)
