@@ -6,9 +6,8 @@ going when one file fails, also when a worker process dies on it (a crash in nat
 kernel's out-of-memory killer), and ends with a one-line summary. Files that failed because a
 worker's machine lacks what the step needs (errors.SetupError: weights, a device; on a
 cluster the command's own check ran on another machine) are also counted per machine, for one
-line each. Resume is the caller's
-part: it leaves out tasks whose outputs are already complete and valid and passes their
-count as `already_done`.
+line each. Resume is the caller's part: it leaves out tasks whose outputs are already
+complete and valid and passes their count as `already_done`.
 
 Networks work best on batches: with `batch_size`, the work function receives a list of
 tasks and returns one result per task, where a result may be an exception instance (that

@@ -59,7 +59,8 @@ VALIDATION_FACES = 8
 CONFIG_FILE = "train_config.json"
 STATS_FILE = "stats.jsonl"
 # Settings a resumed run may change; any other difference means a different experiment. (A
-# lower lr is the way on after a loss that diverged: the optimisers take it on resuming.)
+# lower lr is the way on after a loss that diverged: the optimisers take it on resuming; amp
+# off the way on after fp16 gradients that kept overflowing.)
 RESUMABLE_CHANGES = ("steps", "lr", "log_every", "grid_every", "checkpoint_every", "amp")
 
 
@@ -130,6 +131,7 @@ def next_run_folder(parent: Path) -> Path:
 
 
 STAGE_NETS = {"autoencoders": 1, "generator": 2, "discriminator": 2}  # the stage that trains each
+
 # fp16's loss scaler skips each step whose gradients overflow and halves its scale, while the
 # losses stay finite: this many generator steps skipped in a row stop the run. A fresh scaler
 # (65,536) finds its scale in fewer (about 10 for the models here); each skip halves it, so
