@@ -150,7 +150,9 @@ def train(dataset, stage, out, resume, resolution, steps, batch_size, lr, sketch
         if rank == 0:
             raise
         # under torchrun rank 0 reports what every process met; another rank only what it alone met
-        if not isinstance(error, distributed.OtherRankFailed):
+        # (a missing device, met before the processes connect, by the first process of its machine)
+        node_wide = isinstance(error, DeviceError) and distributed.launched_local_rank() != 0
+        if not isinstance(error, distributed.OtherRankFailed) and not node_wide:
             click.echo(f"Error: rank {rank}: {error}", err=True)
         raise SystemExit(1) from None
     except RuntimeError as error:  # a collective that found another process gone: one line, not gloo's traceback

@@ -56,12 +56,17 @@ def launched_rank() -> int:
     return int(os.environ.get("RANK", "0")) if launched_world() > 1 else 0
 
 
+def launched_local_rank() -> int:
+    """This process's rank on its machine as torchrun started it (0 without torchrun)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) if launched_world() > 1 else 0
+
+
 def start(device: torch.device) -> tuple[Ranks, torch.device]:
     """Join torchrun's process group if there is one; returns the ranks and this process's device."""
     world = launched_world()
     if world <= 1:
         return Ranks(), device
-    ranks = Ranks(launched_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
+    ranks = Ranks(launched_rank(), world, launched_local_rank())
     if device.type == "cuda":
         device = torch.device("cuda", ranks.local_rank)
         torch.cuda.set_device(device)

@@ -858,3 +858,24 @@ def test_a_batch_larger_than_the_training_set_is_said_before_training(sketched_d
     warning = "warning: a batch is larger than the training set, so every batch repeats pairs"
     assert _trainer(sketched_dataset, tmp_path / "fits").describe().endswith("2 training pairs, 2 validation faces")
     assert _trainer(sketched_dataset, tmp_path / "repeats", batch_size=3).describe().endswith(warning)
+
+
+def test_a_missing_device_under_torchrun_is_reported_once_per_machine(sketched_dataset, tmp_path, monkeypatch):
+    """`--device cuda` on a machine without CUDA fails in every process before they connect:
+    the first process of each machine says so, the others exit quietly."""
+    from click.testing import CliRunner
+
+    from dfd_model.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    printed = {}
+    for rank, local_rank in ((0, 0), (1, 1), (2, 0), (3, 1)):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+        result = CliRunner().invoke(main, ["train", str(sketched_dataset), "--out", str(tmp_path / "run"),
+                                           "--device", "cuda"])
+        assert result.exit_code == 1
+        printed[rank] = result.stderr
+    message = "--device cuda was asked for, but torch sees 0 CUDA device(s)"
+    assert printed == {0: f"Error: {message}\n", 1: "", 2: f"Error: rank 2: {message}\n", 3: ""}
