@@ -132,7 +132,7 @@ class _RayNotices(logging.Filter):
     NOTICES = ("Token authentication is enabled for this Ray cluster", "The 'context' argument is not supported")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.NOTICES)
+        return not (isinstance(record.msg, str) and record.msg.startswith(self.NOTICES))
 
 
 @contextmanager

@@ -133,7 +133,9 @@ def next_run_folder(parent: Path) -> Path:
 STAGE_NETS = {"autoencoders": 1, "generator": 2, "discriminator": 2}  # the stage that trains each
 
 # fp16's loss scaler skips each step whose gradients overflow and halves its scale, while the
-# losses stay finite: this many generator steps skipped in a row stop the run. A fresh scaler
+# losses stay finite: this many steps of the generator's or the discriminator's optimiser
+# skipped in a row stop the run (the discriminator's overflows also halve the shared scale,
+# until the generator's scaled gradients round to zero). A fresh scaler
 # (65,536) finds its scale in fewer (about 10 for the models here); each skip halves it, so
 # by then the gradients overflow at a scale 2^30 lower. A checkpoint's scale below 1 (the
 # loss no longer scaled up) is not restored: the resumed run finds its scale afresh.
@@ -258,7 +260,8 @@ class Trainer:
                 self.echo(f"warning: the run's global batch was {was} ({processes} processes), this one's is {now} "
                           f"({self.ranks.world}): training goes on, but not as the run would have")
             precision = state.get("precision", self.precision)  # (checkpoints from before it was kept lack it)
-            if precision != self.precision:  # another machine: bf16 where the run had none, or the reverse
+            amp_changed = state["train_config"].get("amp", self.config.amp) != self.config.amp  # (said above)
+            if precision != self.precision and not amp_changed:  # another machine: bf16 where it had none, or the reverse
                 self.echo(f"warning: the run trained stage 2 in {precision}, this machine does in {self.precision}: "
                           "training goes on, but not as the run would have")
         if stage is not None:
@@ -422,10 +425,10 @@ class Trainer:
             self._wrapped[name] = distributed.wrap(module, self.ranks, self.device)
         return self._wrapped[name]
 
-    def generator_steps(self) -> float:
-        """The steps the generator's optimiser has taken (Adam counts none for a step the loss
-        scaler skipped)."""
-        states = self.optimizers["generator"].state.values()
+    def optimiser_steps(self, name: str) -> float:
+        """The steps optimiser `name` has taken (Adam counts none for a step the loss scaler
+        skipped)."""
+        states = self.optimizers[name].state.values()
         return float(next(iter(states))["step"]) if states else 0.0
 
     def _modules(self) -> dict[str, torch.nn.Module]:
@@ -604,7 +607,9 @@ class Trainer:
                                            unit="step")
         if self.step == 0:
             self._write_grid()
-        skipped, steps_taken = 0, self.generator_steps()  # (fp16 steps the loss scaler skipped in a row)
+        stage2_optimisers = ("generator", "discriminator")
+        steps_taken = {name: self.optimiser_steps(name) for name in stage2_optimisers}
+        skipped = dict.fromkeys(stage2_optimisers, 0)  # fp16 steps the loss scaler skipped in a row
         while self.step < self.config.steps:
             sketches, photos = self.pairs.batch(order.rows(self.step)[share])
             if self.device.type == "cuda":  # page-locked, so that the copies need no staging copy
@@ -617,13 +622,15 @@ class Trainer:
                 raise TrainingError(f"stage {stage} step {self.step + 1}: the loss became {losses}; resume from "
                                     f"the last checkpoint with a lower --lr")
             if stage == 2 and self.scaler is not None:
-                stepped = self.generator_steps()
-                skipped, steps_taken = (skipped + 1 if stepped == steps_taken else 0), stepped
-                if skipped == MAX_SKIPPED_STEPS:
-                    raise TrainingError(f"stage 2 step {self.step + 1}: the fp16 gradients overflowed on the last "
-                                        f"{skipped} steps, so the generator did not train on them (loss scale "
-                                        f"{self.scaler.get_scale():g}); resume from the last checkpoint with a lower "
-                                        "--lr, or with --set amp=false")
+                for name in stage2_optimisers:
+                    stepped = self.optimiser_steps(name)
+                    skipped[name] = skipped[name] + 1 if stepped == steps_taken[name] else 0
+                    steps_taken[name] = stepped
+                    if skipped[name] == MAX_SKIPPED_STEPS:
+                        raise TrainingError(f"stage 2 step {self.step + 1}: the {name}'s fp16 gradients overflowed "
+                                            f"on the last {MAX_SKIPPED_STEPS} steps, so it did not train on them (loss "
+                                            f"scale {self.scaler.get_scale():g}); resume from the last checkpoint with "
+                                            "a lower --lr, or with --set amp=false")
             pending.append(losses)
             self.step, timed = self.step + 1, timed + 1
             if bar is not None:

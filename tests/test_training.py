@@ -273,8 +273,8 @@ def test_fp16_steps_that_all_overflow_stop_training_instead_of_skipping_it(sketc
     weight.register_hook(lambda gradient: gradient * float("nan") if trainer.stage == 2 else gradient)
     with pytest.raises(TrainingError) as stopped:
         trainer.run("all")
-    assert str(stopped.value) == ("stage 2 step 4: the fp16 gradients overflowed on the last 4 steps, so the generator "
-                                  "did not train on them (loss scale 0.25); resume from the last checkpoint with a "
+    assert str(stopped.value) == ("stage 2 step 4: the generator's fp16 gradients overflowed on the last 4 steps, so "
+                                  "it did not train on them (loss scale 0.25); resume from the last checkpoint with a "
                                   "lower --lr, or with --set amp=false")
     assert torch.isfinite(weight).all()
     assert all(float(state["step"]) == 0 for state in trainer.optimizers["generator"].state.values())  # never stepped
@@ -290,6 +290,23 @@ def test_fp16_steps_that_all_overflow_stop_training_instead_of_skipping_it(sketc
                     resume=True, given={"amp"}, quiet=True, echo=lambda line: None)
     assert plain.precision == "fp32" and plain.scaler is None
     plain.run("all")
+
+
+def test_fp16_discriminator_steps_that_all_overflow_stop_training_too(sketched_dataset, tmp_path, monkeypatch):
+    """The discriminator's overflows halve the scale the generator shares, until its scaled
+    gradients round to zero: its skipped steps stop the run as the generator's do."""
+    import dfd_model.training as training
+
+    monkeypatch.setattr(training, "_amp_context", lambda device, enabled: (
+        lambda: torch.autocast("cpu", dtype=torch.float16), torch.amp.GradScaler("cpu", init_scale=4.0), "fp16"))
+    monkeypatch.setattr(training, "MAX_SKIPPED_STEPS", 4)
+    trainer = _trainer(sketched_dataset, tmp_path / "run", steps=12, checkpoint_every=100)
+    weight = next(trainer.discriminator.parameters())
+    weight.register_hook(lambda gradient: gradient * float("nan"))
+    with pytest.raises(TrainingError, match=r"^stage 2 step 4: the discriminator's fp16 gradients overflowed on the "
+                                            r"last 4 steps, so it did not train on them \(loss scale 0.25\)"):
+        trainer.run("all")
+    assert trainer.optimiser_steps("generator") == 4 and trainer.optimiser_steps("discriminator") == 0
 
 
 def test_stage_two_needs_stage_one_and_settings_must_match_on_resume(sketched_dataset, tmp_path):
