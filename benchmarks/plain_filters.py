@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 from skimage import exposure, feature, filters
 
-from dfd_data.components import COMPONENTS, PAPER, component_windows
+from dfd_data.components import PAPER, component_windows
 from dfd_data.sketch_filters import PHOTOCOPY_THRESHOLD, _radius_sigma
 
 BT601 = np.array([0.299, 0.587, 0.114])  # OpenCV's RGB -> gray weights
@@ -81,14 +81,12 @@ FILTERS = {"canny": canny, "pencil": pencil, "photocopy": photocopy}
 def crop_and_encode(image: np.ndarray) -> dict[str, bytes]:
     """The five component crops of a square aligned face, cut and saved as PNG with Pillow."""
     face = Image.fromarray(image)
-    windows = component_windows(image.shape[0])
-    crops = {name: face.crop((windows[name].x, windows[name].y, windows[name].x + windows[name].size,
-                              windows[name].y + windows[name].size)) for name in COMPONENTS if name != "remainder"}
+    boxes = {name: (window.x, window.y, window.x + window.size, window.y + window.size)
+             for name, window in component_windows(image.shape[0]).items() if name != "remainder"}
+    crops = {name: face.crop(box) for name, box in boxes.items()}
     remainder = face.copy()
-    for name in crops:
-        window = windows[name]
-        remainder.paste((PAPER,) * len(face.getbands()),
-                        (window.x, window.y, window.x + window.size, window.y + window.size))
+    for box in boxes.values():
+        remainder.paste((PAPER,) * len(face.getbands()), box)
     crops["remainder"] = remainder
     encoded = {}
     for name, crop in crops.items():

@@ -170,9 +170,8 @@ def sketch_rows(faces: list[np.ndarray], rates: Rates, runs: int) -> list[Row]:
             label = f"sketch_{name}_img_per_s_512" + ("" if batch == 1 else f"_b{batch}")
             config = {"batch": batch}
             if name in plain_filters.FILTERS:
-                plain = functools.partial(map, functools.partial(plain_filters.FILTERS[name], **method.params[name]),
-                                          faces[:batch])
-                ours_s, plain_s = interleaved_medians([ours, lambda: list(plain())], runs)
+                plain = functools.partial(plain_filters.FILTERS[name], **method.params[name])
+                ours_s, plain_s = interleaved_medians([ours, lambda: [plain(face) for face in faces[:batch]]], runs)
                 rows.append(Row(label, batch / ours_s, "img/s", "scikit-image filter, face by face",
                                 batch / plain_s, config))
             else:
@@ -246,7 +245,7 @@ def simplifier_rows(faces: list[np.ndarray], rates: Rates, runs: int) -> list[Ro
 
 def crop_rows(faces: list[np.ndarray], runs: int) -> list[Row]:
     """Five component crops of an aligned 512 face plus their PNG encoding (what crop-components
-    does per image, less the file system), beside the same with Pillow at its default settings."""
+    does per image, less the file system), beside the same with Pillow at the same PNG level."""
     from dfd_data.components import crop_components
     from dfd_data.image_io import encode_png
 
