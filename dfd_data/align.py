@@ -16,7 +16,7 @@ import numpy as np
 from .atomic import all_or_none, remove_stale_temp_files, sha256_bytes, sha256_file
 from .contact_sheet import contact_sheet
 from .dataset import Dataset, DatasetError, RecordLog
-from .faces import LANDMARK_MODEL_FILE, find_faces, package_model_path
+from .faces import LANDMARK_MODEL_FILE, dlib_models, find_faces, package_model_path
 from .ffhq_alignment import TEMPLATE_LEFT_EYE, TEMPLATE_MOUTH, TEMPLATE_RIGHT_EYE, align_face, ffhq_quad
 from .image_io import IMAGE_EXTENSIONS, decode_image, encode_png, read_bytes, read_image
 from .runner import BatchSummary, Outcome, SkipItem, Task, run_batch
@@ -164,7 +164,7 @@ def _align_sources(dataset: Dataset, src: Path, sources: list[Source], ignored: 
     manifest["sources"] = [{"path": source_root, "images": len(sources), "other_files_ignored": ignored}]
     with log:
         summary = run_batch(STEP, tasks, align_source, jobs=jobs, backend=backend, quiet=quiet,
-                            already_done=len(sources) - len(pending), on_outcome=on_outcome)
+                            already_done=len(sources) - len(pending), on_outcome=on_outcome, check=dlib_models)
     summary.not_images = ignored
     waiting = {task.key for task in tasks}
     summary.reports = sorted(summary.reports + [  # photos known to show no face are still reported

@@ -8,6 +8,7 @@ or ray cluster, where every worker takes batches with its own copy of the networ
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -104,8 +105,10 @@ def build_sketches(root: str | os.PathLike, method: SketchMethod, *, jobs: int =
     if method.uses_network and backend not in CLUSTER_BACKENDS:  # one process; the network parallelises inside
         jobs, backend = 1, "threading"
     recipe = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
+    check = functools.partial(load_networks, method, device, precision) if method.uses_network else None
     summary, ids = run_derived_step(dataset, step, out_dir, inputs, recipe, payload, sketch_batch, jobs=jobs,
-                                    backend=backend, quiet=quiet, batch_size=batch_size if method.uses_network else 1)
+                                    backend=backend, quiet=quiet, batch_size=batch_size if method.uses_network else 1,
+                                    check=check)
     files = _write_preview(dataset, method, inputs, ids[:preview])  # (--preview 0 deletes an earlier sheet)
     dataset.record_step(manifest, step, {
         "params": description,

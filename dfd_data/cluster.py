@@ -5,8 +5,9 @@ Users who already run a dask scheduler or a ray cluster can spread `align`,
 `build-sketches` and `crop-components` over it; without an address, a local cluster with
 `jobs` single-threaded worker processes is started for the command and stopped after it.
 Workers receive file paths, so on a real cluster the dataset must be on storage every
-worker sees. Both libraries are optional extras: asking for one that is not installed is a
-one-line error that names the extra.
+worker sees. Before any file is given out, `check_workers` runs the step's setup check on
+every machine of a cluster the command connected to. Both libraries are optional extras:
+asking for one that is not installed is a one-line error that names the extra.
 """
 from __future__ import annotations
 
@@ -206,3 +207,81 @@ def cluster_session(backend: str, jobs: int, scheduler: str | None = None) -> It
         return
     with _dask_session(jobs, scheduler) if backend == "dask" else _ray_session(jobs):
         yield
+
+
+def _probe(check: Callable[[], object]) -> tuple[str, str | None]:
+    """Runs on a worker: (its machine, None if `check` passed there, else why not)."""
+    try:
+        check()
+        return f"machine {socket.gethostname()}", None
+    except Exception as error:  # every cause is the user's to see: a missing package, weights, device
+        return f"machine {socket.gethostname()}", _one_line(error)
+
+
+def _one_line(error: BaseException) -> str:
+    message = " ".join(str(error).split()) or type(error).__name__
+    return message if isinstance(error, UserError) else f"{type(error).__name__}: {message}"
+
+
+def _dask_probes(check: Callable[[], object]) -> list[tuple[str, str | None]]:
+    """`_probe(check)` once on every worker of the session's dask cluster, unless the command
+    started that cluster here (its workers share this machine and environment)."""
+    from dask.distributed import LocalCluster, get_client
+
+    client = get_client()
+    if isinstance(getattr(client, "cluster", None), LocalCluster):
+        return []
+    # in each worker's own process, where the step's loaders keep what the check loaded; before
+    # any file (the highest priority), and never on another worker
+    futures = {address: client.submit(_probe, check, workers=[address], allow_other_workers=False, pure=False,
+                                      priority=1_000_000) for address in client.nthreads()}
+    results = []
+    for address, future in futures.items():
+        try:
+            results.append(future.result())
+        except Exception as error:  # the worker died or left while checking
+            results.append((f"worker {address}", f"the check could not run there ({_one_line(error)})"))
+    return results
+
+
+def _ray_probes(check: Callable[[], object]) -> list[tuple[str, str | None]]:
+    """`_probe(check)` once on every node of the session's ray cluster but this process's own
+    (where the command's check ran; a local instance has no other)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    nodes = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()
+             if node["Alive"] and node["Resources"].get("CPU", 0) > 0 and node["NodeID"] != here}
+    remote = ray.remote(num_cpus=1)(_probe)
+    refs = {address: remote.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(check)
+            for node, address in nodes.items()}
+    results = []
+    for address, ref in refs.items():
+        try:
+            results.append(ray.get(ref))
+        except Exception as error:  # the node died or left while checking
+            results.append((f"node {address}", f"the check could not run there ({_one_line(error)})"))
+    return results
+
+
+def check_workers(backend: str, step: str, check: Callable[[], object]) -> None:
+    """Run the step's setup `check` (loading its models) on every machine of the cluster before
+    any file is given out, and stop the command with one line naming each machine where it
+    fails. The command's own check ran on this machine only: a worker whose machine lacks the
+    weights failed every file it took, and took them faster than the healthy workers. A no-op
+    for the local backends."""
+    if backend not in CLUSTER_BACKENDS:
+        return
+    results = _dask_probes(check) if backend == "dask" else _ray_probes(check)
+    lacking: dict[tuple[str, str], int] = {}
+    for where, message in results:
+        if message is not None:
+            lacking[where, message] = lacking.get((where, message), 0) + 1
+    if lacking:
+        unit = "worker" if backend == "dask" else "node"
+        causes = "; ".join(f"{where} ({count} {unit}{'s' if count > 1 else ''}): {message}"
+                           for (where, message), count in sorted(lacking.items()))
+        places = len({where for where, _ in lacking})
+        raise UserError(f"{step}: {places} machine{'s' if places > 1 else ''} of the {backend} cluster cannot "
+                        f"run this step, so no file was given out: {causes}")

@@ -57,7 +57,9 @@ class Face:
 
 
 @functools.lru_cache(maxsize=1)
-def _dlib_models():
+def dlib_models():
+    """dlib and its landmark model, loaded once per process (a cluster's workers check with it
+    that their machine has both)."""
     import dlib  # imported lazily: worker processes load it once and keep it
 
     return dlib, dlib.shape_predictor(str(package_model_path(LANDMARK_MODEL_FILE)))
@@ -70,13 +72,13 @@ def _detector():
     """dlib's HOG detector, one per thread: one detector shared by threads (--backend threading)
     returned other images' faces. Making one is cheap; the landmark model is shared."""
     if not hasattr(_per_thread, "detector"):
-        _per_thread.detector = _dlib_models()[0].get_frontal_face_detector()
+        _per_thread.detector = dlib_models()[0].get_frontal_face_detector()
     return _per_thread.detector
 
 
 def find_faces(image: np.ndarray) -> list[Face]:
     """All frontal faces in an RGB uint8 image, largest first, with 68 landmarks each."""
-    (dlib, predictor), detector = _dlib_models(), _detector()
+    (dlib, predictor), detector = dlib_models(), _detector()
     # dlib reads the array's memory as packed rows of RGB: a strided view (a channel-planar
     # tensor's permute, as evaluate's faces are) came out as other pixels, and the
     # detection changed from call to call

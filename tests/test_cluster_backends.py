@@ -6,14 +6,18 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
+import time
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from dfd_data.dataset import read_jsonl
+from dfd_data.dataset import Dataset, read_jsonl
 from dfd_data.image_io import read_image
-from tests.conftest import dfd_data
+from tests.conftest import REPO, dfd_data
 from tests.hostile import bad_files, good_variants, write_folder
 
 NETWORK_METHOD = "photocopy+simplify"
@@ -82,6 +86,63 @@ def test_cluster_backend_builds_the_same_dataset_as_loky(photos, loky_run, backe
         if relpath.endswith(".png"):
             a, b = read_image(root / relpath).astype(int), read_image(loky_run / relpath).astype(int)
             assert np.mean(np.abs(a - b) > 2) < 0.001, relpath
+
+
+@contextmanager
+def dask_cluster(folder: Path, *worker_envs: dict) -> str:
+    """A dask scheduler and one single-threaded worker per environment in `worker_envs`, each
+    its own process as on a real cluster; yields the scheduler's address once every worker has
+    joined."""
+    from dask.distributed import Client
+
+    scheduler_file = folder / "scheduler.json"
+    with ExitStack() as stack:
+        def start(*args: str, env: dict | None = None) -> None:
+            process = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL)
+            stack.callback(process.wait, 30)
+            stack.callback(process.kill)
+
+        start("distributed.cli.dask_scheduler", "--scheduler-file", str(scheduler_file), "--port", "0",
+              "--dashboard-address", ":0")
+        deadline = time.monotonic() + 60
+        while not scheduler_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for env in worker_envs:
+            start("distributed.cli.dask_worker", "--scheduler-file", str(scheduler_file), "--nthreads", "1",
+                  "--no-nanny", "--dashboard-address", ":0", env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+        with Client(scheduler_file=str(scheduler_file), timeout="30s") as client:
+            client.wait_for_workers(len(worker_envs), timeout=60)
+            address = client.scheduler.address
+        yield address
+
+
+def test_a_worker_whose_machine_lacks_the_weights_stops_the_run_before_any_file(dataset_copy, tmp_path):
+    """The command checks the weights on its own machine; on a cluster every worker checks too,
+    before any file is given out. A worker without them had failed every file it took, and
+    taken them faster than the healthy workers."""
+    pytest.importorskip("dask.distributed", reason="the [dask] extra is not installed")
+    lacking_home = tmp_path / "empty-dfd-home"
+    lacking_home.mkdir()
+    with dask_cluster(tmp_path, {}, {"DFD_HOME": str(lacking_home)}) as address:
+        result = dfd_data("build-sketches", dataset_copy, "--method", "hed", "--backend", "dask", "--scheduler",
+                          address, "--quiet", "--preview", "0", timeout=300)
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"Error: build-sketches:hed: 1 machine of the dask cluster cannot run this step, so "
+                               f"no file was given out: machine {socket.gethostname()} (1 worker): HED weights not "
+                               f"found at {lacking_home}"), lines[0]
+    assert not list(dataset_copy.glob("sketches/hed/*.png"))
+    assert "build-sketches:hed" not in Dataset(dataset_copy).load_manifest()["steps"]
+
+    # the same cluster without that worker sketches every face
+    (tmp_path / "healthy").mkdir()
+    with dask_cluster(tmp_path / "healthy", {}) as address:
+        result = dfd_data("build-sketches", dataset_copy, "--method", "hed", "--backend", "dask", "--scheduler",
+                          address, "--quiet", "--preview", "0", timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert len(list(dataset_copy.glob("sketches/hed/*.png"))) == 2
 
 
 def test_scheduler_address_only_goes_with_dask(photos, tmp_path):
