@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import all_or_none, remove_stale_temp_files, sha256_bytes, sha256_file
+from .cluster import check_workers
 from .contact_sheet import contact_sheet
 from .dataset import Dataset, DatasetError, RecordLog
 from .faces import LANDMARK_MODEL_FILE, dlib_models, find_faces, package_model_path
@@ -123,6 +124,7 @@ def align_folder(src: str | os.PathLike, dst: str | os.PathLike, params: AlignPa
     sources, ignored = list_sources(src, skip=dataset.root)  # (DST inside SRC: its own images are not photos)
     if not sources:
         raise DatasetError(f"{src}: no image files found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    check_workers(backend, STEP, dlib_models)  # on every machine of a cluster too, before any folder is made
     dataset.create()
     with dataset.writing("align"):
         return _align_sources(dataset, src, sources, ignored, params, jobs=jobs, backend=backend, quiet=quiet)
@@ -164,7 +166,7 @@ def _align_sources(dataset: Dataset, src: Path, sources: list[Source], ignored: 
     manifest["sources"] = [{"path": source_root, "images": len(sources), "other_files_ignored": ignored}]
     with log:
         summary = run_batch(STEP, tasks, align_source, jobs=jobs, backend=backend, quiet=quiet,
-                            already_done=len(sources) - len(pending), on_outcome=on_outcome, check=dlib_models)
+                            already_done=len(sources) - len(pending), on_outcome=on_outcome)
     summary.not_images = ignored
     waiting = {task.key for task in tasks}
     summary.reports = sorted(summary.reports + [  # photos known to show no face are still reported

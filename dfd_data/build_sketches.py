@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import atomic_write_bytes, remove_stale_temp_files, sha256_bytes
-from .cluster import CLUSTER_BACKENDS
+from .cluster import CLUSTER_BACKENDS, check_workers
 from .contact_sheet import contact_sheet
 from .dataset import Dataset, DatasetError, writes_dataset
 from .derived import run_derived_step
@@ -94,6 +94,8 @@ def build_sketches(root: str | os.PathLike, method: SketchMethod, *, jobs: int =
         description["precision"] = networks_precision
     out_dir = f"sketches/{method.id}"
     step = STEP_PREFIX + method.id
+    if method.uses_network:  # and on every machine of a cluster, before its folder is made
+        check_workers(backend, step, functools.partial(load_networks, method, device, precision))
     if dataset.path(out_dir).exists():
         remove_stale_temp_files(dataset.path(out_dir))
     inputs = {r["id"]: r["image"] for r in aligned}
@@ -105,10 +107,8 @@ def build_sketches(root: str | os.PathLike, method: SketchMethod, *, jobs: int =
     if method.uses_network and backend not in CLUSTER_BACKENDS:  # one process; the network parallelises inside
         jobs, backend = 1, "threading"
     recipe = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
-    check = functools.partial(load_networks, method, device, precision) if method.uses_network else None
     summary, ids = run_derived_step(dataset, step, out_dir, inputs, recipe, payload, sketch_batch, jobs=jobs,
-                                    backend=backend, quiet=quiet, batch_size=batch_size if method.uses_network else 1,
-                                    check=check)
+                                    backend=backend, quiet=quiet, batch_size=batch_size if method.uses_network else 1)
     files = _write_preview(dataset, method, inputs, ids[:preview])  # (--preview 0 deletes an earlier sheet)
     dataset.record_step(manifest, step, {
         "params": description,

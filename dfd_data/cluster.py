@@ -17,7 +17,9 @@ import re
 import signal
 import socket
 import threading
+import time
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Callable, Iterator
 
 from .errors import UserError
@@ -27,6 +29,12 @@ CLUSTER_BACKENDS = ("dask", "ray")
 # dask's own timeout does not cover a server that accepts the connection and never answers
 # (the dashboard's port given for the scheduler's), nor ray's a GCS address nothing listens at.
 CONNECT_SECONDS = 20
+# How long the check of every worker (check_workers) waits for their answers: each loads the
+# step's networks, seconds on a machine that has them.
+CHECK_SECONDS = 120
+# Set while a cluster that this command started on this machine is in use: its workers are
+# this process's children, with its files and environment, which the command checked itself.
+_STARTED_HERE: ContextVar[bool] = ContextVar("dfd_cluster_started_here", default=False)
 
 
 def _missing_extra(backend: str, error: ImportError) -> UserError:
@@ -59,8 +67,17 @@ def _dask_session(jobs: int, scheduler: str | None) -> Iterator[None]:
     with _ctrl_c_ignored():  # by the workers it starts: this process stops them (one line, not 50)
         cluster = LocalCluster(n_workers=jobs, threads_per_worker=1, processes=True, dashboard_address=":0",
                                silence_logs=logging.CRITICAL)
-    with cluster, Client(cluster):
+    with cluster, Client(cluster), _started_here():
         yield
+
+
+@contextmanager
+def _started_here() -> Iterator[None]:
+    token = _STARTED_HERE.set(True)
+    try:
+        yield
+    finally:
+        _STARTED_HERE.reset(token)
 
 
 @contextmanager
@@ -89,6 +106,11 @@ def _connect_dask(client_type, scheduler: str) -> Iterator[None]:
             reason = " ".join(str(error).split()) if error else f"no dask scheduler answered in {CONNECT_SECONDS} s"
         raise UserError(f"--scheduler {scheduler}: cannot reach the dask scheduler ({reason})")
     with client:
+        try:
+            client.wait_for_workers(1, timeout=CONNECT_SECONDS)
+        except TimeoutError:  # (the files would wait for ever)
+            raise UserError(f"--scheduler {scheduler}: the dask scheduler has no workers (none joined in "
+                            f"{CONNECT_SECONDS} s); start some with `dask worker {scheduler}`") from None
         yield
 
 
@@ -190,7 +212,11 @@ def _ray_connection(ray, jobs: int) -> Iterator[None]:
         reason = " ".join(str(error).split()) if error else f"no ray head answered in {CONNECT_SECONDS} s"
         raise UserError(f"ray: cannot start or reach the cluster{f' at {address}' if address else ''} ({reason})")
     try:
-        yield
+        if address:
+            yield
+        else:
+            with _started_here():
+                yield
     finally:
         ray.shutdown()
 
@@ -210,78 +236,92 @@ def cluster_session(backend: str, jobs: int, scheduler: str | None = None) -> It
 
 
 def _probe(check: Callable[[], object]) -> tuple[str, str | None]:
-    """Runs on a worker: (its machine, None if `check` passed there, else why not)."""
+    """Runs on a worker: (its machine's name, None if `check` passed there, else why not)."""
     try:
         check()
-        return f"machine {socket.gethostname()}", None
+        return socket.gethostname(), None
     except Exception as error:  # every cause is the user's to see: a missing package, weights, device
-        return f"machine {socket.gethostname()}", _one_line(error)
+        message = " ".join(str(error).split()) or type(error).__name__
+        return socket.gethostname(), message if isinstance(error, UserError) else f"{type(error).__name__}: {message}"
 
 
-def _one_line(error: BaseException) -> str:
-    message = " ".join(str(error).split()) or type(error).__name__
-    return message if isinstance(error, UserError) else f"{type(error).__name__}: {message}"
+def _answers(asks: dict[str, Callable[[], tuple[str, str | None]]]) -> list[tuple[str, str | None]]:
+    """The answers of `asks` (each run in a daemon thread) that came within CHECK_SECONDS. A
+    worker that left, or does not answer (stopped, swapping), is not waited for longer: if it
+    lacks anything, the files it takes say so."""
+    answers: dict[str, tuple[str, str | None]] = {}
+
+    def ask(key: str) -> None:
+        try:
+            answers[key] = asks[key]()
+        except Exception:  # (the worker or node left while checking: it takes no files either)
+            pass
+
+    threads = [threading.Thread(target=ask, args=(key,), name="cluster-check", daemon=True) for key in asks]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + CHECK_SECONDS
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return list(answers.copy().values())
 
 
 def _dask_probes(check: Callable[[], object]) -> list[tuple[str, str | None]]:
-    """`_probe(check)` once on every worker of the session's dask cluster, unless the command
-    started that cluster here (its workers share this machine and environment)."""
-    from dask.distributed import LocalCluster, get_client
+    """`_probe(check)` in every worker process of the session's dask cluster. `Client.run`
+    runs it beside the worker's tasks, not after them: a busy worker answers at once, and
+    what the check loads stays loaded in that process for its tasks."""
+    from dask.distributed import default_client
 
-    client = get_client()
-    if isinstance(getattr(client, "cluster", None), LocalCluster):
-        return []
-    # in each worker's own process, where the step's loaders keep what the check loaded; before
-    # any file (the highest priority), and never on another worker
-    futures = {address: client.submit(_probe, check, workers=[address], allow_other_workers=False, pure=False,
-                                      priority=1_000_000) for address in client.nthreads()}
-    results = []
-    for address, future in futures.items():
-        try:
-            results.append(future.result())
-        except Exception as error:  # the worker died or left while checking
-            results.append((f"worker {address}", f"the check could not run there ({_one_line(error)})"))
-    return results
+    client = default_client()
+    return _answers({address: lambda address=address: client.run(_probe, check, workers=[address])[address]
+                     for address in client.nthreads()})
 
 
 def _ray_probes(check: Callable[[], object]) -> list[tuple[str, str | None]]:
-    """`_probe(check)` once on every node of the session's ray cluster but this process's own
-    (where the command's check ran; a local instance has no other)."""
+    """`_probe(check)` on every node of the session's ray cluster, its own process each time,
+    which ends after it (the work runs in the pool's actors, which load their own). It takes
+    no CPU: busy nodes answer at once, and the pool's actors take none either, so nodes without
+    CPUs get files too."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    here = ray.get_runtime_context().get_node_id()
-    nodes = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()
-             if node["Alive"] and node["Resources"].get("CPU", 0) > 0 and node["NodeID"] != here}
-    remote = ray.remote(num_cpus=1)(_probe)
-    refs = {address: remote.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(check)
-            for node, address in nodes.items()}
-    results = []
-    for address, ref in refs.items():
-        try:
-            results.append(ray.get(ref))
-        except Exception as error:  # the node died or left while checking
-            results.append((f"node {address}", f"the check could not run there ({_one_line(error)})"))
-    return results
+    remote = ray.remote(num_cpus=0, max_calls=1)(_probe)
+    return _answers({node["NodeID"]: lambda node=node["NodeID"]: ray.get(remote.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(check))
+        for node in ray.nodes() if node["Alive"]})
 
 
 def check_workers(backend: str, step: str, check: Callable[[], object]) -> None:
-    """Run the step's setup `check` (loading its models) on every machine of the cluster before
-    any file is given out, and stop the command with one line naming each machine where it
-    fails. The command's own check ran on this machine only: a worker whose machine lacks the
-    weights failed every file it took, and took them faster than the healthy workers. A no-op
-    for the local backends."""
-    if backend not in CLUSTER_BACKENDS:
+    """Run the step's setup `check` (loading its models), which the caller ran here, on every
+    machine of the cluster this process is connected to, and stop with one line naming each
+    machine where it fails: a worker whose machine lacked the weights had failed every file it
+    took, and taken them faster than the healthy workers. A no-op for the local backends and
+    for a cluster the command starts here (or will: it has none yet)."""
+    if backend not in CLUSTER_BACKENDS or _STARTED_HERE.get() or not _connected(backend):
         return
-    results = _dask_probes(check) if backend == "dask" else _ray_probes(check)
     lacking: dict[tuple[str, str], int] = {}
-    for where, message in results:
+    for host, message in _dask_probes(check) if backend == "dask" else _ray_probes(check):
         if message is not None:
-            lacking[where, message] = lacking.get((where, message), 0) + 1
+            lacking[host, message] = lacking.get((host, message), 0) + 1
     if lacking:
         unit = "worker" if backend == "dask" else "node"
-        causes = "; ".join(f"{where} ({count} {unit}{'s' if count > 1 else ''}): {message}"
-                           for (where, message), count in sorted(lacking.items()))
-        places = len({where for where, _ in lacking})
-        raise UserError(f"{step}: {places} machine{'s' if places > 1 else ''} of the {backend} cluster cannot "
+        causes = "; ".join(f"machine {host} ({count} {unit}{'s' if count > 1 else ''}): {message}"
+                           for (host, message), count in sorted(lacking.items()))
+        machines = len({host for host, _ in lacking})
+        raise UserError(f"{step}: {machines} machine{'s' if machines > 1 else ''} of the {backend} cluster cannot "
                         f"run this step, so no file was given out: {causes}")
+
+
+def _connected(backend: str) -> bool:
+    """Whether this process has a session with a `backend` cluster."""
+    if backend == "ray":
+        import ray
+
+        return ray.is_initialized()
+    from dask.distributed import default_client
+
+    try:
+        default_client()
+        return True
+    except ValueError:
+        return False

@@ -28,14 +28,14 @@ def is_complete(dataset: Dataset, record: dict | None, input_relpath: str, recip
 
 def run_derived_step(dataset: Dataset, step: str, out_dir: str, inputs: dict[str, str], recipe: str,
                      payload: Callable[[str, str], Any], work: Callable, *, jobs: int, backend: str,
-                     quiet: bool, batch_size: int | None = None, upstream: dict[str, str] | None = None,
-                     check: Callable[[], Any] | None = None) -> tuple[BatchSummary, list[str]]:
+                     quiet: bool, batch_size: int | None = None, upstream: dict[str, str] | None = None
+                     ) -> tuple[BatchSummary, list[str]]:
     """Bring <out_dir> up to date for `inputs` (image id -> input relpath), and for `upstream`
     (image id -> digest of what its input was made from) where given.
 
     `payload(id, input_relpath)` makes what `work` needs for one image; `work` returns the
     image's record (with "id", "input", "input_sha256", "outputs"). Returns the summary and
-    the sorted ids that now have complete outputs. `check` as for runner.run_batch."""
+    the sorted ids that now have complete outputs."""
     upstream = upstream or {}
     log = RecordLog(dataset.path(out_dir) / "records.jsonl")
 
@@ -59,6 +59,6 @@ def run_derived_step(dataset: Dataset, step: str, out_dir: str, inputs: dict[str
 
     with log:
         summary = run_batch(step, tasks, work, jobs=jobs, backend=backend, quiet=quiet, batch_size=batch_size,
-                            already_done=len(inputs) - len(pending), on_outcome=on_outcome, check=check)
+                            already_done=len(inputs) - len(pending), on_outcome=on_outcome)
     dataset.replace_errors(step, summary.reports)
     return summary, sorted(log.by_id)

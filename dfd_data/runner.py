@@ -3,10 +3,10 @@
 It runs a module-level work function over tasks with joblib (loky processes by default,
 threads, or a ray cluster) or dask's futures (see cluster.py), shows a progress bar, keeps
 going when one file fails, also when a worker process dies on it (a crash in native code, the
-kernel's out-of-memory killer), and ends with a one-line summary. On a cluster, the step's
-setup check runs on every machine before any file (cluster.check_workers); files that failed
-because a worker's machine lacks what the step needs all the same (errors.SetupError: weights,
-a device; a worker that joined later) are also counted per machine, for one line each. Resume is the caller's part: it leaves out tasks whose outputs are already
+kernel's out-of-memory killer), and ends with a one-line summary. Files that failed because a
+worker's machine lacks what the step needs (errors.SetupError: weights, a device), which the
+steps check on every machine of a cluster before they start (cluster.check_workers) but a
+worker may still lack (one that joined later), are also counted per machine, one line each. Resume is the caller's part: it leaves out tasks whose outputs are already
 complete and valid and passes their count as `already_done`.
 
 Networks work best on batches: with `batch_size`, the work function receives a list of
@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Iterator
 import joblib
 from tqdm import tqdm
 
-from .cluster import CLUSTER_BACKENDS, check_workers, cluster_session
+from .cluster import CLUSTER_BACKENDS, cluster_session
 from .errors import SetupError, UserError
 
 BACKENDS = ("loky", "threading", *CLUSTER_BACKENDS)
@@ -165,11 +165,8 @@ def run_batch(
     on_outcome: Callable[[Outcome], None] | None = None,
     unit: str = "img",
     batch_size: int | None = None,
-    check: Callable[[], Any] | None = None,
 ) -> BatchSummary:
-    """Run `work` over `tasks`; `on_outcome` is called in this process as each one ends.
-    `check` is the step's setup check (loading its models), which the caller has run here: on
-    a cluster it runs first on every machine (cluster.check_workers)."""
+    """Run `work` over `tasks`; `on_outcome` is called in this process as each one ends."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     tasks = list(tasks)
@@ -181,15 +178,13 @@ def run_batch(
                      for i in range(0, len(tasks), batch_size)]
         else:
             calls = [joblib.delayed(_run_task)(work, task) for task in tasks]
-        with cluster_session(backend, jobs):
-            if check is not None:
-                check_workers(backend, step, check)
-            with tqdm(total=len(tasks), desc=step, unit=unit, disable=quiet, dynamic_ncols=True) as bar:
-                for outcome in _outcomes(calls, jobs, backend):
-                    summary.count(outcome)
-                    if on_outcome is not None:
-                        on_outcome(outcome)
-                    bar.update(1)
+        with cluster_session(backend, jobs), \
+                tqdm(total=len(tasks), desc=step, unit=unit, disable=quiet, dynamic_ncols=True) as bar:
+            for outcome in _outcomes(calls, jobs, backend):
+                summary.count(outcome)
+                if on_outcome is not None:
+                    on_outcome(outcome)
+                bar.update(1)
     summary.reports.sort(key=lambda report: report["file"])
     summary.seconds = time.perf_counter() - start
     return summary
