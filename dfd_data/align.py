@@ -124,7 +124,9 @@ def align_folder(src: str | os.PathLike, dst: str | os.PathLike, params: AlignPa
     sources, ignored = list_sources(src, skip=dataset.root)  # (DST inside SRC: its own images are not photos)
     if not sources:
         raise DatasetError(f"{src}: no image files found (looked for {', '.join(IMAGE_EXTENSIONS)})")
-    check_workers(backend, STEP, dlib_models)  # on every machine of a cluster too, before any folder is made
+    # on every machine of a cluster too, before any folder is made
+    check_workers(backend, STEP, dlib_models, reads=(src,),
+                  writes=(next(folder for folder in (dataset.root, *dataset.root.parents) if folder.is_dir()),))
     dataset.create()
     with dataset.writing("align"):
         return _align_sources(dataset, src, sources, ignored, params, jobs=jobs, backend=backend, quiet=quiet)

@@ -94,8 +94,8 @@ def build_sketches(root: str | os.PathLike, method: SketchMethod, *, jobs: int =
         description["precision"] = networks_precision
     out_dir = f"sketches/{method.id}"
     step = STEP_PREFIX + method.id
-    if method.uses_network:  # and on every machine of a cluster, before its folder is made
-        check_workers(backend, step, functools.partial(load_networks, method, device, precision))
+    # and on every machine of a cluster, before the step's folder is made
+    check_workers(backend, step, functools.partial(load_networks, method, device, precision), writes=(dataset.root,))
     if dataset.path(out_dir).exists():
         remove_stale_temp_files(dataset.path(out_dir))
     inputs = {r["id"]: r["image"] for r in aligned}

@@ -235,10 +235,20 @@ def cluster_session(backend: str, jobs: int, scheduler: str | None = None) -> It
         yield
 
 
-def _probe(check: Callable[[], object]) -> tuple[str, str | None]:
-    """Runs on a worker: (its machine's name, None if `check` passed there, else why not)."""
+def _probe(check: Callable[[], object] | None, reads: tuple[str, ...], writes: tuple[str, ...]
+           ) -> tuple[str, str | None]:
+    """Runs on a worker: (its machine's name, None if it sees the folders `reads` and may write
+    in `writes`, and `check` passed there; else why not)."""
+    for folder in (*reads, *writes):
+        if not os.path.isdir(folder):
+            return socket.gethostname(), (f"cannot see {folder} (photos and datasets must be on storage every "
+                                          "worker sees, at the same path)")
+    for folder in writes:
+        if not os.access(folder, os.W_OK):
+            return socket.gethostname(), f"cannot write in {folder}"
     try:
-        check()
+        if check is not None:
+            check()
         return socket.gethostname(), None
     except Exception as error:  # every cause is the user's to see: a missing package, weights, device
         message = " ".join(str(error).split()) or type(error).__name__
@@ -266,19 +276,19 @@ def _answers(asks: dict[str, Callable[[], tuple[str, str | None]]]) -> list[tupl
     return list(answers.copy().values())
 
 
-def _dask_probes(check: Callable[[], object]) -> list[tuple[str, str | None]]:
-    """`_probe(check)` in every worker process of the session's dask cluster. `Client.run`
+def _dask_probes(*probe_args) -> list[tuple[str, str | None]]:
+    """`_probe(*probe_args)` in every worker process of the session's dask cluster. `Client.run`
     runs it beside the worker's tasks, not after them: a busy worker answers at once, and
     what the check loads stays loaded in that process for its tasks."""
     from dask.distributed import default_client
 
     client = default_client()
-    return _answers({address: lambda address=address: client.run(_probe, check, workers=[address])[address]
+    return _answers({address: lambda address=address: client.run(_probe, *probe_args, workers=[address])[address]
                      for address in client.nthreads()})
 
 
-def _ray_probes(check: Callable[[], object]) -> list[tuple[str, str | None]]:
-    """`_probe(check)` on every node of the session's ray cluster, its own process each time,
+def _ray_probes(*probe_args) -> list[tuple[str, str | None]]:
+    """`_probe(*probe_args)` on every node of the session's ray cluster, its own process each time,
     which ends after it (the work runs in the pool's actors, which load their own). It takes
     no CPU: busy nodes answer at once, and the pool's actors take none either, so nodes without
     CPUs get files too."""
@@ -287,20 +297,23 @@ def _ray_probes(check: Callable[[], object]) -> list[tuple[str, str | None]]:
 
     remote = ray.remote(num_cpus=0, max_calls=1)(_probe)
     return _answers({node["NodeID"]: lambda node=node["NodeID"]: ray.get(remote.options(
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(check))
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(*probe_args))
         for node in ray.nodes() if node["Alive"]})
 
 
-def check_workers(backend: str, step: str, check: Callable[[], object]) -> None:
-    """Run the step's setup `check` (loading its models), which the caller ran here, on every
-    machine of the cluster this process is connected to, and stop with one line naming each
-    machine where it fails: a worker whose machine lacked the weights had failed every file it
-    took, and taken them faster than the healthy workers. A no-op for the local backends and
-    for a cluster the command starts here (or will: it has none yet)."""
+def check_workers(backend: str, step: str, check: Callable[[], object] | None = None, *,
+                  reads: tuple[str, ...] = (), writes: tuple[str, ...] = ()) -> None:
+    """Check every machine of the cluster this process is connected to as the caller checked
+    this one: that it sees the folders `reads` and may write in `writes`, and passes the step's
+    setup `check` (loading its models). Stop with one line naming each machine where that
+    fails: a worker whose machine lacked the weights or the dataset's storage had failed every
+    file it took, and taken them faster than the healthy workers. A no-op for the local
+    backends and for a cluster the command starts here (or will: it has none yet)."""
     if backend not in CLUSTER_BACKENDS or _STARTED_HERE.get() or not _connected(backend):
         return
+    probe_args = (check, tuple(map(str, reads)), tuple(map(str, writes)))
     lacking: dict[tuple[str, str], int] = {}
-    for host, message in _dask_probes(check) if backend == "dask" else _ray_probes(check):
+    for host, message in _dask_probes(*probe_args) if backend == "dask" else _ray_probes(*probe_args):
         if message is not None:
             lacking[host, message] = lacking.get((host, message), 0) + 1
     if lacking:

@@ -15,6 +15,7 @@ import cv2
 
 from .atomic import all_or_none, atomic_write_npy, atomic_write_text, remove_stale_temp_files, sha256_bytes
 from .components import COMPONENTS, component_windows, crop_components
+from .cluster import check_workers
 from .contact_sheet import contact_sheet
 from .dataset import Dataset, DatasetError, read_jsonl, writes_dataset
 from .derived import run_derived_step
@@ -86,6 +87,7 @@ def crop_dataset(root: str | os.PathLike, sources: list[str] | None = None, *, j
     for source in sources or []:
         if source not in known:
             raise DatasetError(f"{dataset.root}: no source folder {source!r} (available: {', '.join(known)})")
+    check_workers(backend, "crop-components", writes=(dataset.root,))  # every machine of a cluster sees the dataset
     remove_stale_temp_files(dataset.root / "components")
     return [_crop_source(dataset, manifest, source, aligned, resolution, jobs, backend, quiet) for source in sources or known]
 

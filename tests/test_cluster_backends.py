@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -92,28 +93,31 @@ def test_cluster_backend_builds_the_same_dataset_as_loky(photos, loky_run, backe
 
 
 @contextmanager
-def dask_cluster(folder: Path, *worker_envs: dict) -> Iterator[str]:
+def dask_cluster(folder: Path, *worker_envs: dict, hidden: Path | None = None) -> Iterator[str]:
     """A dask scheduler and one single-threaded worker per environment in `worker_envs`, each
     its own process as on a real cluster; yields the scheduler's address once every worker has
-    joined."""
+    joined. With `hidden`, the workers run where an empty folder is mounted over it, as on a
+    machine without the storage that holds it."""
     from dask.distributed import Client
 
     scheduler_file = folder / "scheduler.json"
     with ExitStack() as stack:
-        def start(*args: str, env: dict | None = None) -> None:
-            process = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                                       stderr=subprocess.DEVNULL)
+        def start(*command: str, env: dict | None = None) -> None:
+            process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             stack.callback(process.wait, 30)
             stack.callback(process.kill)
 
-        start("distributed.cli.dask_scheduler", "--scheduler-file", str(scheduler_file), "--port", "0",
+        start(sys.executable, "-m", "distributed.cli.dask_scheduler", "--scheduler-file", str(scheduler_file), "--port", "0",
               "--dashboard-address", ":0")
         deadline = time.monotonic() + 60
         while not scheduler_file.exists() and time.monotonic() < deadline:
             time.sleep(0.2)
+        worker = [sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file", str(scheduler_file),
+                  "--nthreads", "1", "--no-nanny", "--dashboard-address", ":0"]
+        if hidden is not None:  # (in a mount namespace of its own: the mount is the worker's alone)
+            worker = ["unshare", "--mount", "sh", "-c", f'mount -t tmpfs none "{hidden}" && exec "$@"', "sh", *worker]
         for env in worker_envs:
-            start("distributed.cli.dask_worker", "--scheduler-file", str(scheduler_file), "--nthreads", "1",
-                  "--no-nanny", "--dashboard-address", ":0", env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+            start(*worker, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
         with Client(scheduler_file=str(scheduler_file), timeout="30s") as client:
             if worker_envs:
                 client.wait_for_workers(len(worker_envs), timeout=60)
@@ -151,6 +155,36 @@ def test_a_worker_whose_machine_lacks_the_weights_stops_the_run_before_any_file(
                           address, "--quiet", "--preview", "0", timeout=300)
     assert result.returncode == 0, result.stderr
     assert len(list(dataset_copy.glob("sketches/hed/*.png"))) == 2
+
+
+def can_hide_folders() -> bool:
+    """Whether this process may mount a folder over another in a mount namespace of its own (root
+    on Linux, where the container allows it)."""
+    try:
+        return subprocess.run(["unshare", "--mount", "mount", "-t", "tmpfs", "none", "/mnt"],
+                              capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def test_a_worker_that_cannot_see_the_dataset_stops_the_run_before_any_file(sample_dataset, tmp_path):
+    """The dataset must be on storage every worker sees: a worker that did not see it had failed
+    every file it took."""
+    pytest.importorskip("dask.distributed", reason="the [dask] extra is not installed")
+    if not can_hide_folders():
+        pytest.skip("cannot mount a folder in a mount namespace here (needs root and unshare)")
+    shutil.copytree(sample_dataset, tmp_path / "storage" / "faces")
+    dataset = tmp_path / "storage" / "faces"
+    (tmp_path / "cluster").mkdir()
+    with dask_cluster(tmp_path / "cluster", {}, hidden=tmp_path / "storage") as address:
+        result = dfd_data("build-sketches", dataset, "--method", "canny", "--backend", "dask", "--scheduler",
+                          address, "--quiet", "--preview", "0", timeout=300)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"Error: build-sketches:canny: 1 machine of the dask cluster cannot run this step, so no file was given out: "
+        f"machine {socket.gethostname()} (1 worker): cannot see {dataset} (photos and datasets must be on storage "
+        f"every worker sees, at the same path)"]
+    assert not (dataset / "sketches").exists()
 
 
 def test_a_dask_scheduler_without_workers_is_one_clear_line(photos, tmp_path):
