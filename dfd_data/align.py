@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import all_or_none, remove_stale_temp_files, sha256_bytes, sha256_file
-from .cluster import check_workers
 from .contact_sheet import contact_sheet
 from .dataset import Dataset, DatasetError, RecordLog
 from .faces import LANDMARK_MODEL_FILE, dlib_models, find_faces, package_model_path
@@ -23,6 +22,7 @@ from .image_io import IMAGE_EXTENSIONS, decode_image, encode_png, read_bytes, re
 from .runner import BatchSummary, Outcome, SkipItem, Task, run_batch
 from .sources import Source, list_sources
 from .versions import tool_versions
+from .worker_check import check_workers
 
 STEP = "align"
 PREVIEW_COUNT = 64

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import atomic_write_bytes, remove_stale_temp_files, sha256_bytes
-from .cluster import CLUSTER_BACKENDS, check_workers
+from .cluster import CLUSTER_BACKENDS
 from .contact_sheet import contact_sheet
 from .dataset import Dataset, DatasetError, writes_dataset
 from .derived import run_derived_step
@@ -24,6 +24,7 @@ from .image_io import decode_image, encode_png, read_bytes, read_image
 from .runner import BatchSummary, Task
 from .sketch_methods import SketchMethod, load_networks, run_method
 from .versions import tool_versions
+from .worker_check import check_workers
 
 STEP_PREFIX = "build-sketches:"
 

@@ -5,8 +5,8 @@ Users who already run a dask scheduler or a ray cluster can spread `align`,
 `build-sketches` and `crop-components` over it; without an address, a local cluster with
 `jobs` single-threaded worker processes is started for the command and stopped after it.
 Workers receive file paths, so on a real cluster the dataset must be on storage every
-worker sees. Before any file is given out, `check_workers` runs the step's setup check on
-every machine of a cluster the command connected to. Both libraries are optional extras:
+worker sees (worker_check.py checks that, and the step's weights, on every machine of a
+cluster the command connected to, before any file is given out). Both libraries are optional extras:
 asking for one that is not installed is a one-line error that names the extra.
 """
 from __future__ import annotations
@@ -17,7 +17,6 @@ import re
 import signal
 import socket
 import threading
-import time
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Callable, Iterator
@@ -29,12 +28,8 @@ CLUSTER_BACKENDS = ("dask", "ray")
 # dask's own timeout does not cover a server that accepts the connection and never answers
 # (the dashboard's port given for the scheduler's), nor ray's a GCS address nothing listens at.
 CONNECT_SECONDS = 20
-# How long the check of every worker (check_workers) waits for their answers: each loads the
-# step's networks, seconds on a machine that has them.
-CHECK_SECONDS = 120
-# Set while a cluster that this command started on this machine is in use: its workers are
-# this process's children, with its files and environment, which the command checked itself.
-_STARTED_HERE: ContextVar[bool] = ContextVar("dfd_cluster_started_here", default=False)
+# The backends whose cluster in use this command started on this machine (see started_here).
+_STARTED_HERE: ContextVar[frozenset] = ContextVar("dfd_clusters_started_here", default=frozenset())
 
 
 def _missing_extra(backend: str, error: ImportError) -> UserError:
@@ -67,13 +62,13 @@ def _dask_session(jobs: int, scheduler: str | None) -> Iterator[None]:
     with _ctrl_c_ignored():  # by the workers it starts: this process stops them (one line, not 50)
         cluster = LocalCluster(n_workers=jobs, threads_per_worker=1, processes=True, dashboard_address=":0",
                                silence_logs=logging.CRITICAL)
-    with cluster, Client(cluster), _started_here():
+    with cluster, Client(cluster), _started_here("dask"):
         yield
 
 
 @contextmanager
-def _started_here() -> Iterator[None]:
-    token = _STARTED_HERE.set(True)
+def _started_here(backend: str) -> Iterator[None]:
+    token = _STARTED_HERE.set(_STARTED_HERE.get() | {backend})
     try:
         yield
     finally:
@@ -106,11 +101,6 @@ def _connect_dask(client_type, scheduler: str) -> Iterator[None]:
             reason = " ".join(str(error).split()) if error else f"no dask scheduler answered in {CONNECT_SECONDS} s"
         raise UserError(f"--scheduler {scheduler}: cannot reach the dask scheduler ({reason})")
     with client:
-        try:
-            client.wait_for_workers(1, timeout=CONNECT_SECONDS)
-        except TimeoutError:  # (the files would wait for ever)
-            raise UserError(f"--scheduler {scheduler}: the dask scheduler has no workers (none joined in "
-                            f"{CONNECT_SECONDS} s); start some with `dask worker {scheduler}`") from None
         yield
 
 
@@ -215,7 +205,7 @@ def _ray_connection(ray, jobs: int) -> Iterator[None]:
         if address:
             yield
         else:
-            with _started_here():
+            with _started_here("ray"):
                 yield
     finally:
         ray.shutdown()
@@ -235,97 +225,13 @@ def cluster_session(backend: str, jobs: int, scheduler: str | None = None) -> It
         yield
 
 
-def _probe(check: Callable[[], object] | None, reads: tuple[str, ...], writes: tuple[str, ...]
-           ) -> tuple[str, str | None]:
-    """Runs on a worker: (its machine's name, None if it sees the folders `reads` and may write
-    in `writes`, and `check` passed there; else why not)."""
-    for folder in (*reads, *writes):
-        if not os.path.isdir(folder):
-            return socket.gethostname(), (f"cannot see {folder} (photos and datasets must be on storage every "
-                                          "worker sees, at the same path)")
-    for folder in writes:
-        if not os.access(folder, os.W_OK):
-            return socket.gethostname(), f"cannot write in {folder}"
-    try:
-        if check is not None:
-            check()
-        return socket.gethostname(), None
-    except Exception as error:  # every cause is the user's to see: a missing package, weights, device
-        message = " ".join(str(error).split()) or type(error).__name__
-        return socket.gethostname(), message if isinstance(error, UserError) else f"{type(error).__name__}: {message}"
+def started_here(backend: str) -> bool:
+    """Whether the `backend` cluster in use was started by this command on this machine: its
+    workers are this process's children, with its files and environment."""
+    return backend in _STARTED_HERE.get()
 
 
-def _answers(asks: dict[str, Callable[[], tuple[str, str | None]]]) -> list[tuple[str, str | None]]:
-    """The answers of `asks` (each run in a daemon thread) that came within CHECK_SECONDS. A
-    worker that left, or does not answer (stopped, swapping), is not waited for longer: if it
-    lacks anything, the files it takes say so."""
-    answers: dict[str, tuple[str, str | None]] = {}
-
-    def ask(key: str) -> None:
-        try:
-            answers[key] = asks[key]()
-        except Exception:  # (the worker or node left while checking: it takes no files either)
-            pass
-
-    threads = [threading.Thread(target=ask, args=(key,), name="cluster-check", daemon=True) for key in asks]
-    for thread in threads:
-        thread.start()
-    deadline = time.monotonic() + CHECK_SECONDS
-    for thread in threads:
-        thread.join(max(0.0, deadline - time.monotonic()))
-    return list(answers.copy().values())
-
-
-def _dask_probes(*probe_args) -> list[tuple[str, str | None]]:
-    """`_probe(*probe_args)` in every worker process of the session's dask cluster. `Client.run`
-    runs it beside the worker's tasks, not after them: a busy worker answers at once, and
-    what the check loads stays loaded in that process for its tasks."""
-    from dask.distributed import default_client
-
-    client = default_client()
-    return _answers({address: lambda address=address: client.run(_probe, *probe_args, workers=[address])[address]
-                     for address in client.nthreads()})
-
-
-def _ray_probes(*probe_args) -> list[tuple[str, str | None]]:
-    """`_probe(*probe_args)` on every node of the session's ray cluster, its own process each time,
-    which ends after it (the work runs in the pool's actors, which load their own). It takes
-    no CPU: busy nodes answer at once, and the pool's actors take none either, so nodes without
-    CPUs get files too."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    remote = ray.remote(num_cpus=0, max_calls=1)(_probe)
-    return _answers({node["NodeID"]: lambda node=node["NodeID"]: ray.get(remote.options(
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(*probe_args))
-        for node in ray.nodes() if node["Alive"]})
-
-
-def check_workers(backend: str, step: str, check: Callable[[], object] | None = None, *,
-                  reads: tuple[str, ...] = (), writes: tuple[str, ...] = ()) -> None:
-    """Check every machine of the cluster this process is connected to as the caller checked
-    this one: that it sees the folders `reads` and may write in `writes`, and passes the step's
-    setup `check` (loading its models). Stop with one line naming each machine where that
-    fails: a worker whose machine lacked the weights or the dataset's storage had failed every
-    file it took, and taken them faster than the healthy workers. A no-op for the local
-    backends and for a cluster the command starts here (or will: it has none yet)."""
-    if backend not in CLUSTER_BACKENDS or _STARTED_HERE.get() or not _connected(backend):
-        return
-    probe_args = (check, tuple(map(str, reads)), tuple(map(str, writes)))
-    lacking: dict[tuple[str, str], int] = {}
-    for host, message in _dask_probes(*probe_args) if backend == "dask" else _ray_probes(*probe_args):
-        if message is not None:
-            lacking[host, message] = lacking.get((host, message), 0) + 1
-    if lacking:
-        unit = "worker" if backend == "dask" else "node"
-        causes = "; ".join(f"machine {host} ({count} {unit}{'s' if count > 1 else ''}): {message}"
-                           for (host, message), count in sorted(lacking.items()))
-        machines = len({host for host, _ in lacking})
-        raise UserError(f"{step}: {machines} machine{'s' if machines > 1 else ''} of the {backend} cluster cannot "
-                        f"run this step, so no file was given out: {causes}")
-
-
-def _connected(backend: str) -> bool:
+def connected(backend: str) -> bool:
     """Whether this process has a session with a `backend` cluster."""
     if backend == "ray":
         import ray

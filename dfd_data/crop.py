@@ -15,13 +15,13 @@ import cv2
 
 from .atomic import all_or_none, atomic_write_npy, atomic_write_text, remove_stale_temp_files, sha256_bytes
 from .components import COMPONENTS, component_windows, crop_components
-from .cluster import check_workers
 from .contact_sheet import contact_sheet
 from .dataset import Dataset, DatasetError, read_jsonl, writes_dataset
 from .derived import run_derived_step
 from .image_io import decode_image, encode_png, read_bytes, read_image
 from .runner import BatchSummary, Task
 from .versions import tool_versions
+from .worker_check import check_workers
 
 STEP_PREFIX = "crop-components:"
 PREVIEW_ROWS = 8

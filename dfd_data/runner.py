@@ -5,9 +5,10 @@ threads, or a ray cluster) or dask's futures (see cluster.py), shows a progress 
 going when one file fails, also when a worker process dies on it (a crash in native code, the
 kernel's out-of-memory killer), and ends with a one-line summary. Files that failed because a
 worker's machine lacks what the step needs (errors.SetupError: weights, a device), which the
-steps check on every machine of a cluster before they start (cluster.check_workers) but a
-worker may still lack (one that joined later), are also counted per machine, one line each. Resume is the caller's part: it leaves out tasks whose outputs are already
-complete and valid and passes their count as `already_done`.
+steps check on every machine of a cluster before they start (worker_check.py) but a worker
+may still lack (one that joined later), are also counted per machine, one line each. Resume
+is the caller's part: it leaves out tasks whose outputs are already complete and valid and
+passes their count as `already_done`.
 
 Networks work best on batches: with `batch_size`, the work function receives a list of
 tasks and returns one result per task, where a result may be an exception instance (that
