@@ -6,8 +6,8 @@ Users who already run a dask scheduler or a ray cluster can spread `align`,
 `jobs` single-threaded worker processes is started for the command and stopped after it.
 Workers receive file paths, so on a real cluster the dataset must be on storage every
 worker sees (worker_check.py checks that, and the step's weights, on every machine of a
-cluster the command connected to, before any file is given out). Both libraries are optional extras:
-asking for one that is not installed is a one-line error that names the extra.
+cluster the command connected to, before any file is given out). Both libraries are optional
+extras: asking for one that is not installed is a one-line error that names the extra.
 """
 from __future__ import annotations
 

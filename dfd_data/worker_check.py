@@ -41,7 +41,8 @@ def _probe(check: Callable[[], object] | None, reads: tuple[str, ...], writes: t
     host = socket.gethostname()
     for folder in (*reads, *writes):
         if not os.path.isdir(folder):
-            return host, f"cannot see {folder} (photos and datasets must be on storage every worker sees, at the same path)"
+            return host, (f"cannot see {folder} (photos and datasets must be on storage every worker sees, "
+                          "at the same path)")
     for folder in writes:
         try:  # (a file, not os.access: network file systems map users in ways access() does not see)
             handle, path = tempfile.mkstemp(dir=folder, prefix=".dfd-write-check-")

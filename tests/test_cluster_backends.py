@@ -107,8 +107,8 @@ def dask_cluster(folder: Path, *worker_envs: dict, hidden: Path | None = None) -
             stack.callback(process.wait, 30)
             stack.callback(process.kill)
 
-        start(sys.executable, "-m", "distributed.cli.dask_scheduler", "--scheduler-file", str(scheduler_file), "--port", "0",
-              "--dashboard-address", ":0")
+        start(sys.executable, "-m", "distributed.cli.dask_scheduler", "--scheduler-file", str(scheduler_file),
+              "--port", "0", "--dashboard-address", ":0")
         deadline = time.monotonic() + 60
         while not scheduler_file.exists() and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -146,8 +146,9 @@ def test_a_worker_whose_machine_lacks_the_weights_stops_the_run_before_any_file(
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     host = socket.gethostname()
-    assert lines[0].startswith(f"Error: build-sketches:hed: 2 of the dask cluster's 3 workers cannot run this step, so "
-                               f"no file was given out: machine {host}: HED weights not found at {lacking_home}"), lines[0]
+    assert lines[0].startswith(f"Error: build-sketches:hed: 2 of the dask cluster's 3 workers cannot run this step, "
+                               f"so no file was given out: machine {host}: HED weights not found at {lacking_home}"), \
+        lines[0]
     assert f"; machine {host}: the check could not run there (ImportError('a broken install'))" in lines[0]
     assert not (dataset_copy / "sketches" / "hed").exists()
     assert "build-sketches:hed" not in Dataset(dataset_copy).load_manifest()["steps"]
