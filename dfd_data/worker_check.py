@@ -121,8 +121,12 @@ def _dask_answers(*probe_args) -> tuple[int, list[tuple[str, str | None]]]:
     def ask(address: str) -> tuple[str, str | None]:
         return client.run(_probe_off_the_loop, *probe_args, workers=[address])[address]
 
-    def host(address: str) -> str:  # (asked of the worker: the scheduler knows its address, not its name)
-        return client.run(socket.gethostname, workers=[address])[address]
+    def host(address: str) -> str:
+        """The worker's own name for its machine (the scheduler knows its address), else that address."""
+        try:
+            return client.run(socket.gethostname, workers=[address])[address]
+        except Exception:  # (so that a worker that cannot even say its name is still reported)
+            return address
 
     return _answers({address: (lambda address=address: ask(address)) for address in client.nthreads()},
                     lambda address: address in client.nthreads(), host)
