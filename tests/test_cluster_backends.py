@@ -153,7 +153,7 @@ def test_a_worker_whose_machine_lacks_the_weights_stops_the_run_before_any_file(
     assert not (dataset_copy / "sketches" / "hed").exists()
     assert "build-sketches:hed" not in Dataset(dataset_copy).load_manifest()["steps"]
 
-    # the same cluster without that worker sketches every face
+    # a cluster of the healthy worker alone sketches every face
     (tmp_path / "healthy").mkdir()
     with dask_cluster(tmp_path / "healthy", {}) as address:
         result = dfd_data("build-sketches", dataset_copy, "--method", "hed", "--backend", "dask", "--scheduler",
