@@ -5,7 +5,8 @@ DATASET is a dataset aligned at 512 px with sketches (benchmarks/gpu_check.sh ma
 For each network at 512 (HED, the simplifier, the full model with banks of the released
 sizes): img/s of the toolkit's call beside the same layers as eager fp32 modules on the same
 GPU, the network's seconds per image beside its FLOP-bound time at the GPU's measured bf16
-matmul rate, and its difference from the CPU's fp32 result. For training at 512: seconds per
+matmul rate, and its difference from the CPU's fp32 result; the full model also beside itself
+with its CUDA graphs turned off. For training at 512: seconds per
 step of both stages in fp32 and of stage 2 with mixed precision (bf16, and fp16 with its loss
 scaler, forced), and the peak GPU memory. A difference beyond tolerance or a non-finite loss
 fails the check: the command says which and exits 1, after printing every figure.
@@ -77,7 +78,8 @@ class Bench:
         self.rate_row = Row("matmul_tflops_bfloat16", self.bf16_rate / 1e12, "TFLOP/s", config={"size": size})
 
     def seconds(self, function) -> float:
-        return median_seconds(synchronized(function, self.device), self.runs)
+        # (two untimed calls: the full model captures its CUDA graphs on a shape's second call)
+        return median_seconds(synchronized(function, self.device), self.runs, warmup=2)
 
     def reset_peak(self) -> None:
         if self.device.type == "cuda":
@@ -164,6 +166,12 @@ def generation_rows(bench: Bench) -> list[Row]:
                                    None, lambda: eager_call(plain, sketch, gender="female"), flops,
                                    {"precision": dtype_name(model.compute_dtype), "banks": RELEASED_BANKS})
         rows[-1].config["peak_gib_both_models"] = bench.peak_gib()
+        if device.type == "cuda":
+            model.use_cuda_graphs = False
+            eager = bench.seconds(lambda: inference(model, device, sketch, gender="female"))
+            model.use_cuda_graphs = True
+            rows.append(Row(f"generate_cuda_graphs_img_per_s_512_b{batch}", rows[-2].value, "img/s",
+                            "the same model launching its kernels one by one", batch / eager, {"batch": batch}))
     # The same weights on the CPU in fp32, without projection (whose neighbours may swap on ties).
     precision = precision_name(model.compute_dtype)
     results = [inference(model, device, sketches[:1], refine=0.0).float().cpu() * 127.5]  # levels of 255

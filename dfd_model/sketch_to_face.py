@@ -21,6 +21,7 @@ from dfd_data.components import COMPONENTS
 from dfd_data.devices import compute_precision
 
 from .config import ModelConfig
+from .cuda_graphs import CudaGraphs, graphs_apply
 from .networks import ComponentAutoEncoder, FeatureDecoder, GlobalGenerator, fuse_feature_maps, normalize_sketch
 from .projection import FeatureBank, blend, check_refine, project
 
@@ -88,6 +89,9 @@ class SketchToFace(nn.Module):
 
     # What the networks and the bank search compute in; from_pretrained may choose bf16.
     compute_dtype: torch.dtype = torch.float32
+    # On a CUDA device, a model rewritten for inference (from_pretrained) replays its encoders
+    # and its synthesis as CUDA graphs under inference mode (see cuda_graphs); False: eagerly.
+    use_cuda_graphs: bool = True
 
     def __init__(self, config: ModelConfig = ModelConfig(), banks: FeatureBank | None = None):
         super().__init__()
@@ -100,6 +104,7 @@ class SketchToFace(nn.Module):
         self.generator = GlobalGenerator(config)
         self.banks: FeatureBank | None = None
         self.set_banks(banks)
+        self.cuda_graphs = CudaGraphs()
 
     # ---- banks -------------------------------------------------------------------------------
     def set_banks(self, banks: FeatureBank | None) -> None:
@@ -140,6 +145,7 @@ class SketchToFace(nn.Module):
         result = super()._apply(fn, *args, **kwargs)
         if self.banks is not None:
             self.banks = self.banks.apply(fn)
+        self.cuda_graphs = CudaGraphs()  # captured graphs read the weights this replaced
         return result
 
     # ---- pipeline ----------------------------------------------------------------------------
@@ -180,11 +186,9 @@ class SketchToFace(nn.Module):
             raise ValueError(f"gender must be a string or None, got {gender!r}")
         device, io_dtype = next(self.parameters()).device, self.io_dtype
         x = prepare_sketch(sketch, self.config.resolution).to(device=device, dtype=io_dtype)
-        crops = crop_sketch_components(x, self.config)
+        encoded = self._step("encode", self._encode_components, x)
         latents, matches = {}, {}
-        for name in COMPONENTS:
-            with compute_precision(self, device):
-                latent = self.autoencoders[name].encoder(crops[name]).to(io_dtype)
+        for name, latent in zip(COMPONENTS, encoded):
             if self.banks is not None and (match_all or weights[name] > 0):
                 bank = self.banks.get(name, gender)  # (on the model's device: set_banks and .to() move it)
                 projected, indices, lle_weights = project(
@@ -195,14 +199,30 @@ class SketchToFace(nn.Module):
             latents[name] = latent
         return latents, matches
 
+    def _encode_components(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Normalised sketches -> each component's latent as its encoder gives it, in COMPONENTS
+        order and `io_dtype`."""
+        crops = crop_sketch_components(x, self.config)
+        with compute_precision(self, x.device):
+            return tuple(self.autoencoders[name].encoder(crops[name]).to(self.io_dtype) for name in COMPONENTS)
+
     def synthesize(self, latents: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Component latents -> RGB faces [B, 3, R, R] in [-1, 1] (feature decoders, fusion,
         generator), in `io_dtype`. Like the encoders, this step, nearly all of the inference
         work, computes in the dtype from_pretrained chose."""
+        return self._step("synthesize", self._synthesize, *(latents[name] for name in COMPONENTS))[0]
+
+    def _synthesize(self, *latents: torch.Tensor) -> tuple[torch.Tensor]:
         with compute_precision(self, next(self.parameters()).device):
-            maps = {name: self.feature_decoders[name](latents[name]) for name in COMPONENTS}
+            maps = {name: self.feature_decoders[name](latent) for name, latent in zip(COMPONENTS, latents)}
             face = self.generator(fuse_feature_maps(maps, self.config))
-        return face.to(self.io_dtype)
+        return (face.to(self.io_dtype),)
+
+    def _step(self, name: str, function, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """`function(*inputs)`, replayed as a CUDA graph where that applies (`use_cuda_graphs`)."""
+        if self.use_cuda_graphs and getattr(self, "rewritten_for_inference", False) and graphs_apply(inputs):
+            return self.cuda_graphs.run(name, function, *inputs)
+        return function(*inputs)
 
     def draw(self, latents: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Component latents -> the sketch they stand for [B, 1, R, R] in [-1, 1]: each component's
