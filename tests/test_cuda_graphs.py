@@ -106,6 +106,22 @@ def prepared_tiny(precision: str, seed: int = 0) -> SketchToFace:
     return prepare_for_inference(SketchToFace(ModelConfig(**TINY), random_banks(TINY["latent_dim"])), CUDA, precision)
 
 
+# How far a replayed face may be from an eager one, in output units ([-1, 1]): cuDNN may pick
+# other convolution algorithms while capturing, which round differently; a stale input or
+# weight would be off by tenths.
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+
+
+def largest_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
+def assert_same_face(ours: torch.Tensor, eager: torch.Tensor, model: SketchToFace) -> None:
+    difference = largest_difference(ours, eager)
+    print(f"largest difference from eager ({model.compute_dtype}): {difference:.3g}")
+    assert difference <= TOLERANCE[model.compute_dtype]
+
+
 def faces(model: SketchToFace, sketches: torch.Tensor, graphs: bool) -> list[torch.Tensor]:
     model.use_cuda_graphs = graphs
     with torch.inference_mode():
@@ -121,9 +137,14 @@ def test_replayed_faces_equal_eager_ones(precision):
     assert len(model.cuda_graphs) == 0
     got = faces(model, sketches, graphs=True)
     assert len(model.cuda_graphs) == 2  # the encoders and the synthesis, at batch 1
-    for ours, eager in zip(got, expected):
-        assert torch.equal(ours, eager)
-    assert not torch.equal(got[2], got[3])
+    for index, ours in enumerate(got):
+        assert_same_face(ours, expected[index], model)
+        if model.compute_dtype == torch.float32:
+            # computed from its own sketch, not a stale one: nearer its eager face than any
+            # other (random weights make faces differ little: about 1e-4 between these
+            # sketches, which bf16 may round away; the replay code is the same in both)
+            own = largest_difference(ours, expected[index])
+            assert all(own < largest_difference(ours, other) for other in expected[:index] + expected[index + 1:])
 
 
 @needs_cuda
@@ -133,10 +154,10 @@ def test_graphs_follow_weights_loaded_in_place_and_are_dropped_when_weights_move
     faces(model, sketches, graphs=True)
     assert len(model.cuda_graphs) == 2
     model.load_state_dict(other.state_dict())  # copied into the captured weights
-    assert torch.equal(faces(model, sketches[:1], graphs=True)[0], faces(other, sketches[:1], graphs=False)[0])
+    assert_same_face(faces(model, sketches[:1], graphs=True)[0], faces(other, sketches[:1], graphs=False)[0], model)
     model.half().float()  # new weight tensors: the graphs would read freed memory
     assert len(model.cuda_graphs) == 0
-    assert torch.equal(faces(model, sketches, graphs=True)[1], faces(model, sketches, graphs=False)[1])
+    assert_same_face(faces(model, sketches, graphs=True)[1], faces(model, sketches, graphs=False)[1], model)
 
 
 @needs_cuda
