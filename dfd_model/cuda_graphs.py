@@ -1,42 +1,88 @@
 """Fixed-shape inference steps replayed as CUDA graphs: one launch where eager PyTorch makes hundreds.
 
 Why: one face at batch 1 launches about 1,200 kernels, and on a fast GPU the host issuing them
-is the bottleneck (README: 32 ms a face on an H200 against 0.7 ms of arithmetic), which is
+is the bottleneck (README: 24 ms a face on an H200 against 0.7 ms of arithmetic), which is
 what the drawing app waits for after every stroke. A CUDA graph records the kernels of one
 call and replays them all with one launch.
 
-A step is captured the second time it is called with the same input shapes, dtypes and
-layouts, so shapes met once (the last, smaller batch of `dfd-model generate`) never pay for a
-capture. Inputs are copied into the graph's own buffers, and outputs are copied out of them,
-so callers get tensors of their own. A graph reads the weights where they were when it was
-captured: `SketchToFace` drops its graphs whenever `.to()` and friends replace them
-(`load_state_dict` copies into them in place, which graphs see).
+A step is captured the second time it is called with the same input shapes, dtypes, layouts,
+autocast state and model compute dtype, so shapes met once (the last, smaller batch of `dfd-model generate`)
+never pay for a capture. Inputs are copied into the graph's own buffers and outputs out of
+them, so callers get tensors of their own.
+
+A graph reads the weights at the addresses they had when it was captured. Before every
+replay the model's weights are checked: where any tensor moved (`.to()` on the model or a
+part of it, `load_state_dict(assign=True)`, a new Parameter or module set on any part), the
+graphs are dropped and captured afresh; `load_state_dict` copying into the weights keeps them.
 """
 from __future__ import annotations
 
 import threading
+import warnings
 from typing import Callable
 
 import torch
+from torch import nn
 
-# Shapes kept captured per step; a shape beyond them runs eagerly. Each graph keeps the
-# activation memory of one call.
+# Shapes captured per step; further shapes run eagerly. A model's graphs share one memory
+# pool, which holds about the activation memory of its largest captured call.
 MAX_SHAPES = 4
-_SEEN, _EAGER = "seen once", "capture failed"
+# Shapes remembered as seen once (a capture waits for the second call), per model.
+_SEEN_LIMIT = 64
+
+# Bumped whenever any module anywhere gets a new submodule, parameter or buffer: only then
+# must a model's structure be walked again (2.7 ms for the full model, against 0.2 ms to
+# check the addresses of the weights already known).
+_structure_changes = 0
+
+
+def _count_change(*_args) -> None:
+    global _structure_changes
+    _structure_changes += 1
+
+
+for _register in (nn.modules.module.register_module_module_registration_hook,
+                  nn.modules.module.register_module_parameter_registration_hook,
+                  nn.modules.module.register_module_buffer_registration_hook):
+    _register(_count_change)
 
 
 def _signature(tensors: tuple[torch.Tensor, ...]) -> tuple:
-    return tuple((tuple(t.shape), t.stride(), t.dtype, t.device) for t in tensors)
+    device = tensors[0].device.type
+    autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    return (autocast,) + tuple((tuple(t.shape), t.stride(), t.dtype, t.device) for t in tensors)
+
+
+class _Weights:
+    """The tensors a model's graphs read, and the addresses they had at capture."""
+
+    def __init__(self, model: nn.Module):
+        self.owner, self.changes = id(model), _structure_changes
+        self.tensors = [*model.parameters(), *model.buffers()]
+        self.addresses = [t.data_ptr() for t in self.tensors]
+
+    def still_in(self, model: nn.Module) -> bool:
+        if id(model) != self.owner:  # a replica sharing this object (nn.DataParallel)
+            return False
+        if _structure_changes != self.changes:
+            now = _Weights(model)
+            if [id(t) for t in now.tensors] != [id(t) for t in self.tensors] or now.addresses != self.addresses:
+                return False
+            self.changes = now.changes
+        return all(t.data_ptr() == address for t, address in zip(self.tensors, self.addresses))
 
 
 class CudaGraphs:
-    """The captured steps of one model. Steps share one memory pool and one lock: a pool can
-    be shared only by graphs that never run at the same time."""
+    """The captured steps of one model. Steps share one memory pool and one lock, and each
+    replay waits for the one before it on the GPU too: a shared pool must never be used by
+    two graphs at once."""
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._pool = None
-        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple, tuple] | str] = {}
+        self._seen: set[tuple] = set()
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple, tuple]] = {}  # graph, outputs, inputs
+        self._pool = self._weights = self._done = None
+        self.failed: str | None = None  # why capturing failed: the model then runs eagerly
 
     def __deepcopy__(self, memo) -> "CudaGraphs":
         return CudaGraphs()  # a copy has weights of its own: its graphs must be captured afresh
@@ -46,49 +92,91 @@ class CudaGraphs:
 
     def __len__(self) -> int:
         """How many graphs are captured."""
-        return sum(isinstance(entry, tuple) for entry in self._graphs.values())
+        return len(self._graphs)
 
-    def run(self, step: str, function: Callable[..., tuple[torch.Tensor, ...]],
+    def run(self, model: nn.Module, step: str, function: Callable[..., tuple[torch.Tensor, ...]],
             *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """`function(*inputs)`, a tuple of tensors, computed by replaying its graph where one
-        is (or can now be) captured for these inputs; eagerly otherwise."""
-        key = (step, _signature(inputs))
+        """`function(*inputs)`, a tuple of tensors computed by `model`'s weights, replayed from
+        its graph where one is (or can now be) captured for these inputs; eagerly otherwise."""
+        key = (step, getattr(model, "compute_dtype", None)) + _signature(inputs)
         with self._lock:
+            if self._weights is not None and not self._weights.still_in(model):
+                self._drop()
             entry = self._graphs.get(key)
-            if entry is None and sum(k[0] == step for k in self._graphs) < MAX_SHAPES:
-                self._graphs[key] = entry = _SEEN  # first sight: eager, and remembered
-                return function(*inputs)
-            if entry is None or entry is _EAGER:
-                return function(*inputs)
-            if entry is _SEEN:
-                self._graphs[key] = _EAGER  # (stays so if the capture raises: it is not tried again)
-                self._graphs[key] = entry = self._capture(function, inputs)
-            graph, static_inputs, static_outputs = entry
+            if entry is None:
+                if self.failed or key not in self._seen \
+                        or sum(k[0] == step for k in self._graphs) >= MAX_SHAPES:
+                    if len(self._seen) >= _SEEN_LIMIT:
+                        self._seen.clear()
+                    self._seen.add(key)
+                    return function(*inputs)
+                entry = self._capture(model, step, function, inputs)
+                if entry is None:
+                    return function(*inputs)
+                self._graphs[key] = entry
+            return self._replay(*entry, inputs)
+
+    def _drop(self) -> None:
+        self._graphs.clear()
+        self._seen.clear()
+        self._pool = self._weights = self._done = None
+
+    def _capture(self, model: nn.Module, step: str, function, inputs: tuple[torch.Tensor, ...]):
+        """The graph, its input and its output buffers; None (with a warning, and the model
+        eager from then on) where capturing fails."""
+        try:
+            if self._weights is None:
+                self._weights = _Weights(model)
+            static_inputs = tuple(value.clone() for value in inputs)
+            return (*self._record(function, static_inputs), static_inputs)
+        except Exception as error:  # noqa: BLE001 - any failure: report it, run eagerly
+            self._drop()
+            self.failed = f"capturing the {step} step failed ({type(error).__name__}: {error})"
+            warnings.warn(f"CUDA graphs are off for this model: {self.failed}; it runs eagerly",
+                          RuntimeWarning, stacklevel=4)
+            return None
+
+    def _record(self, function, static_inputs: tuple[torch.Tensor, ...]) -> tuple[torch.cuda.CUDAGraph, tuple]:
+        """`function` on the buffers `static_inputs`, captured: the graph and its outputs."""
+        device = static_inputs[0].device
+        with torch.cuda.device(device):
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            caller = torch.cuda.current_stream(device)
+            try:
+                side = torch.cuda.Stream(device)  # warm-up and capture off the caller's stream
+                side.wait_stream(caller)
+                with torch.cuda.stream(side):
+                    function(*static_inputs)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._pool, stream=side):
+                    static_outputs = function(*static_inputs)
+                caller.wait_stream(side)
+                return graph, static_outputs
+            finally:
+                torch.cuda.set_stream(caller)  # (a failed capture leaves its stream current)
+
+    def _replay(self, graph: torch.cuda.CUDAGraph, static_outputs: tuple, static_inputs: tuple,
+                inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        device = inputs[0].device
+        with torch.cuda.device(device):
+            stream = torch.cuda.current_stream(device)
+            if self._done is not None:
+                stream.wait_event(self._done)  # (the last replay ran on another caller's stream)
             for buffer, value in zip(static_inputs, inputs):
                 buffer.copy_(value)
             graph.replay()
-            return tuple(output.clone() for output in static_outputs)
-
-    def _capture(self, function, inputs: tuple[torch.Tensor, ...]):
-        static_inputs = tuple(value.clone() for value in inputs)
-        device = inputs[0].device
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        side = torch.cuda.Stream(device)  # warm up off the default stream, as capture requires
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            function(*static_inputs)
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            static_outputs = function(*static_inputs)
-        return graph, static_inputs, static_outputs
+            outputs = tuple(output.clone() for output in static_outputs)
+            self._done = stream.record_event()
+        return outputs
 
 
 def graphs_apply(inputs: tuple[torch.Tensor, ...]) -> bool:
-    """Whether a step on these inputs can run as a graph: every input on a CUDA device, under
-    inference mode (the graph's buffers are inference tensors, and no autograd is recorded)."""
-    return torch.is_inference_mode_enabled() and all(t.device.type == "cuda" for t in inputs)
+    """Whether a step on these inputs can run as a graph: every input on one CUDA device,
+    under inference mode (the graph's buffers are inference tensors, and no autograd is
+    recorded)."""
+    return torch.is_inference_mode_enabled() and inputs[0].device.type == "cuda" \
+        and all(t.device == inputs[0].device for t in inputs)
 
 
 __all__ = ["CudaGraphs", "MAX_SHAPES", "graphs_apply"]

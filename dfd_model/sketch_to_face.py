@@ -145,7 +145,7 @@ class SketchToFace(nn.Module):
         result = super()._apply(fn, *args, **kwargs)
         if self.banks is not None:
             self.banks = self.banks.apply(fn)
-        self.cuda_graphs = CudaGraphs()  # captured graphs read the weights this replaced
+        self.cuda_graphs = CudaGraphs()  # frees at once the graphs of the weights this replaced
         return result
 
     # ---- pipeline ----------------------------------------------------------------------------
@@ -221,7 +221,7 @@ class SketchToFace(nn.Module):
     def _step(self, name: str, function, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """`function(*inputs)`, replayed as a CUDA graph where that applies (`use_cuda_graphs`)."""
         if self.use_cuda_graphs and getattr(self, "rewritten_for_inference", False) and graphs_apply(inputs):
-            return self.cuda_graphs.run(name, function, *inputs)
+            return self.cuda_graphs.run(self, name, function, *inputs)
         return function(*inputs)
 
     def draw(self, latents: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """CUDA graphs for inference (dfd_model/cuda_graphs.py).
 
 The bookkeeping (first sight eager, capture on the second, replay after, inputs copied in,
-outputs copied out, a shape limit, a failed capture not retried) is checked on the CPU with a
-stand-in graph that recomputes on replay. The real graphs are checked where there is a CUDA
+outputs copied out, a shape limit, graphs dropped when weights move, a failed capture
+reported and not retried) is checked on the CPU with a stand-in graph that recomputes on
+replay. The real graphs are checked where there is a CUDA
 device: replayed faces equal eager ones, graphs follow weights loaded in place, and are
 dropped when `.to()` replaces the weights.
 """
@@ -12,6 +13,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 from dfd_data.devices import prepare_for_inference
 from dfd_model import cuda_graphs
@@ -32,11 +34,10 @@ class RecomputingGraphs(CudaGraphs):
         super().__init__()
         self.captures, self.fail = 0, fail
 
-    def _capture(self, function, inputs):
+    def _record(self, function, static_inputs):
         self.captures += 1
         if self.fail:
             raise RuntimeError("operation not permitted when stream is capturing")
-        static_inputs = tuple(value.clone() for value in inputs)
         static_outputs = function(*static_inputs)
 
         class Replay:
@@ -44,21 +45,30 @@ class RecomputingGraphs(CudaGraphs):
             def replay():
                 for buffer, value in zip(static_outputs, function(*static_inputs)):
                     buffer.copy_(value)
-        return Replay(), static_inputs, static_outputs
+        return Replay(), static_outputs
+
+    def _replay(self, graph, static_outputs, static_inputs, inputs):
+        for buffer, value in zip(static_inputs, inputs):
+            buffer.copy_(value)
+        graph.replay()
+        return tuple(output.clone() for output in static_outputs)
 
 
 def double_and_sum(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x * 2, x.sum(dim=1)
 
 
+MODEL = nn.Linear(3, 3)  # the weights the graphs check; double_and_sum does not read them
+
+
 def test_a_step_is_captured_on_its_second_call_and_replayed_on_new_inputs():
     graphs = RecomputingGraphs()
     first, second, third = (torch.full((2, 3), float(v)) for v in (1, 2, 3))
-    assert torch.equal(graphs.run("step", double_and_sum, first)[0], first * 2)
+    assert torch.equal(graphs.run(MODEL, "step", double_and_sum, first)[0], first * 2)
     assert (graphs.captures, len(graphs)) == (0, 0)  # a shape met once never pays for a capture
-    doubled, summed = graphs.run("step", double_and_sum, second)
+    doubled, summed = graphs.run(MODEL, "step", double_and_sum, second)
     assert (graphs.captures, len(graphs)) == (1, 1)
-    again = graphs.run("step", double_and_sum, third)
+    again = graphs.run(MODEL, "step", double_and_sum, third)
     assert graphs.captures == 1
     # every call computes on its own inputs, and earlier results are not overwritten by replays
     assert torch.equal(doubled, second * 2) and torch.equal(summed, second.sum(dim=1))
@@ -70,29 +80,83 @@ def test_shapes_layouts_and_steps_are_captured_apart_up_to_a_limit(monkeypatch):
     graphs = RecomputingGraphs()
     inputs = [torch.ones(1, 3), torch.ones(2, 3), torch.ones(3, 2).t(), torch.ones(4, 3)]
     for x in inputs + inputs:
-        graphs.run("step", double_and_sum, x)
+        graphs.run(MODEL, "step", double_and_sum, x)
     assert graphs.captures == 2  # the first two shapes; the others run eagerly
-    graphs.run("other", double_and_sum, inputs[0])
-    graphs.run("other", double_and_sum, inputs[0])
+    graphs.run(MODEL, "other", double_and_sum, inputs[0])
+    graphs.run(MODEL, "other", double_and_sum, inputs[0])
     assert graphs.captures == 3
     # a transposed view has the shape of a [2, 3] tensor but not its strides: not the same graph
-    assert torch.equal(graphs.run("step", double_and_sum, inputs[2])[0], inputs[2] * 2)
+    assert torch.equal(graphs.run(MODEL, "step", double_and_sum, inputs[2])[0], inputs[2] * 2)
 
 
-def test_a_failed_capture_raises_once_then_the_step_runs_eagerly():
+def test_shapes_met_once_do_not_use_up_the_limit(monkeypatch):
+    monkeypatch.setattr(cuda_graphs, "MAX_SHAPES", 1)
+    graphs = RecomputingGraphs()
+    for rows in (1, 2, 3, 5):  # a run's odd batches, each once
+        graphs.run(MODEL, "step", double_and_sum, torch.ones(rows, 3))
+    graphs.run(MODEL, "step", double_and_sum, torch.ones(4, 3))
+    graphs.run(MODEL, "step", double_and_sum, torch.ones(4, 3))
+    assert graphs.captures == 1
+
+
+def test_autocast_and_the_model_compute_dtype_are_part_of_a_step():
+    graphs, model = RecomputingGraphs(), nn.Linear(3, 3)
+    x = torch.ones(2, 3)
+    for _ in range(2):
+        graphs.run(model, "step", double_and_sum, x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            graphs.run(model, "step", double_and_sum, x)
+    model.compute_dtype = torch.bfloat16
+    for _ in range(2):
+        graphs.run(model, "step", double_and_sum, x)
+    assert graphs.captures == 3
+
+
+@pytest.mark.parametrize("change", ["load_state_dict", "assign", "new_parameter", "new_module", "half",
+                                    "replica"])
+def test_graphs_are_dropped_when_the_weights_they_read_move(change):
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+    graphs = RecomputingGraphs()
+    x = torch.ones(2, 3)
+
+    def call(on=model):
+        return graphs.run(on, "step", lambda value: (on(value),), x)
+    call(), call()
+    assert (graphs.captures, len(graphs)) == (1, 1)
+    state = {name: value.clone() for name, value in model.state_dict().items()}
+    if change == "load_state_dict":  # copied into the weights the graph reads: it stays
+        model.load_state_dict(state)
+    elif change == "assign":
+        model.load_state_dict(state, assign=True)
+    elif change == "new_parameter":
+        model[0].bias = nn.Parameter(torch.zeros(3))
+    elif change == "new_module":
+        model[1] = nn.Linear(3, 3)
+    elif change == "half":
+        model[0].half().float()  # a part of the model: new tensors behind the same Parameters
+    on = copy.copy(model) if change == "replica" else model  # (nn.DataParallel copies modules so)
+    call(on)
+    assert len(graphs) == (1 if change == "load_state_dict" else 0)
+    call(on)  # captured again on the second call after the change
+    assert graphs.captures == (1 if change == "load_state_dict" else 2)
+
+
+def test_a_failed_capture_warns_once_and_leaves_the_model_eager():
     graphs = RecomputingGraphs(fail=True)
     x = torch.ones(2, 3)
-    graphs.run("step", double_and_sum, x)
-    with pytest.raises(RuntimeError, match="capturing"):
-        graphs.run("step", double_and_sum, x)
-    assert torch.equal(graphs.run("step", double_and_sum, x)[0], x * 2)
-    assert graphs.captures == 1
+    graphs.run(MODEL, "step", double_and_sum, x)
+    with pytest.warns(RuntimeWarning, match="CUDA graphs are off for this model: capturing the step step "
+                                            "failed .RuntimeError: operation not permitted"):
+        assert torch.equal(graphs.run(MODEL, "step", double_and_sum, x)[0], x * 2)
+    for _ in range(2):
+        assert torch.equal(graphs.run(MODEL, "other", double_and_sum, x)[0], x * 2)
+    assert graphs.captures == 1 and graphs.failed
 
 
 def test_copies_of_a_model_start_without_graphs():
     graphs = RecomputingGraphs()
-    graphs.run("step", double_and_sum, torch.ones(2, 3))
-    graphs.run("step", double_and_sum, torch.ones(2, 3))
+    graphs.run(MODEL, "step", double_and_sum, torch.ones(2, 3))
+    graphs.run(MODEL, "step", double_and_sum, torch.ones(2, 3))
     assert len(graphs) == 1
     assert len(copy.deepcopy(graphs)) == 0
 
@@ -158,6 +222,10 @@ def test_graphs_follow_weights_loaded_in_place_and_are_dropped_when_weights_move
     model.half().float()  # new weight tensors: the graphs would read freed memory
     assert len(model.cuda_graphs) == 0
     assert_same_face(faces(model, sketches, graphs=True)[1], faces(model, sketches, graphs=False)[1], model)
+    third = prepared_tiny("fp32", seed=2)
+    model.load_state_dict(third.state_dict(), assign=True)  # the graphs' weights are freed
+    del third
+    assert_same_face(faces(model, sketches, graphs=True)[1], faces(model, sketches, graphs=False)[1], model)
 
 
 @needs_cuda
@@ -170,3 +238,19 @@ def test_no_graphs_outside_inference_mode_or_for_batches_met_once():
     with torch.inference_mode():
         model(sketches)  # a batch of 3, once
     assert len(model.cuda_graphs) == 0
+
+
+@needs_cuda
+def test_a_capture_that_fails_on_the_gpu_warns_and_leaves_the_model_working():
+    model = nn.Linear(4, 4).to(CUDA)
+    graphs, x = CudaGraphs(), torch.ones(2, 4, device=CUDA)
+
+    def syncing(value):  # reads a value back to the host: not allowed while capturing
+        return (model(value) * float(value.sum()),)
+    with torch.inference_mode():
+        graphs.run(model, "step", syncing, x)
+        with pytest.warns(RuntimeWarning, match="CUDA graphs are off for this model"):
+            got = graphs.run(model, "step", syncing, x)
+        assert torch.equal(got[0], syncing(x)[0])
+        assert torch.cuda.current_stream() == torch.cuda.default_stream()
+        assert torch.equal(graphs.run(model, "step", syncing, x)[0], got[0]) and len(graphs) == 0
