@@ -5,18 +5,21 @@ is the bottleneck (README: 24 ms a face on an H200 against 0.7 ms of arithmetic)
 what the drawing app waits for after every stroke. A CUDA graph records the kernels of one
 call and replays them all with one launch.
 
-A step is captured the second time it is called with the same input shapes, dtypes, layouts,
-autocast state and model compute dtype, so shapes met once (the last, smaller batch of `dfd-model generate`)
-never pay for a capture. Inputs are copied into the graph's own buffers and outputs out of
-them, so callers get tensors of their own.
+A step is captured the second time it runs, without error, with the same input shapes,
+dtypes, layouts, autocast state and model compute dtype, so shapes met once (the last,
+smaller batch of `dfd-model generate`) never pay for a capture. Inputs are copied into the
+graph's own buffers and outputs out of them, so callers get tensors of their own.
 
-A graph reads the weights at the addresses they had when it was captured. Before every
-replay the model's weights are checked: where any tensor moved (`.to()` on the model or a
-part of it, `load_state_dict(assign=True)`, a new Parameter or module set on any part), the
-graphs are dropped and captured afresh; `load_state_dict` copying into the weights keeps them.
+A graph reads the weights at the addresses they had when it was captured (and keeps them
+alive). Before every replay the model's weights are checked: where any tensor moved (`.to()`
+on the model or a part of it, `load_state_dict(assign=True)`, a new Parameter or module set
+on any part), the graphs are dropped and captured afresh; `load_state_dict` copying into the
+weights keeps them. Weights swapped in without registering them (torch.func.functional_call,
+a parameter deleted or set to None) are not seen: turn graphs off for such uses.
 """
 from __future__ import annotations
 
+import sys
 import threading
 import warnings
 from typing import Callable
@@ -25,13 +28,13 @@ import torch
 from torch import nn
 
 # Shapes captured per step; further shapes run eagerly. A model's graphs share one memory
-# pool, which holds about the activation memory of its largest captured call.
+# pool and one stream, so the pool holds about the activation memory of its largest call.
 MAX_SHAPES = 4
 # Shapes remembered as seen once (a capture waits for the second call), per model.
 _SEEN_LIMIT = 64
 
 # Bumped whenever any module anywhere gets a new submodule, parameter or buffer: only then
-# must a model's structure be walked again (2.7 ms for the full model, against 0.2 ms to
+# must a model's structure be walked again (a few ms for the full model, against 0.1 ms to
 # check the addresses of the weights already known).
 _structure_changes = 0
 
@@ -54,12 +57,16 @@ def _signature(tensors: tuple[torch.Tensor, ...]) -> tuple:
 
 
 class _Weights:
-    """The tensors a model's graphs read, and the addresses they had at capture."""
+    """The tensors a model's graphs read, and the addresses they had at capture. Their memory
+    is held, so no other tensor (the weights in another dtype, say) can take an address the
+    check compares, and a replay that the check cannot see through reads old weights, never
+    freed memory."""
 
     def __init__(self, model: nn.Module):
         self.owner, self.changes = id(model), _structure_changes
         self.tensors = [*model.parameters(), *model.buffers()]
         self.addresses = [t.data_ptr() for t in self.tensors]
+        self.held = [t.detach() for t in self.tensors]
 
     def still_in(self, model: nn.Module) -> bool:
         if id(model) != self.owner:  # a replica sharing this object (nn.DataParallel)
@@ -81,7 +88,7 @@ class CudaGraphs:
         self._lock = threading.Lock()
         self._seen: set[tuple] = set()
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple, tuple]] = {}  # graph, outputs, inputs
-        self._pool = self._weights = self._done = None
+        self._pool = self._stream = self._weights = self._done = None
         self.failed: str | None = None  # why capturing failed: the model then runs eagerly
 
     def __deepcopy__(self, memo) -> "CudaGraphs":
@@ -106,10 +113,11 @@ class CudaGraphs:
             if entry is None:
                 if self.failed or key not in self._seen \
                         or sum(k[0] == step for k in self._graphs) >= MAX_SHAPES:
+                    outputs = function(*inputs)
                     if len(self._seen) >= _SEEN_LIMIT:
                         self._seen.clear()
-                    self._seen.add(key)
-                    return function(*inputs)
+                    self._seen.add(key)  # (a call that raised is not a shape seen)
+                    return outputs
                 entry = self._capture(model, step, function, inputs)
                 if entry is None:
                     return function(*inputs)
@@ -119,39 +127,48 @@ class CudaGraphs:
     def _drop(self) -> None:
         self._graphs.clear()
         self._seen.clear()
-        self._pool = self._weights = self._done = None
+        self._pool = self._stream = self._weights = self._done = None
 
     def _capture(self, model: nn.Module, step: str, function, inputs: tuple[torch.Tensor, ...]):
-        """The graph, its input and its output buffers; None (with a warning, and the model
-        eager from then on) where capturing fails."""
+        """The graph, its output and its input buffers; None (with a warning, and the model
+        eager from then on) where capturing fails. An error of the warm-up run (out of
+        memory, say) is the call's own, as it would be eagerly."""
+        if self._weights is None:
+            self._weights = _Weights(model)
+        static_inputs = tuple(value.clone() for value in inputs)
+        self._warm_up(function, static_inputs)
         try:
-            if self._weights is None:
-                self._weights = _Weights(model)
-            static_inputs = tuple(value.clone() for value in inputs)
             return (*self._record(function, static_inputs), static_inputs)
         except Exception as error:  # noqa: BLE001 - any failure: report it, run eagerly
             self._drop()
             self.failed = f"capturing the {step} step failed ({type(error).__name__}: {error})"
             warnings.warn(f"CUDA graphs are off for this model: {self.failed}; it runs eagerly",
-                          RuntimeWarning, stacklevel=4)
+                          RuntimeWarning, stacklevel=_outside_this_package())
             return None
+
+    def _warm_up(self, function, static_inputs: tuple[torch.Tensor, ...]) -> None:
+        """One run on the stream the capture will use, which needs its own library
+        workspaces (cuBLAS) made before capturing; the model's one stream, so that its graphs
+        reuse one another's memory in their pool."""
+        device = static_inputs[0].device
+        with torch.cuda.device(device):
+            if self._stream is None:
+                self._pool, self._stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream(device)
+            self._stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(self._stream):
+                function(*static_inputs)
 
     def _record(self, function, static_inputs: tuple[torch.Tensor, ...]) -> tuple[torch.cuda.CUDAGraph, tuple]:
         """`function` on the buffers `static_inputs`, captured: the graph and its outputs."""
         device = static_inputs[0].device
         with torch.cuda.device(device):
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
             caller = torch.cuda.current_stream(device)
             try:
-                side = torch.cuda.Stream(device)  # warm-up and capture off the caller's stream
-                side.wait_stream(caller)
-                with torch.cuda.stream(side):
-                    function(*static_inputs)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._pool, stream=side):
+                # ("thread_local": work other threads start meanwhile does not break the capture)
+                with torch.cuda.graph(graph, pool=self._pool, stream=self._stream, capture_error_mode="thread_local"):
                     static_outputs = function(*static_inputs)
-                caller.wait_stream(side)
+                caller.wait_stream(self._stream)
                 return graph, static_outputs
             finally:
                 torch.cuda.set_stream(caller)  # (a failed capture leaves its stream current)
@@ -169,6 +186,14 @@ class CudaGraphs:
             outputs = tuple(output.clone() for output in static_outputs)
             self._done = stream.record_event()
         return outputs
+
+
+def _outside_this_package() -> int:
+    """The warnings stacklevel of the first caller outside dfd_model (from the caller of this)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("dfd_model."):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def graphs_apply(inputs: tuple[torch.Tensor, ...]) -> bool:

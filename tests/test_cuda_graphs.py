@@ -34,6 +34,9 @@ class RecomputingGraphs(CudaGraphs):
         super().__init__()
         self.captures, self.fail = 0, fail
 
+    def _warm_up(self, function, static_inputs):
+        function(*static_inputs)
+
     def _record(self, function, static_inputs):
         self.captures += 1
         if self.fail:
@@ -153,6 +156,26 @@ def test_a_failed_capture_warns_once_and_leaves_the_model_eager():
     assert graphs.captures == 1 and graphs.failed
 
 
+def test_calls_that_raise_are_not_shapes_seen_and_do_not_turn_graphs_off():
+    graphs, calls = RecomputingGraphs(), []
+
+    def picky(x):  # its 1st and 3rd runs fail, as a caller's bad input or a passing error would
+        calls.append(x)
+        if len(calls) in (1, 3):
+            raise ValueError("not this time")
+        return (x + 1,)
+    x = torch.ones(2, 3)
+    with pytest.raises(ValueError):
+        graphs.run(MODEL, "step", picky, x)
+    graphs.run(MODEL, "step", picky, x)
+    assert graphs.captures == 0  # the failed call did not count as the shape's first
+    with pytest.raises(ValueError):  # the warm-up before capturing fails: the call's own error
+        graphs.run(MODEL, "step", picky, x)
+    assert not graphs.failed
+    assert torch.equal(graphs.run(MODEL, "step", picky, x)[0], x + 1)
+    assert graphs.captures == 1 and not graphs.failed
+
+
 def test_copies_of_a_model_start_without_graphs():
     graphs = RecomputingGraphs()
     graphs.run(MODEL, "step", double_and_sum, torch.ones(2, 3))
@@ -223,7 +246,7 @@ def test_graphs_follow_weights_loaded_in_place_and_are_dropped_when_weights_move
     assert len(model.cuda_graphs) == 0
     assert_same_face(faces(model, sketches, graphs=True)[1], faces(model, sketches, graphs=False)[1], model)
     third = prepared_tiny("fp32", seed=2)
-    model.load_state_dict(third.state_dict(), assign=True)  # the graphs' weights are freed
+    model.load_state_dict(third.state_dict(), assign=True)  # new weight tensors: graphs captured again
     del third
     assert_same_face(faces(model, sketches, graphs=True)[1], faces(model, sketches, graphs=False)[1], model)
 
@@ -237,6 +260,10 @@ def test_no_graphs_outside_inference_mode_or_for_batches_met_once():
         model(sketches[:1])
     with torch.inference_mode():
         model(sketches)  # a batch of 3, once
+    assert len(model.cuda_graphs) == 0
+    faces(model, sketches[:2], graphs=True)
+    assert len(model.cuda_graphs) == 2
+    faces(model, sketches[:1], graphs=False)  # turned off: the graphs and their memory go
     assert len(model.cuda_graphs) == 0
 
 
