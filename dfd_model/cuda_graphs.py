@@ -34,9 +34,11 @@ MAX_SHAPES = 4
 _SEEN_LIMIT = 64
 
 # Bumped whenever any module anywhere gets a new submodule, parameter or buffer: only then
-# must a model's structure be walked again (a few ms for the full model, against 0.1 ms to
-# check the addresses of the weights already known).
+# must a model's structure be walked again (about 10 ms for the full model, against 0.1 ms
+# to check the addresses of the weights already known).
 _structure_changes = 0
+# PyTorch allows one capture at a time in a process, whatever the model.
+_capturing = threading.Lock()
 
 
 def _count_change(*_args) -> None:
@@ -72,10 +74,10 @@ class _Weights:
         if id(model) != self.owner:  # a replica sharing this object (nn.DataParallel)
             return False
         if _structure_changes != self.changes:
-            now = _Weights(model)
-            if [id(t) for t in now.tensors] != [id(t) for t in self.tensors] or now.addresses != self.addresses:
+            changes, tensors = _structure_changes, [*model.parameters(), *model.buffers()]
+            if len(tensors) != len(self.tensors) or any(a is not b for a, b in zip(tensors, self.tensors)):
                 return False
-            self.changes = now.changes
+            self.changes = changes
         return all(t.data_ptr() == address for t, address in zip(self.tensors, self.addresses))
 
 
@@ -100,6 +102,11 @@ class CudaGraphs:
     def __len__(self) -> int:
         """How many graphs are captured."""
         return len(self._graphs)
+
+    @property
+    def in_use(self) -> bool:
+        """Whether anything was captured, remembered or held (weights, a pool, a failure)."""
+        return bool(self._graphs or self._seen or self._weights or self._pool or self.failed)
 
     def run(self, model: nn.Module, step: str, function: Callable[..., tuple[torch.Tensor, ...]],
             *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -133,10 +140,10 @@ class CudaGraphs:
         """The graph, its output and its input buffers; None (with a warning, and the model
         eager from then on) where capturing fails. An error of the warm-up run (out of
         memory, say) is the call's own, as it would be eagerly."""
-        if self._weights is None:
-            self._weights = _Weights(model)
         static_inputs = tuple(value.clone() for value in inputs)
         self._warm_up(function, static_inputs)
+        if self._weights is None:
+            self._weights = _Weights(model)
         try:
             return (*self._record(function, static_inputs), static_inputs)
         except Exception as error:  # noqa: BLE001 - any failure: report it, run eagerly
@@ -148,8 +155,8 @@ class CudaGraphs:
 
     def _warm_up(self, function, static_inputs: tuple[torch.Tensor, ...]) -> None:
         """One run on the stream the capture will use, which needs its own library
-        workspaces (cuBLAS) made before capturing; the model's one stream, so that its graphs
-        reuse one another's memory in their pool."""
+        workspaces (cuBLAS) made before capturing; one stream for all the model's captures,
+        so that its graphs reuse one another's memory in their pool."""
         device = static_inputs[0].device
         with torch.cuda.device(device):
             if self._stream is None:
@@ -165,8 +172,9 @@ class CudaGraphs:
             caller = torch.cuda.current_stream(device)
             try:
                 graph = torch.cuda.CUDAGraph()
-                # ("thread_local": work other threads start meanwhile does not break the capture)
-                with torch.cuda.graph(graph, pool=self._pool, stream=self._stream, capture_error_mode="thread_local"):
+                # ("thread_local": another thread's synchronising calls meanwhile are no error)
+                with _capturing, torch.cuda.graph(graph, pool=self._pool, stream=self._stream,
+                                                  capture_error_mode="thread_local"):
                     static_outputs = function(*static_inputs)
                 caller.wait_stream(self._stream)
                 return graph, static_outputs
@@ -189,9 +197,10 @@ class CudaGraphs:
 
 
 def _outside_this_package() -> int:
-    """The warnings stacklevel of the first caller outside dfd_model (from the caller of this)."""
+    """The warnings stacklevel of the first caller outside dfd_model and torch (a model's
+    __call__), counted from the caller of this."""
     frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_globals.get("__name__", "").startswith("dfd_model."):
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(("dfd_model.", "torch.")):
         frame, level = frame.f_back, level + 1
     return level
 

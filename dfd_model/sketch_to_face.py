@@ -222,8 +222,8 @@ class SketchToFace(nn.Module):
         """`function(*inputs)`, replayed as a CUDA graph where that applies (`use_cuda_graphs`)."""
         if self.use_cuda_graphs and getattr(self, "rewritten_for_inference", False) and graphs_apply(inputs):
             return self.cuda_graphs.run(self, name, function, *inputs)
-        if not self.use_cuda_graphs and len(self.cuda_graphs):
-            self.cuda_graphs = CudaGraphs()  # turned off: free the graphs' memory
+        if not self.use_cuda_graphs and self.cuda_graphs.in_use:
+            self.cuda_graphs = CudaGraphs()  # turned off: free the graphs and what they hold
         return function(*inputs)
 
     def draw(self, latents: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -149,8 +149,9 @@ def test_a_failed_capture_warns_once_and_leaves_the_model_eager():
     x = torch.ones(2, 3)
     graphs.run(MODEL, "step", double_and_sum, x)
     with pytest.warns(RuntimeWarning, match="CUDA graphs are off for this model: capturing the step step "
-                                            "failed .RuntimeError: operation not permitted"):
+                                            "failed .RuntimeError: operation not permitted") as caught:
         assert torch.equal(graphs.run(MODEL, "step", double_and_sum, x)[0], x * 2)
+    assert caught[0].filename == __file__  # the caller's line, not the toolkit's
     for _ in range(2):
         assert torch.equal(graphs.run(MODEL, "other", double_and_sum, x)[0], x * 2)
     assert graphs.captures == 1 and graphs.failed
