@@ -255,6 +255,8 @@ def generate(model_folder, inputs, out, refine, gender, from_photo, grid, batch_
     for line in result.errors:
         click.echo(line, err=True)
     click.echo(result.line(time.time() - started))
+    if result.not_drawn is not None:
+        raise SystemExit(130)  # (the shell's code for a run stopped by Ctrl-C)
     if result.errors:
         raise SystemExit(1)
 

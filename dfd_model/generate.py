@@ -140,12 +140,14 @@ class GenerateResult:
     errors: list[str] = field(default_factory=list)
     grid: Path | None = None
     grid_rows: int = 0  # the faces the grid shows: at most GRID_ROWS
+    not_drawn: int | None = None  # inputs left when the run was interrupted (Ctrl-C)
 
     def line(self, seconds: float) -> str:
         failed = f", {len(self.errors)} failed" if self.errors else ""
         shown = f" (the first {self.grid_rows})" if self.grid_rows < len(self.written) else ""
         grid = f"; grid {self.grid}{shown}" if self.grid else ""
-        return f"generate: {len(self.written)} faces{failed} in {seconds:.1f} s{grid}"
+        stopped = "" if self.not_drawn is None else f"; interrupted, {self.not_drawn} not drawn"
+        return f"generate: {len(self.written)} faces{failed} in {seconds:.1f} s{grid}{stopped}"
 
 
 def _check_outputs(paths: list[Path], targets: list[Path]) -> None:
@@ -162,7 +164,8 @@ def generate(model: SketchToFace, inputs: list[str], out: str | os.PathLike, *,
              batch_size: int = 4, grid: bool = False, quiet: bool = False) -> GenerateResult:
     """Write OUT/<input stem>.png for every readable sketch; see the module docstring. Inputs
     are read a batch at a time, and each batch's faces written before the next is read: an
-    interrupted run keeps what it finished, and memory does not grow with the inputs."""
+    interrupted run keeps what it finished, and memory does not grow with the inputs. Ctrl-C
+    ends the run with the result so far (`not_drawn` counts the inputs left), without a grid."""
     out = Path(out)
     paths = collect_inputs(inputs)
     if not paths:
@@ -174,31 +177,36 @@ def generate(model: SketchToFace, inputs: list[str], out: str | os.PathLike, *,
     device, precision = next(model.parameters()).device, precision_name(model.compute_dtype)
     result, tiles = GenerateResult(), []
     progress = tqdm(total=len(paths), desc="generate", unit="image", disable=quiet)
-    for start in range(0, len(paths), batch_size):
-        chunk = list(zip(paths[start:start + batch_size], targets[start:start + batch_size]))
-        batch: list[tuple[Path, np.ndarray]] = []
-        for path, target in chunk:
-            try:
-                batch.append((target, load_sketch(path, resolution, from_photo, device.type, precision)))
-            except (UserError, OSError) as error:
-                result.errors.append(str(error))
-        if batch:
-            sketches = torch.from_numpy(np.stack([sketch for _, sketch in batch]))
-            with torch.inference_mode():
-                latents = model.encode(sketches, refine, gender)
-                faces = denormalize_image(model.synthesize(latents)).permute(0, 2, 3, 1).cpu().numpy()
-                drawn = denormalize_image(model.draw(latents))[:, 0].cpu().numpy() if grid else None
-            for index, ((target, sketch), face) in enumerate(zip(batch, faces)):
+    try:
+        for start in range(0, len(paths), batch_size):
+            chunk = list(zip(paths[start:start + batch_size], targets[start:start + batch_size]))
+            batch: list[tuple[Path, np.ndarray]] = []
+            for path, target in chunk:
                 try:
-                    atomic_write_bytes(target, encode_png(face))
-                except UserError as error:  # (WriteError: this file cannot be written; the others may be)
+                    batch.append((target, load_sketch(path, resolution, from_photo, device.type, precision)))
+                except (UserError, OSError) as error:
                     result.errors.append(str(error))
-                    continue
-                result.written.append(target)
-                if grid and len(tiles) < 3 * GRID_ROWS:
-                    tiles += [sketch, drawn[index], face]
-        progress.update(len(chunk))
-    progress.close()
+            if batch:
+                sketches = torch.from_numpy(np.stack([sketch for _, sketch in batch]))
+                with torch.inference_mode():
+                    latents = model.encode(sketches, refine, gender)
+                    faces = denormalize_image(model.synthesize(latents)).permute(0, 2, 3, 1).cpu().numpy()
+                    drawn = denormalize_image(model.draw(latents))[:, 0].cpu().numpy() if grid else None
+                for index, ((target, sketch), face) in enumerate(zip(batch, faces)):
+                    try:
+                        atomic_write_bytes(target, encode_png(face))
+                    except UserError as error:  # (WriteError: this file cannot be written; the others may be)
+                        result.errors.append(str(error))
+                        continue
+                    result.written.append(target)
+                    if grid and len(tiles) < 3 * GRID_ROWS:
+                        tiles += [sketch, drawn[index], face]
+            progress.update(len(chunk))
+    except KeyboardInterrupt:
+        result.not_drawn = len(paths) - len(result.written) - len(result.errors)
+        return result
+    finally:
+        progress.close()
     if grid and tiles:
         sheet = contact_sheet(tiles, thumb=min(256, resolution), columns=3)
         try:
