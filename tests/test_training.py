@@ -494,37 +494,6 @@ def test_generate_draws_photos_in_the_models_precision(tiny_model_folder, sample
     assert asked == ["fp32"] and not result.errors
 
 
-def test_generate_stopped_by_ctrl_c_keeps_its_faces_and_says_how_many_were_not_drawn(tiny_model_folder, tmp_path,
-                                                                                     monkeypatch):
-    """The command prints its summary and exits 130 (the library's run: the test above)."""
-    from click.testing import CliRunner
-
-    import dfd_model.generate as generate_module
-    from dfd_model.cli import main
-
-    sketch = np.full((128, 128), 255, np.uint8)
-    sketch[60:64, 30:100] = 0
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for name in "abcde":
-        (folder / f"{name}.png").write_bytes(encode_png(sketch))
-    loaded, original = [], generate_module.load_sketch
-
-    def interrupted_at_the_fourth(*args, **kwargs):
-        loaded.append(args[0])
-        if len(loaded) == 4:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(generate_module, "load_sketch", interrupted_at_the_fourth)
-    out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["generate", "--model", str(tiny_model_folder), str(folder), "-o", str(out),
-                                       "--batch-size", "2", "--grid", "--device", "cpu", "--quiet"])
-    assert result.exit_code == 130, result.output
-    assert "generate: 2 faces in" in result.output and "; interrupted, 3 not drawn" in result.output
-    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]  # the first batch; no grid, no temporary file
-
-
 def test_components_reach_every_output(sketched_dataset, tmp_path):
     """Generation uses every component: changing one window's strokes changes the face there."""
     _trainer(sketched_dataset, tmp_path / "run", steps=2).run("all")
@@ -673,12 +642,7 @@ def test_generate_writes_as_it_goes_and_never_over_its_inputs(tiny_model_folder,
     from dfd_model.generate import generate
 
     model = SketchToFace.from_pretrained(tiny_model_folder, "cpu")
-    sketch = np.full((128, 128), 255, np.uint8)
-    sketch[60:64, 30:100] = 0
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for name in "abcde":
-        (folder / f"{name}.png").write_bytes(encode_png(sketch))
+    folder = _five_sketches(tmp_path / "in")
     (folder / "empty.png").write_bytes(b"")
     original = (folder / "a.png").read_bytes()
     with pytest.raises(UserError, match=r"a\.png: an output would replace the input"):
@@ -714,19 +678,51 @@ def test_generate_writes_as_it_goes_and_never_over_its_inputs(tiny_model_folder,
                       quiet=True)
     assert result.line(1.0).endswith(f"grid {tmp_path / 'short' / 'grid.jpg'} (the first 1)")
 
-    calls = []
-    loader = generate_module.load_sketch
+    _ctrl_c_at_the_fourth_sketch(monkeypatch)
+    result = generate(model, [str(folder)], tmp_path / "cut", batch_size=2, quiet=True)  # Ctrl-C: the run so far
+    assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == ["a.png", "b.png"]
+    assert len(result.written) == 2 and result.not_drawn == 4  # c, d, e and empty.png
+
+
+def _five_sketches(folder: Path) -> Path:
+    """a.png .. e.png, one stroke each, 128 px."""
+    sketch = np.full((128, 128), 255, np.uint8)
+    sketch[60:64, 30:100] = 0
+    folder.mkdir()
+    for name in "abcde":
+        (folder / f"{name}.png").write_bytes(encode_png(sketch))
+    return folder
+
+
+def _ctrl_c_at_the_fourth_sketch(monkeypatch) -> None:
+    """`generate` is interrupted (KeyboardInterrupt) as it reads its fourth sketch."""
+    import dfd_model.generate as generate_module
+
+    calls, loader = [], generate_module.load_sketch
 
     def interrupted(path, *args, **kwargs):
         calls.append(path)
         if len(calls) == 4:
             raise KeyboardInterrupt
         return loader(path, *args, **kwargs)
-
     monkeypatch.setattr(generate_module, "load_sketch", interrupted)
-    result = generate(model, [str(folder)], tmp_path / "cut", batch_size=2, quiet=True)  # Ctrl-C: the run so far
-    assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == ["a.png", "b.png"]
-    assert len(result.written) == 2 and result.not_drawn == 4  # c, d, e and empty.png
+
+
+def test_generate_stopped_by_ctrl_c_prints_its_summary_and_exits_130(tiny_model_folder, tmp_path, monkeypatch):
+    """The command's side of the interrupted run above: the summary line, exit code 130 (the
+    shell's for Ctrl-C), the first batch's faces and no grid or temporary file."""
+    from click.testing import CliRunner
+
+    from dfd_model.cli import main
+
+    folder = _five_sketches(tmp_path / "in")
+    _ctrl_c_at_the_fourth_sketch(monkeypatch)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["generate", "--model", str(tiny_model_folder), str(folder), "-o", str(out),
+                                       "--batch-size", "2", "--grid", "--device", "cpu", "--quiet"])
+    assert result.exit_code == 130, result.output
+    assert "generate: 2 faces in" in result.output and "; interrupted, 3 not drawn" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
 
 
 def test_model_commands_refuse_bad_options_and_outputs_in_one_line(tiny_model_folder, tmp_path):
