@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 # Shapes captured per step; further shapes run eagerly. A model's graphs share one memory
-# pool and one stream, so the pool holds about the activation memory of its largest call.
+# pool and one capture stream, so a graph reuses the memory earlier ones freed there.
 MAX_SHAPES = 4
 # Shapes remembered as seen once (a capture waits for the second call), per model.
 _SEEN_LIMIT = 64
