@@ -33,7 +33,6 @@ setup(
         "tqdm>=4.60",
         "safetensors>=0.4",
         "h5py>=3.8",  # reads the HED weights shipped as Keras h5, once, when fetching them
-        "tifffile>=2023.1",  # TIFFs Pillow cannot open (colour in floating point, 64-bit floats)
         "matplotlib>=3.7",
     ],
     extras_require={

@@ -57,41 +57,6 @@ def test_a_float_image_with_nan_values_is_one_line_without_warnings():
             decode_image(buffer.getvalue(), "nan.tiff")
 
 
-def test_floating_point_tiffs_pillow_cannot_open_are_read_by_tifffile():
-    """Colour in float32, anything in float64, planar samples: as the 8-bit image they stand
-    for; TIFFs of other layouts, or cut short, are refused in one line."""
-    import tifffile
-
-    ramp = np.linspace(0, 1, 40 * 50).reshape(40, 50)
-    colour = np.stack([ramp, 1 - ramp, np.full_like(ramp, 0.5)], axis=2)
-    expected = np.rint(colour * 255).astype(np.uint8)
-    rgb = {"photometric": "rgb"}
-    written = {"rgb32.tif": (colour.astype(np.float32), rgb), "rgb64.tif": (colour, rgb),
-               "planar.tif": (np.moveaxis(colour, 2, 0), {**rgb, "planarconfig": "separate"}),
-               "gray64.tif": (ramp, {}), "levels64.tif": (ramp * 255, {}),  # floats beyond 1: levels of 255
-               "rgba64.tif": (np.dstack([colour, np.full_like(ramp, 0.5)]), rgb)}
-    images = {}
-    for name, (pixels, options) in written.items():
-        buffer = io.BytesIO()
-        tifffile.imwrite(buffer, pixels, **options)
-        images[name] = decode_image(buffer.getvalue(), name)
-        assert images[name].dtype == np.uint8 and images[name].shape == (40, 50, 3), name
-    for name in ("rgb32.tif", "rgb64.tif", "planar.tif"):
-        assert np.abs(images[name].astype(int) - expected).max() <= 1, name
-    for name in ("gray64.tif", "levels64.tif"):
-        assert np.abs(images[name][:, :, 1].astype(int) - expected[:, :, 0]).max() <= 1, name
-    assert np.abs(images["rgba64.tif"].astype(int) - (expected / 2 + 127.5)).max() <= 1  # half-transparent on white
-
-    buffer = io.BytesIO()
-    tifffile.imwrite(buffer, np.dstack([ramp, ramp]), photometric="minisblack", extrasamples=[0])
-    with pytest.raises(ImageError, match=r"^two\.tif: unsupported TIFF with 2 samples per pixel; save it as"):
-        decode_image(buffer.getvalue(), "two.tif")
-    data = io.BytesIO()
-    tifffile.imwrite(data, colour, **rgb)
-    with pytest.raises(ImageError, match=r"^cut\.tif: cannot decode image \(failed to read"):
-        decode_image(data.getvalue()[:len(data.getvalue()) // 2], "cut.tif")
-
-
 def test_transparency_composites_on_white():
     rgba = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
     rgba.paste((10, 20, 30, 255), (0, 0, 16, 32))
