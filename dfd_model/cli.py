@@ -239,7 +239,7 @@ def generate(model_folder, inputs, out, refine, gender, from_photo, grid, batch_
     import time
 
     from dfd_data.sketch_methods import METHODS
-    from .generate import generate as run
+    from .generate import GenerateInterrupted, generate as run
 
     if from_photo is not None and from_photo not in METHODS:
         raise click.BadParameter(f"unknown sketch method {from_photo!r} (known: {', '.join(METHODS)})",
@@ -250,8 +250,11 @@ def generate(model_folder, inputs, out, refine, gender, from_photo, grid, batch_
     if gender is not None and gender not in model.genders:
         known = ", ".join(model.genders) or "none: the model's banks are not split by gender"
         raise click.BadParameter(f"{gender!r} is not one of the model's genders ({known})", param_hint="--gender")
-    result = run(model, list(inputs), out, refine=refine_value, gender=gender, from_photo=from_photo,
-                 batch_size=batch_size, grid=grid, quiet=quiet)
+    try:
+        result = run(model, list(inputs), out, refine=refine_value, gender=gender, from_photo=from_photo,
+                     batch_size=batch_size, grid=grid, quiet=quiet)
+    except GenerateInterrupted as interrupted:  # Ctrl-C: the summary of what was done, exit code 130
+        result = interrupted.result
     for line in result.errors:
         click.echo(line, err=True)
     click.echo(result.line(time.time() - started))

@@ -150,6 +150,15 @@ class GenerateResult:
         return f"generate: {len(self.written)} faces{failed} in {seconds:.1f} s{grid}{stopped}"
 
 
+class GenerateInterrupted(KeyboardInterrupt):
+    """Ctrl-C during `generate`: still a KeyboardInterrupt, so callers stop, carrying the run's
+    result so far (its `not_drawn` counts the inputs left)."""
+
+    def __init__(self, result: GenerateResult):
+        super().__init__()
+        self.result = result
+
+
 def _check_outputs(paths: list[Path], targets: list[Path]) -> None:
     """Refuse a run that would write over one of its own inputs (OUT is an input folder)."""
     sources = {os.path.realpath(path): path for path in paths}  # (realpath: a symlink loop is an input too)
@@ -165,7 +174,7 @@ def generate(model: SketchToFace, inputs: list[str], out: str | os.PathLike, *,
     """Write OUT/<input stem>.png for every readable sketch; see the module docstring. Inputs
     are read a batch at a time, and each batch's faces written before the next is read: an
     interrupted run keeps what it finished, and memory does not grow with the inputs. Ctrl-C
-    ends the run with the result so far (`not_drawn` counts the inputs left), without a grid."""
+    raises GenerateInterrupted with the result so far (no grid is made)."""
     out = Path(out)
     paths = collect_inputs(inputs)
     if not paths:
@@ -204,7 +213,7 @@ def generate(model: SketchToFace, inputs: list[str], out: str | os.PathLike, *,
             progress.update(len(chunk))
     except KeyboardInterrupt:
         result.not_drawn = len(paths) - len(result.written) - len(result.errors)
-        return result
+        raise GenerateInterrupted(result) from None
     finally:
         progress.close()
     if grid and tiles:
@@ -218,4 +227,4 @@ def generate(model: SketchToFace, inputs: list[str], out: str | os.PathLike, *,
     return result
 
 
-__all__ = ["GenerateResult", "collect_inputs", "generate", "letterbox", "load_sketch", "photo_reason"]
+__all__ = ["GenerateInterrupted", "GenerateResult", "collect_inputs", "generate", "letterbox", "load_sketch", "photo_reason"]

@@ -679,8 +679,10 @@ def test_generate_writes_as_it_goes_and_never_over_its_inputs(tiny_model_folder,
     assert result.line(1.0).endswith(f"grid {tmp_path / 'short' / 'grid.jpg'} (the first 1)")
 
     _ctrl_c_at_the_fourth_sketch(monkeypatch)
-    result = generate(model, [str(folder)], tmp_path / "cut", batch_size=2, quiet=True)  # Ctrl-C: the run so far
+    with pytest.raises(KeyboardInterrupt) as caught:  # (a caller's loop stops too)
+        generate(model, [str(folder)], tmp_path / "cut", batch_size=2, quiet=True)
     assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == ["a.png", "b.png"]
+    result = caught.value.result  # the run so far
     assert len(result.written) == 2 and result.not_drawn == 4  # c, d, e and empty.png
 
 
