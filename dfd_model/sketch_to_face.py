@@ -23,7 +23,7 @@ from dfd_data.devices import compute_precision
 from .config import ModelConfig
 from .cuda_graphs import CudaGraphs, graphs_apply
 from .networks import ComponentAutoEncoder, FeatureDecoder, GlobalGenerator, fuse_feature_maps, normalize_sketch
-from .projection import FeatureBank, blend, check_refine, project
+from .projection import FeatureBank, blend, check_refine, project_many
 
 # Float sketches must already be normalised; allow a little slack around [-1, 1].
 _FLOAT_RANGE_SLACK = 1e-3
@@ -186,17 +186,15 @@ class SketchToFace(nn.Module):
             raise ValueError(f"gender must be a string or None, got {gender!r}")
         device, io_dtype = next(self.parameters()).device, self.io_dtype
         x = prepare_sketch(sketch, self.config.resolution).to(device=device, dtype=io_dtype)
-        encoded = self._step("encode", self._encode_components, x)
-        latents, matches = {}, {}
-        for name, latent in zip(COMPONENTS, encoded):
-            if self.banks is not None and (match_all or weights[name] > 0):
-                bank = self.banks.get(name, gender)  # (on the model's device: set_banks and .to() move it)
-                projected, indices, lle_weights = project(
-                    latent, bank, self.config.knn, self.config.lle_eps, self.config.projection,
-                    self.banks.index(name, gender))
-                matches[name] = Match(indices, lle_weights)
-                latent = blend(latent, projected, weights[name])
-            latents[name] = latent
+        latents = dict(zip(COMPONENTS, self._step("encode", self._encode_components, x)))
+        searched = [name for name in COMPONENTS if self.banks is not None and (match_all or weights[name] > 0)]
+        # (the banks are on the model's device: set_banks and .to() move them)
+        found = project_many([(latents[name], self.banks.get(name, gender), self.banks.index(name, gender))
+                              for name in searched], self.config.knn, self.config.lle_eps, self.config.projection)
+        matches = {}
+        for name, (projected, indices, lle_weights) in zip(searched, found):
+            matches[name] = Match(indices, lle_weights)
+            latents[name] = blend(latents[name], projected, weights[name])
         return latents, matches
 
     def _encode_components(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:

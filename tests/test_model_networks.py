@@ -617,7 +617,7 @@ def test_the_score_error_bound_holds_where_bf16_rounding_errs_the_most():
     index = SearchIndex.of(bank)
     assert index.rows_bf16 is not None
     exact = (bank.double() ** 2).sum(1) - 2 * bank.double() @ query[0].double()
-    error = np.abs(index.scores(query, bank)[0] - exact.numpy())
+    error = np.abs(index.scores(query, bank)[0].numpy() - exact.numpy())
     assert error.min() > 11.8
     assert (error <= index.error_bound(query.double().numpy())[0]).all()
 
@@ -647,3 +647,54 @@ def test_large_banks_are_searched_by_matrix_product_and_reranked_exactly():
         query = bank[row:row + 1] + 0.5 * torch.randn(1, 512, generator=generator)
         exact = torch.cdist(query, bank, compute_mode="donot_use_mm_for_euclid_dist")
         assert torch.equal(nearest(query, bank, 10, index)[1], torch.topk(exact, 10, largest=False)[1])
+
+
+def _several_searches(device: str) -> list[tuple[torch.Tensor, torch.Tensor, SearchIndex | None]]:
+    """Batches of queries against banks of every kind project_many meets: a bank scored from a
+    bf16 copy (on a CPU), a small float32 one with its index, one searched without an index, a
+    float64 one, and one with fewer rows than k (every row a neighbour)."""
+    from dfd_model.projection import BF16_SCORING_ROWS
+
+    generator = torch.Generator().manual_seed(5)
+    banks = [torch.randn(BF16_SCORING_ROWS + 500, 512, generator=generator), torch.randn(300, 512, generator=generator),
+             torch.randn(300, 512, generator=generator), torch.randn(200, 512, generator=generator).double(),
+             torch.randn(6, 512, generator=generator)]
+    requests = []
+    for number, bank in enumerate(banks):
+        bank = bank.to(device)
+        query = bank[:3] + 0.3 * torch.randn(3, 512, generator=generator, dtype=bank.dtype).to(device)
+        requests.append((query, bank, None if number == 2 else SearchIndex.of(bank)))
+    return requests
+
+
+def test_projecting_several_banks_at_once_gives_each_banks_own_projection():
+    from dfd_model.projection import project_many
+
+    requests = _several_searches("cpu")
+    together = project_many(requests, k=10)
+    assert len(together) == len(requests) and project_many([], k=10) == []
+    for (query, bank, index), results in zip(requests, together):
+        alone = project(query, bank, 10, index=index)
+        for mine, expected in zip(results, alone):
+            assert mine.dtype == expected.dtype and torch.equal(mine, expected)
+        assert results[1].shape == (3, min(10, bank.shape[0]))
+        exact = torch.cdist(query.double(), bank.double())
+        assert torch.equal(results[1], torch.topk(exact, min(10, bank.shape[0]), largest=False)[1])
+    with pytest.raises(ValueError, match="query contains NaN"):
+        project_many([requests[1], (torch.full((1, 512), float("nan")), requests[1][1], requests[1][2])])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: the GPU search path runs only there")
+def test_searches_on_a_gpu_find_the_neighbours_a_cpu_finds():
+    """On a GPU the banks are scored there and only scores and candidate rows come back: the
+    neighbours must be the CPU's, exactly, and the projections equal to float rounding."""
+    from dfd_model.projection import project_many
+
+    on_cpu, on_gpu = _several_searches("cpu"), _several_searches("cuda")
+    for cpu, gpu in zip(project_many(on_cpu), project_many(on_gpu)):
+        assert all(tensor.device.type == "cuda" for tensor in gpu)
+        assert torch.equal(gpu[1].cpu(), cpu[1])
+        assert torch.allclose(gpu[0].cpu(), cpu[0], atol=1e-5) and torch.allclose(gpu[2].cpu(), cpu[2], atol=1e-5)
+    bank, index = on_gpu[0][1], on_gpu[0][2]
+    projected, rows, weights = project_many([(bank[4:5], bank, index)])[0]
+    assert rows[0, 0].item() == 4 and weights[0, 0].item() == 1 and torch.equal(projected, bank[4:5])
