@@ -680,6 +680,13 @@ def test_projecting_several_banks_at_once_gives_each_banks_own_projection():
         assert results[1].shape == (3, min(10, bank.shape[0]))
         exact = torch.cdist(query.double(), bank.double())
         assert torch.equal(results[1], torch.topk(exact, min(10, bank.shape[0]), largest=False)[1])
+        for method in ("anchored", "gram"):  # a batch is solved as its queries are one by one
+            batched = project(query, bank, 10, method=method, index=index)
+            for row in range(query.shape[0]):
+                single = project(query[row:row + 1], bank, 10, method=method, index=index)
+                assert torch.equal(single[1], batched[1][row:row + 1])
+                assert torch.allclose(single[0], batched[0][row:row + 1], atol=1e-6)
+                assert torch.allclose(single[2], batched[2][row:row + 1], atol=1e-9)
     with pytest.raises(ValueError, match="query contains NaN"):
         project_many([requests[1], (torch.full((1, 512), float("nan")), requests[1][1], requests[1][2])])
 
