@@ -17,6 +17,7 @@ import re
 import signal
 import socket
 import threading
+import time
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Callable, Iterator
@@ -28,6 +29,9 @@ CLUSTER_BACKENDS = ("dask", "ray")
 # dask's own timeout does not cover a server that accepts the connection and never answers
 # (the dashboard's port given for the scheduler's), nor ray's a GCS address nothing listens at.
 CONNECT_SECONDS = 20
+# How long a dask run may find no worker in the cluster before it says so: a scheduler whose
+# workers have not started (or have all left) holds the tasks, and the run waited without a word.
+NO_WORKER_NOTICE_SECONDS = 15
 # The backends whose cluster in use this command started on this machine (see started_here).
 _STARTED_HERE: ContextVar[frozenset] = ContextVar("dfd_clusters_started_here", default=frozenset())
 
@@ -64,6 +68,40 @@ def _dask_session(jobs: int, scheduler: str | None) -> Iterator[None]:
                                silence_logs=logging.CRITICAL)
     with cluster, Client(cluster), _started_here("dask"):
         yield
+
+
+@contextmanager
+def dask_worker_watch(client, say: Callable[[str], None]) -> Iterator[None]:
+    """For the block: `say` once when the cluster has had no worker for NO_WORKER_NOTICE_SECONDS,
+    and once more when one joins after that. The run goes on waiting: an adaptive cluster
+    starts its workers for the tasks it holds."""
+    stop = threading.Event()
+
+    def watch() -> None:
+        empty_since, said = None, False
+        while not stop.wait(1.0):
+            try:
+                workers = len(client.nthreads())
+            except Exception:  # (the client is closing: the run is over, or the cluster gone)
+                return
+            if workers:
+                if said:
+                    say(f"dask: {workers} worker{'s' if workers > 1 else ''} joined; the run goes on")
+                empty_since, said = None, False
+            elif not said:
+                empty_since = empty_since or time.monotonic()
+                if time.monotonic() - empty_since >= NO_WORKER_NOTICE_SECONDS:
+                    address = client.scheduler.address
+                    say(f"dask: the scheduler at {address} has had no worker for {NO_WORKER_NOTICE_SECONDS} s; "
+                        f"the run waits for one (start one with: dask worker {address}), or press Ctrl-C")
+                    said = True
+
+    thread = threading.Thread(target=watch, name="dask-worker-watch", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
 
 
 @contextmanager

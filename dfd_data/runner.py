@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from typing import Any, Callable, Iterable, Iterator
 import joblib
 from tqdm import tqdm
 
-from .cluster import CLUSTER_BACKENDS, cluster_session
+from .cluster import CLUSTER_BACKENDS, cluster_session, dask_worker_watch
 from .errors import SetupError, UserError
 
 BACKENDS = ("loky", "threading", *CLUSTER_BACKENDS)
@@ -287,29 +288,31 @@ def _dask_outcomes(calls: list) -> Iterator[Outcome]:
     joblib's dask backend never completes a call whose worker died (dask marks it failed,
     KilledWorker, once it has killed a few workers), and the run waited forever. dask blames
     every call a dying worker held, queued ones too: a call failed that way runs again
-    alone, and only one that kills its workers then is reported."""
+    alone, and only one that kills its workers then is reported. A cluster without workers is
+    reported while the run waits for one (see cluster.dask_worker_watch)."""
     from dask.distributed import as_completed, get_client
 
     client = get_client()
     futures = {client.submit(function, *args, pure=False, **kwargs): (function, args, kwargs)
                for function, args, kwargs in calls}
     blamed = []
-    for future in as_completed(futures):
-        try:
-            outcomes = future.result()
-        except Exception as error:  # the work functions catch their own errors: this is the cluster's
-            if type(error).__name__ == "KilledWorker":
-                blamed.append(futures[future])
-                outcomes = []
-            else:
-                outcomes = _lost(futures[future], error)
-        future.release()
-        yield from outcomes
-    for function, args, kwargs in blamed:
-        future = client.submit(function, *args, pure=False, **kwargs)
-        try:
-            outcomes = future.result()
-        except Exception as error:
-            outcomes = _lost((function, args, kwargs), error)
-        future.release()
-        yield from outcomes
+    with dask_worker_watch(client, lambda notice: tqdm.write(notice, file=sys.stderr)):
+        for future in as_completed(futures):
+            try:
+                outcomes = future.result()
+            except Exception as error:  # the work functions catch their own errors: this is the cluster's
+                if type(error).__name__ == "KilledWorker":
+                    blamed.append(futures[future])
+                    outcomes = []
+                else:
+                    outcomes = _lost(futures[future], error)
+            future.release()
+            yield from outcomes
+        for function, args, kwargs in blamed:
+            future = client.submit(function, *args, pure=False, **kwargs)
+            try:
+                outcomes = future.result()
+            except Exception as error:
+                outcomes = _lost((function, args, kwargs), error)
+            future.release()
+            yield from outcomes

@@ -112,16 +112,77 @@ def dask_cluster(folder: Path, *worker_envs: dict, hidden: Path | None = None) -
         deadline = time.monotonic() + 60
         while not scheduler_file.exists() and time.monotonic() < deadline:
             time.sleep(0.2)
-        worker = [sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file", str(scheduler_file),
-                  "--nthreads", "1", "--no-nanny", "--dashboard-address", ":0"]
+        worker = dask_worker(scheduler_file)
         if hidden is not None:  # (in a mount namespace of its own: the mount is the worker's alone)
             worker = ["unshare", "--mount", "sh", "-c", f'mount -t tmpfs none "{hidden}" && exec "$@"', "sh", *worker]
         for env in worker_envs:
             start(*worker, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
         with Client(scheduler_file=str(scheduler_file), timeout="30s") as client:
-            client.wait_for_workers(len(worker_envs), timeout=60)
+            if worker_envs:
+                client.wait_for_workers(len(worker_envs), timeout=60)
             address = client.scheduler.address
         yield address
+
+
+def dask_worker(scheduler_file: Path) -> list[str]:
+    """The command of one single-threaded worker of the scheduler that wrote `scheduler_file`."""
+    return [sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file", str(scheduler_file),
+            "--nthreads", "1", "--no-nanny", "--dashboard-address", ":0"]
+
+
+def test_a_dask_run_without_workers_says_so_and_goes_on_when_one_joins(dataset_copy, tmp_path):
+    """A scheduler whose workers have not started holds the tasks: the run waited without a
+    word. It now says so while it waits, and finishes once a worker joins."""
+    pytest.importorskip("dask.distributed", reason="the [dask] extra is not installed")
+    from dfd_data.cluster import NO_WORKER_NOTICE_SECONDS
+
+    (tmp_path / "cluster").mkdir()
+    with dask_cluster(tmp_path / "cluster") as address, open(tmp_path / "stderr", "w+") as stderr, ExitStack() as stack:
+        run = subprocess.Popen([sys.executable, "-m", "dfd_data", "build-sketches", str(dataset_copy), "--method",
+                                "canny", "--backend", "dask", "--scheduler", address, "--quiet", "--preview", "0"],
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        stack.callback(run.kill)
+        deadline = time.monotonic() + NO_WORKER_NOTICE_SECONDS + 60
+        while "has had no worker" not in (tmp_path / "stderr").read_text() and time.monotonic() < deadline:
+            assert run.poll() is None, (tmp_path / "stderr").read_text()
+            time.sleep(0.5)
+        assert not list(dataset_copy.glob("sketches/**/*.png"))  # (nothing ran yet)
+        worker = subprocess.Popen(dask_worker(tmp_path / "cluster" / "scheduler.json"), cwd=REPO,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        stack.callback(worker.wait, 30)
+        stack.callback(worker.kill)
+        assert run.wait(120) == 0
+        lines = (tmp_path / "stderr").read_text().strip().splitlines()
+    assert lines[0] == (f"dask: the scheduler at {address} has had no worker for {NO_WORKER_NOTICE_SECONDS} s; the "
+                        f"run waits for one (start one with: dask worker {address}), or press Ctrl-C")
+    assert lines[1:] in ([], ["dask: 1 worker joined; the run goes on"])  # (unless the run ended first)
+    assert len(list((dataset_copy / "sketches" / "canny").glob("*.png"))) == 2
+
+
+def test_the_worker_watch_says_when_workers_are_gone_and_when_they_are_back(monkeypatch):
+    """(No dask needed: a stand-in client whose workers go and come.)"""
+    import threading
+    import types
+
+    from dfd_data import cluster
+
+    monkeypatch.setattr(cluster, "NO_WORKER_NOTICE_SECONDS", 2)
+    polls = iter([{"w1": 1}, {}, {}, {}, {}, {}, {"w1": 1, "w2": 1}, {}])  # one a second
+    said, done = [], threading.Event()
+
+    def nthreads() -> dict:
+        workers = next(polls, None)
+        if workers is None:
+            done.set()
+        return workers or {}
+
+    client = types.SimpleNamespace(nthreads=nthreads, scheduler=types.SimpleNamespace(address="tcp://head:8786"))
+    with cluster.dask_worker_watch(client, said.append):
+        assert done.wait(30)
+    assert said == ["dask: the scheduler at tcp://head:8786 has had no worker for 2 s; the run waits for one "
+                    "(start one with: dask worker tcp://head:8786), or press Ctrl-C",
+                    "dask: 2 workers joined; the run goes on"]
 
 
 def test_a_worker_whose_machine_lacks_the_weights_stops_the_run_before_any_file(dataset_copy, tmp_path):
