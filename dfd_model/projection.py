@@ -190,6 +190,13 @@ def _check_projection_inputs(query, bank, k, eps, method) -> None:
         raise ValueError(f"project: unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
+def check_index(index, bank: torch.Tensor) -> None:
+    """A one-line ValueError unless `index` is None or was built from `bank`."""
+    if index is not None and not index.built_from(bank):  # its norms and bf16 rows would be another bank's
+        raise ValueError("project: the search index was built from another tensor than the bank searched "
+                         "(a copy in another dtype or device?); build it from the bank itself")
+
+
 def _with_ridge(grams: np.ndarray, eps: float) -> np.ndarray:
     """`grams` [B, n, n] with eps * trace(gram) added to each one's diagonal, in place. A zero
     trace means every neighbour coincides (with the anchor, or with the query): any positive
@@ -324,9 +331,7 @@ class _BankSearch:
     as the product takes to read a 17.7K bank."""
 
     def __init__(self, query: torch.Tensor, bank: torch.Tensor, k: int, index: SearchIndex | None):
-        if index is not None and not index.built_from(bank):  # its norms and bf16 rows would be another bank's
-            raise ValueError("project: the search index was built from another tensor than the bank searched "
-                             "(a copy in another dtype or device?); build it from the bank itself")
+        check_index(index, bank)
         query, rows = query.detach(), bank.detach()  # numpy takes no tensors that require grad
         self.query = query
         self.rows = rows if rows.device == query.device else rows.to(query.device)
@@ -452,15 +457,33 @@ def project_many(requests: Sequence[tuple[torch.Tensor, torch.Tensor, SearchInde
                  eps: float = 1e-3, method: str = "anchored"
                  ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """`project` for several (query, bank, index) at once, e.g. every component of a sketch:
-    the same results, with a GPU waited for twice in all rather than twice per bank."""
+    the same results. Requests whose query and bank are on one GPU are computed there (see
+    projection_on_device), and the GPU is waited for once in all; the others, and any the GPU
+    could not settle, are searched here, every bank scored before any result is read."""
     for query, bank, _ in requests:
         _check_projection_inputs(query, bank, k, eps, method)
-    results = []
-    for (query, _, _), found in zip(requests, _search_all(requests, k)):
+    results: list = [None] * len(requests)
+    on_gpu = [number for number, (query, bank, _) in enumerate(requests) if _computed_on_device(query, bank)]
+    if on_gpu:
+        from .projection_on_device import project_on_device
+
+        computed = {number: project_on_device(*requests[number][:2], k, eps, method, requests[number][2])
+                    for number in on_gpu}
+        for (number, (*result, _)), trusted in zip(computed.items(), _to_host([c[3] for c in computed.values()])):
+            if trusted:
+                results[number] = tuple(result)
+    on_host = [number for number, result in enumerate(results) if result is None]
+    for number, found in zip(on_host, _search_all([requests[number] for number in on_host], k)):
+        query = requests[number][0]
         weights = _lle_weights(found, eps, method)
         projected = np.einsum("bk,bkd->bd", weights, found.rows)
-        results.append((_as_query(projected, query), _indices(found, query), _as_query(weights, query)))
+        results[number] = (_as_query(projected, query), _indices(found, query), _as_query(weights, query))
     return results
+
+
+def _computed_on_device(query: torch.Tensor, bank: torch.Tensor) -> bool:
+    """Whether project_many computes this request on its device: a GPU holding both."""
+    return query.is_cuda and bank.device == query.device
 
 
 def _lle_weights(neighbours: Neighbours, eps: float, method: str) -> np.ndarray:

@@ -705,3 +705,38 @@ def test_searches_on_a_gpu_find_the_neighbours_a_cpu_finds():
     bank, index = on_gpu[0][1], on_gpu[0][2]
     projected, rows, weights = project_many([(bank[4:5], bank, index)])[0]
     assert rows[0, 0].item() == 4 and weights[0, 0].item() == 1 and torch.equal(projected, bank[4:5])
+
+
+def test_the_device_projection_matches_the_hosts_and_distrusts_what_it_cannot_settle(monkeypatch):
+    """projection_on_device runs on any device: here on the CPU, against the host's numpy way."""
+    from dfd_model import projection
+    from dfd_model.projection_on_device import DEVICE_CANDIDATES, project_on_device
+
+    for method in ("anchored", "gram"):
+        for query, bank, index in _several_searches("cpu"):
+            *ours, trusted = project_on_device(query, bank, 10, 1e-3, method, index)
+            expected = project(query, bank, 10, method=method, index=index)
+            assert trusted.item() and torch.equal(ours[1], expected[1])
+            for mine, theirs in ((ours[0], expected[0]), (ours[2], expected[2])):
+                assert mine.dtype == theirs.dtype and torch.allclose(mine, theirs, atol=1e-6)
+
+    # More rows than it keeps lie within the error bound (copies of one row), or the query is
+    # not finite: not trusted, and project_many searches it again the host's way.
+    generator = torch.Generator().manual_seed(9)
+    bank = torch.cat([torch.randn(1, 16, generator=generator).repeat(DEVICE_CANDIDATES + 20, 1),
+                      torch.randn(100, 16, generator=generator)])
+    query = bank[:1] + 1e-3
+    assert not project_on_device(query, bank, 10, 1e-3, "anchored", None)[3].item()
+    assert not project_on_device(torch.full((1, 16), float("nan")), bank, 10, 1e-3, "anchored", None)[3].item()
+    monkeypatch.setattr(projection, "_computed_on_device", lambda query, bank: True)
+    searched_on_host, search_all = [], projection._search_all
+    monkeypatch.setattr(projection, "_search_all",
+                        lambda requests, k: searched_on_host.extend(requests) or search_all(requests, k))
+    projected, indices, weights = projection.project_many([(query, bank, None), (bank[-1:], bank, None)])[0]
+    assert [request[0] for request in searched_on_host] == [query]  # the settled one is not searched again
+    assert torch.equal(indices, torch.arange(10)[None])  # the copies, lowest rows first, as the host finds them
+    assert torch.allclose(projected, bank[:1]) and torch.allclose(weights.sum(), torch.tensor(1.0))
+    with pytest.raises(ValueError, match="query contains NaN"):
+        projection.project_many([(torch.full((1, 16), float("nan")), bank, None)])
+    with pytest.raises(ValueError, match="built from another tensor"):
+        projection.project_many([(query, bank, SearchIndex.of(bank.clone()))])
