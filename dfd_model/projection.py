@@ -458,20 +458,29 @@ def project_many(requests: Sequence[tuple[torch.Tensor, torch.Tensor, SearchInde
                  ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """`project` for several (query, bank, index) at once, e.g. every component of a sketch:
     the same results. Requests whose query and bank are on one GPU are computed there (see
-    projection_on_device), and the GPU is waited for once in all; the others, and any the GPU
-    could not settle, are searched here, every bank scored before any result is read."""
+    projection_on_device); the others, and any the GPU could not settle, are searched here,
+    every bank scored before any result is read."""
     for query, bank, _ in requests:
         _check_projection_inputs(query, bank, k, eps, method)
-    results: list = [None] * len(requests)
-    on_gpu = [number for number, (query, bank, _) in enumerate(requests) if _computed_on_device(query, bank)]
-    if on_gpu:
+    computed: list = [None] * len(requests)
+    if any(_computed_on_device(query, bank) for query, bank, _ in requests):
         from .projection_on_device import project_on_device
 
-        computed = {number: project_on_device(*requests[number][:2], k, eps, method, requests[number][2])
-                    for number in on_gpu}
-        for (number, (*result, _)), trusted in zip(computed.items(), _to_host([c[3] for c in computed.values()])):
-            if trusted:
-                results[number] = tuple(result)
+        computed = [project_on_device(query, bank, k, eps, method, index) if _computed_on_device(query, bank)
+                    else None for query, bank, index in requests]
+    return settle(requests, computed, k, eps, method)
+
+
+def settle(requests: Sequence[tuple[torch.Tensor, torch.Tensor, SearchIndex | None]], computed: Sequence,
+           k: int, eps: float, method: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Each request's (projected, indices, weights): from `computed` where it holds
+    projection_on_device's results for it and their trust flag is set (the flags are read
+    back together: one wait for the device), else searched here."""
+    results: list = [None] * len(requests)
+    on_device = [number for number, result in enumerate(computed) if result is not None]
+    for number, trusted in zip(on_device, _to_host([computed[number][3] for number in on_device])):
+        if trusted:
+            results[number] = tuple(computed[number][:3])
     on_host = [number for number, result in enumerate(results) if result is None]
     for number, found in zip(on_host, _search_all([requests[number] for number in on_host], k)):
         query = requests[number][0]

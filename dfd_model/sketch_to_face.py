@@ -12,6 +12,7 @@ map, fuse the maps by hard overwrite, and run the generator.
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Mapping, NamedTuple
 
 import torch
@@ -23,7 +24,8 @@ from dfd_data.devices import compute_precision
 from .config import ModelConfig
 from .cuda_graphs import CudaGraphs, graphs_apply
 from .networks import ComponentAutoEncoder, FeatureDecoder, GlobalGenerator, fuse_feature_maps, normalize_sketch
-from .projection import FeatureBank, blend, check_refine, project_many
+from .projection import FeatureBank, blend, check_refine, project_many, settle
+from .projection_on_device import project_on_device
 
 # Float sketches must already be normalised; allow a little slack around [-1, 1].
 _FLOAT_RANGE_SLACK = 1e-3
@@ -59,6 +61,12 @@ def prepare_sketch(sketch, resolution: int) -> torch.Tensor:
             raise ValueError(f"float sketches must be normalised to [-1, 1] (paper +1, ink -1), got values "
                              f"{low:g}..{high:g}; pass uint8 pixels to have them normalised")
     return tensor
+
+
+def searches_on_device(device: torch.device) -> bool:
+    """Whether a model on `device` searches its banks there (projection_on_device) rather than
+    on the host: on a GPU."""
+    return device.type == "cuda"
 
 
 def crop_sketch_components(sketch: torch.Tensor, config: ModelConfig) -> dict[str, torch.Tensor]:
@@ -102,11 +110,20 @@ class SketchToFace(nn.Module):
         self.autoencoders = nn.ModuleDict({name: ComponentAutoEncoder(sizes[name], config) for name in COMPONENTS})
         self.feature_decoders = nn.ModuleDict({name: FeatureDecoder(sizes[name], config) for name in COMPONENTS})
         self.generator = GlobalGenerator(config)
-        self.banks: FeatureBank | None = None
+        self._feature_banks: FeatureBank | None = None
         self.set_banks(banks)
-        self.cuda_graphs = CudaGraphs()
 
     # ---- banks -------------------------------------------------------------------------------
+    @property
+    def banks(self) -> FeatureBank | None:
+        """The feature banks the projection searches (None: sketches are used as drawn).
+        Assigning them calls set_banks."""
+        return self._feature_banks
+
+    @banks.setter
+    def banks(self, banks: FeatureBank | None) -> None:
+        self.set_banks(banks)
+
     def set_banks(self, banks: FeatureBank | None) -> None:
         """Attach (or with None remove) the feature banks used by the projection."""
         if banks is not None:
@@ -124,7 +141,8 @@ class SketchToFace(nn.Module):
             parameter = next(self.parameters(), None)
             if parameter is not None and parameter.device.type != "meta":
                 banks = banks.to(parameter.device)
-        self.banks = banks
+        self._feature_banks = banks
+        self.cuda_graphs = CudaGraphs()  # a graph of the search reads the banks it was captured with
 
     @property
     def io_dtype(self) -> torch.dtype:
@@ -144,7 +162,7 @@ class SketchToFace(nn.Module):
         # `.to()`, `.cuda()`, `.half()` and friends go through here: move the banks as well.
         result = super()._apply(fn, *args, **kwargs)
         if self.banks is not None:
-            self.banks = self.banks.apply(fn)
+            self._feature_banks = self.banks.apply(fn)
         self.cuda_graphs = CudaGraphs()  # frees at once the graphs of the weights this replaced
         return result
 
@@ -186,16 +204,39 @@ class SketchToFace(nn.Module):
             raise ValueError(f"gender must be a string or None, got {gender!r}")
         device, io_dtype = next(self.parameters()).device, self.io_dtype
         x = prepare_sketch(sketch, self.config.resolution).to(device=device, dtype=io_dtype)
-        latents = dict(zip(COMPONENTS, self._step("encode", self._encode_components, x)))
         searched = [name for name in COMPONENTS if self.banks is not None and (match_all or weights[name] > 0)]
-        # (the banks are on the model's device: set_banks and .to() move them)
-        found = project_many([(latents[name], self.banks.get(name, gender), self.banks.index(name, gender))
-                              for name in searched], self.config.knn, self.config.lle_eps, self.config.projection)
+        settings = (self.config.knn, self.config.lle_eps, self.config.projection)
+        if searched and searches_on_device(device):  # (the banks are on the model's device: set_banks and
+            # .to() move them) the search runs there after the encoders, in one step (one graph)
+            encoded = self._step(f"encode and search ({gender!r})", partial(self._encode_and_search, gender), x)
+            latents = dict(zip(COMPONENTS, encoded[:len(COMPONENTS)]))
+            searches = encoded[len(COMPONENTS):]
+            computed = {name: searches[4 * number:4 * number + 4] for number, name in enumerate(COMPONENTS)}
+            found = settle([self._request(name, latents[name], gender) for name in searched],
+                           [computed[name] for name in searched], *settings)
+        else:
+            latents = dict(zip(COMPONENTS, self._step("encode", self._encode_components, x)))
+            found = project_many([self._request(name, latents[name], gender) for name in searched], *settings)
         matches = {}
         for name, (projected, indices, lle_weights) in zip(searched, found):
             matches[name] = Match(indices, lle_weights)
             latents[name] = blend(latents[name], projected, weights[name])
         return latents, matches
+
+    def _request(self, name: str, latent: torch.Tensor, gender: str | None) -> tuple:
+        """(latent, bank, index): what project_many and settle take to search `name`'s bank."""
+        return latent, self.banks.get(name, gender), self.banks.index(name, gender)
+
+    def _encode_and_search(self, gender: str | None, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """`_encode_components`, then every component's projection_on_device results (four
+        tensors each, in COMPONENTS order), all queued on the GPU without waiting for it."""
+        latents = self._encode_components(x)
+        results = list(latents)
+        for name, latent in zip(COMPONENTS, latents):
+            query, bank, index = self._request(name, latent, gender)
+            results += project_on_device(query, bank, self.config.knn, self.config.lle_eps, self.config.projection,
+                                         index)
+        return tuple(results)
 
     def _encode_components(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Normalised sketches -> each component's latent as its encoder gives it, in COMPONENTS

@@ -185,6 +185,38 @@ def test_copies_of_a_model_start_without_graphs():
     assert len(copy.deepcopy(graphs)) == 0
 
 
+def test_the_encoders_and_the_search_on_the_device_are_one_step_giving_the_host_searchs_results(monkeypatch):
+    """On a GPU the five encoders and the five bank searches (projection_on_device) are one
+    step, captured as one graph, whose trust flags are read back once. Here on the CPU, through
+    the stand-in graphs, against the host's search; banks set afresh drop the graph, which
+    read the old ones."""
+    from dfd_model import sketch_to_face
+
+    torch.manual_seed(0)
+    model = prepare_for_inference(SketchToFace(ModelConfig(**TINY), random_banks(TINY["latent_dim"])),
+                                  torch.device("cpu"), "fp32")
+    sketches = random_sketches(3, TINY["resolution"], seed=3)
+
+    def encoded() -> list:
+        with torch.inference_mode():
+            return [model.encode_and_match(sketch[None], refine={"nose": 0.0, "mouth": 0.5}, gender="female")
+                    for sketch in sketches]
+
+    expected = encoded()  # (on the CPU the search runs on the host)
+    monkeypatch.setattr(sketch_to_face, "searches_on_device", lambda device: True)
+    monkeypatch.setattr(sketch_to_face, "graphs_apply", lambda inputs: True)
+    model.cuda_graphs = graphs = RecomputingGraphs()
+    got = encoded()
+    assert (graphs.captures, len(graphs)) == (1, 1)
+    for (latents, matches), (expected_latents, expected_matches) in zip(got, expected):
+        for name in latents:
+            assert torch.allclose(latents[name], expected_latents[name], atol=1e-6)
+            assert torch.equal(matches[name].indices, expected_matches[name].indices)
+            assert torch.allclose(matches[name].weights, expected_matches[name].weights, atol=1e-6)
+    model.set_banks(random_banks(TINY["latent_dim"], seed=1))
+    assert len(model.cuda_graphs) == 0 and not model.cuda_graphs.in_use
+
+
 # ---- on a CUDA device ---------------------------------------------------------------------------
 CUDA = torch.device("cuda")
 
