@@ -6,10 +6,11 @@ For each network at 512 (HED, the simplifier, the full model with banks of the r
 sizes): img/s of the toolkit's call beside the same layers as eager fp32 modules on the same
 GPU, the network's seconds per image beside its FLOP-bound time at the GPU's measured bf16
 matmul rate, and its difference from the CPU's fp32 result; the full model also beside itself
-with its CUDA graphs turned off, and its five bank searches beside the same searches made the
-host's way. For training at 512: seconds per step of both stages in fp32 and of stage 2 with mixed
-precision (bf16, and fp16 with its loss scaler, forced), and the peak GPU memory. A difference beyond tolerance or a non-finite loss
-fails the check: the command says which and exits 1, after printing every figure.
+with its CUDA graphs turned off, and its encoders and bank searches beside the same with the
+searches made on the host. For training at 512: seconds per step of both stages in fp32 and
+of stage 2 with mixed precision (bf16, and fp16 with its loss scaler, forced), and the peak
+GPU memory. A difference beyond tolerance or a non-finite loss fails the check: the command
+says which and exits 1, after printing every figure.
 """
 from __future__ import annotations
 
@@ -28,14 +29,12 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dfd_data.components import COMPONENTS
 from dfd_data.dataset import Dataset
 from dfd_data.devices import compute_precision, native_bf16, precision_name, prepare_for_inference
 from dfd_data.image_io import read_image
 from dfd_data.sketch_methods import resolve_method, run_method
 from dfd_model.config import ModelConfig
-from dfd_model import projection
-from dfd_model.projection import project_many
+from dfd_model import sketch_to_face
 
 from .measure import (RELEASED_BANKS, Row, dtype_name, eager_copy, forward_flops, matmul_flops_per_second,
                       median_seconds, random_sketches, released_size_model, synchronized, table)
@@ -175,7 +174,7 @@ def generation_rows(bench: Bench) -> list[Row]:
             model.use_cuda_graphs = True
             rows.append(Row(f"generate_cuda_graphs_img_per_s_512_b{batch}", rows[-2].value, "img/s",
                             "the same model launching its kernels one by one", batch / eager, {"batch": batch}))
-            rows.append(projection_row(bench, model, sketch))
+            rows.append(search_row(bench, model, sketch))
     # The same weights on the CPU in fp32, without projection (whose neighbours may swap on ties).
     precision = precision_name(model.compute_dtype)
     results = [inference(model, device, sketches[:1], refine=0.0).float().cpu() * 127.5]  # levels of 255
@@ -186,24 +185,19 @@ def generation_rows(bench: Bench) -> list[Row]:
     return rows + [bench.checks.agreement("generate_vs_cpu_fp32", *results, IMAGE_TOLERANCE)]
 
 
-def projection_row(bench: Bench, model, sketch: torch.Tensor) -> Row:
-    """The five components' bank searches of one batch, computed on the device as the model
-    makes them, beside the same searches made the host's way (scores and candidate rows read
-    back, re-ranked and solved in numpy)."""
-    config = model.config
-    with torch.inference_mode():
-        latents = model.encode(sketch, refine=0.0)
-    requests = [(latents[name], model.banks.get(name, "female"), model.banks.index(name, "female"))
-                for name in COMPONENTS]
+def search_row(bench: Bench, model, sketch: torch.Tensor) -> Row:
+    """Encoding a batch with every component's bank search, as the model makes them (on the
+    device, replayed with the encoders as one CUDA graph), beside the same encoders with the
+    searches made on the host (scores and candidates read back, re-ranked and solved in numpy)."""
+    def encode():
+        with torch.inference_mode():
+            return model.encode(sketch, gender="female")
 
-    def search():
-        return project_many(requests, config.knn, config.lle_eps, config.projection)
-
-    on_device = bench.seconds(search)
-    with mock.patch.object(projection, "_computed_on_device", lambda query, bank: False):
-        on_host = bench.seconds(search)
-    return Row(f"projection_ms_5_components_b{sketch.shape[0]}", on_device * 1000, "ms",
-               "the same searches the host's way", on_host * 1000, {"banks": RELEASED_BANKS})
+    on_device = bench.seconds(encode)
+    with mock.patch.object(sketch_to_face, "searches_on_device", lambda device: False):
+        on_host = bench.seconds(encode)
+    return Row(f"encode_and_search_ms_512_b{sketch.shape[0]}", on_device * 1000, "ms",
+               "the searches made on the host", on_host * 1000, {"banks": RELEASED_BANKS})
 
 
 def training_rows(bench: Bench, dataset: Path, batch: int) -> list[Row]:

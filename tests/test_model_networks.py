@@ -662,7 +662,8 @@ def _several_searches(device: str) -> list[tuple[torch.Tensor, torch.Tensor, Sea
     requests = []
     for number, bank in enumerate(banks):
         bank = bank.to(device)
-        query = bank[:3] + 0.3 * torch.randn(3, 512, generator=generator, dtype=bank.dtype).to(device)
+        noise = torch.randn(8, 512, generator=generator, dtype=bank.dtype).to(device)
+        query = bank[torch.arange(8) % len(bank)] + 0.3 * noise
         requests.append((query, bank, None if number == 2 else SearchIndex.of(bank)))
     return requests
 
@@ -677,7 +678,7 @@ def test_projecting_several_banks_at_once_gives_each_banks_own_projection():
         alone = project(query, bank, 10, index=index)
         for mine, expected in zip(results, alone):
             assert mine.dtype == expected.dtype and torch.equal(mine, expected)
-        assert results[1].shape == (3, min(10, bank.shape[0]))
+        assert results[1].shape == (8, min(10, bank.shape[0]))
         exact = torch.cdist(query.double(), bank.double())
         assert torch.equal(results[1], torch.topk(exact, min(10, bank.shape[0]), largest=False)[1])
         for method in ("anchored", "gram"):  # a batch is solved as its queries are one by one
@@ -692,19 +693,26 @@ def test_projecting_several_banks_at_once_gives_each_banks_own_projection():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: the GPU search path runs only there")
-def test_searches_on_a_gpu_find_the_neighbours_a_cpu_finds():
-    """On a GPU the banks are scored there and only scores and candidate rows come back: the
-    neighbours must be the CPU's, exactly, and the projections equal to float rounding."""
-    from dfd_model.projection import project_many
+def test_searches_on_a_gpu_find_the_neighbours_a_cpu_finds(monkeypatch):
+    """On a GPU, batches of DEVICE_MIN_QUERIES or more are projected there: the neighbours must
+    be the CPU's, exactly, and the projections equal to float rounding."""
+    from dfd_model import projection_on_device
+    from dfd_model.projection import DEVICE_MIN_QUERIES, project_many
 
+    assert DEVICE_MIN_QUERIES <= 8  # (the batches of _several_searches)
     on_cpu, on_gpu = _several_searches("cpu"), _several_searches("cuda")
+    computed, compute = [], projection_on_device.project_on_device
+    monkeypatch.setattr(projection_on_device, "project_on_device",
+                        lambda *args: computed.append(args[1]) or compute(*args))
     for cpu, gpu in zip(project_many(on_cpu), project_many(on_gpu)):
         assert all(tensor.device.type == "cuda" for tensor in gpu)
         assert torch.equal(gpu[1].cpu(), cpu[1])
         assert torch.allclose(gpu[0].cpu(), cpu[0], atol=1e-5) and torch.allclose(gpu[2].cpu(), cpu[2], atol=1e-5)
+    assert len(computed) == len(on_gpu) and all(bank.is_cuda for bank in computed)
     bank, index = on_gpu[0][1], on_gpu[0][2]
-    projected, rows, weights = project_many([(bank[4:5], bank, index)])[0]
-    assert rows[0, 0].item() == 4 and weights[0, 0].item() == 1 and torch.equal(projected, bank[4:5])
+    projected, rows, weights = project_many([(bank[:8], bank, index)])[0]
+    assert torch.equal(rows[:, 0].cpu(), torch.arange(8)) and torch.equal(projected, bank[:8])
+    assert torch.equal(weights[:, 0].cpu(), torch.ones(8))
 
 
 def test_the_device_projection_matches_the_hosts_and_distrusts_what_it_cannot_settle(monkeypatch):
