@@ -34,7 +34,7 @@ from dfd_data.devices import compute_precision, native_bf16, precision_name, pre
 from dfd_data.image_io import read_image
 from dfd_data.sketch_methods import resolve_method, run_method
 from dfd_model.config import ModelConfig
-from dfd_model import sketch_to_face
+from dfd_model import projection, sketch_to_face
 
 from .measure import (RELEASED_BANKS, Row, dtype_name, eager_copy, forward_flops, matmul_flops_per_second,
                       median_seconds, random_sketches, released_size_model, synchronized, table)
@@ -194,7 +194,8 @@ def search_row(bench: Bench, model, sketch: torch.Tensor) -> Row:
             return model.encode(sketch, gender="female")
 
     on_device = bench.seconds(encode)
-    with mock.patch.object(sketch_to_face, "searches_on_device", lambda device: False):
+    with mock.patch.object(sketch_to_face, "searches_on_device", lambda device: False), \
+            mock.patch.object(projection, "_computed_on_device", lambda query, bank: False):
         on_host = bench.seconds(encode)
     return Row(f"encode_and_search_ms_512_b{sketch.shape[0]}", on_device * 1000, "ms",
                "the searches made on the host", on_host * 1000, {"banks": RELEASED_BANKS})
