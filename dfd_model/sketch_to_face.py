@@ -24,7 +24,7 @@ from dfd_data.devices import compute_precision
 from .config import ModelConfig
 from .cuda_graphs import CudaGraphs, graphs_apply
 from .networks import ComponentAutoEncoder, FeatureDecoder, GlobalGenerator, fuse_feature_maps, normalize_sketch
-from .projection import FeatureBank, blend, check_refine, project_many, settle
+from .projection import DEVICE_MIN_QUERIES, FeatureBank, blend, check_refine, project_many, settle
 from .projection_on_device import project_on_device
 
 # Float sketches must already be normalised; allow a little slack around [-1, 1].
@@ -206,14 +206,19 @@ class SketchToFace(nn.Module):
         x = prepare_sketch(sketch, self.config.resolution).to(device=device, dtype=io_dtype)
         searched = [name for name in COMPONENTS if self.banks is not None and (match_all or weights[name] > 0)]
         settings = (self.config.knn, self.config.lle_eps, self.config.projection)
-        if searched and searches_on_device(device):  # (the banks are on the model's device: set_banks and
-            # .to() move them) the search runs there after the encoders, in one step (one graph)
-            encoded = self._step(f"encode and search ({gender!r})", partial(self._encode_and_search, gender), x)
+        if searched and self._searches_on_device(x):
+            # the banks that have this gender are searched after the encoders, in one step (one
+            # graph); a step per gender and settings, as a graph keeps the banks and values it met
+            for name in searched:
+                self.banks.get(name, gender)  # (a gender one lacks: its error, before any work)
+            searchable = [name for name in COMPONENTS if gender is None or gender in self.banks.genders(name)]
+            step = f"encode and search {', '.join(searchable)} ({gender!r}; {settings})"
+            encoded = self._step(step, partial(self._encode_and_search, searchable, gender), x)
             latents = dict(zip(COMPONENTS, encoded[:len(COMPONENTS)]))
             searches = encoded[len(COMPONENTS):]
-            computed = {name: searches[4 * number:4 * number + 4] for number, name in enumerate(COMPONENTS)}
+            computed = {name: searches[4 * number:4 * number + 4] for number, name in enumerate(searchable)}
             found = settle([self._request(name, latents[name], gender) for name in searched],
-                           [computed[name] for name in searched], *settings)
+                           [computed.get(name) for name in searched], *settings)
         else:
             latents = dict(zip(COMPONENTS, self._step("encode", self._encode_components, x)))
             found = project_many([self._request(name, latents[name], gender) for name in searched], *settings)
@@ -227,12 +232,21 @@ class SketchToFace(nn.Module):
         """(latent, bank, index): what project_many and settle take to search `name`'s bank."""
         return latent, self.banks.get(name, gender), self.banks.index(name, gender)
 
-    def _encode_and_search(self, gender: str | None, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """`_encode_components`, then every component's projection_on_device results (four
-        tensors each, in COMPONENTS order), all queued on the GPU without waiting for it."""
+    def _searches_on_device(self, x: torch.Tensor) -> bool:
+        """Whether the banks are searched on the model's device (they are there: set_banks and
+        .to() move them): on a GPU, where the search replays as a graph with the encoders, or
+        where the batch is large enough to pay for its launches (see DEVICE_MIN_QUERIES)."""
+        return searches_on_device(x.device) and (self._graphs_apply((x,)) or x.shape[0] >= DEVICE_MIN_QUERIES)
+
+    def _encode_and_search(self, searched: list[str], gender: str | None, x: torch.Tensor
+                           ) -> tuple[torch.Tensor, ...]:
+        """`_encode_components`, then the projection_on_device results of each `searched`
+        component (four tensors each), all queued on the GPU without waiting for it."""
         latents = self._encode_components(x)
         results = list(latents)
         for name, latent in zip(COMPONENTS, latents):
+            if name not in searched:
+                continue
             query, bank, index = self._request(name, latent, gender)
             results += project_on_device(query, bank, self.config.knn, self.config.lle_eps, self.config.projection,
                                          index)
@@ -259,11 +273,15 @@ class SketchToFace(nn.Module):
 
     def _step(self, name: str, function, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """`function(*inputs)`, replayed as a CUDA graph where that applies (`use_cuda_graphs`)."""
-        if self.use_cuda_graphs and getattr(self, "rewritten_for_inference", False) and graphs_apply(inputs):
+        if self._graphs_apply(inputs):
             return self.cuda_graphs.run(self, name, function, *inputs)
         if not self.use_cuda_graphs and self.cuda_graphs.in_use:
             self.cuda_graphs = CudaGraphs()  # turned off: free the graphs and what they hold
         return function(*inputs)
+
+    def _graphs_apply(self, inputs: tuple[torch.Tensor, ...]) -> bool:
+        return (self.use_cuda_graphs and getattr(self, "rewritten_for_inference", False) and graphs_apply(inputs)
+                and not self.cuda_graphs.failed)
 
     def draw(self, latents: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Component latents -> the sketch they stand for [B, 1, R, R] in [-1, 1]: each component's

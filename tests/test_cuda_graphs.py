@@ -10,6 +10,7 @@ dropped when `.to()` replaces the weights.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from dfd_data.devices import prepare_for_inference
 from dfd_model import cuda_graphs
 from dfd_model.config import ModelConfig
 from dfd_model.cuda_graphs import CudaGraphs
+from dfd_model.projection import FeatureBank
 from dfd_model.sketch_to_face import SketchToFace
 
 from .test_model_networks import TINY, random_banks, random_sketches
@@ -213,8 +215,24 @@ def test_the_encoders_and_the_search_on_the_device_are_one_step_giving_the_host_
             assert torch.allclose(latents[name], expected_latents[name], atol=1e-6)
             assert torch.equal(matches[name].indices, expected_matches[name].indices)
             assert torch.allclose(matches[name].weights, expected_matches[name].weights, atol=1e-6)
+    # a graph keeps the settings it met: other settings are another step
+    model.config = dataclasses.replace(model.config, knn=3)
+    with torch.inference_mode():
+        assert model.encode_and_match(sketches[:1], gender="female")[1]["mouth"].indices.shape == (1, 3)
     model.set_banks(random_banks(TINY["latent_dim"], seed=1))
     assert len(model.cuda_graphs) == 0 and not model.cuda_graphs.in_use
+    # a component whose bank lacks the gender is not searched unless asked for, as on the host
+    banks = random_banks(TINY["latent_dim"]).flat()
+    del banks["nose/male"]
+    model.set_banks(FeatureBank.from_flat(banks))
+    model.cuda_graphs = RecomputingGraphs()
+    with torch.inference_mode():
+        ours = model.encode(sketches[:1], refine={"nose": 0.0}, gender="male")
+        with pytest.raises(ValueError, match="feature bank nose has no gender 'male'"):
+            model.encode(sketches[:1], gender="male")
+        monkeypatch.setattr(sketch_to_face, "searches_on_device", lambda device: False)
+        on_host = model.encode(sketches[:1], refine={"nose": 0.0}, gender="male")
+    assert all(torch.allclose(ours[name], on_host[name], atol=1e-6) for name in on_host)
 
 
 # ---- on a CUDA device ---------------------------------------------------------------------------

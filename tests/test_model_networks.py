@@ -728,6 +728,12 @@ def test_the_device_projection_matches_the_hosts_and_distrusts_what_it_cannot_se
             for mine, theirs in ((ours[0], expected[0]), (ours[2], expected[2])):
                 assert mine.dtype == theirs.dtype and torch.allclose(mine, theirs, atol=1e-6)
 
+    # k above DEVICE_CANDIDATES: it keeps that many more
+    generator = torch.Generator().manual_seed(9)
+    bank = torch.randn(1000, 64, generator=generator)
+    *ours, trusted = project_on_device(bank[:2] + 0.1, bank, 200, 1e-3, "anchored", None)
+    assert trusted.item() and torch.equal(ours[1], project(bank[:2] + 0.1, bank, 200)[1])
+
     # More rows than it keeps lie within the error bound (copies of one row), or the query is
     # not finite: not trusted, and project_many searches it again the host's way.
     generator = torch.Generator().manual_seed(9)
