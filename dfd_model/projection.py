@@ -232,16 +232,16 @@ def _dots(bank: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
 @contextmanager
 def _products_as_typed(device_type: str) -> Iterator[None]:
     """Matrix products in their tensors' own dtypes, as the scores' error bound assumes: no
-    autocast, and no TF32 or bf16 passes for float32 (torch.set_float32_matmul_precision)."""
-    precision = torch.get_float32_matmul_precision()
-    if precision != "highest":
-        torch.set_float32_matmul_precision("highest")
+    autocast, and no TF32 or bf16 passes for float32 (the backend's fp32_precision, which
+    torch.set_float32_matmul_precision and allow_tf32 set too), restored as they were."""
+    backend = torch.backends.cuda.matmul if device_type == "cuda" else torch.backends.mkldnn.matmul
+    precision = backend.fp32_precision
+    backend.fp32_precision = "ieee"
     try:
         with torch.autocast(device_type, enabled=False):
             yield
     finally:
-        if precision != "highest":
-            torch.set_float32_matmul_precision(precision)
+        backend.fp32_precision = precision
 
 
 @dataclass(frozen=True, eq=False)
@@ -296,11 +296,8 @@ class SearchIndex:
         on the bank's device. `rows` and `query` share a floating dtype of at least float32's
         precision."""
         bank, q = (self.rows_bf16, query.to(torch.bfloat16)) if self._bf16_pays(query) else (rows, query)
-        if torch.get_float32_matmul_precision() == "highest" and not torch.is_autocast_enabled(bank.device.type):
+        with _products_as_typed(bank.device.type):
             dots = _dots(bank, q)
-        else:  # (the context costs microseconds: one query's search takes a few hundred)
-            with _products_as_typed(bank.device.type):
-                dots = _dots(bank, q)
         return torch.sub(self.squared_norms.to(dots.device), dots, alpha=2)
 
     def _bf16_pays(self, query: torch.Tensor) -> bool:
@@ -381,8 +378,12 @@ class _BankSearch:
         scores = fetched[1].numpy()
         limits = (np.partition(scores, self.count - 1, axis=1)[:, self.count - 1:self.count]
                   + 2 * self.index.error_bound(self.target))
+        chosen = scores <= limits
+        short = chosen.sum(1) < self.count  # NaN scores: float32 products of huge values overflowed
+        if short.any():
+            chosen[short] = True  # every row, re-ranked in float64
         # (flat: np.nonzero of the 2-D mask took 73 us for one query against 17,703 rows, this 11)
-        self.owners, self.candidates = np.divmod(np.flatnonzero(scores <= limits), scores.shape[1])
+        self.owners, self.candidates = np.divmod(np.flatnonzero(chosen), scores.shape[1])
 
     def row_tensors(self) -> list[torch.Tensor]:
         """The candidates' rows, for a bank numpy cannot view (on a GPU, or in a low precision)."""

@@ -754,3 +754,33 @@ def test_the_device_projection_matches_the_hosts_and_distrusts_what_it_cannot_se
         projection.project_many([(torch.full((1, 16), float("nan")), bank, None)])
     with pytest.raises(ValueError, match="built from another tensor"):
         projection.project_many([(query, bank, SearchIndex.of(bank.clone()))])
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # (the huge query's distances, in float32)
+def test_searches_hold_under_reduced_precision_settings_and_overflowing_products():
+    """The scores' error bound assumes float32 products: autocast and the fp32_precision
+    settings (TF32, bf16 passes) must not reach them, and are left as they were. A query whose
+    float32 products overflow (NaN scores) is searched over every row, not given another's
+    neighbours."""
+    from dfd_model.projection import nearest
+
+    generator = torch.Generator().manual_seed(4)
+    bank = torch.randn(1_500, 512, generator=generator)
+    queries = bank[:16] + 0.05 * torch.randn(16, 512, generator=generator)
+    exact = torch.topk(torch.cdist(queries.double(), bank.double()), 10, largest=False)[1]
+    setting = torch.backends.mkldnn.matmul
+    before, setting.fp32_precision = setting.fp32_precision, "bf16"
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(nearest(queries, bank, 10)[1], exact)
+        assert setting.fp32_precision == "bf16" and not torch.is_autocast_enabled("cpu")
+    finally:
+        setting.fp32_precision = before
+
+    small = torch.rand(20, 2, generator=generator) + 2
+    small[:, 1] *= -1
+    huge = torch.tensor([[0.5, 0.5], [3e38, 3e38], [0.1, 0.2]])
+    indices = nearest(huge, small, 3)[1]
+    assert indices[1].tolist() == [0, 1, 2]  # every distance ties in float64: the lowest rows
+    assert torch.equal(indices[[0, 2]], torch.topk(torch.cdist(huge[[0, 2]].double(), small.double()), 3,
+                                                   largest=False)[1])
