@@ -27,6 +27,7 @@ import math
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
@@ -232,16 +233,23 @@ def _dots(bank: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
 @contextmanager
 def _products_as_typed(device_type: str) -> Iterator[None]:
     """Matrix products in their tensors' own dtypes, as the scores' error bound assumes: no
-    autocast, and no TF32 or bf16 passes for float32 (the backend's fp32_precision, which
-    torch.set_float32_matmul_precision and allow_tf32 set too), restored as they were."""
-    backend = torch.backends.cuda.matmul if device_type == "cuda" else torch.backends.mkldnn.matmul
-    precision = backend.fp32_precision
-    backend.fp32_precision = "ieee"
+    autocast, and no TF32 or bf16 passes for float32, the settings restored as they were. From
+    torch 2.9 that is the backend's fp32_precision (which allow_tf32 and
+    set_float32_matmul_precision set too; the latter's getter raises once it is used), before
+    it the float32 matmul precision."""
+    backend = getattr(torch.backends.cuda if device_type == "cuda" else torch.backends.mkldnn, "matmul", None)
+    if hasattr(backend, "fp32_precision"):
+        precision = backend.fp32_precision
+        backend.fp32_precision = "ieee"
+        restore = partial(setattr, backend, "fp32_precision", precision)
+    else:
+        restore = partial(torch.set_float32_matmul_precision, torch.get_float32_matmul_precision())
+        torch.set_float32_matmul_precision("highest")
     try:
         with torch.autocast(device_type, enabled=False):
             yield
     finally:
-        backend.fp32_precision = precision
+        restore()
 
 
 @dataclass(frozen=True, eq=False)
