@@ -230,15 +230,37 @@ def _dots(bank: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
     return torch.mv(bank, query[0])[None] if query.shape[0] == 1 else (bank @ query.T).T
 
 
+def _matmul_setting(device_type: str):
+    """The torch.backends object whose fp32_precision governs float32 matrix products on
+    `device_type` (torch 2.9 and later), else None."""
+    backend = getattr(torch.backends.cuda if device_type == "cuda" else torch.backends.mkldnn, "matmul", None)
+    return backend if hasattr(backend, "fp32_precision") else None
+
+
+def _reduced_float32_products(device_type: str) -> bool:
+    """Whether float32 products on `device_type` may take TF32 or bf16 passes: a setting a user
+    (allow_tf32, set_float32_matmul_precision or fp32_precision) can make for the process."""
+    backend = _matmul_setting(device_type)
+    if backend is None:
+        return torch.get_float32_matmul_precision() != "highest"
+    parent = torch.backends.mkldnn if device_type != "cuda" else None
+    for setting in (backend, parent, torch.backends):  # the first that is not "none" applies
+        value = getattr(setting, "fp32_precision", "none")
+        if value != "none":
+            return value != "ieee"
+    return False
+
+
 @contextmanager
 def _products_as_typed(device_type: str) -> Iterator[None]:
     """Matrix products in their tensors' own dtypes, as the scores' error bound assumes: no
     autocast, and no TF32 or bf16 passes for float32, the settings restored as they were. From
     torch 2.9 that is the backend's fp32_precision (which allow_tf32 and
     set_float32_matmul_precision set too; the latter's getter raises once it is used), before
-    it the float32 matmul precision."""
-    backend = getattr(torch.backends.cuda if device_type == "cuda" else torch.backends.mkldnn, "matmul", None)
-    if hasattr(backend, "fp32_precision"):
+    it the float32 matmul precision. It changes process-wide settings for the product (so
+    SearchIndex.scores enters it only where they, or autocast, would change the product)."""
+    backend = _matmul_setting(device_type)
+    if backend is not None:
         precision = backend.fp32_precision
         backend.fp32_precision = "ieee"
         restore = partial(setattr, backend, "fp32_precision", precision)
@@ -304,7 +326,10 @@ class SearchIndex:
         on the bank's device. `rows` and `query` share a floating dtype of at least float32's
         precision."""
         bank, q = (self.rows_bf16, query.to(torch.bfloat16)) if self._bf16_pays(query) else (rows, query)
-        with _products_as_typed(bank.device.type):
+        if torch.is_autocast_enabled(bank.device.type) or _reduced_float32_products(bank.device.type):
+            with _products_as_typed(bank.device.type):
+                dots = _dots(bank, q)
+        else:  # (as nearly always: no process-wide setting is touched)
             dots = _dots(bank, q)
         return torch.sub(self.squared_norms.to(dots.device), dots, alpha=2)
 
