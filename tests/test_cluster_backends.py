@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -251,6 +252,26 @@ def test_a_worker_that_cannot_see_the_dataset_stops_the_run_before_any_file(samp
         f"out: machine {socket.gethostname()}: cannot see {dataset} (photos and datasets must be on storage every "
         f"worker sees, at the same path)"]
     assert not (dataset / "sketches").exists()
+
+
+def test_sigterm_ends_a_ray_run_as_it_ends_a_local_one(dataset_copy, tmp_path):
+    """On the local ray instance a command starts, SIGTERM had ray's handlers print about 40
+    lines of C++ stack and abort (exit status 134); now it ends the command as without ray."""
+    pytest.importorskip("ray", reason="the [ray] extra is not installed")
+    with open(tmp_path / "stderr", "w+") as stderr:
+        run = subprocess.Popen([sys.executable, "-m", "dfd_data", "build-sketches", str(dataset_copy), "--method",
+                                NETWORK_METHOD, "--backend", "ray", "--jobs", "2", "--preview", "0"],
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        try:
+            deadline = time.monotonic() + 120
+            while "build-sketches:" not in (tmp_path / "stderr").read_text() and time.monotonic() < deadline:
+                assert run.poll() is None, (tmp_path / "stderr").read_text()
+                time.sleep(0.2)  # (the progress bar shows once ray runs)
+            run.send_signal(signal.SIGTERM)
+            assert run.wait(60) == -signal.SIGTERM
+        finally:
+            run.kill()
+    assert "SIGTERM received" not in (tmp_path / "stderr").read_text()
 
 
 def test_scheduler_address_only_goes_with_dask(photos, tmp_path):
