@@ -216,8 +216,10 @@ def _ray_session(jobs: int) -> Iterator[None]:
 
 @contextmanager
 def _ray_connection(ray, jobs: int) -> Iterator[None]:
-    """A ray session at RAY_ADDRESS, or a local instance of `jobs` CPUs, for the block."""
+    """A ray session at RAY_ADDRESS, or a local instance of `jobs` CPUs, for the block
+    (RAY_ADDRESS=local too: ray's own name for that, started here as without it)."""
     address = os.environ.get("RAY_ADDRESS")
+    address = None if address == "local" else address
     if address:
         _check_ray_address(address)
     # ("local": a new local instance, even where an earlier `ray start` left its address behind)

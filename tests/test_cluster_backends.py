@@ -256,12 +256,15 @@ def test_a_worker_that_cannot_see_the_dataset_stops_the_run_before_any_file(samp
 
 def test_sigterm_ends_a_ray_run_as_it_ends_a_local_one(dataset_copy, tmp_path):
     """On the local ray instance a command starts, SIGTERM had ray's handlers print about 40
-    lines of C++ stack and abort (exit status 134); now it ends the command as without ray."""
+    lines of C++ stack and abort (exit status 134); now it ends the command as without ray.
+    RAY_ADDRESS=local, ray's name for such an instance, starts it the same way (it had been
+    started off the main thread, as a remote cluster is, where ray sets no handler and warns)."""
     pytest.importorskip("ray", reason="the [ray] extra is not installed")
     with open(tmp_path / "stderr", "w+") as stderr:
         run = subprocess.Popen([sys.executable, "-m", "dfd_data", "build-sketches", str(dataset_copy), "--method",
                                 NETWORK_METHOD, "--backend", "ray", "--jobs", "2", "--preview", "0"],
-                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+                               cwd=REPO, env={**os.environ, "RAY_ADDRESS": "local"}, stdout=subprocess.DEVNULL,
+                               stderr=stderr, text=True)
         try:
             deadline = time.monotonic() + 120
             while "build-sketches:" not in (tmp_path / "stderr").read_text() and time.monotonic() < deadline:
@@ -271,7 +274,7 @@ def test_sigterm_ends_a_ray_run_as_it_ends_a_local_one(dataset_copy, tmp_path):
             assert run.wait(60) == -signal.SIGTERM
         finally:
             run.kill()
-    assert "SIGTERM received" not in (tmp_path / "stderr").read_text()
+    assert "SIGTERM" not in (tmp_path / "stderr").read_text()
 
 
 def test_scheduler_address_only_goes_with_dask(photos, tmp_path):
