@@ -32,6 +32,7 @@ CONNECT_SECONDS = 20
 # How long a dask run may find no worker in the cluster before it says so: a scheduler whose
 # workers have not started (or have all left) holds the tasks, and the run waited without a word.
 NO_WORKER_NOTICE_SECONDS = 15
+_WATCH_SECONDS = 1.0  # between two looks at the cluster's workers
 # The backends whose cluster in use this command started on this machine (see started_here).
 _STARTED_HERE: ContextVar[frozenset] = ContextVar("dfd_clusters_started_here", default=frozenset())
 
@@ -79,7 +80,7 @@ def dask_worker_watch(client, say: Callable[[str], None]) -> Iterator[None]:
 
     def watch() -> None:
         empty_since, said = None, False
-        while not stop.wait(1.0):
+        while not stop.wait(_WATCH_SECONDS):
             try:
                 workers = len(client.nthreads())
             except Exception:  # (the client is closing: the run is over, or the cluster gone)

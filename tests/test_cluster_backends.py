@@ -168,8 +168,9 @@ def test_the_worker_watch_says_when_workers_are_gone_and_when_they_are_back(monk
 
     from dfd_data import cluster
 
-    monkeypatch.setattr(cluster, "NO_WORKER_NOTICE_SECONDS", 2)
-    polls = iter([{"w1": 1}, {}, {}, {}, {}, {}, {"w1": 1, "w2": 1}, {}])  # one a second
+    monkeypatch.setattr(cluster, "NO_WORKER_NOTICE_SECONDS", 0.2)
+    monkeypatch.setattr(cluster, "_WATCH_SECONDS", 0.05)
+    polls = iter([{"w1": 1}, {}, {}, {}, {}, {}, {"w1": 1, "w2": 1}, {}])  # one each 0.05 s
     said, done = [], threading.Event()
 
     def nthreads() -> dict:
@@ -181,7 +182,7 @@ def test_the_worker_watch_says_when_workers_are_gone_and_when_they_are_back(monk
     client = types.SimpleNamespace(nthreads=nthreads, scheduler=types.SimpleNamespace(address="tcp://head:8786"))
     with cluster.dask_worker_watch(client, said.append):
         assert done.wait(30)
-    assert said == ["dask: the scheduler at tcp://head:8786 has had no worker for 2 s; the run waits for one "
+    assert said == ["dask: the scheduler at tcp://head:8786 has had no worker for 0.2 s; the run waits for one "
                     "(start one with: dask worker tcp://head:8786), or press Ctrl-C",
                     "dask: 2 workers joined; the run goes on"]
 
