@@ -64,7 +64,9 @@ def _dask_session(jobs: int, scheduler: str | None) -> Iterator[None]:
     # oversubscribe the cores. The dashboard takes any free port (its default one, taken by
     # another cluster, was a warning on every run), and the workers' own logs stay quiet: a
     # task's error comes back to this process, and Ctrl-C made each worker print tracebacks.
-    with _ctrl_c_ignored():  # by the workers it starts: this process stops them (one line, not 50)
+    # SIGINT ignored by the workers it starts (processes inherit that, and Python leaves a
+    # signal ignored at its start ignored): this process stops them (one line, not 50)
+    with _signal_handled(signal.SIGINT, signal.SIG_IGN):
         cluster = LocalCluster(n_workers=jobs, threads_per_worker=1, processes=True, dashboard_address=":0",
                                silence_logs=logging.CRITICAL)
     with cluster, Client(cluster), _started_here("dask"):
@@ -115,17 +117,17 @@ def _started_here(backend: str) -> Iterator[None]:
 
 
 @contextmanager
-def _ctrl_c_ignored() -> Iterator[None]:
-    """SIGINT ignored for the block, in the main thread: processes started meanwhile inherit
-    that, and Python leaves a signal ignored at its start ignored."""
+def _signal_handled(number: int, handler) -> Iterator[None]:
+    """`handler` for the signal `number` during the block, in the main thread (the only one
+    that may set handlers; elsewhere nothing changes), and the handler before it after."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = signal.signal(number, handler)
     try:
         yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    finally:  # (None: a handler set outside Python, which cannot be set back from here)
+        signal.signal(number, previous if previous is not None else signal.SIG_DFL)
 
 
 @contextmanager
@@ -246,26 +248,13 @@ def _ray_connection(ray, jobs: int) -> Iterator[None]:
         if address:
             yield
         else:
-            with _started_here("ray"), _sigterm_ends_the_command():
+            # SIGTERM ends the command at once, as without ray (status 143; every file finished
+            # is already recorded): ray's own handlers printed about 40 lines of C++ stack and
+            # aborted (status 134). Its workers' crash reports are left as they are.
+            with _started_here("ray"), _signal_handled(signal.SIGTERM, signal.SIG_DFL):
                 yield
     finally:
         ray.shutdown()
-
-
-@contextmanager
-def _sigterm_ends_the_command() -> Iterator[None]:
-    """SIGTERM ends the command at once, as it does without ray (exit status 143; every file
-    finished is already recorded). On the local instance it starts in the main thread, ray's
-    own handlers printed about 40 lines of C++ stack and aborted (status 134). Its workers'
-    crash reports are left as they are."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 @contextmanager
