@@ -546,8 +546,8 @@ def settle(requests: Sequence[tuple[torch.Tensor, torch.Tensor, SearchIndex | No
 # The fewest queries project_many computes on a GPU. Its device way launches about 60 kernels
 # a bank whatever the batch, where the host's way costs per query: five banks of the released
 # sizes took 6.0 ms the device's way at 1 and 16 queries on an H200, the host's way 2.9 ms at
-# 1 and 14.7 ms at 16. (SketchToFace searches on its GPU at any batch: its search is replayed
-# as a CUDA graph, one launch.)
+# 1 and 14.7 ms at 16. (SketchToFace searches on its GPU at any batch where its search is
+# replayed as a CUDA graph, one launch; elsewhere it calls project_many.)
 DEVICE_MIN_QUERIES = 8
 
 

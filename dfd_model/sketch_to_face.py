@@ -24,7 +24,7 @@ from dfd_data.devices import compute_precision
 from .config import ModelConfig
 from .cuda_graphs import CudaGraphs, graphs_apply
 from .networks import ComponentAutoEncoder, FeatureDecoder, GlobalGenerator, fuse_feature_maps, normalize_sketch
-from .projection import DEVICE_MIN_QUERIES, FeatureBank, blend, check_refine, project_many, settle
+from .projection import FeatureBank, blend, check_refine, project_many, settle
 from .projection_on_device import project_on_device
 
 # Float sketches must already be normalised; allow a little slack around [-1, 1].
@@ -233,10 +233,10 @@ class SketchToFace(nn.Module):
         return latent, self.banks.get(name, gender), self.banks.index(name, gender)
 
     def _searches_on_device(self, x: torch.Tensor) -> bool:
-        """Whether the banks are searched on the model's device (they are there: set_banks and
-        .to() move them): on a GPU, where the search replays as a graph with the encoders, or
-        where the batch is large enough to pay for its launches (see DEVICE_MIN_QUERIES)."""
-        return searches_on_device(x.device) and (self._graphs_apply((x,)) or x.shape[0] >= DEVICE_MIN_QUERIES)
+        """Whether the banks are searched on the model's device with the encoders, as one step
+        (they are there: set_banks and .to() move them): on a GPU, where that step replays as a
+        graph. Elsewhere project_many decides (on a GPU, by the batch: DEVICE_MIN_QUERIES)."""
+        return searches_on_device(x.device) and self._graphs_apply((x,))
 
     def _encode_and_search(self, searched: list[str], gender: str | None, x: torch.Tensor
                            ) -> tuple[torch.Tensor, ...]:
