@@ -323,7 +323,7 @@ def projection_rows(runs: int) -> list[Row]:
     for size, bank, query in _projection_banks():
         index = FeatureBank({"nose": bank}).index("nose")
         ours[size] = median_seconds(lambda: project(query, bank, 10, index=index), runs * 20, warmup=20)
-        scored[size] = "float32" if index.rows_bf16 is None else "bfloat16"
+        scored[size] = index.copy_scoring(1) or "float32"
     baselines = _in_fresh_process(_numpy_projection_probe, runs, label="the numpy projection baselines")
     rows = []
     for size, seconds in ours.items():

@@ -16,10 +16,10 @@ Two solves of the locally linear weights are offered (`method`):
   queried projects about 1-2% of a neighbour distance away from itself.
 
 Both solve in float64 (in numpy: the result carries no gradient) and return tensors in the
-query's dtype. The neighbour search scores the bank with one matrix product (from a bf16 copy
-of a large bank where that is faster) and re-ranks, by float64 distances, every row that the
-scores' rounding error bound leaves a chance of being among the k nearest: the result is
-exact, whatever the scores were computed in.
+query's dtype. The neighbour search scores the bank with one matrix product (from an int8 or
+bf16 copy of a large bank where that is faster) and re-ranks, by float64 distances, every row
+that the scores' rounding error bound leaves a chance of being among the k nearest: the result
+is exact, whatever the scores were computed in.
 """
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ from typing import Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
+
+from dfd_data.devices import native_bf16
 
 
 ALL = "all"
@@ -211,16 +213,27 @@ def _with_ridge(grams: np.ndarray, eps: float) -> np.ndarray:
     return grams
 
 
-# CPU banks above this size get a bf16 copy to score; below it the float32 bank is read so fast
-# that the copy would not pay for its memory. A GPU reads a float32 bank in microseconds, and
-# its bf16 products may add up partial sums in bf16, outside the error bound below.
-BF16_SCORING_ROWS = 2048
-# A few queries are matrix-vector products, which torch computes from the bf16 copy faster on
-# any CPU (17,703 x 512, one query, on a 2-vCPU AVX2 EPYC: 1.3 ms against 3.4 ms in float32).
-# More queries make a matrix product, which CPUs without native bf16 (see
-# dfd_data.devices.native_bf16) emulate: 16 queries there took 20 ms in bf16, 10 in float32.
+# CPU banks above this size get a low-precision copy to score; below it the float32 bank is
+# read so fast that the copy would not pay for its memory. A GPU reads a float32 bank in
+# microseconds, and its bf16 products may add up partial sums in bf16, outside the error bound.
+LOW_PRECISION_ROWS = 2048
+# On CPUs without native bf16 the copy is int8 rows with a bf16 scale each, scored by torch's
+# weight-only int8 kernel (_weight_int8pack_mm): it reads a quarter of the float32 bank and
+# converts int8 cheaply. 17,703 x 512 on a 2-vCPU AVX2 EPYC: 0.6 ms for one query against
+# 1.1 ms from a bf16 copy and 2.9 ms in float32; 16 queries 3.8-5.3 ms against 5.5-5.7 ms in
+# float32, 32 queries 10.6 ms against 8.1 (the kernel reads the bank once per 4 queries).
+INT8_MAX_QUERIES = 16
+# On CPUs with native bf16 (AMX) the copy stays bf16, as measured there. Without native bf16
+# a few queries are matrix-vector products, which torch computes from a bf16 copy faster (the
+# copy a CPU gets where the int8 kernel is missing); more make a matrix product that such CPUs
+# emulate in bf16: 16 queries took 20 ms in bf16, 10 in float32.
 BF16_EMULATED_MAX_QUERIES = 4
 _FLOAT32_ROUNDING = 2.0 ** -24  # unit roundoff: scores are accumulated and finished in float32
+_BF16_ROUNDING = torch.finfo(torch.bfloat16).eps / 2
+# the int8 kernel's vector loads step 16 values at a time (AVX-512), aligned: a width that is
+# not a multiple crashed it
+_INT8_WIDTH_STEP = 16
+_INT8_ROWS_PER_CHUNK = 8192  # rows quantised at a time (16 MB of float32 temporaries at 512 wide)
 
 
 def _dots(bank: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
@@ -277,9 +290,10 @@ def _products_as_typed(device_type: str) -> Iterator[None]:
 @dataclass(frozen=True, eq=False)
 class SearchIndex:
     """What the search of one bank needs, computed once per bank: its rows' squared norms,
-    the two terms of its scores' error bound and, for a large bank, a bf16 copy of the rows.
-    One query reads the whole bank, so the copy halves the memory traffic that bounds the
-    search; the bound covers scores from either copy."""
+    the two terms of its scores' error bound and, for a large bank on a CPU, a low-precision
+    copy of the rows (int8 with a scale per row, or bf16 where the CPU computes bf16
+    natively). One query reads the whole bank, so the copy cuts the memory traffic that bounds
+    the search; the bound covers scores from either copy."""
 
     # The bank it was built from, held so that its memory is not reused while the index lives
     # (see built_from). Its values must not change: an index describes them as they were.
@@ -289,30 +303,35 @@ class SearchIndex:
     # all rows (from the largest row norm) costs two multiplications per query, not 2N.
     error_slope: float
     error_floor: float
+    # the slope of the bound for scores computed in float32 from the rows themselves (the first
+    # pass of the re-ranking)
+    float32_error_slope: float
     rows_bf16: torch.Tensor | None = None
+    rows_int8: torch.Tensor | None = None  # [N, D]: row i is row_scales[i] * rows_int8[i], nearly
+    row_scales: torch.Tensor | None = None  # [N] bf16
 
     @classmethod
     def of(cls, bank: torch.Tensor) -> "SearchIndex":
-        """Worst-case rounding of a score |b|^2 - 2 q.b, in any summation order. The dot
-        product: rounding q and b to the scoring dtype (unit roundoff u) errs by at most
-        (2u + u^2)|q||b|, float32 accumulation of D products by gamma_D (1 + u)^2 |q||b|
-        (Cauchy-Schwarz bounds sum |q_i b_i|), and a bf16 product rounds its float32 sum once
-        more, by u times its size. The norms err by gamma_D |b|^2 and three float32 roundings
-        finish the score; 1.01 covers the second-order terms left out."""
+        """The index of `bank`, with its copy (see _copy_kind) and the worst-case rounding of a
+        score |b|^2 - 2 q.b, in any summation order, from that copy or from the bank: the dot
+        product errs by at most |q| times the bound _dot_error gives, the norms by gamma_D |b|^2
+        (float32 accumulation of D squares), and three float32 roundings finish the score; 1.01
+        covers the second-order terms left out."""
         rows = bank.detach().float()
-        low = rows.to(torch.bfloat16) if bank.shape[0] > BF16_SCORING_ROWS and bank.device.type == "cpu" else None
         squared = rows.pow(2).sum(1)
         largest = float(squared.max())
         if not math.isfinite(largest):  # the bound, and every score near such a row, would be NaN
             raise ValueError("project: the bank holds NaN or infinite values, or rows too long for float32 "
                              "squared norms (above about 1.8e19)")
-        u = torch.finfo(torch.bfloat16).eps / 2 if low is not None else 0.0
+        kind = _copy_kind(bank)
+        rows_bf16 = rows.to(torch.bfloat16) if kind == "bf16" else None
+        rows_int8, row_scales, residual = _int8_rows(rows) if kind == "int8" else (None, None, 0.0)
         r = _FLOAT32_ROUNDING
-        gamma = bank.shape[1] * r / (1 - bank.shape[1] * r)
-        product = 2 * u + u * u + gamma * (1 + u) ** 2
-        dot = product + u * (1 + product)
-        return cls(bank, squared, 1.01 * (2 * dot + 6 * r) * math.sqrt(largest),
-                   1.01 * (gamma + 3 * r) * largest, low)
+        gamma = _accumulation_rounding(bank.shape[1])
+        longest = math.sqrt(largest)
+        dot, float32_dot = _dot_error(kind, gamma, longest, residual), _dot_error(None, gamma, longest, 0.0)
+        return cls(bank, squared, 1.01 * (2 * dot + 6 * r * longest), 1.01 * (gamma + 3 * r) * largest,
+                   1.01 * (2 * float32_dot + 6 * r * longest), rows_bf16, rows_int8, row_scales)
 
     def built_from(self, bank: torch.Tensor) -> bool:
         """Whether `bank` is the tensor this index was built from: the same memory seen the
@@ -325,25 +344,100 @@ class SearchIndex:
         """|b|^2 - 2 q.b for every row b (the distance order, shifted by |q|^2), [B, N] in float32
         on the bank's device. `rows` and `query` share a floating dtype of at least float32's
         precision."""
-        bank, q = (self.rows_bf16, query.to(torch.bfloat16)) if self._bf16_pays(query) else (rows, query)
-        if torch.is_autocast_enabled(bank.device.type) or _reduced_float32_products(bank.device.type):
-            with _products_as_typed(bank.device.type):
-                dots = _dots(bank, q)
+        device_type = rows.device.type
+        if torch.is_autocast_enabled(device_type) or _reduced_float32_products(device_type):
+            with _products_as_typed(device_type):
+                dots = self._dots(query, rows)
         else:  # (as nearly always: no process-wide setting is touched)
-            dots = _dots(bank, q)
+            dots = self._dots(query, rows)
         return torch.sub(self.squared_norms.to(dots.device), dots, alpha=2)
 
-    def _bf16_pays(self, query: torch.Tensor) -> bool:
-        """Whether scoring `query` from the bf16 copy is the faster way (see
-        BF16_EMULATED_MAX_QUERIES)."""
-        from dfd_data.devices import native_bf16
+    def copy_scoring(self, batch: int) -> str | None:
+        """The copy that scores `batch` queries the fastest ("int8" or "bf16"), or None where the
+        bank itself does (see INT8_MAX_QUERIES and BF16_EMULATED_MAX_QUERIES)."""
+        if self.rows_int8 is not None and batch <= INT8_MAX_QUERIES:
+            return "int8"
+        if self.rows_bf16 is not None and (batch <= BF16_EMULATED_MAX_QUERIES or native_bf16(self.rows_bf16.device)):
+            return "bf16"
+        return None
 
-        return self.rows_bf16 is not None and (query.shape[0] <= BF16_EMULATED_MAX_QUERIES
-                                               or native_bf16(self.rows_bf16.device))
+    def _dots(self, query: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """query [B, D] . every row, [B, N], from the copy copy_scoring names."""
+        copy = self.copy_scoring(query.shape[0])
+        if copy == "int8":
+            return torch.ops.aten._weight_int8pack_mm(query.to(torch.bfloat16).contiguous(), self.rows_int8,
+                                                      self.row_scales)
+        if copy == "bf16":
+            return _dots(self.rows_bf16, query.to(torch.bfloat16))
+        return _dots(rows, query)
 
-    def error_bound(self, target: np.ndarray) -> np.ndarray:
-        """The bound on every score's rounding error for queries `target` [B, D], [B, 1]."""
-        return np.sqrt(np.einsum("bd,bd->b", target, target))[:, None] * self.error_slope + self.error_floor
+    def error_bound(self, lengths: np.ndarray, float32_rows: bool = False) -> np.ndarray:
+        """The bound on every score's rounding error for queries of `lengths` [B] (|q|), [B]: of
+        the scores above, or (`float32_rows`) of scores computed in float32 from the rows."""
+        return lengths * (self.float32_error_slope if float32_rows else self.error_slope) + self.error_floor
+
+
+def _accumulation_rounding(width: int) -> float:
+    """gamma_D: the relative error bound of a float32 sum of `width` terms, in any order."""
+    return width * _FLOAT32_ROUNDING / (1 - width * _FLOAT32_ROUNDING)
+
+
+def _copy_kind(bank: torch.Tensor) -> str | None:
+    """The low-precision copy a bank is scored from: none on a GPU or for a small bank; bf16 on a
+    CPU with native bf16; int8 on one that runs torch's vectorised int8 kernel (x86 with AVX2
+    or AVX-512: elsewhere it is a scalar loop) at a latent width its vector loads step through
+    whole; else bf16."""
+    if bank.shape[0] <= LOW_PRECISION_ROWS or bank.device.type != "cpu":
+        return None
+    if native_bf16(bank.device):
+        return "bf16"
+    vectorised = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    if vectorised and bank.shape[1] % _INT8_WIDTH_STEP == 0 and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+        return "int8"
+    return "bf16"
+
+
+def _int8_rows(bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(rows_int8, row_scales, residual) for a float32 `bank`: each row scaled so that its
+    largest value is 127 (the scale rounded to bf16, as the kernel takes it), and the largest
+    distance of a row from its int8 copy (scale * integers, exact in float32). Each difference
+    of a value and its copy is exact in float32 too (Sterbenz: the integer is 0, or the two
+    lie within a factor of two of each other), and 1.001 covers the rounding of the sum of
+    their squares."""
+    values = torch.empty(bank.shape, dtype=torch.int8)
+    scales = torch.empty(bank.shape[0], dtype=torch.bfloat16)
+    residual = 0.0
+    for start in range(0, bank.shape[0], _INT8_ROWS_PER_CHUNK):
+        rows = bank[start:start + _INT8_ROWS_PER_CHUNK]
+        scale = (torch.linalg.vector_norm(rows, math.inf, dim=1) / 127).to(torch.bfloat16).float()
+        divisor = torch.where(scale > 0, scale, 1.0)[:, None]  # (a zero row, or a scale below bf16's range)
+        work = torch.div(rows, divisor).round_().clamp_(-127, 127)  # (in place: fresh pages cost more than the work)
+        chunk = work.to(torch.int8)
+        gaps = torch.linalg.vector_norm(work.mul_(scale[:, None]).sub_(rows), dim=1)
+        residual = max(residual, 1.001 * float(gaps.max()))
+        values[start:start + len(rows)], scales[start:start + len(rows)] = chunk, scale.to(torch.bfloat16)
+    return values, scales, residual
+
+
+def _dot_error(kind: str | None, gamma: float, longest: float, residual: float) -> float:
+    """The bound on |q.b - computed q.b| per unit of |q|, for rows up to `longest` long.
+
+    float32 (no copy): float32 accumulation of D products, gamma_D |q||b| (Cauchy-Schwarz
+    bounds sum |q_i b_i|). bf16 copy: rounding q and b to bf16 (unit roundoff u) errs by
+    (2u + u^2)|q||b|, the accumulation by gamma_D (1 + u)^2 |q||b|, and the bf16 result
+    rounds the float32 sum once more, by u times its size. int8 copy (row b' = scale *
+    integers, within `residual` of b): q rounds to bf16, (q - q').b errs by u|q||b| and
+    q'.(b - b') by (1 + u)|q| residual; each product of a bf16 value and scale * integer (8,
+    8 and 7 significant bits) is exact in float32, so the float32 sum errs by gamma_D
+    (1 + u)|q||b'|, and the bf16 result by u times its size, with |b'| <= |b| + residual."""
+    if kind is None:
+        return gamma * longest
+    u = _BF16_ROUNDING
+    if kind == "bf16":
+        product = 2 * u + u * u + gamma * (1 + u) ** 2
+        return (product + u * (1 + product)) * longest
+    copy_length = longest + residual
+    return u * longest + (1 + u) * residual + (gamma * (1 + u) + u * (1 + gamma) * (1 + u)) * copy_length
 
 
 class Neighbours(NamedTuple):
@@ -409,8 +503,9 @@ class _BankSearch:
             self.owners, self.candidates = np.repeat(np.arange(batch), self.count), np.tile(np.arange(self.count), batch)
             return
         scores = fetched[1].numpy()
+        self.lengths = np.sqrt(np.square(self.target).sum(1))  # (einsum's parsing alone took 15 us)
         limits = (np.partition(scores, self.count - 1, axis=1)[:, self.count - 1:self.count]
-                  + 2 * self.index.error_bound(self.target))
+                  + 2 * self.index.error_bound(self.lengths)[:, None])
         chosen = scores <= limits
         short = chosen.sum(1) < self.count  # NaN scores: float32 products of huge values overflowed
         if short.any():
@@ -429,16 +524,46 @@ class _BankSearch:
         `row_tensors`. Each query takes its own candidates, however many another needs."""
         # (a view of the bank: gathering the candidates copies only them)
         picked = self.rows.numpy()[self.candidates] if self._viewable() else fetched[0].numpy()
-        offsets = picked - self.target[self.owners]  # float64, as target is: exact for float32 rows and query
+        owners, candidates = self.owners, self.candidates
+        if self.index is not None and self.index.copy_scoring(len(self.target)) is not None:
+            kept = self._closest_in_float32(picked)
+            picked, owners, candidates = picked[kept], owners[kept], candidates[kept]
+        offsets = picked - self.target[owners]  # float64, as target is: exact for float32 rows and query
         squared = np.einsum("td,td->t", offsets, offsets)
-        order = np.lexsort((squared, self.owners))  # by query, then distance; ties keep the lower bank row first
-        firsts = np.searchsorted(self.owners, np.arange(len(self.target)))  # each has `count` candidates or more
-        nearest = order[firsts[:, None] + np.arange(self.count)]  # [B, count]
-        return Neighbours(squared[nearest], self.candidates[nearest], picked[nearest].astype(np.float64, copy=False),
+        order = np.lexsort((squared, owners))  # by query, then distance; ties keep the lower bank row first
+        nearest = order[_firsts(owners, len(self.target))[:, None] + np.arange(self.count)]  # [B, count]
+        return Neighbours(squared[nearest], candidates[nearest], picked[nearest].astype(np.float64, copy=False),
                           offsets[nearest])
+
+    def _closest_in_float32(self, picked: np.ndarray) -> np.ndarray:
+        """Which candidates stay, by their scores computed again from their own rows in float32
+        (or float64, for a float64 bank or query), under the much tighter bound of those
+        scores: the choice of candidates again, now among a few hundred rows instead of the
+        bank. Float64 distances then cost about 10 rows per query instead of 100-200 (from the
+        int8 copy: 0.4 ms of a 1.7 ms search against 17,703 vectors on a 2-vCPU AVX2 EPYC)."""
+        exact_in_float32 = picked.dtype == np.float32 and self.query.dtype != torch.float64
+        rows = picked if exact_in_float32 else picked.astype(np.float64)
+        target = self.target.astype(rows.dtype)
+        dots = rows @ target[0] if len(target) == 1 else np.einsum("td,td->t", rows, target[self.owners])
+        # the index's norms where numpy can read them (the same float32 sums), else the rows'
+        norms = (self.index.squared_norms.numpy()[self.candidates] if self._viewable()
+                 else np.einsum("td,td->t", rows, rows))
+        scores = norms - 2 * dots
+        order = np.lexsort((scores, self.owners))  # (NaN last)
+        kth = scores[order[_firsts(self.owners, len(target)) + self.count - 1]]
+        kept = scores <= (kth + 2 * self.index.error_bound(self.lengths, float32_rows=True))[self.owners]
+        doubtful = np.isnan(scores)  # float32 products of huge values overflowed: keep the query's every candidate
+        if doubtful.any():
+            kept |= np.isin(self.owners, self.owners[doubtful])
+        return kept
 
     def _viewable(self) -> bool:
         return self.rows.device.type == "cpu" and self.rows.dtype in (torch.float32, torch.float64)
+
+
+def _firsts(owners: np.ndarray, batch: int) -> np.ndarray:
+    """Where each of `batch` queries' entries start in `owners` (sorted; each query has some)."""
+    return np.searchsorted(owners, np.arange(batch))
 
 
 def _search_all(requests: Sequence[tuple[torch.Tensor, torch.Tensor, SearchIndex | None]], k: int

@@ -583,7 +583,43 @@ def test_a_planted_pickle_is_refused_and_never_run(saved, tmp_path, planted):
     assert not marker.exists()
 
 
-def test_bf16_scoring_finds_the_exact_neighbours_in_a_bank_of_tight_clusters():
+def _int8_kernel_runs_here() -> bool:
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and hasattr(torch.ops.aten,
+                                                                                      "_weight_int8pack_mm")
+
+
+def _use_copy(monkeypatch, kind: str) -> str:
+    """Every large CPU bank gets the `kind` of copy, whichever this CPU would get."""
+    from dfd_model import projection
+
+    if kind == "int8" and not _int8_kernel_runs_here():
+        pytest.skip("torch's vectorised int8 kernel needs an x86 CPU with AVX2 or AVX-512")
+    monkeypatch.setattr(projection, "_copy_kind",
+                        lambda bank: kind if bank.shape[0] > projection.LOW_PRECISION_ROWS else None)
+    return kind
+
+
+@pytest.fixture(params=["bf16", "int8"])
+def scoring_copy(request, monkeypatch) -> str:
+    """Both copies must give exact searches on any machine that can run them."""
+    return _use_copy(monkeypatch, request.param)
+
+
+def test_a_cpu_gets_the_copy_it_scores_fastest():
+    """Large CPU banks get a copy (int8 where the vectorised kernel runs and the CPU lacks
+    native bf16, bf16 with it); small banks and widths the kernel cannot step through do not
+    get int8."""
+    from dfd_data.devices import native_bf16
+    from dfd_model.projection import LOW_PRECISION_ROWS, _copy_kind
+
+    large, small = torch.zeros(LOW_PRECISION_ROWS + 1, 512), torch.zeros(LOW_PRECISION_ROWS, 512)
+    assert _copy_kind(small) is None
+    expected = "bf16" if native_bf16(torch.device("cpu")) or not _int8_kernel_runs_here() else "int8"
+    assert _copy_kind(large) == expected
+    assert _copy_kind(torch.zeros(LOW_PRECISION_ROWS + 1, 100)) == "bf16"  # (100 wide crashed the int8 kernel)
+
+
+def test_low_precision_scoring_finds_the_exact_neighbours_in_a_bank_of_tight_clusters(scoring_copy):
     """Faces come in look-alikes: a bank of tight clusters puts many rows within bf16's rounding
     of one another. The search must still return exactly the k nearest (a fixed margin of
     extra candidates once missed neighbours ranked 72nd by the bf16 scores)."""
@@ -594,7 +630,7 @@ def test_bf16_scoring_finds_the_exact_neighbours_in_a_bank_of_tight_clusters():
     bank = centres[torch.randint(0, 300, (17_703,), generator=generator)] + 0.1 * torch.randn(17_703, 512,
                                                                                              generator=generator)
     index = FeatureBank({"nose": bank}).index("nose")
-    assert index.rows_bf16 is not None
+    assert index.copy_scoring(1) == scoring_copy
     for row in range(0, 17_703, 1_770):
         query = bank[row:row + 1] + 0.005 * torch.randn(1, 512, generator=generator)
         exact = torch.cdist(query.double(), bank.double())[0]
@@ -602,34 +638,55 @@ def test_bf16_scoring_finds_the_exact_neighbours_in_a_bank_of_tight_clusters():
         assert torch.equal(indices[0], torch.topk(exact, 10, largest=False)[1]), row
 
 
-def test_the_score_error_bound_holds_where_bf16_rounding_errs_the_most():
+def _score_errors(bank: torch.Tensor, query: torch.Tensor) -> tuple[np.ndarray, float, SearchIndex]:
+    """(every row's score error, the bound, the index) for one query."""
+    index = SearchIndex.of(bank)
+    exact = (bank.double() ** 2).sum(1) - 2 * bank.double() @ query[0].double()
+    error = np.abs(index.scores(query, bank)[0].numpy() - exact.numpy())
+    return error, float(index.error_bound(query.double().norm(dim=1).numpy())[0]), index
+
+
+def test_the_score_error_bound_holds_where_bf16_rounding_errs_the_most(monkeypatch):
     """The search is exact only if no score errs by more than its bound. Here every rounding
     of a bf16 score errs the same way: q and b lose 0.99 of a unit roundoff towards 1 in each
     entry, and their float32 sum, 514, is a tie that bf16 rounds down to 512. The score then
     errs by 11.9, more than a bound without the product's final rounding allows (8.3)."""
-    from dfd_model.projection import BF16_SCORING_ROWS, SearchIndex
+    from dfd_model.projection import LOW_PRECISION_ROWS
 
+    _use_copy(monkeypatch, "bf16")
     near_one = 1 + 0.99 * 2.0 ** -8
     row = torch.full((512,), near_one)
     row[0] = 3.0
-    bank = row.repeat(BF16_SCORING_ROWS + 1, 1)
-    query = torch.full((1, 512), near_one)
-    index = SearchIndex.of(bank)
+    error, bound, index = _score_errors(row.repeat(LOW_PRECISION_ROWS + 1, 1), torch.full((1, 512), near_one))
     assert index.rows_bf16 is not None
-    exact = (bank.double() ** 2).sum(1) - 2 * bank.double() @ query[0].double()
-    error = np.abs(index.scores(query, bank)[0].numpy() - exact.numpy())
-    assert error.min() > 11.8
-    assert (error <= index.error_bound(query.double().numpy())[0]).all()
+    assert error.min() > 11.8 and (error <= bound).all()
 
 
-def test_large_banks_are_searched_by_matrix_product_and_reranked_exactly():
-    """Banks above BF16_SCORING_ROWS are scored from a bf16 copy (many queries at once in float32
-    on CPUs that emulate bf16); the search must find the same neighbours as an exhaustive exact
-    search, and a bank vector must still project onto itself exactly."""
-    from dfd_model.projection import BF16_SCORING_ROWS, nearest
+def test_the_score_error_bound_holds_where_int8_rounding_errs_the_most(monkeypatch):
+    """The int8 copy's error is largest where every value loses the same fraction of a step
+    and the query points along that loss. Each row here is 127/64 (the peak: a scale of exactly
+    1/64) then 511 values of 20.49/64, each stored as 20/64; the query is all ones. The score
+    errs by 7.2: more than a bound without the copy's residual allows (2.7)."""
+    from dfd_model.projection import LOW_PRECISION_ROWS
+
+    _use_copy(monkeypatch, "int8")
+    row = torch.full((512,), 20.49 / 64)
+    row[0] = 127 / 64
+    query = torch.ones(1, 512)
+    error, bound, index = _score_errors(row.repeat(LOW_PRECISION_ROWS + 1, 1), query)
+    assert index.rows_int8 is not None and torch.equal(index.rows_int8[0, 1:], torch.full((511,), 20, dtype=torch.int8))
+    residual_term = 2 * 1.01 * float(query.norm()) * float((row - index.rows_int8[0].float() / 64).norm())
+    assert error.min() > 7.1 and (error <= bound).all() and bound - residual_term < 2.8
+
+
+def test_large_banks_are_searched_by_matrix_product_and_reranked_exactly(scoring_copy):
+    """Banks above LOW_PRECISION_ROWS are scored from a low-precision copy (many queries at once
+    in float32 on CPUs that emulate bf16); the search must find the same neighbours as an
+    exhaustive exact search, and a bank vector must still project onto itself exactly."""
+    from dfd_model.projection import LOW_PRECISION_ROWS, nearest
 
     generator = torch.Generator().manual_seed(3)
-    bank = torch.randn(BF16_SCORING_ROWS * 2, 64, generator=generator)
+    bank = torch.randn(LOW_PRECISION_ROWS * 2, 64, generator=generator)
     banks = FeatureBank({"nose": bank})
     queries = bank[:20] + 0.2 * torch.randn(20, 64, generator=generator)
     distances, indices = nearest(queries, bank, 10, banks.index("nose"))
@@ -639,24 +696,26 @@ def test_large_banks_are_searched_by_matrix_product_and_reranked_exactly():
     projected, own, weights = project(bank[7:8], bank, 10, index=banks.index("nose"))
     assert own[0, 0] == 7 and torch.equal(projected, bank[7:8]) and weights[0, 0] == 1
 
-    # one query at a time (the matrix-vector path, from the bf16 copy on every CPU), at the released
-    # bank size and latent width
+    # one query at a time, and batches the copy scores, at the released bank size and latent width
     bank = torch.randn(17_703, 512, generator=generator)
     index = FeatureBank({"nose": bank}).index("nose")
     for row in range(0, 17_703, 3_001):
         query = bank[row:row + 1] + 0.5 * torch.randn(1, 512, generator=generator)
         exact = torch.cdist(query, bank, compute_mode="donot_use_mm_for_euclid_dist")
         assert torch.equal(nearest(query, bank, 10, index)[1], torch.topk(exact, 10, largest=False)[1])
+    queries = bank[:16] + 0.5 * torch.randn(16, 512, generator=generator)
+    exact = torch.cdist(queries, bank, compute_mode="donot_use_mm_for_euclid_dist")
+    assert torch.equal(nearest(queries, bank, 10, index)[1], torch.topk(exact, 10, largest=False)[1])
 
 
 def _several_searches(device: str) -> list[tuple[torch.Tensor, torch.Tensor, SearchIndex | None]]:
     """Batches of queries against banks of every kind project_many meets: a bank scored from a
-    bf16 copy (on a CPU), a small float32 one with its index, one searched without an index, a
-    float64 one, and one with fewer rows than k (every row a neighbour)."""
-    from dfd_model.projection import BF16_SCORING_ROWS
+    low-precision copy (on a CPU), a small float32 one with its index, one searched without an
+    index, a float64 one, and one with fewer rows than k (every row a neighbour)."""
+    from dfd_model.projection import LOW_PRECISION_ROWS
 
     generator = torch.Generator().manual_seed(5)
-    banks = [torch.randn(BF16_SCORING_ROWS + 500, 512, generator=generator), torch.randn(300, 512, generator=generator),
+    banks = [torch.randn(LOW_PRECISION_ROWS + 500, 512, generator=generator), torch.randn(300, 512, generator=generator),
              torch.randn(300, 512, generator=generator), torch.randn(200, 512, generator=generator).double(),
              torch.randn(6, 512, generator=generator)]
     requests = []
