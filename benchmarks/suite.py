@@ -26,7 +26,8 @@ from dfd_data.image_io import read_image
 from dfd_data.samples import write_samples
 from dfd_data.sketch_methods import METHODS, resolve_method, run_method
 from dfd_model.config import ModelConfig
-from dfd_model.projection import FeatureBank, project
+from dfd_model import projection
+from dfd_model.projection import FeatureBank, SearchIndex, int8_scoring_runs, project
 
 from . import align_throughput, plain_filters
 from .measure import (MATMUL_SIZE, RELEASED_BANKS, Row, dtype_name, eager_copy, forward_flops, interleaved_medians,
@@ -316,14 +317,37 @@ def _numpy_projection_probe(runs: int, queue) -> None:
     queue.put(timings)
 
 
+def _other_copy(index: SearchIndex) -> str | None:
+    """The low-precision copy this CPU could score one query from instead of the index's own,
+    or None: bf16 beside int8, int8 beside bf16 where its kernel runs."""
+    ours = index.copy_scoring(1)
+    if ours == "bf16" and int8_scoring_runs(index.source.shape[1]):
+        return "int8"
+    return "bf16" if ours == "int8" else None
+
+
+def _index_with_copy(bank: torch.Tensor, kind: str) -> SearchIndex:
+    with mock.patch.object(projection, "_copy_kind", lambda rows: kind):
+        return SearchIndex.of(bank)
+
+
 def projection_rows(runs: int) -> list[Row]:
     """One 512-d query, K = 10, against banks of three sizes, beside a brute-force numpy search
-    (the plain baseline) and beside numpy_projection (the same work done well)."""
-    ours, scored = {}, {}
+    (the plain baseline), beside numpy_projection (the same work done well) and, for a bank
+    scored from a low-precision copy, beside the same search from the other copy (timed in
+    turn with ours: which copy a CPU gets is a measured choice, and this row re-measures it)."""
+    ours, scored, others = {}, {}, {}
     for size, bank, query in _projection_banks():
         index = FeatureBank({"nose": bank}).index("nose")
-        ours[size] = median_seconds(lambda: project(query, bank, 10, index=index), runs * 20, warmup=20)
-        scored[size] = index.copy_scoring(1) or "float32"
+        scored[size], other = index.copy_scoring(1) or "float32", _other_copy(index)
+        if other is None:
+            ours[size] = median_seconds(lambda: project(query, bank, 10, index=index), runs * 20, warmup=20)
+            continue
+        alternative = _index_with_copy(bank, other)
+        ours[size], theirs = interleaved_medians([lambda: project(query, bank, 10, index=index),
+                                                  lambda: project(query, bank, 10, index=alternative)],
+                                                 runs * 20, warmup=20)
+        others[size] = other, theirs
     baselines = _in_fresh_process(_numpy_projection_probe, runs, label="the numpy projection baselines")
     rows = []
     for size, seconds in ours.items():
@@ -333,6 +357,10 @@ def projection_rows(runs: int) -> list[Row]:
                      config),
                  Row(f"projection_ms_bank{size}_vs_numpy_matvec", seconds * 1000, "ms",
                      "numpy: matrix-vector scores, argpartition, same weights", done_well * 1000, config)]
+        if size in others:
+            other, theirs = others[size]
+            rows.append(Row(f"projection_ms_bank{size}_vs_{other}_copy", seconds * 1000, "ms",
+                            f"the same search scored from a {other} copy", theirs * 1000, config))
     return rows
 
 

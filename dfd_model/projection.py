@@ -383,18 +383,19 @@ def _accumulation_rounding(width: int) -> float:
 
 
 def _copy_kind(bank: torch.Tensor) -> str | None:
-    """The low-precision copy a bank is scored from: none on a GPU or for a small bank; bf16 on a
-    CPU with native bf16; int8 on one that runs torch's vectorised int8 kernel (x86 with AVX2
-    or AVX-512: elsewhere it is a scalar loop) at a latent width its vector loads step through
-    whole; else bf16."""
+    """The low-precision copy a bank is scored from: none on a GPU or for a small bank; int8
+    where int8_scoring_runs and the CPU lacks native bf16; else bf16."""
     if bank.shape[0] <= LOW_PRECISION_ROWS or bank.device.type != "cpu":
         return None
-    if native_bf16(bank.device):
-        return "bf16"
-    vectorised = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-    if vectorised and bank.shape[1] % _INT8_WIDTH_STEP == 0 and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
-        return "int8"
-    return "bf16"
+    return "int8" if not native_bf16(bank.device) and int8_scoring_runs(bank.shape[1]) else "bf16"
+
+
+def int8_scoring_runs(width: int) -> bool:
+    """Whether torch's int8 kernel runs here, vectorised, for latents `width` wide: on x86 with
+    AVX2 or AVX-512 (elsewhere it is a scalar loop), at a width its vector loads step through
+    whole."""
+    return (torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and width % _INT8_WIDTH_STEP == 0
+            and hasattr(torch.ops.aten, "_weight_int8pack_mm"))
 
 
 def _int8_rows(bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -719,4 +720,5 @@ def blend(f: torch.Tensor, f_proj: torch.Tensor, refine: float) -> torch.Tensor:
 
 
 __all__ = ["ALL", "DEVICE_MIN_QUERIES", "METHODS", "FeatureBank", "SearchIndex", "blend", "check_index", "check_refine",
+           "int8_scoring_runs",
            "nearest", "project", "project_many", "settle"]

@@ -2,6 +2,7 @@
 prepared for inference runs plain layers and counts the FLOPs of the original network."""
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -77,6 +78,25 @@ def test_the_numpy_projection_baseline_does_the_same_work():
     ours = project(query, bank, 10)[0][0].double().numpy()
     theirs = numpy_projection(bank.numpy(), (bank.double() ** 2).sum(1).float().numpy(), query.numpy()[0])
     assert abs(ours - theirs).max() < 1e-5
+
+
+def test_the_other_copy_baseline_searches_from_the_other_copy():
+    """The projection rows' second-copy baseline must search from the copy it names (bf16
+    beside int8, int8 beside bf16), with the same results as the toolkit's own copy."""
+    from benchmarks.suite import _index_with_copy, _other_copy
+    from dfd_model.projection import LOW_PRECISION_ROWS, SearchIndex, project
+
+    generator = torch.Generator().manual_seed(4)
+    bank = torch.randn(LOW_PRECISION_ROWS + 1, 512, generator=generator)
+    index = SearchIndex.of(bank)
+    other = _other_copy(index)
+    if other is None:
+        pytest.skip("this CPU scores from one copy only (bf16; torch's int8 kernel is not vectorised here)")
+    alternative = _index_with_copy(bank, other)
+    assert {index.copy_scoring(1), alternative.copy_scoring(1)} == {"bf16", "int8"}
+    query = bank[5:6] + 0.3 * torch.randn(1, 512, generator=generator)
+    for ours, theirs in zip(project(query, bank, 10, index=index), project(query, bank, 10, index=alternative)):
+        assert torch.equal(ours, theirs)
 
 
 def test_the_plain_filter_and_crop_baselines_compute_what_the_toolkit_computes(shared_data):

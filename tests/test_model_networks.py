@@ -583,16 +583,11 @@ def test_a_planted_pickle_is_refused_and_never_run(saved, tmp_path, planted):
     assert not marker.exists()
 
 
-def _int8_kernel_runs_here() -> bool:
-    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and hasattr(torch.ops.aten,
-                                                                                      "_weight_int8pack_mm")
-
-
 def _use_copy(monkeypatch, kind: str) -> str:
     """Every large CPU bank gets the `kind` of copy, whichever this CPU would get."""
     from dfd_model import projection
 
-    if kind == "int8" and not _int8_kernel_runs_here():
+    if kind == "int8" and not projection.int8_scoring_runs(512):
         pytest.skip("torch's vectorised int8 kernel needs an x86 CPU with AVX2 or AVX-512")
     monkeypatch.setattr(projection, "_copy_kind",
                         lambda bank: kind if bank.shape[0] > projection.LOW_PRECISION_ROWS else None)
@@ -610,13 +605,14 @@ def test_a_cpu_gets_the_copy_it_scores_fastest():
     native bf16, bf16 with it); small banks and widths the kernel cannot step through do not
     get int8."""
     from dfd_data.devices import native_bf16
-    from dfd_model.projection import LOW_PRECISION_ROWS, _copy_kind
+    from dfd_model.projection import LOW_PRECISION_ROWS, _copy_kind, int8_scoring_runs
 
     large, small = torch.zeros(LOW_PRECISION_ROWS + 1, 512), torch.zeros(LOW_PRECISION_ROWS, 512)
     assert _copy_kind(small) is None
-    expected = "bf16" if native_bf16(torch.device("cpu")) or not _int8_kernel_runs_here() else "int8"
-    assert _copy_kind(large) == expected
-    assert _copy_kind(torch.zeros(LOW_PRECISION_ROWS + 1, 100)) == "bf16"  # (100 wide crashed the int8 kernel)
+    vectorised = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    assert int8_scoring_runs(512) == vectorised and not int8_scoring_runs(100)  # (100 wide crashed the kernel)
+    assert _copy_kind(large) == ("int8" if vectorised and not native_bf16(torch.device("cpu")) else "bf16")
+    assert _copy_kind(torch.zeros(LOW_PRECISION_ROWS + 1, 100)) == "bf16"
 
 
 def test_low_precision_scoring_finds_the_exact_neighbours_in_a_bank_of_tight_clusters(scoring_copy):
