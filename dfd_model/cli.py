@@ -155,11 +155,13 @@ def train(dataset, stage, out, resume, resolution, steps, batch_size, lr, sketch
         if not isinstance(error, distributed.OtherRankFailed) and not node_wide:
             click.echo(f"Error: rank {rank}: {error}", err=True)
         raise SystemExit(1) from None
-    except RuntimeError as error:  # a collective that found another process gone: one line, not gloo's traceback
-        if distributed.launched_world() <= 1 or not distributed.lost_peer(error):
+    except RuntimeError as error:  # a collective that found another process gone or stalled: one line, not a traceback
+        if distributed.launched_world() <= 1 or not (distributed.lost_peer(error) or distributed.timed_out(error)):
             raise
-        click.echo(f"Error: rank {distributed.launched_rank()}: stopped: another process of the run has ended "
-                   f"(see its error): {' '.join(str(error).split())}", err=True)
+        cause = ("has ended (see its error)" if distributed.lost_peer(error) else
+                 f"did not take its part within {distributed.COLLECTIVE_TIMEOUT.total_seconds() / 60:g} min (stalled?)")
+        click.echo(f"Error: rank {distributed.launched_rank()}: stopped: another process of the run {cause}: "
+                   f"{' '.join(str(error).split())}", err=True)
         raise SystemExit(1) from None
 
 

@@ -20,10 +20,14 @@ from torch import nn
 from dfd_data.errors import UserError
 
 T = TypeVar("T")
-# How long a collective waits for the slowest process. Rank 0 alone stacks the training pairs
-# of a fresh run while the others wait: 27 ms a pair at 512 px on a 2-core CPU, 13 minutes
-# for 30K faces, past nccl's default of 10.
-COLLECTIVE_TIMEOUT = timedelta(hours=4)
+# How long a training collective waits for the slowest process before the run stops with an
+# error: a stalled process (a hung file system, a deadlock) held the others for this long.
+# Rank 0's checkpoints and grids, which the others wait for at their next step, take minutes.
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)
+# How long the others wait for rank 0's work in main_first (on a gloo group of its own): it
+# stacks the training pairs of a fresh run, 27 ms a pair at 512 px on a 2-core CPU, 13
+# minutes for 30K faces.
+MAIN_FIRST_TIMEOUT = timedelta(hours=4)
 
 
 class OtherRankFailed(UserError):
@@ -36,6 +40,7 @@ class Ranks:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    waits_for_main: object = None  # the process group main_first waits in (MAIN_FIRST_TIMEOUT)
 
     @property
     def main(self) -> bool:
@@ -66,13 +71,13 @@ def start(device: torch.device) -> tuple[Ranks, torch.device]:
     world = launched_world()
     if world <= 1:
         return Ranks(), device
-    ranks = Ranks(launched_rank(), world, launched_local_rank())
     if device.type == "cuda":
-        device = torch.device("cuda", ranks.local_rank)
+        device = torch.device("cuda", launched_local_rank())
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
-    return ranks, device
+    waits = dist.new_group(backend="gloo", timeout=MAIN_FIRST_TIMEOUT)
+    return Ranks(launched_rank(), world, launched_local_rank(), waits), device
 
 
 def stop(ranks: Ranks) -> None:
@@ -99,7 +104,7 @@ def main_first(ranks: Ranks, work: Callable[[], T]) -> T | None:
         except Exception as error:  # every failure, or the others would wait for rank 0 forever
             failure = error
     message = [None if failure is None else str(failure) or type(failure).__name__]
-    dist.broadcast_object_list(message, src=0)
+    dist.broadcast_object_list(message, src=0, group=ranks.waits_for_main)
     if failure is not None:
         raise failure
     if message[0] is not None:
@@ -116,6 +121,12 @@ LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "remote pr
 def lost_peer(error: BaseException) -> bool:
     """Whether `error`, raised in a collective, says that another process of the run has gone."""
     return isinstance(error, RuntimeError) and any(text in str(error) for text in LOST_PEER)
+
+
+def timed_out(error: BaseException) -> bool:
+    """Whether `error`, raised in a collective, says that another process did not join it within
+    COLLECTIVE_TIMEOUT (gloo's words; nccl's watchdog ends the process itself)."""
+    return isinstance(error, RuntimeError) and "Timed out waiting" in str(error)
 
 
 def broadcast_buffers(module: nn.Module, ranks: Ranks) -> None:
@@ -159,5 +170,6 @@ def replicas_agree(modules: list[nn.Module], ranks: Ranks, device: torch.device)
     return all(torch.equal(gathered[0], other) for other in gathered[1:])
 
 
-__all__ = ["COLLECTIVE_TIMEOUT", "OtherRankFailed", "Ranks", "barrier", "broadcast_buffers", "launched_rank",
-           "main_first", "mean_over_ranks", "replicas_agree", "start", "stop", "unwrap", "wrap"]
+__all__ = ["COLLECTIVE_TIMEOUT", "MAIN_FIRST_TIMEOUT", "OtherRankFailed", "Ranks", "barrier", "broadcast_buffers",
+           "launched_rank", "lost_peer", "main_first", "mean_over_ranks", "replicas_agree", "start", "stop",
+           "timed_out", "unwrap", "wrap"]

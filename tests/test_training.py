@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -555,6 +556,44 @@ def test_evaluate_prints_all_four_metrics(real_dataset, tmp_path):
     assert report["counts"]["pairs"] == len(held_out) == 4
     assert 0 <= report["metrics"]["detection_rate"] <= 1 and report["metrics"]["frechet_distance"] > 0
     assert len(list((out / "faces").glob("*.png"))) == 4 and (out / "grid.jpg").is_file()
+
+
+STALLED_RANK = """
+import time
+from datetime import timedelta
+
+import torch
+
+from dfd_model import distributed
+
+distributed.COLLECTIVE_TIMEOUT, distributed.MAIN_FIRST_TIMEOUT = timedelta(seconds=2), timedelta(seconds=60)
+ranks, device = distributed.start(torch.device("cpu"))
+given = distributed.main_first(ranks, lambda: time.sleep(4) or "its result")
+print(f"rank {ranks.rank}: main_first gave {given!r}", flush=True)
+if ranks.rank == 1:
+    time.sleep(5)
+started = time.monotonic()
+try:
+    distributed.mean_over_ranks({"loss": 1.0}, ranks, device)
+except RuntimeError as error:
+    print(f"rank {ranks.rank}: timed out: {distributed.timed_out(error)}, after {time.monotonic() - started:.0f} s",
+          flush=True)
+"""
+
+
+def test_a_stalled_process_stops_the_run_after_the_collective_timeout_but_rank_0s_work_may_take_longer(tmp_path):
+    """Training collectives wait COLLECTIVE_TIMEOUT for a stalled process (it had been 4 hours,
+    set for rank 0's long solo work); main_first waits MAIN_FIRST_TIMEOUT in a group of its
+    own. Here, with 2 s and 60 s: rank 0's 4 s of work in main_first reaches the other process,
+    and a collective that the other process joins 5 s late fails on rank 0 after 2 s."""
+    script = tmp_path / "stalled_rank.py"
+    script.write_text(STALLED_RANK)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             str(script)], capture_output=True, text=True, cwd=REPO, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    lines = [line for line in result.stdout.splitlines() if line.startswith("rank ")]
+    assert "rank 0: main_first gave 'its result'" in lines and "rank 1: main_first gave None" in lines, result.stderr
+    assert any(line.startswith("rank 0: timed out: True, after") and int(line.split()[-2]) <= 4 for line in lines), lines
 
 
 def test_torchrun_with_two_cpu_processes_matches_one_process(sketched_dataset, tmp_path):
