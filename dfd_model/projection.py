@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -196,7 +197,7 @@ def _check_projection_inputs(query, bank, k, eps, method) -> None:
 
 def check_index(index, bank: torch.Tensor) -> None:
     """A one-line ValueError unless `index` is None or was built from `bank`."""
-    if index is not None and not index.built_from(bank):  # its norms and bf16 rows would be another bank's
+    if index is not None and not index.built_from(bank):  # its norms and copy would be another bank's
         raise ValueError("project: the search index was built from another tensor than the bank searched "
                          "(a copy in another dtype or device?); build it from the bank itself")
 
@@ -219,9 +220,11 @@ def _with_ridge(grams: np.ndarray, eps: float) -> np.ndarray:
 LOW_PRECISION_ROWS = 2048
 # On CPUs without native bf16 the copy is int8 rows with a bf16 scale each, scored by torch's
 # weight-only int8 kernel (_weight_int8pack_mm): it reads a quarter of the float32 bank and
-# converts int8 cheaply. 17,703 x 512 on a 2-vCPU AVX2 EPYC: 0.6 ms for one query against
-# 1.1 ms from a bf16 copy and 2.9 ms in float32; 16 queries 3.8-5.3 ms against 5.5-5.7 ms in
-# float32, 32 queries 10.6 ms against 8.1 (the kernel reads the bank once per 4 queries).
+# converts int8 cheaply. 17,703 x 512 on a 2-vCPU AVX2 EPYC: the product for one query took
+# 0.6 ms against 1.1 ms from a bf16 copy and 2.9 ms in float32; for 16 queries 3.8-5.3 ms
+# against 5.5-5.7 ms in float32, for 32 10.6 ms against 8.1 (the kernel reads the bank once
+# per 4 queries). Whole searches of 8 / 12 / 16 queries took 6.2-6.9 / 8.8-11.0 / 10.7-12.1 ms
+# from the copy, 11.1-11.6 / 17.6-19.1 / 16.1-17.1 ms from the bank (five rounds in turn).
 INT8_MAX_QUERIES = 16
 # On CPUs with native bf16 (AMX) the copy stays bf16, as measured there. Without native bf16
 # a few queries are matrix-vector products, which torch computes from a bf16 copy faster (the
@@ -290,7 +293,7 @@ def _products_as_typed(device_type: str) -> Iterator[None]:
 @dataclass(frozen=True, eq=False)
 class SearchIndex:
     """What the search of one bank needs, computed once per bank: its rows' squared norms,
-    the two terms of its scores' error bound and, for a large bank on a CPU, a low-precision
+    the terms of its scores' error bounds and, for a large bank on a CPU, a low-precision
     copy of the rows (int8 with a scale per row, or bf16 where the CPU computes bf16
     natively). One query reads the whole bank, so the copy cuts the memory traffic that bounds
     the search; the bound covers scores from either copy."""
@@ -326,11 +329,20 @@ class SearchIndex:
         kind = _copy_kind(bank)
         rows_bf16 = rows.to(torch.bfloat16) if kind == "bf16" else None
         rows_int8, row_scales, residual = _int8_rows(rows) if kind == "int8" else (None, None, 0.0)
-        r = _FLOAT32_ROUNDING
-        gamma = _accumulation_rounding(bank.shape[1])
+        r, width = _FLOAT32_ROUNDING, bank.shape[1]
+        gamma = _accumulation_rounding(width)
         longest = math.sqrt(largest)
         dot, float32_dot = _dot_error(kind, gamma, longest, residual), _dot_error(None, gamma, longest, 0.0)
-        return cls(bank, squared, 1.01 * (2 * dot + 6 * r * longest), 1.01 * (gamma + 3 * r) * largest,
+        # Underflow, which the relative bounds above miss: each float32 operation of a norm, a dot
+        # and the score may err by half float32's smallest subnormal (4D + 1 of them). A copy's
+        # bf16 query values and bf16 result err by up to half of bf16's, 2^-134 (a query value's
+        # error meets at most |b'|_1 <= sqrt(D) |b'|), and a bf16 copy's rows by as much again
+        # (meeting |q|_1 <= sqrt(D) |q|: a slope)
+        floor = (4 * width + 1) * 2.0 ** -150
+        if kind is not None:
+            floor += 2 * 2.0 ** -134 * (1 + math.sqrt(width) * (longest + residual))
+        slope = 2 * 2.0 ** -134 * math.sqrt(width) if kind == "bf16" else 0.0
+        return cls(bank, squared, 1.01 * (2 * dot + 6 * r * longest) + slope, 1.01 * (gamma + 3 * r) * largest + floor,
                    1.01 * (2 * float32_dot + 6 * r * longest), rows_bf16, rows_int8, row_scales)
 
     def built_from(self, bank: torch.Tensor) -> bool:
@@ -342,8 +354,8 @@ class SearchIndex:
 
     def scores(self, query: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """|b|^2 - 2 q.b for every row b (the distance order, shifted by |q|^2), [B, N] in float32
-        on the bank's device. `rows` and `query` share a floating dtype of at least float32's
-        precision."""
+        on the bank's device. `query` is of a floating dtype of at least float32's precision, and
+        so is `rows` where it is read (a batch no copy scores), in the query's dtype."""
         device_type = rows.device.type
         if torch.is_autocast_enabled(device_type) or _reduced_float32_products(device_type):
             with _products_as_typed(device_type):
@@ -365,8 +377,9 @@ class SearchIndex:
         """query [B, D] . every row, [B, N], from the copy copy_scoring names."""
         copy = self.copy_scoring(query.shape[0])
         if copy == "int8":
-            return torch.ops.aten._weight_int8pack_mm(query.to(torch.bfloat16).contiguous(), self.rows_int8,
-                                                      self.row_scales)
+            # (a fresh tensor: the kernel loads rows at 32-byte boundaries, and a view off one crashed it)
+            fresh = query.to(torch.bfloat16, memory_format=torch.contiguous_format, copy=True)
+            return torch.ops.aten._weight_int8pack_mm(fresh, self.rows_int8, self.row_scales)
         if copy == "bf16":
             return _dots(self.rows_bf16, query.to(torch.bfloat16))
         return _dots(rows, query)
@@ -392,19 +405,20 @@ def _copy_kind(bank: torch.Tensor) -> str | None:
 
 def int8_scoring_runs(width: int) -> bool:
     """Whether torch's int8 kernel runs here, vectorised, for latents `width` wide: on x86 with
-    AVX2 or AVX-512 (elsewhere it is a scalar loop), at a width its vector loads step through
-    whole."""
-    return (torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and width % _INT8_WIDTH_STEP == 0
-            and hasattr(torch.ops.aten, "_weight_int8pack_mm"))
+    AVX2 or AVX-512 outside Windows (elsewhere it is a scalar loop, 14 times slower here; torch's
+    Windows builds compile it without the vector code), at a width its vector loads step
+    through whole."""
+    return (torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and sys.platform != "win32"
+            and width % _INT8_WIDTH_STEP == 0 and hasattr(torch.ops.aten, "_weight_int8pack_mm"))
 
 
 def _int8_rows(bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(rows_int8, row_scales, residual) for a float32 `bank`: each row scaled so that its
     largest value is 127 (the scale rounded to bf16, as the kernel takes it), and the largest
-    distance of a row from its int8 copy (scale * integers, exact in float32). Each difference
-    of a value and its copy is exact in float32 too (Sterbenz: the integer is 0, or the two
-    lie within a factor of two of each other), and 1.001 covers the rounding of the sum of
-    their squares."""
+    distance of a row from its int8 copy (scale * integers in float32, as the kernel computes
+    them). Each difference of a value and its copy is exact in float32 (Sterbenz: the integer
+    is 0, or the two lie within a factor of two of each other), and 1.001 covers the rounding
+    of the sum of their squares."""
     values = torch.empty(bank.shape, dtype=torch.int8)
     scales = torch.empty(bank.shape[0], dtype=torch.bfloat16)
     residual = 0.0
@@ -414,7 +428,8 @@ def _int8_rows(bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         divisor = torch.where(scale > 0, scale, 1.0)[:, None]  # (a zero row, or a scale below bf16's range)
         work = torch.div(rows, divisor).round_().clamp_(-127, 127)  # (in place: fresh pages cost more than the work)
         chunk = work.to(torch.int8)
-        gaps = torch.linalg.vector_norm(work.mul_(scale[:, None]).sub_(rows), dim=1)
+        # (summed in float64: float32 squares of tiny gaps underflow to 0)
+        gaps = torch.linalg.vector_norm(work.mul_(scale[:, None]).sub_(rows), dim=1, dtype=torch.float64)
         residual = max(residual, 1.001 * float(gaps.max()))
         values[start:start + len(rows)], scales[start:start + len(rows)] = chunk, scale.to(torch.bfloat16)
     return values, scales, residual
@@ -468,12 +483,13 @@ class _BankSearch:
     runs for every batch in turn: scoring (on the bank's device), choosing candidates (on the
     host, from the scores), re-ranking them (on the host, from their rows).
 
-    The bank is scored with one matrix product, whose rounding (bf16 scores above all) can
-    reorder rows whose scores lie close together. A row is kept as a candidate when its score
-    lies within twice the error bound of the k-th best score (within the bound of the k-th
-    best bound, which is at least the true k-th best score), and the candidates are re-ranked
-    by distances computed directly in float64: the search is exact, and a bank vector is
-    always its own nearest neighbour, at distance 0. Every step after the product is one numpy
+    The bank is scored with one matrix product, whose rounding (from an int8 or bf16 copy above
+    all) can reorder rows whose scores lie close together. A row is kept as a candidate when
+    its score lies within twice the error bound of the k-th best score (within the bound of
+    the k-th best bound, which is at least the true k-th best score); candidates scored from a
+    copy are scored again from their own rows under the much tighter float32 bound, and those
+    left are re-ranked by distances computed directly in float64: the search is exact, and a
+    bank vector is always its own nearest neighbour, at distance 0. Every step after the product is one numpy
     operation over the whole batch's candidates: small operations cost microseconds in numpy
     where torch's cost tens, and one query spends about as long on them as the product takes
     to read a 17.7K bank."""
@@ -481,15 +497,17 @@ class _BankSearch:
     def __init__(self, query: torch.Tensor, bank: torch.Tensor, k: int, index: SearchIndex | None):
         check_index(index, bank)
         query, rows = query.detach(), bank.detach()  # numpy takes no tensors that require grad
-        self.query = query
-        self.rows = rows if rows.device == query.device else rows.to(query.device)
-        self.count = min(k, self.rows.shape[0])
+        if rows.device != query.device:  # (an index describes the bank where it is, not a copy of it)
+            rows, index = rows.to(query.device), None
+        self.query, self.rows = query, rows
+        self.count = min(k, rows.shape[0])
         self.index = self.scores = None
-        if self.count < self.rows.shape[0]:
-            work = torch.promote_types(torch.promote_types(query.dtype, self.rows.dtype), torch.float32)
-            self.index = index or SearchIndex.of(self.rows)
-            self.scores = self.index.scores(query if query.dtype == work else query.to(work),
-                                            self.rows if self.rows.dtype == work else self.rows.to(work))
+        if self.count < rows.shape[0]:
+            work = torch.promote_types(torch.promote_types(query.dtype, rows.dtype), torch.float32)
+            self.index = index or SearchIndex.of(rows)
+            # (a low-precision copy leaves the bank unread: a float64 copy of it had cost 40 ms a search)
+            as_read = rows if rows.dtype == work or self.index.copy_scoring(len(query)) else rows.to(work)
+            self.scores = self.index.scores(query if query.dtype == work else query.to(work), as_read)
 
     def score_tensors(self) -> list[torch.Tensor]:
         """What the host needs to choose candidates: the query, and the scores if any."""
@@ -508,7 +526,8 @@ class _BankSearch:
         limits = (np.partition(scores, self.count - 1, axis=1)[:, self.count - 1:self.count]
                   + 2 * self.index.error_bound(self.lengths)[:, None])
         chosen = scores <= limits
-        short = chosen.sum(1) < self.count  # NaN scores: float32 products of huge values overflowed
+        # NaN or infinite scores (products of huge values overflowed) leave no bound to choose by
+        short = (chosen.sum(1) < self.count) | ~np.isfinite(scores).all(1)
         if short.any():
             chosen[short] = True  # every row, re-ranked in float64
         # (flat: np.nonzero of the 2-D mask took 73 us for one query against 17,703 rows, this 11)
@@ -545,15 +564,16 @@ class _BankSearch:
         exact_in_float32 = picked.dtype == np.float32 and self.query.dtype != torch.float64
         rows = picked if exact_in_float32 else picked.astype(np.float64)
         target = self.target.astype(rows.dtype)
-        dots = rows @ target[0] if len(target) == 1 else np.einsum("td,td->t", rows, target[self.owners])
-        # the index's norms where numpy can read them (the same float32 sums), else the rows'
-        norms = (self.index.squared_norms.numpy()[self.candidates] if self._viewable()
-                 else np.einsum("td,td->t", rows, rows))
-        scores = norms - 2 * dots
-        order = np.lexsort((scores, self.owners))  # (NaN last)
+        with np.errstate(over="ignore", invalid="ignore"):  # (overflowed scores are handled below)
+            dots = rows @ target[0] if len(target) == 1 else np.einsum("td,td->t", rows, target[self.owners])
+            # the index's norms where numpy can read them (the same float32 sums), else the rows'
+            norms = (self.index.squared_norms.numpy()[self.candidates] if self._viewable()
+                     else np.einsum("td,td->t", rows, rows))
+            scores = norms - 2 * dots
+        order = np.lexsort((scores, self.owners))
         kth = scores[order[_firsts(self.owners, len(target)) + self.count - 1]]
         kept = scores <= (kth + 2 * self.index.error_bound(self.lengths, float32_rows=True))[self.owners]
-        doubtful = np.isnan(scores)  # float32 products of huge values overflowed: keep the query's every candidate
+        doubtful = ~np.isfinite(scores)  # float32 products of huge values overflowed: keep the query's every candidate
         if doubtful.any():
             kept |= np.isin(self.owners, self.owners[doubtful])
         return kept

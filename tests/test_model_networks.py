@@ -629,9 +629,51 @@ def test_low_precision_scoring_finds_the_exact_neighbours_in_a_bank_of_tight_clu
     assert index.copy_scoring(1) == scoring_copy
     for row in range(0, 17_703, 1_770):
         query = bank[row:row + 1] + 0.005 * torch.randn(1, 512, generator=generator)
-        exact = torch.cdist(query.double(), bank.double())[0]
         distances, indices = nearest(query, bank, 10, index)
-        assert torch.equal(indices[0], torch.topk(exact, 10, largest=False)[1]), row
+        assert torch.equal(indices, _exact_nearest(query, bank, 10)), row
+
+
+def _exact_nearest(queries: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
+    """The k nearest rows of each query by float64 differences (torch.cdist's products are not
+    exact), ties to the lower row."""
+    rows = bank.double()
+    squared = torch.stack([((rows - query) ** 2).sum(1) for query in queries.double()])
+    return torch.from_numpy(np.argsort(squared.numpy(), axis=1, kind="stable")[:, :k])
+
+
+@pytest.mark.parametrize("scale", [1e-21, 1e-24])
+def test_searches_stay_exact_where_products_underflow(scoring_copy, scale):
+    """Latents around 1e-21 make float32 and bf16 products subnormal, where rounding is no
+    longer relative: the bound's floor must cover it (the int8 copy's scores had erred by 9.5
+    times the bound, and at 1e-22 four searches went wrong)."""
+    from dfd_model.projection import LOW_PRECISION_ROWS, nearest
+
+    generator = torch.Generator().manual_seed(8)
+    bank = torch.randn(LOW_PRECISION_ROWS * 2, 512, generator=generator) * scale
+    queries = bank[:4] + 0.3 * scale * torch.randn(4, 512, generator=generator)
+    index = SearchIndex.of(bank)
+    exact = (bank.double() ** 2).sum(1)[None] - 2 * queries.double() @ bank.double().T
+    error = (index.scores(queries, bank).double() - exact).abs()
+    assert (error <= torch.from_numpy(index.error_bound(queries.double().norm(dim=1).numpy()))[:, None]).all()
+    for row in range(4):
+        assert torch.equal(nearest(queries[row:row + 1], bank, 10, index)[1], _exact_nearest(queries[row:row + 1],
+                                                                                             bank, 10))
+
+
+def test_scores_that_overflow_when_scored_again_leave_the_choice_to_float64(scoring_copy):
+    """A query of 1.7e19 puts the products of two rows' scores past float32's range when the
+    candidates are scored again: numpy's 2 * q.b is -inf for the farther row, which must not
+    then pass for the nearest (it did, from either copy)."""
+    from dfd_model.projection import LOW_PRECISION_ROWS, nearest
+
+    length = 1.7014e19
+    bank = torch.zeros(LOW_PRECISION_ROWS + 52, 16)
+    bank[:, 0], bank[:, 2] = -1e19, torch.linspace(0, 1e18, len(bank))  # far rows
+    bank[5, 0] = 1.7013e38 / length  # the nearest
+    bank[9, 0], bank[9, 1] = 1.7015e38 / length, 8.7e17  # farther, with q.b just past 2^127
+    query = torch.zeros(1, 16)
+    query[0, 0] = length
+    assert nearest(query, bank, 1, SearchIndex.of(bank))[1].tolist() == [[5]]
 
 
 def _score_errors(bank: torch.Tensor, query: torch.Tensor) -> tuple[np.ndarray, float, SearchIndex]:
@@ -684,11 +726,12 @@ def test_large_banks_are_searched_by_matrix_product_and_reranked_exactly(scoring
     generator = torch.Generator().manual_seed(3)
     bank = torch.randn(LOW_PRECISION_ROWS * 2, 64, generator=generator)
     banks = FeatureBank({"nose": bank})
-    queries = bank[:20] + 0.2 * torch.randn(20, 64, generator=generator)
-    distances, indices = nearest(queries, bank, 10, banks.index("nose"))
-    exact = torch.cdist(queries, bank, compute_mode="donot_use_mm_for_euclid_dist")
-    expected_distances, expected = torch.topk(exact, 10, largest=False)
-    assert torch.equal(indices, expected) and torch.allclose(distances, expected_distances, atol=1e-5)
+    for count in (4, 20):  # (4 are scored from either copy, 20 from the bank itself)
+        queries = bank[:count] + 0.2 * torch.randn(count, 64, generator=generator)
+        distances, indices = nearest(queries, bank, 10, banks.index("nose"))
+        expected = _exact_nearest(queries, bank, 10)
+        assert torch.equal(indices, expected)
+        assert torch.allclose(distances.double(), (queries.double()[:, None] - bank.double()[expected]).norm(dim=2))
     projected, own, weights = project(bank[7:8], bank, 10, index=banks.index("nose"))
     assert own[0, 0] == 7 and torch.equal(projected, bank[7:8]) and weights[0, 0] == 1
 
@@ -697,11 +740,9 @@ def test_large_banks_are_searched_by_matrix_product_and_reranked_exactly(scoring
     index = FeatureBank({"nose": bank}).index("nose")
     for row in range(0, 17_703, 3_001):
         query = bank[row:row + 1] + 0.5 * torch.randn(1, 512, generator=generator)
-        exact = torch.cdist(query, bank, compute_mode="donot_use_mm_for_euclid_dist")
-        assert torch.equal(nearest(query, bank, 10, index)[1], torch.topk(exact, 10, largest=False)[1])
+        assert torch.equal(nearest(query, bank, 10, index)[1], _exact_nearest(query, bank, 10))
     queries = bank[:16] + 0.5 * torch.randn(16, 512, generator=generator)
-    exact = torch.cdist(queries, bank, compute_mode="donot_use_mm_for_euclid_dist")
-    assert torch.equal(nearest(queries, bank, 10, index)[1], torch.topk(exact, 10, largest=False)[1])
+    assert torch.equal(nearest(queries, bank, 10, index)[1], _exact_nearest(queries, bank, 10))
 
 
 def _several_searches(device: str) -> list[tuple[torch.Tensor, torch.Tensor, SearchIndex | None]]:
