@@ -69,37 +69,8 @@ def _dask_session(jobs: int, scheduler: str | None) -> Iterator[None]:
     with _signal_handled(signal.SIGINT, signal.SIG_IGN):
         cluster = LocalCluster(n_workers=jobs, threads_per_worker=1, processes=True, dashboard_address=":0",
                                silence_logs=logging.CRITICAL)
-    with _sigterm_unwinds(), cluster, Client(cluster), _started_here("dask"):
+    with cluster, Client(cluster), _started_here("dask"):
         yield
-
-
-class _Terminated(BaseException):
-    """SIGTERM, raised in the main thread (a BaseException: the runner's handlers of failed
-    calls let it through)."""
-
-
-@contextmanager
-def _sigterm_unwinds() -> Iterator[None]:
-    """SIGTERM during the block raises _Terminated, so that the blocks inside it close (a local
-    dask cluster stops its workers), and the process then ends by SIGTERM as it would have
-    (status 143; every file finished is already recorded). Ended at once, it left
-    multiprocessing's resource tracker to warn of a dozen leaked semaphores. A second SIGTERM
-    while the blocks close ends the process at once. A handler of the caller's own (or a
-    thread other than the main one) is left as it is."""
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        yield
-        return
-
-    def terminated(number, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        raise _Terminated
-
-    try:
-        with _signal_handled(signal.SIGTERM, terminated):
-            yield
-    except _Terminated:
-        os.kill(os.getpid(), signal.SIGTERM)  # (the default action again: the process ends here)
-        raise SystemExit(128 + signal.SIGTERM) from None  # (should the signal be held back)
 
 
 @contextmanager

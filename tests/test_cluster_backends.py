@@ -278,33 +278,6 @@ def test_sigterm_ends_a_ray_run_as_it_ends_a_local_one(dataset_copy, tmp_path):
     assert "SIGTERM" not in (tmp_path / "stderr").read_text()
 
 
-def test_sigterm_stops_a_local_dask_cluster_before_the_run_ends_by_it(dataset_copy, tmp_path):
-    """SIGTERM on a run with a local dask cluster ends it as it ends a local run (death by
-    SIGTERM), after the cluster has stopped its workers: ended at once, the command left
-    multiprocessing's resource tracker to warn of a dozen leaked semaphores."""
-    pytest.importorskip("distributed", reason="the [dask] extra is not installed")
-    psutil = pytest.importorskip("psutil", reason="comes with the [dask] extra")
-    with open(tmp_path / "stderr", "w+") as stderr:
-        run = subprocess.Popen([sys.executable, "-m", "dfd_data", "build-sketches", str(dataset_copy), "--method",
-                                NETWORK_METHOD, "--backend", "dask", "--jobs", "2", "--preview", "0"],
-                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
-        try:
-            deadline = time.monotonic() + 120
-            while "build-sketches:" not in (tmp_path / "stderr").read_text() and time.monotonic() < deadline:
-                assert run.poll() is None, (tmp_path / "stderr").read_text()
-                time.sleep(0.2)  # (the progress bar shows once the cluster runs)
-            workers = psutil.Process(run.pid).children(recursive=True)
-            assert workers
-            run.send_signal(signal.SIGTERM)
-            assert run.wait(60) == -signal.SIGTERM
-        finally:
-            run.kill()
-    _, alive = psutil.wait_procs(workers, timeout=10)  # (multiprocessing's resource tracker among them)
-    assert not alive
-    text = (tmp_path / "stderr").read_text()
-    assert "leaked" not in text and "Traceback" not in text, text
-
-
 def test_scheduler_address_only_goes_with_dask(photos, tmp_path):
     result = dfd_data("align", photos, tmp_path / "faces", "--backend", "ray", "--scheduler", "tcp://x:1")
     assert result.returncode == 1
