@@ -156,10 +156,10 @@ def train(dataset, stage, out, resume, resolution, steps, batch_size, lr, sketch
             click.echo(f"Error: rank {rank}: {error}", err=True)
         raise SystemExit(1) from None
     except RuntimeError as error:  # a collective that found another process gone or stalled: one line, not a traceback
-        if distributed.launched_world() <= 1 or not (distributed.lost_peer(error) or distributed.timed_out(error)):
+        waited = distributed.timed_out(error)
+        if distributed.launched_world() <= 1 or (waited is None and not distributed.lost_peer(error)):
             raise
-        cause = ("has ended (see its error)" if distributed.lost_peer(error) else
-                 f"did not take its part within {distributed.COLLECTIVE_TIMEOUT.total_seconds() / 60:g} min (stalled?)")
+        cause = "has ended (see its error)" if waited is None else f"did not take its part within {waited:g} min (stalled?)"
         click.echo(f"Error: rank {distributed.launched_rank()}: stopped: another process of the run {cause}: "
                    f"{' '.join(str(error).split())}", err=True)
         raise SystemExit(1) from None

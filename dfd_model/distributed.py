@@ -9,6 +9,7 @@ torchrun everything here is a no-op for a single process.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable, TypeVar
@@ -24,10 +25,12 @@ T = TypeVar("T")
 # error: a stalled process (a hung file system, a deadlock) held the others for this long.
 # Rank 0's checkpoints and grids, which the others wait for at their next step, take minutes.
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)
-# How long the others wait for rank 0's work in main_first (on a gloo group of its own): it
-# stacks the training pairs of a fresh run, 27 ms a pair at 512 px on a 2-core CPU, 13
-# minutes for 30K faces.
-MAIN_FIRST_TIMEOUT = timedelta(hours=4)
+# How long the processes wait for one another across long stretches without a collective, in a
+# process group of their own (see long_wait): rank 0 stacks the training pairs of a fresh run
+# in main_first, 27 ms a pair at 512 px on a 2-core CPU, 13 minutes for 30K faces; every
+# process encodes the banks, hours for 30K faces on a CPU, and processes a few percent apart
+# in speed finish them many minutes apart.
+LONG_WAIT_TIMEOUT = timedelta(hours=4)
 
 
 class OtherRankFailed(UserError):
@@ -40,7 +43,7 @@ class Ranks:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
-    waits_for_main: object = None  # the process group main_first waits in (MAIN_FIRST_TIMEOUT)
+    long_waits: object = None  # the process group of waits of up to LONG_WAIT_TIMEOUT
 
     @property
     def main(self) -> bool:
@@ -76,8 +79,10 @@ def start(device: torch.device) -> tuple[Ranks, torch.device]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
-    waits = dist.new_group(backend="gloo", timeout=MAIN_FIRST_TIMEOUT)
-    return Ranks(launched_rank(), world, launched_local_rank(), waits), device
+    # (the run's own backend: a gloo group beside nccl needs every machine's hostname to resolve
+    # to an address the others reach, and fails at the start where it is a loopback one)
+    long_waits = dist.new_group(timeout=LONG_WAIT_TIMEOUT)
+    return Ranks(launched_rank(), world, launched_local_rank(), long_waits), device
 
 
 def stop(ranks: Ranks) -> None:
@@ -88,6 +93,12 @@ def stop(ranks: Ranks) -> None:
 def barrier(ranks: Ranks) -> None:
     if ranks.active:
         dist.barrier()
+
+
+def wait_for_all(ranks: Ranks) -> None:
+    """A barrier of up to LONG_WAIT_TIMEOUT, after work that processes finish far apart."""
+    if ranks.active:
+        dist.barrier(group=ranks.long_waits)
 
 
 def main_first(ranks: Ranks, work: Callable[[], T]) -> T | None:
@@ -104,7 +115,7 @@ def main_first(ranks: Ranks, work: Callable[[], T]) -> T | None:
         except Exception as error:  # every failure, or the others would wait for rank 0 forever
             failure = error
     message = [None if failure is None else str(failure) or type(failure).__name__]
-    dist.broadcast_object_list(message, src=0, group=ranks.waits_for_main)
+    dist.broadcast_object_list(message, src=0, group=ranks.long_waits)
     if failure is not None:
         raise failure
     if message[0] is not None:
@@ -123,10 +134,11 @@ def lost_peer(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and any(text in str(error) for text in LOST_PEER)
 
 
-def timed_out(error: BaseException) -> bool:
-    """Whether `error`, raised in a collective, says that another process did not join it within
-    COLLECTIVE_TIMEOUT (gloo's words; nccl's watchdog ends the process itself)."""
-    return isinstance(error, RuntimeError) and "Timed out waiting" in str(error)
+def timed_out(error: BaseException) -> float | None:
+    """The minutes a collective waited for another process before `error` (gloo's words: "Timed
+    out waiting 1800000ms ..."; nccl's watchdog ends the process itself), else None."""
+    found = re.search(r"Timed out waiting (\d+)ms", str(error)) if isinstance(error, RuntimeError) else None
+    return int(found.group(1)) / 60_000 if found else None
 
 
 def broadcast_buffers(module: nn.Module, ranks: Ranks) -> None:
@@ -170,6 +182,6 @@ def replicas_agree(modules: list[nn.Module], ranks: Ranks, device: torch.device)
     return all(torch.equal(gathered[0], other) for other in gathered[1:])
 
 
-__all__ = ["COLLECTIVE_TIMEOUT", "MAIN_FIRST_TIMEOUT", "OtherRankFailed", "Ranks", "barrier", "broadcast_buffers",
+__all__ = ["COLLECTIVE_TIMEOUT", "LONG_WAIT_TIMEOUT", "OtherRankFailed", "Ranks", "barrier", "broadcast_buffers",
            "launched_rank", "lost_peer", "main_first", "mean_over_ranks", "replicas_agree", "start", "stop",
-           "timed_out", "unwrap", "wrap"]
+           "timed_out", "unwrap", "wrap", "wait_for_all"]

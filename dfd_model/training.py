@@ -583,8 +583,10 @@ class Trainer:
                 summary.append(self._train_stage())
             if self.stage == 1:
                 # every process encodes the banks (the same ones): the others would otherwise wait
-                # in the next collective for as long as rank 0 takes, past its timeout on big sets
+                # in the next collective for as long as rank 0 takes, past its timeout on big sets.
+                # They finish minutes apart on big sets: the wait for the last is a long one.
                 self.banks = self.build_banks()
+                distributed.wait_for_all(self.ranks)
                 self._save_model()  # before the checkpoint that leaves stage 1: a crash between them redoes both
                 self.stage, self.step = 2, 0
                 self._checkpoint()
