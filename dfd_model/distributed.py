@@ -26,7 +26,7 @@ T = TypeVar("T")
 # Rank 0's checkpoints and grids, which the others wait for at their next step, take minutes.
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 # How long the processes wait for one another across long stretches without a collective, in a
-# process group of their own (see long_wait): rank 0 stacks the training pairs of a fresh run
+# process group of their own (Ranks.long_waits): rank 0 stacks the training pairs of a fresh run
 # in main_first, 27 ms a pair at 512 px on a 2-core CPU, 13 minutes for 30K faces; every
 # process encodes the banks, hours for 30K faces on a CPU, and processes a few percent apart
 # in speed finish them many minutes apart.
@@ -184,4 +184,4 @@ def replicas_agree(modules: list[nn.Module], ranks: Ranks, device: torch.device)
 
 __all__ = ["COLLECTIVE_TIMEOUT", "LONG_WAIT_TIMEOUT", "OtherRankFailed", "Ranks", "barrier", "broadcast_buffers",
            "launched_rank", "lost_peer", "main_first", "mean_over_ranks", "replicas_agree", "start", "stop",
-           "timed_out", "unwrap", "wrap", "wait_for_all"]
+           "timed_out", "unwrap", "wait_for_all", "wrap"]
