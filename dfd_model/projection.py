@@ -332,7 +332,10 @@ class SearchIndex:
         r, width = _FLOAT32_ROUNDING, bank.shape[1]
         gamma = _accumulation_rounding(width)
         longest = math.sqrt(largest)
-        dot, float32_dot = _dot_error(kind, gamma, longest, residual), _dot_error(None, gamma, longest, 0.0)
+
+        def score_slope(dot: float) -> float:  # a dot product's bound per |q|, and the score's three roundings
+            return 1.01 * (2 * dot + 6 * r * longest)
+
         # Underflow, which the relative bounds above miss: each float32 operation of a norm, a dot
         # and the score may err by half float32's smallest subnormal (4D + 1 of them). A copy's
         # bf16 query values and bf16 result err by up to half of bf16's, 2^-134 (a query value's
@@ -342,8 +345,9 @@ class SearchIndex:
         if kind is not None:
             floor += 2 * 2.0 ** -134 * (1 + math.sqrt(width) * (longest + residual))
         slope = 2 * 2.0 ** -134 * math.sqrt(width) if kind == "bf16" else 0.0
-        return cls(bank, squared, 1.01 * (2 * dot + 6 * r * longest) + slope, 1.01 * (gamma + 3 * r) * largest + floor,
-                   1.01 * (2 * float32_dot + 6 * r * longest), rows_bf16, rows_int8, row_scales)
+        return cls(bank, squared, score_slope(_dot_error(kind, gamma, longest, residual)) + slope,
+                   1.01 * (gamma + 3 * r) * largest + floor, score_slope(_dot_error(None, gamma, longest, 0.0)),
+                   rows_bf16, rows_int8, row_scales)
 
     def built_from(self, bank: torch.Tensor) -> bool:
         """Whether `bank` is the tensor this index was built from: the same memory seen the
@@ -501,12 +505,13 @@ class _BankSearch:
             rows, index = rows.to(query.device), None
         self.query, self.rows = query, rows
         self.count = min(k, rows.shape[0])
-        self.index = self.scores = None
+        self.index = self.scores = self.copy = None  # copy: the low-precision copy that scored the batch
         if self.count < rows.shape[0]:
             work = torch.promote_types(torch.promote_types(query.dtype, rows.dtype), torch.float32)
             self.index = index or SearchIndex.of(rows)
             # (a low-precision copy leaves the bank unread: a float64 copy of it had cost 40 ms a search)
-            as_read = rows if rows.dtype == work or self.index.copy_scoring(len(query)) else rows.to(work)
+            self.copy = self.index.copy_scoring(len(query))
+            as_read = rows if rows.dtype == work or self.copy else rows.to(work)
             self.scores = self.index.scores(query if query.dtype == work else query.to(work), as_read)
 
     def score_tensors(self) -> list[torch.Tensor]:
@@ -545,7 +550,7 @@ class _BankSearch:
         # (a view of the bank: gathering the candidates copies only them)
         picked = self.rows.numpy()[self.candidates] if self._viewable() else fetched[0].numpy()
         owners, candidates = self.owners, self.candidates
-        if self.index is not None and self.index.copy_scoring(len(self.target)) is not None:
+        if self.copy is not None:
             kept = self._closest_in_float32(picked)
             picked, owners, candidates = picked[kept], owners[kept], candidates[kept]
         offsets = picked - self.target[owners]  # float64, as target is: exact for float32 rows and query
