@@ -39,7 +39,7 @@ setup(
         # Cluster backends for data preparation (--backend dask / ray).
         "dask": ["dask[distributed]>=2024.1"],
         "ray": ["ray>=2.9"],
-        "test": ["pytest>=7.4", "selenium>=4.20", "dask[distributed]>=2024.1", "ray>=2.9"],
+        "test": ["pytest>=7.4", "pytest-xdist>=3.5", "selenium>=4.20", "dask[distributed]>=2024.1", "ray>=2.9"],
     },
     entry_points={
         "console_scripts": [

@@ -25,13 +25,14 @@ from typing import Callable, Iterator
 from .errors import UserError
 
 CLUSTER_BACKENDS = ("dask", "ray")
-# How long connecting to a cluster may take before the command gives up with one line:
-# dask's own timeout does not cover a server that accepts the connection and never answers
-# (the dashboard's port given for the scheduler's), nor ray's a GCS address nothing listens at.
+# How long connecting to a ray cluster may take before the command gives up with one line:
+# ray.init retries a GCS address nothing listens at for ever. (A dask scheduler gets dask's own
+# connect timeout: see _dask_connect_seconds.)
 CONNECT_SECONDS = 20
 # How long a dask run may find no worker in the cluster before it says so: a scheduler whose
 # workers have not started (or have all left) holds the tasks, and the run waited without a word.
 NO_WORKER_NOTICE_SECONDS = 15
+CONNECT_MARGIN_SECONDS = 5  # beyond dask's connect timeout, for a server that accepted and never answers
 _WATCH_SECONDS = 1.0  # between two looks at the cluster's workers
 # The backends whose cluster in use this command started on this machine (see started_here).
 _STARTED_HERE: ContextVar[frozenset] = ContextVar("dfd_clusters_started_here", default=frozenset())
@@ -130,25 +131,39 @@ def _signal_handled(number: int, handler) -> Iterator[None]:
         signal.signal(number, previous if previous is not None else signal.SIG_DFL)
 
 
+def _dask_connect_seconds() -> float:
+    """dask's connect timeout (`distributed.comm.timeouts.connect`, 30 s unless the user's dask
+    configuration or DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT says otherwise), in seconds:
+    the setting a dask user already knows, for a scheduler on a slow network or a quick refusal."""
+    import dask.config
+    from dask.utils import parse_timedelta
+
+    return parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), default="seconds")
+
+
 @contextmanager
 def _connect_dask(client_type, scheduler: str) -> Iterator[None]:
     """A client of the scheduler at `scheduler` for the block, or a one-line UserError within
-    CONNECT_SECONDS (connecting runs in a thread that is left behind if it never returns)."""
-    client, error = _in_time(lambda: client_type(scheduler, timeout=f"{CONNECT_SECONDS // 2}s"), "dask-connect")
+    dask's connect timeout and a few seconds: dask's own timeout does not cover a server that
+    accepts the connection and never answers (the dashboard's port given for the scheduler's),
+    so connecting runs in a thread that is left behind if it never returns."""
+    seconds = _dask_connect_seconds()
+    client, error = _in_time(lambda: client_type(scheduler, timeout=seconds), "dask-connect",
+                             seconds + CONNECT_MARGIN_SECONDS)
     if client is None:
         if isinstance(error, MemoryError):  # (a reply that is no dask message, read as an absurd length)
             reason = "what answered there is not a dask scheduler"
         else:
-            reason = " ".join(str(error).split()) if error else f"no dask scheduler answered in {CONNECT_SECONDS} s"
+            reason = " ".join(str(error).split()) if error else f"no dask scheduler answered in {seconds:g} s"
         raise UserError(f"--scheduler {scheduler}: cannot reach the dask scheduler ({reason})")
     with client:
         yield
 
 
-def _in_time(connect: Callable[[], object], name: str) -> tuple[object | None, Exception | None]:
-    """`connect()` run in a daemon thread for at most CONNECT_SECONDS (a client that retries
-    for ever is left behind there): (its result, None), (None, its error), or (None, None)
-    when it has not returned in time."""
+def _in_time(connect: Callable[[], object], name: str, seconds: float) -> tuple[object | None, Exception | None]:
+    """`connect()` run in a daemon thread for at most `seconds` (a client that retries for ever
+    is left behind there): (its result, None), (None, its error), or (None, None) when it has
+    not returned in time."""
     outcome: dict = {}
 
     def run() -> None:
@@ -159,7 +174,7 @@ def _in_time(connect: Callable[[], object], name: str) -> tuple[object | None, E
 
     thread = threading.Thread(target=run, name=name, daemon=True)
     thread.start()
-    thread.join(CONNECT_SECONDS)
+    thread.join(seconds)
     return outcome.get("result"), outcome.get("error")
 
 
@@ -233,7 +248,7 @@ def _ray_connection(ray, jobs: int) -> Iterator[None]:
         return True
 
     if address:  # in time: ray retries for ever where something answers but is no ray head
-        started, error = _in_time(start, "ray-init")
+        started, error = _in_time(start, "ray-init", CONNECT_SECONDS)
     else:  # (off the main thread ray sets no SIGTERM handler, and says so: local runs start here)
         try:
             started, error = start(), None

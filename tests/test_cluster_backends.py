@@ -18,6 +18,7 @@ from typing import Iterator
 import numpy as np
 import pytest
 
+from dfd_data import cluster
 from dfd_data.dataset import Dataset, read_jsonl
 from dfd_data.errors import ModelMissingError, UserError
 from dfd_data.image_io import read_image
@@ -166,7 +167,6 @@ def test_the_worker_watch_says_when_workers_are_gone_and_when_they_are_back(monk
     import threading
     import types
 
-    from dfd_data import cluster
 
     monkeypatch.setattr(cluster, "NO_WORKER_NOTICE_SECONDS", 0.2)
     monkeypatch.setattr(cluster, "_WATCH_SECONDS", 0.05)
@@ -286,16 +286,22 @@ def test_scheduler_address_only_goes_with_dask(photos, tmp_path):
 
 def test_unreachable_dask_scheduler_is_one_clear_line(photos, tmp_path):
     """Nothing listening, a malformed address, and a server that accepts the connection and
-    never answers (the dashboard's port given by mistake), which once hung the command."""
+    never answers (the dashboard's port given by mistake), which once hung the command: one
+    line within dask's own connect timeout (set to 2 s here, as a user's dask configuration
+    may) and the few seconds given beyond it."""
     pytest.importorskip("dask.distributed", reason="the [dask] extra is not installed")
+    quick = {**os.environ, "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "2s"}
     with socket.create_server(("127.0.0.1", 0)) as silent:
         for address in ("tcp://127.0.0.1:9", "localhost", f"tcp://127.0.0.1:{silent.getsockname()[1]}"):
+            started = time.monotonic()
             result = dfd_data("align", photos, tmp_path / "faces", "--backend", "dask", "--scheduler", address,
-                              timeout=120)
+                              timeout=120, env=quick)
             assert result.returncode == 1, address
             lines = result.stderr.strip().splitlines()
             assert len(lines) == 1 and lines[0].startswith(f"Error: --scheduler {address}: cannot reach the dask "
                                                            "scheduler"), result.stderr
+            # (the command's start, torch's import included, takes a few seconds of its own)
+            assert time.monotonic() - started < 2 + cluster.CONNECT_MARGIN_SECONDS + 10, address
 
 
 def test_unreachable_ray_address_is_one_clear_line(photos, tmp_path):
@@ -315,7 +321,6 @@ def test_a_cluster_that_answers_but_is_not_one_is_one_line_in_time(monkeypatch):
     import threading
     import types
 
-    from dfd_data import cluster
 
     never = threading.Event()
     ray = types.ModuleType("ray")
