@@ -77,11 +77,16 @@ def start(device: torch.device) -> tuple[Ranks, torch.device]:
     if device.type == "cuda":
         device = torch.device("cuda", launched_local_rank())
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
-    # (the run's own backend: a gloo group beside nccl needs every machine's hostname to resolve
-    # to an address the others reach, and fails at the start where it is a loopback one)
-    long_waits = dist.new_group(timeout=LONG_WAIT_TIMEOUT)
+    try:
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
+        # (the run's own backend: a gloo group beside nccl needs every machine's hostname to resolve
+        # to an address the others reach, and fails at the start where it is a loopback one)
+        long_waits = dist.new_group(timeout=LONG_WAIT_TIMEOUT)
+    except dist.DistError as error:  # (a port in use, a store or peer that cannot be reached): one line
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        raise UserError(f"cannot start the process group with the run's other processes (store at {where}): "
+                        f"{' '.join(str(error).split())}") from None
     return Ranks(launched_rank(), world, launched_local_rank(), long_waits), device
 
 

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -602,6 +603,23 @@ def test_a_stalled_process_stops_the_run_after_the_collective_timeout_but_long_w
     timed_out = [line for line in lines if line.startswith("rank 0: timed out after")]
     assert timed_out and timed_out[0].startswith(f"rank 0: timed out after {4 / 60}") and \
         int(timed_out[0].split()[-2]) <= 6, lines
+
+
+def test_a_process_group_that_cannot_start_is_one_line(sketched_dataset, tmp_path):
+    """A process of a torchrun run whose process group cannot start (here rank 0, whose store's
+    port another program holds) stops with one line naming the store, not c10d's traceback."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port)}
+        result = subprocess.run([sys.executable, "-m", "dfd_model", "train", str(sketched_dataset), "--resolution",
+                                 "128", "--steps", "1", "--quiet", "--out", str(tmp_path / "run"), *TINY_SETTINGS],
+                                capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"Error: cannot start the process group with the run's other processes (store at 127.0.0.1:{port}): "), lines
+    assert "EADDRINUSE" in lines[0]
 
 
 def test_torchrun_with_two_cpu_processes_matches_one_process(sketched_dataset, tmp_path):
