@@ -293,6 +293,28 @@ def test_loss_weights_favour_lines_on_paper():
     assert weights[0, 0] == pytest.approx(np.exp(-1.0) + 0.5, abs=1e-6)  # borders count only real pixels
 
 
+def test_resume_without_a_checkpoint_says_it_starts_at_step_0(tmp_path, monkeypatch):
+    """--resume where no run left a checkpoint (a mistyped path, a run that finished) starts
+    afresh, as train --resume does, and says so before the run's minutes begin."""
+    from click.testing import CliRunner
+
+    from dfd_data import train_simplifier as module
+    from dfd_data.cli import main
+
+    started = []
+    monkeypatch.setattr(module, "train_simplifier", lambda out, *args, **kwargs: started.append(kwargs["resume"])
+                        or {"seconds": 0.0})
+    out = tmp_path / "simplifier.safetensors"
+    result = CliRunner().invoke(main, ["train-simplifier", str(out), "--steps", "1", "--resume"])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0] == \
+        f"train-simplifier: no checkpoint at {tmp_path / 'simplifier.ckpt.safetensors'}: starting at step 0"
+    assert started == [True]
+    module.checkpoint_path(out).write_bytes(b"")  # (its contents are train_simplifier's to check)
+    result = CliRunner().invoke(main, ["train-simplifier", str(out), "--steps", "1", "--resume"])
+    assert result.exit_code == 0 and "no checkpoint" not in result.output, result.output
+
+
 def test_short_training_lowers_the_loss_and_saves_everything(tmp_path):
     out = tmp_path / "run" / "simplifier.safetensors"
     command = "dfd-data train-simplifier run/simplifier.safetensors --width 0.0625 --steps 40"
