@@ -138,7 +138,15 @@ def _dask_connect_seconds() -> float:
     import dask.config
     from dask.utils import parse_timedelta
 
-    return parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), default="seconds")
+    value = dask.config.get("distributed.comm.timeouts.connect")
+    try:
+        seconds = parse_timedelta(value, default="seconds")
+    except (KeyError, ValueError, TypeError):  # (a unit dask does not know is a KeyError)
+        seconds = None
+    if seconds is None or not seconds > 0:
+        raise UserError(f"dask's setting distributed.comm.timeouts.connect is {value!r}: not a positive duration "
+                        "(e.g. 30s); see DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT and your dask configuration")
+    return seconds
 
 
 @contextmanager
@@ -148,13 +156,13 @@ def _connect_dask(client_type, scheduler: str) -> Iterator[None]:
     accepts the connection and never answers (the dashboard's port given for the scheduler's),
     so connecting runs in a thread that is left behind if it never returns."""
     seconds = _dask_connect_seconds()
-    client, error = _in_time(lambda: client_type(scheduler, timeout=seconds), "dask-connect",
-                             seconds + CONNECT_MARGIN_SECONDS)
+    waited = seconds + CONNECT_MARGIN_SECONDS
+    client, error = _in_time(lambda: client_type(scheduler, timeout=seconds), "dask-connect", waited)
     if client is None:
         if isinstance(error, MemoryError):  # (a reply that is no dask message, read as an absurd length)
             reason = "what answered there is not a dask scheduler"
         else:
-            reason = " ".join(str(error).split()) if error else f"no dask scheduler answered in {seconds:g} s"
+            reason = " ".join(str(error).split()) if error else f"no dask scheduler answered in {waited:g} s"
         raise UserError(f"--scheduler {scheduler}: cannot reach the dask scheduler ({reason})")
     with client:
         yield

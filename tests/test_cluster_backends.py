@@ -167,7 +167,6 @@ def test_the_worker_watch_says_when_workers_are_gone_and_when_they_are_back(monk
     import threading
     import types
 
-
     monkeypatch.setattr(cluster, "NO_WORKER_NOTICE_SECONDS", 0.2)
     monkeypatch.setattr(cluster, "_WATCH_SECONDS", 0.05)
     polls = iter([{"w1": 1}, {}, {}, {}, {}, {}, {"w1": 1, "w2": 1}, {}])  # one each 0.05 s
@@ -291,17 +290,26 @@ def test_unreachable_dask_scheduler_is_one_clear_line(photos, tmp_path):
     may) and the few seconds given beyond it."""
     pytest.importorskip("dask.distributed", reason="the [dask] extra is not installed")
     quick = {**os.environ, "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "2s"}
+    waited = f"answered in {2 + cluster.CONNECT_MARGIN_SECONDS} s)"
     with socket.create_server(("127.0.0.1", 0)) as silent:
-        for address in ("tcp://127.0.0.1:9", "localhost", f"tcp://127.0.0.1:{silent.getsockname()[1]}"):
+        # (dask's own words for a refused connection: "... after 2 s")
+        for address, says in (("tcp://127.0.0.1:9", "after 2 s"), ("localhost", ""),
+                               (f"tcp://127.0.0.1:{silent.getsockname()[1]}", waited)):
             started = time.monotonic()
             result = dfd_data("align", photos, tmp_path / "faces", "--backend", "dask", "--scheduler", address,
                               timeout=120, env=quick)
             assert result.returncode == 1, address
             lines = result.stderr.strip().splitlines()
             assert len(lines) == 1 and lines[0].startswith(f"Error: --scheduler {address}: cannot reach the dask "
-                                                           "scheduler"), result.stderr
+                                                           "scheduler") and says in lines[0], result.stderr
             # (the command's start, torch's import included, takes a few seconds of its own)
             assert time.monotonic() - started < 2 + cluster.CONNECT_MARGIN_SECONDS + 10, address
+    # a setting dask cannot read is one line too
+    result = dfd_data("align", photos, tmp_path / "faces", "--backend", "dask", "--scheduler", "tcp://127.0.0.1:9",
+                      timeout=120, env={**os.environ, "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "soon"})
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        "Error: dask's setting distributed.comm.timeouts.connect is 'soon': not a positive duration (e.g. 30s); "
+        "see DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT and your dask configuration"], result.stderr
 
 
 def test_unreachable_ray_address_is_one_clear_line(photos, tmp_path):
@@ -320,7 +328,6 @@ def test_a_cluster_that_answers_but_is_not_one_is_one_line_in_time(monkeypatch):
     exabytes. Both are one line, the first within the connection time."""
     import threading
     import types
-
 
     never = threading.Event()
     ray = types.ModuleType("ray")

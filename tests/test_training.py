@@ -606,9 +606,10 @@ def test_a_stalled_process_stops_the_run_after_the_collective_timeout_but_long_w
 
 
 def test_a_process_group_that_cannot_start_is_one_line(sketched_dataset, tmp_path):
-    """A process of a torchrun run whose process group cannot start (here rank 0, whose store's
-    port another program holds) stops with one line naming the store, not c10d's traceback."""
-    with socket.create_server(("127.0.0.1", 0)) as taken:
+    """A process started by a launch script (MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE set
+    for it) whose process group cannot start, here rank 0 with its store's port held by another
+    program, stops with one line naming the store, not c10d's traceback."""
+    with socket.create_server(("", 0)) as taken:
         port = taken.getsockname()[1]
         env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(port)}
