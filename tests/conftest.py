@@ -3,14 +3,22 @@ packages, and a small aligned dataset built once per test session."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+# Under pytest-xdist (the README's `-n 2`) each test process, and every command it starts, runs
+# OpenMP and BLAS on one thread unless the caller chose otherwise: two processes of two threads
+# each on two cores spun against each other (the suite took 665 s so, 535 s on one thread each).
+# Set before torch or numpy is imported here, as both read it when they load.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from dfd_data.samples import write_samples
+import pytest  # noqa: E402
+
+from dfd_data.samples import write_samples  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
