@@ -29,10 +29,10 @@ CLUSTER_BACKENDS = ("dask", "ray")
 # ray.init retries a GCS address nothing listens at for ever. (A dask scheduler gets dask's own
 # connect timeout: see _dask_connect_seconds.)
 CONNECT_SECONDS = 20
+CONNECT_MARGIN_SECONDS = 5  # beyond dask's connect timeout, for a server that accepted and never answers
 # How long a dask run may find no worker in the cluster before it says so: a scheduler whose
 # workers have not started (or have all left) holds the tasks, and the run waited without a word.
 NO_WORKER_NOTICE_SECONDS = 15
-CONNECT_MARGIN_SECONDS = 5  # beyond dask's connect timeout, for a server that accepted and never answers
 _WATCH_SECONDS = 1.0  # between two looks at the cluster's workers
 # The backends whose cluster in use this command started on this machine (see started_here).
 _STARTED_HERE: ContextVar[frozenset] = ContextVar("dfd_clusters_started_here", default=frozenset())

@@ -116,16 +116,15 @@ def dfd_data(*args, check: bool = False, **kwargs) -> subprocess.CompletedProces
     return subprocess.run(command, capture_output=True, text=True, check=check, cwd=REPO, **kwargs)
 
 
-_TALLY_FIELDS = ("tried", "crashes", "lost_or_corrupted")
-
-
 def pytest_sessionfinish(session):
     """In a pytest-xdist worker: hand this process's hostile-input counts to the controller,
     which prints the tally (the tests that count run in the workers)."""
+    from dataclasses import asdict
+
     from tests.hostile import TALLY
 
     if hasattr(session.config, "workeroutput"):
-        session.config.workeroutput["hostile_tally"] = [getattr(TALLY, field) for field in _TALLY_FIELDS]
+        session.config.workeroutput["hostile_tally"] = asdict(TALLY)
 
 
 @pytest.hookimpl(optionalhook=True)  # (pytest-xdist's hook: absent where it is not loaded)
@@ -133,7 +132,7 @@ def pytest_testnodedown(node, error):
     """In the pytest-xdist controller: add a finished worker's hostile-input counts."""
     from tests.hostile import TALLY
 
-    for field, count in zip(_TALLY_FIELDS, getattr(node, "workeroutput", {}).get("hostile_tally", ())):
+    for field, count in getattr(node, "workeroutput", {}).get("hostile_tally", {}).items():
         setattr(TALLY, field, getattr(TALLY, field) + count)
 
 
