@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import re
-import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -35,6 +34,8 @@ import numpy as np
 import torch
 
 from dfd_data.devices import native_bf16
+
+from .int8_scores import dot_error_terms, int8_product_runs, int8_scores, pack_rows
 
 
 ALL = "all"
@@ -218,25 +219,20 @@ def _with_ridge(grams: np.ndarray, eps: float) -> np.ndarray:
 # read so fast that the copy would not pay for its memory. A GPU reads a float32 bank in
 # microseconds, and its bf16 products may add up partial sums in bf16, outside the error bound.
 LOW_PRECISION_ROWS = 2048
-# On CPUs without native bf16 the copy is int8 rows with a bf16 scale each, scored by torch's
-# weight-only int8 kernel (_weight_int8pack_mm): it reads a quarter of the float32 bank and
-# converts int8 cheaply. 17,703 x 512 on a 2-vCPU AVX2 EPYC: the product for one query took
-# 0.6 ms against 1.1 ms from a bf16 copy and 2.9 ms in float32; for 16 queries 3.8-5.3 ms
-# against 5.5-5.7 ms in float32, for 32 10.6 ms against 8.1 (the kernel reads the bank once
-# per 4 queries). Whole searches of 8 / 12 / 16 queries took 6.2-6.9 / 8.8-11.0 / 10.7-12.1 ms
-# from the copy, 11.1-11.6 / 17.6-19.1 / 16.1-17.1 ms from the bank (five rounds in turn).
-INT8_MAX_QUERIES = 16
+# On CPUs without native bf16 the copy is int8 rows with a float32 scale each, scored by
+# fbgemm's int8 product (int8_scores): it reads a quarter of the float32 bank and sums in
+# integers. 17,703 x 512 on a 2-vCPU AVX2 EPYC: the product for one query took 0.35-0.5 ms
+# against 0.5-0.8 ms from torch's weight-only int8 kernel (used here before), 1.1 ms from a
+# bf16 copy and 2.9 ms in float32. It scores batches of any size: whole searches of 8 / 16 /
+# 32 / 128 / 512 queries took 5.0 / 8.5 / 13.6 / 56 / 272 ms from it, against 9.8 / 14.8 /
+# 21.0 / 84 / 389 ms from the float32 bank.
 # On CPUs with native bf16 (AMX) the copy stays bf16, as measured there. Without native bf16
 # a few queries are matrix-vector products, which torch computes from a bf16 copy faster (the
-# copy a CPU gets where the int8 kernel is missing); more make a matrix product that such CPUs
-# emulate in bf16: 16 queries took 20 ms in bf16, 10 in float32.
+# copy a CPU gets where fbgemm's product is missing); more make a matrix product that such
+# CPUs emulate in bf16: 16 queries took 20 ms in bf16, 10 in float32.
 BF16_EMULATED_MAX_QUERIES = 4
 _FLOAT32_ROUNDING = 2.0 ** -24  # unit roundoff: scores are accumulated and finished in float32
 _BF16_ROUNDING = torch.finfo(torch.bfloat16).eps / 2
-# the int8 kernel's vector loads step 16 values at a time (AVX-512), aligned: a width that is
-# not a multiple crashed it
-_INT8_WIDTH_STEP = 16
-_INT8_ROWS_PER_CHUNK = 8192  # rows quantised at a time (16 MB of float32 temporaries at 512 wide)
 
 
 def _dots(bank: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
@@ -302,24 +298,25 @@ class SearchIndex:
     # (see built_from). Its values must not change: an index describes them as they were.
     source: torch.Tensor
     squared_norms: torch.Tensor  # [N] float32, on the bank's device
-    # Every score's rounding error is at most |q| * error_slope + error_floor: one bound for
-    # all rows (from the largest row norm) costs two multiplications per query, not 2N.
+    # Every score's rounding error is at most |q| * error_slope + max|q_i| * error_peak_slope +
+    # error_floor: one bound for all rows (from the largest row norm) costs a few multiplications
+    # per query, not N. (The peak term is the int8 copy's: its query grid's step follows max|q_i|.)
     error_slope: float
+    error_peak_slope: float
     error_floor: float
     # the slope of the bound for scores computed in float32 from the rows themselves (the first
     # pass of the re-ranking)
     float32_error_slope: float
     rows_bf16: torch.Tensor | None = None
-    rows_int8: torch.Tensor | None = None  # [N, D]: row i is row_scales[i] * rows_int8[i], nearly
-    row_scales: torch.Tensor | None = None  # [N] bf16
+    rows_int8: torch.ScriptObject | None = None  # fbgemm's packed int8 rows (see int8_scores)
 
     @classmethod
     def of(cls, bank: torch.Tensor) -> "SearchIndex":
         """The index of `bank`, with its copy (see _copy_kind) and the worst-case rounding of a
         score |b|^2 - 2 q.b, in any summation order, from that copy or from the bank: the dot
-        product errs by at most |q| times the bound _dot_error gives, the norms by gamma_D |b|^2
-        (float32 accumulation of D squares), and three float32 roundings finish the score; 1.01
-        covers the second-order terms left out."""
+        product errs by at most what _dot_error (from the int8 copy, dot_error_terms) gives,
+        the norms by gamma_D |b|^2 (float32 accumulation of D squares), and three float32
+        roundings finish the score; 1.01 covers the second-order terms left out."""
         rows = bank.detach().float()
         squared = rows.pow(2).sum(1)
         largest = float(squared.max())
@@ -328,7 +325,7 @@ class SearchIndex:
                              "squared norms (above about 1.8e19)")
         kind = _copy_kind(bank)
         rows_bf16 = rows.to(torch.bfloat16) if kind == "bf16" else None
-        rows_int8, row_scales, residual = _int8_rows(rows) if kind == "int8" else (None, None, 0.0)
+        rows_int8, residual = pack_rows(rows) if kind == "int8" else (None, 0.0)
         r, width = _FLOAT32_ROUNDING, bank.shape[1]
         gamma = _accumulation_rounding(width)
         longest = math.sqrt(largest)
@@ -337,17 +334,22 @@ class SearchIndex:
             return 1.01 * (2 * dot + 6 * r * longest)
 
         # Underflow, which the relative bounds above miss: each float32 operation of a norm, a dot
-        # and the score may err by half float32's smallest subnormal (4D + 1 of them). A copy's
-        # bf16 query values and bf16 result err by up to half of bf16's, 2^-134 (a query value's
-        # error meets at most |b'|_1 <= sqrt(D) |b'|), and a bf16 copy's rows by as much again
-        # (meeting |q|_1 <= sqrt(D) |q|: a slope)
+        # and the score may err by half float32's smallest subnormal (4D + 1 of them). A bf16
+        # copy's query values and result err by up to half of bf16's, 2^-134 (a query value's
+        # error meets at most |b'|_1 <= sqrt(D) |b'|), and its rows by as much again (meeting
+        # |q|_1 <= sqrt(D) |q|: a slope). The int8 copy's dot product bounds its own (int8_scores).
         floor = (4 * width + 1) * 2.0 ** -150
-        if kind is not None:
-            floor += 2 * 2.0 ** -134 * (1 + math.sqrt(width) * (longest + residual))
-        slope = 2 * 2.0 ** -134 * math.sqrt(width) if kind == "bf16" else 0.0
-        return cls(bank, squared, score_slope(_dot_error(kind, gamma, longest, residual)) + slope,
-                   1.01 * (gamma + 3 * r) * largest + floor, score_slope(_dot_error(None, gamma, longest, 0.0)),
-                   rows_bf16, rows_int8, row_scales)
+        if kind == "int8":
+            dot_slope, dot_peak_slope, dot_floor = dot_error_terms(width, longest, residual)
+            slope, peak_slope = score_slope(dot_slope), 2 * dot_peak_slope
+            floor += 2 * dot_floor
+        else:
+            slope, peak_slope = score_slope(_dot_error(kind, gamma, longest)), 0.0
+            if kind == "bf16":
+                floor += 2 * 2.0 ** -134 * (1 + math.sqrt(width) * longest)
+                slope += 2 * 2.0 ** -134 * math.sqrt(width)
+        return cls(bank, squared, slope, peak_slope, 1.01 * (gamma + 3 * r) * largest + floor,
+                   score_slope(_dot_error(None, gamma, longest)), rows_bf16, rows_int8)
 
     def built_from(self, bank: torch.Tensor) -> bool:
         """Whether `bank` is the tensor this index was built from: the same memory seen the
@@ -361,6 +363,9 @@ class SearchIndex:
         on the bank's device. `query` is of a floating dtype of at least float32's precision, and
         so is `rows` where it is read (a batch no copy scores), in the query's dtype."""
         device_type = rows.device.type
+        if self.copy_scoring(query.shape[0]) == "int8":  # (integer products: no setting changes them)
+            return torch.from_numpy(int8_scores(self.rows_int8, query.detach().double().numpy(),
+                                                self.squared_norms.numpy()))
         if torch.is_autocast_enabled(device_type) or _reduced_float32_products(device_type):
             with _products_as_typed(device_type):
                 dots = self._dots(query, rows)
@@ -370,8 +375,8 @@ class SearchIndex:
 
     def copy_scoring(self, batch: int) -> str | None:
         """The copy that scores `batch` queries the fastest ("int8" or "bf16"), or None where the
-        bank itself does (see INT8_MAX_QUERIES and BF16_EMULATED_MAX_QUERIES)."""
-        if self.rows_int8 is not None and batch <= INT8_MAX_QUERIES:
+        bank itself does (see LOW_PRECISION_ROWS and BF16_EMULATED_MAX_QUERIES)."""
+        if self.rows_int8 is not None:
             return "int8"
         if self.rows_bf16 is not None and (batch <= BF16_EMULATED_MAX_QUERIES or native_bf16(self.rows_bf16.device)):
             return "bf16"
@@ -380,18 +385,19 @@ class SearchIndex:
     def _dots(self, query: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """query [B, D] . every row, [B, N], from the copy copy_scoring names."""
         copy = self.copy_scoring(query.shape[0])
-        if copy == "int8":
-            # (a fresh tensor: the kernel loads rows at 32-byte boundaries, and a view off one crashed it)
-            fresh = query.to(torch.bfloat16, memory_format=torch.contiguous_format, copy=True)
-            return torch.ops.aten._weight_int8pack_mm(fresh, self.rows_int8, self.row_scales)
         if copy == "bf16":
             return _dots(self.rows_bf16, query.to(torch.bfloat16))
         return _dots(rows, query)
 
-    def error_bound(self, lengths: np.ndarray, float32_rows: bool = False) -> np.ndarray:
-        """The bound on every score's rounding error for queries of `lengths` [B] (|q|), [B]: of
-        the scores above, or (`float32_rows`) of scores computed in float32 from the rows."""
-        return lengths * (self.float32_error_slope if float32_rows else self.error_slope) + self.error_floor
+    def error_bound(self, lengths: np.ndarray, peaks: np.ndarray) -> np.ndarray:
+        """The bound on every score's rounding error for queries of `lengths` [B] (|q|) and
+        `peaks` [B] (max |q_i|), [B]."""
+        return lengths * self.error_slope + peaks * self.error_peak_slope + self.error_floor
+
+    def float32_error_bound(self, lengths: np.ndarray) -> np.ndarray:
+        """The bound on the rounding error of scores computed in float32 from the rows
+        themselves, for queries of `lengths` [B], [B]."""
+        return lengths * self.float32_error_slope + self.error_floor
 
 
 def _accumulation_rounding(width: int) -> float:
@@ -401,63 +407,26 @@ def _accumulation_rounding(width: int) -> float:
 
 def _copy_kind(bank: torch.Tensor) -> str | None:
     """The low-precision copy a bank is scored from: none on a GPU or for a small bank; int8
-    where int8_scoring_runs and the CPU lacks native bf16; else bf16."""
+    where fbgemm's int8 product runs (int8_product_runs) and the CPU lacks native bf16 (its
+    query takes two input rows and a range row two values); else bf16."""
     if bank.shape[0] <= LOW_PRECISION_ROWS or bank.device.type != "cpu":
         return None
-    return "int8" if not native_bf16(bank.device) and int8_scoring_runs(bank.shape[1]) else "bf16"
+    return "int8" if not native_bf16(bank.device) and bank.shape[1] >= 2 and int8_product_runs() else "bf16"
 
 
-def int8_scoring_runs(width: int) -> bool:
-    """Whether torch's int8 kernel runs here, vectorised, for latents `width` wide: on x86 with
-    AVX2 or AVX-512 outside Windows (elsewhere it is a scalar loop, 14 times slower here; torch's
-    Windows builds compile it without the vector code), at a width its vector loads step
-    through whole."""
-    return (torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and sys.platform != "win32"
-            and width % _INT8_WIDTH_STEP == 0 and hasattr(torch.ops.aten, "_weight_int8pack_mm"))
-
-
-def _int8_rows(bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(rows_int8, row_scales, residual) for a float32 `bank`: each row scaled so that its
-    largest value is 127 (the scale rounded to bf16, as the kernel takes it), and the largest
-    distance of a row from its int8 copy (scale * integers in float32, as the kernel computes
-    them). Each difference of a value and its copy is exact in float32 (Sterbenz: the integer
-    is 0, or the two lie within a factor of two of each other), and 1.001 covers the rounding
-    of the sum of their squares."""
-    values = torch.empty(bank.shape, dtype=torch.int8)
-    scales = torch.empty(bank.shape[0], dtype=torch.bfloat16)
-    residual = 0.0
-    for start in range(0, bank.shape[0], _INT8_ROWS_PER_CHUNK):
-        rows = bank[start:start + _INT8_ROWS_PER_CHUNK]
-        scale = (torch.linalg.vector_norm(rows, math.inf, dim=1) / 127).to(torch.bfloat16).float()
-        divisor = torch.where(scale > 0, scale, 1.0)[:, None]  # (a zero row, or a scale below bf16's range)
-        work = torch.div(rows, divisor).round_().clamp_(-127, 127)  # (in place: fresh pages cost more than the work)
-        chunk = work.to(torch.int8)
-        # (summed in float64: float32 squares of tiny gaps underflow to 0)
-        gaps = torch.linalg.vector_norm(work.mul_(scale[:, None]).sub_(rows), dim=1, dtype=torch.float64)
-        residual = max(residual, 1.001 * float(gaps.max()))
-        values[start:start + len(rows)], scales[start:start + len(rows)] = chunk, scale.to(torch.bfloat16)
-    return values, scales, residual
-
-
-def _dot_error(kind: str | None, gamma: float, longest: float, residual: float) -> float:
-    """The bound on |q.b - computed q.b| per unit of |q|, for rows up to `longest` long.
+def _dot_error(kind: str | None, gamma: float, longest: float) -> float:
+    """The bound on |q.b - computed q.b| per unit of |q|, for rows up to `longest` long, from
+    the bank (kind None) or its bf16 copy (the int8 copy's is int8_scores.dot_error_terms).
 
     float32 (no copy): float32 accumulation of D products, gamma_D |q||b| (Cauchy-Schwarz
     bounds sum |q_i b_i|). bf16 copy: rounding q and b to bf16 (unit roundoff u) errs by
     (2u + u^2)|q||b|, the accumulation by gamma_D (1 + u)^2 |q||b|, and the bf16 result
-    rounds the float32 sum once more, by u times its size. int8 copy (row b' = scale *
-    integers, within `residual` of b): q rounds to bf16, (q - q').b errs by u|q||b| and
-    q'.(b - b') by (1 + u)|q| residual; each product of a bf16 value and scale * integer (8,
-    8 and 7 significant bits) is exact in float32, so the float32 sum errs by gamma_D
-    (1 + u)|q||b'|, and the bf16 result by u times its size, with |b'| <= |b| + residual."""
+    rounds the float32 sum once more, by u times its size."""
     if kind is None:
         return gamma * longest
     u = _BF16_ROUNDING
-    if kind == "bf16":
-        product = 2 * u + u * u + gamma * (1 + u) ** 2
-        return (product + u * (1 + product)) * longest
-    copy_length = longest + residual
-    return u * longest + (1 + u) * residual + (gamma * (1 + u) + u * (1 + gamma) * (1 + u)) * copy_length
+    product = 2 * u + u * u + gamma * (1 + u) ** 2
+    return (product + u * (1 + product)) * longest
 
 
 class Neighbours(NamedTuple):
@@ -528,8 +497,9 @@ class _BankSearch:
             return
         scores = fetched[1].numpy()
         self.lengths = np.sqrt(np.square(self.target).sum(1))  # (einsum's parsing alone took 15 us)
+        peaks = np.abs(self.target).max(1)
         limits = (np.partition(scores, self.count - 1, axis=1)[:, self.count - 1:self.count]
-                  + 2 * self.index.error_bound(self.lengths)[:, None])
+                  + 2 * self.index.error_bound(self.lengths, peaks)[:, None])
         chosen = scores <= limits  # (finite scores choose `count` rows or more: the k-th best is among them)
         # NaN or infinite scores (products of huge values overflowed) leave no bound to choose by
         short = ~np.isfinite(scores).all(1)
@@ -564,8 +534,10 @@ class _BankSearch:
         """Which candidates stay, by their scores computed again from their own rows in float32
         (or float64, for a float64 bank or query), under the much tighter bound of those
         scores: the choice of candidates again, now among a few hundred rows instead of the
-        bank. Float64 distances then cost about 10 rows per query instead of 100-200 (from the
-        int8 copy: 0.4 ms of a 1.7 ms search against 17,703 vectors on a 2-vCPU AVX2 EPYC)."""
+        bank. Float64 distances then cost about 10 rows per query instead of 30-200 (100-200 from
+        torch's weight-only int8 kernel's copy, where this pass saved 0.4 ms of a 1.7 ms search
+        against 17,703 vectors on a 2-vCPU AVX2 EPYC; 30-100 from fbgemm's, where it saves
+        little)."""
         exact_in_float32 = picked.dtype == np.float32 and self.query.dtype != torch.float64
         rows = picked if exact_in_float32 else picked.astype(np.float64)
         target = self.target.astype(rows.dtype)
@@ -577,7 +549,7 @@ class _BankSearch:
             scores = norms - 2 * dots
         order = np.lexsort((scores, self.owners))
         kth = scores[order[_firsts(self.owners, len(target)) + self.count - 1]]
-        kept = scores <= (kth + 2 * self.index.error_bound(self.lengths, float32_rows=True))[self.owners]
+        kept = scores <= (kth + 2 * self.index.float32_error_bound(self.lengths))[self.owners]
         doubtful = ~np.isfinite(scores)  # float32 products of huge values overflowed: keep the query's every candidate
         if doubtful.any():
             kept |= np.isin(self.owners, self.owners[doubtful])
@@ -745,4 +717,4 @@ def blend(f: torch.Tensor, f_proj: torch.Tensor, refine: float) -> torch.Tensor:
 
 
 __all__ = ["ALL", "DEVICE_MIN_QUERIES", "METHODS", "FeatureBank", "SearchIndex", "blend", "check_index", "check_refine",
-           "int8_scoring_runs", "nearest", "project", "project_many", "settle"]
+           "nearest", "project", "project_many", "settle"]

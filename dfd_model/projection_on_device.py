@@ -17,6 +17,8 @@ nothing is read back but one flag per request:
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .projection import SearchIndex, check_index
@@ -41,7 +43,9 @@ def project_on_device(query: torch.Tensor, bank: torch.Tensor, k: int, eps: floa
         scores = index.scores(query.to(work), rows.to(work))
         kept = min(rows.shape[0], count + DEVICE_CANDIDATES)
         best, candidates = scores.topk(kept, dim=1, largest=False, sorted=True)
-        bounds = torch.linalg.vector_norm(query.double(), dim=1) * index.error_slope + index.error_floor
+        target = query.double()
+        bounds = (torch.linalg.vector_norm(target, dim=1) * index.error_slope
+                  + torch.linalg.vector_norm(target, math.inf, dim=1) * index.error_peak_slope + index.error_floor)
         limits = best[:, count - 1] + 2 * bounds
         covered = best[:, -1] > limits if kept < rows.shape[0] else torch.ones_like(limits, dtype=torch.bool)
         candidates = candidates.sort(dim=1).values  # ascending rows: ties go to the lower row, as on the host

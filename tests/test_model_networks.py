@@ -24,6 +24,7 @@ from dfd_model.config import ModelConfig
 from dfd_model.networks import (ComponentAutoEncoder, ComponentDecoder, ComponentEncoder, FeatureDecoder,
                                 GlobalGenerator, MultiscaleDiscriminator, NLayerDiscriminator, count_parameters,
                                 denormalize_image, fuse_feature_maps, normalize_sketch)
+from dfd_model.int8_scores import int8_product_runs
 from dfd_model.projection import FeatureBank, SearchIndex, blend, project
 from dfd_model.sketch_to_face import SketchToFace, crop_sketch_components
 
@@ -587,8 +588,8 @@ def _use_copy(monkeypatch, kind: str) -> str:
     """Every large CPU bank gets the `kind` of copy, whichever this CPU would get."""
     from dfd_model import projection
 
-    if kind == "int8" and not projection.int8_scoring_runs(512):
-        pytest.skip("torch's vectorised int8 kernel needs an x86 CPU with AVX2 or AVX-512")
+    if kind == "int8" and not int8_product_runs():
+        pytest.skip("the int8 copy needs torch's fbgemm int8 product (x86 builds), and this torch lacks it")
     monkeypatch.setattr(projection, "_copy_kind",
                         lambda bank: kind if bank.shape[0] > projection.LOW_PRECISION_ROWS else None)
     return kind
@@ -601,18 +602,17 @@ def scoring_copy(request, monkeypatch) -> str:
 
 
 def test_a_cpu_gets_the_copy_it_scores_fastest():
-    """Large CPU banks get a copy (int8 where the vectorised kernel runs and the CPU lacks
-    native bf16, bf16 with it); small banks and widths the kernel cannot step through do not
-    get int8."""
+    """Large CPU banks get a copy (int8 where fbgemm's product runs and the CPU lacks native
+    bf16, bf16 with it); small banks get none. Wherever torch has fbgemm, its product must pass
+    the check int8_product_runs makes (else every such CPU would quietly lose the int8 copy)."""
     from dfd_data.devices import native_bf16
-    from dfd_model.projection import LOW_PRECISION_ROWS, _copy_kind, int8_scoring_runs
+    from dfd_model.projection import LOW_PRECISION_ROWS, _copy_kind
 
-    large, small = torch.zeros(LOW_PRECISION_ROWS + 1, 512), torch.zeros(LOW_PRECISION_ROWS, 512)
+    large, small = torch.zeros(LOW_PRECISION_ROWS + 1, 100), torch.zeros(LOW_PRECISION_ROWS, 100)
     assert _copy_kind(small) is None
-    vectorised = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-    assert int8_scoring_runs(512) == vectorised and not int8_scoring_runs(100)  # (100 wide crashed the kernel)
-    assert _copy_kind(large) == ("int8" if vectorised and not native_bf16(torch.device("cpu")) else "bf16")
-    assert _copy_kind(torch.zeros(LOW_PRECISION_ROWS + 1, 100)) == "bf16"
+    assert int8_product_runs() == ("fbgemm" in torch.backends.quantized.supported_engines)
+    assert _copy_kind(large) == ("int8" if int8_product_runs() and not native_bf16(torch.device("cpu")) else "bf16")
+    assert _copy_kind(torch.zeros(LOW_PRECISION_ROWS + 1, 1)) == "bf16"  # (no room for the range row's two values)
 
 
 def test_low_precision_scoring_finds_the_exact_neighbours_in_a_bank_of_tight_clusters(scoring_copy):
@@ -654,7 +654,9 @@ def test_searches_stay_exact_where_products_underflow(scoring_copy, scale):
     index = SearchIndex.of(bank)
     exact = (bank.double() ** 2).sum(1)[None] - 2 * queries.double() @ bank.double().T
     error = (index.scores(queries, bank).double() - exact).abs()
-    assert (error <= torch.from_numpy(index.error_bound(queries.double().norm(dim=1).numpy()))[:, None]).all()
+    targets = queries.double()
+    bounds = index.error_bound(targets.norm(dim=1).numpy(), targets.abs().amax(1).numpy())
+    assert (error <= torch.from_numpy(bounds)[:, None]).all()
     for row in range(4):
         assert torch.equal(nearest(queries[row:row + 1], bank, 10, index)[1], _exact_nearest(queries[row:row + 1],
                                                                                              bank, 10))
@@ -681,7 +683,8 @@ def _score_errors(bank: torch.Tensor, query: torch.Tensor) -> tuple[np.ndarray, 
     index = SearchIndex.of(bank)
     exact = (bank.double() ** 2).sum(1) - 2 * bank.double() @ query[0].double()
     error = np.abs(index.scores(query, bank)[0].numpy() - exact.numpy())
-    return error, float(index.error_bound(query.double().norm(dim=1).numpy())[0]), index
+    target = query.double()
+    return error, float(index.error_bound(target.norm(dim=1).numpy(), target.abs().amax(1).numpy())[0]), index
 
 
 def test_the_score_error_bound_holds_where_bf16_rounding_errs_the_most(monkeypatch):
@@ -712,9 +715,52 @@ def test_the_score_error_bound_holds_where_int8_rounding_errs_the_most(monkeypat
     row[0] = 127 / 64
     query = torch.ones(1, 512)
     error, bound, index = _score_errors(row.repeat(LOW_PRECISION_ROWS + 1, 1), query)
-    assert index.rows_int8 is not None and torch.equal(index.rows_int8[0, 1:], torch.full((511,), 20, dtype=torch.int8))
-    residual_term = 2 * 1.01 * float(query.norm()) * float((row - index.rows_int8[0].float() / 64).norm())
+    stored = torch.ops.quantized.linear_unpack(index.rows_int8)[0].int_repr()
+    assert torch.equal(stored[0, 1:], torch.full((511,), 20, dtype=torch.int8))
+    residual_term = 2 * 1.01 * float(query.norm()) * float((row - stored[0].float() / 64).norm())
     assert error.min() > 7.1 and (error <= bound).all() and bound - residual_term < 2.8
+
+@pytest.mark.parametrize("scale", [1e-40, 1e-30, 1e-3, 1.0, 1e4, 1e30])
+def test_int8_scores_stay_within_their_bound_at_every_query_scale(monkeypatch, scale):
+    """The int8 product takes each query scaled by a power of two into its input range: tiny
+    queries (1e-40 is below the scaling's limit), huge ones, and queries whose values fill the
+    range to its edge (+-63 after scaling) must all be scored within the bound."""
+    from dfd_model.projection import LOW_PRECISION_ROWS
+
+    _use_copy(monkeypatch, "int8")
+    generator = torch.Generator().manual_seed(11)
+    bank = torch.randn(LOW_PRECISION_ROWS + 1, 64, generator=generator)
+    queries = torch.randn(3, 64, generator=generator, dtype=torch.float64)
+    queries[1] = torch.tensor([63.0, -63.0]).repeat(32) / 8  # (scaled by 8: every value at the range's edge)
+    queries = (queries * scale).float()
+    index = SearchIndex.of(bank)
+    assert index.copy_scoring(3) == "int8"
+    targets = queries.double()
+    exact = (bank.double() ** 2).sum(1)[None] - 2 * targets @ bank.double().T
+    error = (index.scores(queries, bank).double() - exact).abs()
+    bounds = torch.from_numpy(index.error_bound(targets.norm(dim=1).numpy(), targets.abs().amax(1).numpy()))
+    assert (error <= bounds[:, None]).all()
+
+
+def test_an_int8_product_that_computes_otherwise_is_refused(monkeypatch):
+    """int8_product_runs checks that fbgemm's product computes exactly what the bound assumes.
+    A range row that makes its step 128/127 instead of 1 (so every input is quantised off the
+    grid) must fail the check, and banks then get the bf16 copy."""
+    from dfd_data.devices import native_bf16
+    from dfd_model import int8_scores
+    from dfd_model.projection import LOW_PRECISION_ROWS, _copy_kind
+
+    if not int8_product_runs():
+        pytest.skip("this torch has no fbgemm int8 product to check")
+    int8_product_runs.cache_clear()
+    monkeypatch.setattr(int8_scores, "_RANGE_ROW", (-63.0, 65.0))
+    try:
+        assert not int8_product_runs()
+        if not native_bf16(torch.device("cpu")):
+            assert _copy_kind(torch.zeros(LOW_PRECISION_ROWS + 1, 64)) == "bf16"
+    finally:
+        int8_product_runs.cache_clear()  # (the next call checks the real product again)
+
 
 
 def test_large_banks_are_searched_by_matrix_product_and_reranked_exactly(scoring_copy):
@@ -726,7 +772,7 @@ def test_large_banks_are_searched_by_matrix_product_and_reranked_exactly(scoring
     generator = torch.Generator().manual_seed(3)
     bank = torch.randn(LOW_PRECISION_ROWS * 2, 64, generator=generator)
     banks = FeatureBank({"nose": bank})
-    for count in (4, 20):  # (4 are scored from either copy, 20 from the bank itself)
+    for count in (4, 20):  # (4 from either copy; 20 from the int8 copy, or the bank itself where bf16 is emulated)
         queries = bank[:count] + 0.2 * torch.randn(count, 64, generator=generator)
         distances, indices = nearest(queries, bank, 10, banks.index("nose"))
         expected = _exact_nearest(queries, bank, 10)
