@@ -216,13 +216,11 @@ def train_simplifier(out, clean_dirs, width, steps, batch_size, crop, lr, proced
     """
     import shlex
 
-    from .train_simplifier import checkpoint_path, train_simplifier as train
+    from .train_simplifier import train_simplifier as train
 
-    if resume and not checkpoint_path(out).is_file():  # (said now: the run takes minutes to hours)
-        click.echo(f"train-simplifier: no checkpoint at {checkpoint_path(out)}: starting at step 0")
     stats = train(out, [*clean_dirs], width=width, steps=steps, batch_size=batch_size, crop=tuple(crop), lr=lr,
                   seed=seed, device=device, threads=threads, resume=resume, procedural_fraction=procedural_fraction,
-                  command=shlex.join(["dfd-data", *sys.argv[1:]]))
+                  command=shlex.join(["dfd-data", *sys.argv[1:]]), echo=click.echo)
     held_out = stats.get("held_out") or {}
     scores = (f"held-out line F-score {held_out['f_score_output']:.3f} (rough input {held_out['f_score_rough']:.3f})"
               if held_out else "no held-out evaluation")

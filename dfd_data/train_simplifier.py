@@ -273,7 +273,7 @@ def train_simplifier(out_path, clean_dirs=(), width: float = 0.25, steps: int = 
                      crop=128, lr: float = 2e-3, seed: int = 0, device="auto", log_every: int = 25,
                      progress: bool = True, command: str = "", procedural_fraction: float = 0.5,
                      checkpoint_every: int = 250, eval_pairs: int = 16, resume: bool = False,
-                     batch_norm: bool = True, threads: int | None = None) -> dict:
+                     batch_norm: bool = True, threads: int | None = None, echo=print) -> dict:
     """Train a Simplifier of `width` for `steps` Adam steps and save it to `out_path`.
 
     `crop` is a square crop size or a (min, max) range (a size is drawn per step, rounded to
@@ -284,7 +284,8 @@ def train_simplifier(out_path, clean_dirs=(), width: float = 0.25, steps: int = 
     BatchNorm folded into the convs at the end (see NormalisedTrainer); without it the plain
     stack is trained as it is. `threads` caps torch's CPU threads (default: all cores; use
     fewer when other jobs share the machine, as oversubscribed threads stall each other).
-    Returns the stats dict (also written to <out>.stats.json).
+    `echo` takes the one-line notes (a resume with no checkpoint to resume). Returns the
+    stats dict (also written to <out>.stats.json).
     """
     out_path = Path(out_path)
     low, high = _crop_range(crop)
@@ -295,6 +296,8 @@ def train_simplifier(out_path, clean_dirs=(), width: float = 0.25, steps: int = 
     clean_paths = find_clean_sketches(clean_dirs)
     torch_device = resolve_device(device)
     ckpt_path, stats_path = _paths(out_path)
+    if resume and not ckpt_path.is_file():  # (said once the arguments pass, before the run's minutes)
+        echo(f"train-simplifier: no checkpoint at {ckpt_path}: starting at step 0")
     config = {"width": width, "steps": steps, "batch_size": batch_size, "crop": [low, high], "lr": lr,
               "seed": seed, "procedural_fraction": procedural_fraction if clean_paths else 1.0,
               "clean_dirs": [str(Path(d)) for d in clean_dirs], "clean_images": len(clean_paths),

@@ -295,24 +295,30 @@ def test_loss_weights_favour_lines_on_paper():
 
 def test_resume_without_a_checkpoint_says_it_starts_at_step_0(tmp_path, monkeypatch):
     """--resume where no run left a checkpoint (a mistyped path, a run that finished) starts
-    afresh, as train --resume does, and says so before the run's minutes begin."""
+    afresh, as train --resume does, and says so once the arguments have passed their checks
+    (a --clean folder without sketches is its error alone), before the run's minutes begin."""
     from click.testing import CliRunner
 
     from dfd_data import train_simplifier as module
     from dfd_data.cli import main
 
-    started = []
-    monkeypatch.setattr(module, "train_simplifier", lambda out, *args, **kwargs: started.append(kwargs["resume"])
-                        or {"seconds": 0.0})
+    def stop(*args, **kwargs):  # (the first step after the note: the run itself is not this test's)
+        raise TrainingError("stopped here")
+
+    monkeypatch.setattr(module, "input_statistics", stop)
     out = tmp_path / "simplifier.safetensors"
-    result = CliRunner().invoke(main, ["train-simplifier", str(out), "--steps", "1", "--resume"])
-    assert result.exit_code == 0, result.output
-    assert result.output.splitlines()[0] == \
-        f"train-simplifier: no checkpoint at {tmp_path / 'simplifier.ckpt.safetensors'}: starting at step 0"
-    assert started == [True]
+    note = f"train-simplifier: no checkpoint at {module.checkpoint_path(out)}: starting at step 0"
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(main, ["train-simplifier", str(out), "--clean", str(tmp_path / "empty"), "--resume"])
+    assert result.exit_code != 0 and "no PNG/JPG sketches" in result.output and note not in result.output
+    result = CliRunner().invoke(main, ["train-simplifier", str(out), "--steps", "1", "--resume", "--device", "cpu"])
+    assert result.exit_code != 0 and result.output.splitlines()[0] == note, result.output
+    assert "stopped here" in result.output
     module.checkpoint_path(out).write_bytes(b"")  # (its contents are train_simplifier's to check)
-    result = CliRunner().invoke(main, ["train-simplifier", str(out), "--steps", "1", "--resume"])
-    assert result.exit_code == 0 and "no checkpoint" not in result.output, result.output
+    notes = []
+    with pytest.raises(TrainingError, match="stopped here"):
+        module.train_simplifier(out, steps=1, resume=True, device="cpu", progress=False, echo=notes.append)
+    assert notes == []
 
 
 def test_short_training_lowers_the_loss_and_saves_everything(tmp_path):
