@@ -35,7 +35,7 @@ import torch
 
 from dfd_data.devices import native_bf16
 
-from .int8_scores import dot_error_terms, int8_product_runs, int8_scores, pack_rows
+from .int8_scores import MAX_WIDTH, PackedRows, dot_error_terms, int8_product_runs, int8_scores, pack_rows
 
 
 ALL = "all"
@@ -308,7 +308,7 @@ class SearchIndex:
     # pass of the re-ranking)
     float32_error_slope: float
     rows_bf16: torch.Tensor | None = None
-    rows_int8: torch.ScriptObject | None = None  # fbgemm's packed int8 rows (see int8_scores)
+    rows_int8: PackedRows | None = None  # fbgemm's packed int8 rows (see int8_scores)
 
     @classmethod
     def of(cls, bank: torch.Tensor) -> "SearchIndex":
@@ -324,8 +324,10 @@ class SearchIndex:
             raise ValueError("project: the bank holds NaN or infinite values, or rows too long for float32 "
                              "squared norms (above about 1.8e19)")
         kind = _copy_kind(bank)
-        rows_bf16 = rows.to(torch.bfloat16) if kind == "bf16" else None
         rows_int8, residual = pack_rows(rows) if kind == "int8" else (None, 0.0)
+        if kind == "int8" and rows_int8 is None:  # (the product failed its check on this bank)
+            kind, residual = "bf16", 0.0
+        rows_bf16 = rows.to(torch.bfloat16) if kind == "bf16" else None
         r, width = _FLOAT32_ROUNDING, bank.shape[1]
         gamma = _accumulation_rounding(width)
         longest = math.sqrt(largest)
@@ -364,8 +366,9 @@ class SearchIndex:
         so is `rows` where it is read (a batch no copy scores), in the query's dtype."""
         device_type = rows.device.type
         if self.copy_scoring(query.shape[0]) == "int8":  # (integer products: no setting changes them)
-            return torch.from_numpy(int8_scores(self.rows_int8, query.detach().double().numpy(),
-                                                self.squared_norms.numpy()))
+            # (checked finite first: the product's own quantisation fails on NaN)
+            target = _as_float64(query.detach())
+            return torch.from_numpy(int8_scores(self.rows_int8, target, self.squared_norms.numpy()))
         if torch.is_autocast_enabled(device_type) or _reduced_float32_products(device_type):
             with _products_as_typed(device_type):
                 dots = self._dots(query, rows)
@@ -407,11 +410,12 @@ def _accumulation_rounding(width: int) -> float:
 
 def _copy_kind(bank: torch.Tensor) -> str | None:
     """The low-precision copy a bank is scored from: none on a GPU or for a small bank; int8
-    where fbgemm's int8 product runs (int8_product_runs) and the CPU lacks native bf16 (its
-    query takes two input rows and a range row two values); else bf16."""
+    where fbgemm's int8 product runs (int8_product_runs), the CPU lacks native bf16 and the
+    width suits the product (two values for its range row, sums within int32); else bf16."""
     if bank.shape[0] <= LOW_PRECISION_ROWS or bank.device.type != "cpu":
         return None
-    return "int8" if not native_bf16(bank.device) and bank.shape[1] >= 2 and int8_product_runs() else "bf16"
+    int8 = not native_bf16(bank.device) and 2 <= bank.shape[1] <= MAX_WIDTH and int8_product_runs()
+    return "int8" if int8 else "bf16"
 
 
 def _dot_error(kind: str | None, gamma: float, longest: float) -> float:

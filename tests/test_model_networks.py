@@ -24,7 +24,7 @@ from dfd_model.config import ModelConfig
 from dfd_model.networks import (ComponentAutoEncoder, ComponentDecoder, ComponentEncoder, FeatureDecoder,
                                 GlobalGenerator, MultiscaleDiscriminator, NLayerDiscriminator, count_parameters,
                                 denormalize_image, fuse_feature_maps, normalize_sketch)
-from dfd_model.int8_scores import int8_product_runs
+from dfd_model.int8_scores import MAX_WIDTH, int8_product_runs
 from dfd_model.projection import FeatureBank, SearchIndex, blend, project
 from dfd_model.sketch_to_face import SketchToFace, crop_sketch_components
 
@@ -613,6 +613,8 @@ def test_a_cpu_gets_the_copy_it_scores_fastest():
     assert int8_product_runs() == ("fbgemm" in torch.backends.quantized.supported_engines)
     assert _copy_kind(large) == ("int8" if int8_product_runs() and not native_bf16(torch.device("cpu")) else "bf16")
     assert _copy_kind(torch.zeros(LOW_PRECISION_ROWS + 1, 1)) == "bf16"  # (no room for the range row's two values)
+    too_wide = torch.zeros(1, MAX_WIDTH + 1).expand(LOW_PRECISION_ROWS + 1, -1)  # (its sums could pass int32's range)
+    assert _copy_kind(too_wide) == "bf16"
 
 
 def test_low_precision_scoring_finds_the_exact_neighbours_in_a_bank_of_tight_clusters(scoring_copy):
@@ -715,7 +717,7 @@ def test_the_score_error_bound_holds_where_int8_rounding_errs_the_most(monkeypat
     row[0] = 127 / 64
     query = torch.ones(1, 512)
     error, bound, index = _score_errors(row.repeat(LOW_PRECISION_ROWS + 1, 1), query)
-    stored = torch.ops.quantized.linear_unpack(index.rows_int8)[0].int_repr()
+    stored = torch.ops.quantized.linear_unpack(index.rows_int8.packed)[0].int_repr()
     assert torch.equal(stored[0, 1:], torch.full((511,), 20, dtype=torch.int8))
     residual_term = 2 * 1.01 * float(query.norm()) * float((row - stored[0].float() / 64).norm())
     assert error.min() > 7.1 and (error <= bound).all() and bound - residual_term < 2.8
@@ -731,7 +733,7 @@ def test_int8_scores_stay_within_their_bound_at_every_query_scale(monkeypatch, s
     generator = torch.Generator().manual_seed(11)
     bank = torch.randn(LOW_PRECISION_ROWS + 1, 64, generator=generator)
     queries = torch.randn(3, 64, generator=generator, dtype=torch.float64)
-    queries[1] = torch.tensor([63.0, -63.0]).repeat(32) / 8  # (scaled by 8: every value at the range's edge)
+    queries[1] = torch.tensor([7.85, -7.85]).repeat(32)  # (scaled by 8 to +-62.8: every whole value at +-63)
     queries = (queries * scale).float()
     index = SearchIndex.of(bank)
     assert index.copy_scoring(3) == "int8"
@@ -740,6 +742,29 @@ def test_int8_scores_stay_within_their_bound_at_every_query_scale(monkeypatch, s
     error = (index.scores(queries, bank).double() - exact).abs()
     bounds = torch.from_numpy(index.error_bound(targets.norm(dim=1).numpy(), targets.abs().amax(1).numpy()))
     assert (error <= bounds[:, None]).all()
+
+
+def test_the_score_error_bound_holds_where_the_int8_query_grid_errs_the_most(monkeypatch):
+    """The int8 product holds a query to 1/128 of its grid's step. Here that error is largest in
+    every value and points along the row: each scaled value's remainder is a rounding tie
+    (2j + 0.5 sixty-fourths, rounded to 2j), and the row's signs follow the query's. The rows
+    are integers with a peak of 127, which the copy holds exactly, so the bound's query term
+    alone must cover the error (0.77 of the bound; dropping the remainder row errs by 20 times
+    the bound, a range row that moves the grid by 10)."""
+    from dfd_model.projection import LOW_PRECISION_ROWS
+
+    _use_copy(monkeypatch, "int8")
+    generator = torch.Generator().manual_seed(0)
+    signs = torch.where(torch.rand(64, generator=generator) < 0.5, -1.0, 1.0).double()
+    scaled = torch.randint(0, 31, (64,), generator=generator).double() + (
+        2 * torch.randint(0, 16, (64,), generator=generator).double() + 0.5) / 64
+    scaled[0] = 31.5  # (the peak: the query is scaled by exactly 8)
+    query = (signs * scaled / 8)[None].float()
+    bank = torch.randint(-127, 128, (LOW_PRECISION_ROWS + 1, 64), generator=generator).float()
+    bank[:, 0], bank[0] = 127, 127 * signs.float()
+    error, bound, index = _score_errors(bank, query)
+    assert index.rows_int8 is not None
+    assert error[0] > 0.7 * bound and (error <= bound).all()
 
 
 def test_an_int8_product_that_computes_otherwise_is_refused(monkeypatch):
@@ -752,15 +777,58 @@ def test_an_int8_product_that_computes_otherwise_is_refused(monkeypatch):
 
     if not int8_product_runs():
         pytest.skip("this torch has no fbgemm int8 product to check")
+    bank = torch.randn(LOW_PRECISION_ROWS + 1, 64)
     int8_product_runs.cache_clear()
     monkeypatch.setattr(int8_scores, "_RANGE_ROW", (-63.0, 65.0))
     try:
         assert not int8_product_runs()
         if not native_bf16(torch.device("cpu")):
-            assert _copy_kind(torch.zeros(LOW_PRECISION_ROWS + 1, 64)) == "bf16"
+            assert _copy_kind(bank) == "bf16"
+            monkeypatch.setattr(int8_scores, "int8_product_runs", lambda: True)  # (the bank's own check must refuse it too)
+            index = SearchIndex.of(bank)
+            assert index.rows_int8 is None and index.rows_bf16 is not None
     finally:
         int8_product_runs.cache_clear()  # (the next call checks the real product again)
 
+
+def test_a_copied_int8_index_is_packed_for_fbgemm_again(monkeypatch):
+    """A deep copy or a pickle of an index packs its int8 rows again, for fbgemm whatever the
+    current engine: packed for QNNPACK, whose product quantises the query off the grid, the
+    copy had erred by 2.9 times its bound and returned a wrong neighbour."""
+    from dfd_model.projection import LOW_PRECISION_ROWS
+
+    _use_copy(monkeypatch, "int8")
+    if "qnnpack" not in torch.backends.quantized.supported_engines:
+        pytest.skip("this torch has no QNNPACK engine to copy under")
+    generator = torch.Generator().manual_seed(2)
+    bank = torch.randn(LOW_PRECISION_ROWS + 1, 64, generator=generator)
+    queries = torch.randn(3, 64, generator=generator) * 5
+    index = SearchIndex.of(bank)
+    engine = torch.backends.quantized.engine
+    torch.backends.quantized.engine = "qnnpack"
+    try:
+        copies = [copy.deepcopy(index), pickle.loads(pickle.dumps(index))]
+    finally:
+        torch.backends.quantized.engine = engine
+    for copied in copies:
+        assert torch.equal(copied.scores(queries, copied.source), index.scores(queries, bank))
+
+
+def test_packing_from_several_threads_leaves_the_engine_as_it_was():
+    """Packing switches the process's quantized engine to fbgemm for a moment; threads packing
+    at once must not leave it switched (they did in 8-12 of 20 trials without a lock)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dfd_model.int8_scores import pack_rows
+
+    if not int8_product_runs():
+        pytest.skip("this torch has no fbgemm int8 product")
+    engine = torch.backends.quantized.engine
+    banks = [torch.randn(64, 32) for _ in range(8)]
+    for _ in range(5):
+        with ThreadPoolExecutor(4) as pool:
+            assert all(packed is not None for packed, _ in pool.map(pack_rows, banks))
+        assert torch.backends.quantized.engine == engine
 
 
 def test_large_banks_are_searched_by_matrix_product_and_reranked_exactly(scoring_copy):
@@ -830,8 +898,9 @@ def test_projecting_several_banks_at_once_gives_each_banks_own_projection():
                 assert torch.equal(single[1], batched[1][row:row + 1])
                 assert torch.allclose(single[0], batched[0][row:row + 1], atol=1e-6)
                 assert torch.allclose(single[2], batched[2][row:row + 1], atol=1e-9)
-    with pytest.raises(ValueError, match="query contains NaN"):
-        project_many([requests[1], (torch.full((1, 512), float("nan")), requests[1][1], requests[1][2])])
+    for bank, index in (requests[1][1:], requests[0][1:]):  # (a bank searched directly, and one scored from a copy)
+        with pytest.raises(ValueError, match="query contains NaN"):
+            project_many([requests[1], (torch.full((1, 512), float("nan")), bank, index)])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: the GPU search path runs only there")
