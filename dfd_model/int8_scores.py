@@ -3,7 +3,7 @@ so that its rounding can be bounded.
 
 torch's dynamic quantized linear product (quantized::linear_dynamic on the fbgemm engine)
 multiplies int8 rows, each with a float32 scale, by inputs it quantises itself to 7-bit
-integers, and sums in int32. On a 2-vCPU AVX2 EPYC it took 0.35-0.5 ms for one query against
+integers, and sums in int32. On a 2-vCPU AVX2 EPYC it took 0.35-0.6 ms for one query against
 17,703 x 512 rows, where torch's weight-only int8 kernel (which converts every value to
 float32 first) took 0.5-0.8 ms.
 

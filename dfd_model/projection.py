@@ -221,7 +221,7 @@ def _with_ridge(grams: np.ndarray, eps: float) -> np.ndarray:
 LOW_PRECISION_ROWS = 2048
 # On CPUs without native bf16 the copy is int8 rows with a float32 scale each, scored by
 # fbgemm's int8 product (int8_scores): it reads a quarter of the float32 bank and sums in
-# integers. 17,703 x 512 on a 2-vCPU AVX2 EPYC: the product for one query took 0.35-0.5 ms
+# integers. 17,703 x 512 on a 2-vCPU AVX2 EPYC: the product for one query took 0.35-0.6 ms
 # against 0.5-0.8 ms from torch's weight-only int8 kernel (used here before), 1.1 ms from a
 # bf16 copy and 2.9 ms in float32. It scores batches of any size: whole searches of 8 / 16 /
 # 32 / 128 / 512 queries took 5.0 / 8.5 / 13.6 / 56 / 272 ms from it, against 9.8 / 14.8 /
