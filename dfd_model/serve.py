@@ -38,9 +38,11 @@ import sys
 import threading
 import time
 import traceback
+from contextlib import contextmanager
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
+from typing import Iterator
 
 import cv2
 import numpy as np
@@ -164,29 +166,38 @@ class FaceService:
             raise RequestError(HTTPStatus.BAD_REQUEST, "'shadow' must be true or false")
         return sketch, refine, gender, shadow
 
-    def generate(self, request) -> dict:
-        """Decoding happens inside a slot too, so at most MAX_WAITING + 1 images are in memory."""
+    @contextmanager
+    def admitted(self) -> Iterator[None]:
+        """A place among the requests that may wait for the model (the one it runs and
+        MAX_WAITING more), or 503 at once. The handler takes it before it reads a body, so
+        however many clients send at once, at most MAX_WAITING + 1 bodies, decoded sketches and
+        faces are in memory."""
         if not self.waiting.acquire(blocking=False):
             raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, "busy: too many requests are waiting; try again")
         try:
-            sketch, refine, gender, want_shadow = self._parse(request)
-            if not self.lock.acquire(timeout=WAIT_SECONDS):
-                raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, "busy: the model did not free up in time")
-            try:
-                started = time.perf_counter()
-                shadow = None
-                with torch.inference_mode():
-                    if want_shadow and self.model.banks is not None:  # one encoding for the face and its shadow
-                        latents, matches = self.model.encode_and_match(torch.from_numpy(sketch), refine, gender)
-                        shadow = _png_data_url(self.shadows.image_of(matches, gender)[0].numpy())
-                    else:
-                        latents = self.model.encode(torch.from_numpy(sketch), refine, gender)
-                    face = denormalize_image(self.model.synthesize(latents))[0].permute(1, 2, 0).cpu().numpy()
-                seconds = time.perf_counter() - started
-            finally:
-                self.lock.release()
+            yield
         finally:
             self.waiting.release()
+
+    def generate(self, request) -> dict:
+        """The face (and the shadow, if asked for) of a parsed JSON request. A server calls it
+        within admitted()."""
+        sketch, refine, gender, want_shadow = self._parse(request)
+        if not self.lock.acquire(timeout=WAIT_SECONDS):
+            raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, "busy: the model did not free up in time")
+        try:
+            started = time.perf_counter()
+            shadow = None
+            with torch.inference_mode():
+                if want_shadow and self.model.banks is not None:  # one encoding for the face and its shadow
+                    latents, matches = self.model.encode_and_match(torch.from_numpy(sketch), refine, gender)
+                    shadow = _png_data_url(self.shadows.image_of(matches, gender)[0].numpy())
+                else:
+                    latents = self.model.encode(torch.from_numpy(sketch), refine, gender)
+                face = denormalize_image(self.model.synthesize(latents))[0].permute(1, 2, 0).cpu().numpy()
+            seconds = time.perf_counter() - started
+        finally:
+            self.lock.release()
         return {"face": _png_data_url(face), "shadow": shadow, "seconds": round(seconds, 3)}
 
 
@@ -307,17 +318,19 @@ def make_handler(service: FaceService):
             self.close_connection = True
             try:
                 length = self._check_post()
-                try:
-                    body = self.rfile.read(length)
-                except TimeoutError:
-                    raise RequestError(HTTPStatus.REQUEST_TIMEOUT, f"the body did not arrive within {self.timeout} s") \
-                        from None
-                self.close_connection = len(body) < length  # a client that hung up midway
-                try:
-                    request = json.loads(body)
-                except (ValueError, RecursionError):  # (bad JSON or text; numbers over 4300 digits; deep nesting)
-                    raise RequestError(HTTPStatus.BAD_REQUEST, "the body is not valid JSON") from None
-                self._json(HTTPStatus.OK, service.generate(request))
+                with service.admitted():  # (before the body is read: a busy server reads no more bodies)
+                    try:
+                        body = self.rfile.read(length)
+                    except TimeoutError:
+                        raise RequestError(HTTPStatus.REQUEST_TIMEOUT,
+                                           f"the body did not arrive within {self.timeout} s") from None
+                    self.close_connection = len(body) < length  # a client that hung up midway
+                    try:
+                        request = json.loads(body)
+                    except (ValueError, RecursionError):  # (bad JSON or text; numbers over 4300 digits; deep nesting)
+                        raise RequestError(HTTPStatus.BAD_REQUEST, "the body is not valid JSON") from None
+                    answer = service.generate(request)
+                self._json(HTTPStatus.OK, answer)
             except RequestError as error:
                 self._refuse(error)
             except ConnectionError:  # the client hung up (a reload): nobody to answer, nothing to report

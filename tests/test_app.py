@@ -236,6 +236,29 @@ def test_many_concurrent_requests_are_answered_or_refused_and_the_server_survive
     assert _post(server, body)[0] == 200
 
 
+
+def test_a_busy_server_refuses_a_request_before_reading_its_body(tiny_model_folder, monkeypatch):
+    """With every place in line taken, a request is refused (503) as soon as its headers are
+    in: its body is neither waited for nor read. (Each request thread had read its body, up to
+    8 MiB, and parsed it before finding the line full.)"""
+    from dfd_model import serve
+
+    service = serve.FaceService(SketchToFace.from_pretrained(tiny_model_folder, device="cpu"))
+    for _ in range(serve.MAX_WAITING + 1):
+        assert service.waiting.acquire(blocking=False)
+    monkeypatch.setattr(serve, "FaceService", lambda model: service)
+    httpd = serve.make_server(service.model, "127.0.0.1", 0)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        answer = _exchange(f"http://127.0.0.1:{httpd.server_address[1]}",
+                           b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: 1000\r\n\r\n")  # (the body never comes)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert answer.startswith(b"HTTP/1.1 503 ") and b"Connection: close\r\n" in answer
+    assert answer.endswith(b'{"error": "busy: too many requests are waiting; try again"}')
+
 # ---- the page in a real browser -------------------------------------------------------------------
 def _browser():
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
