@@ -64,6 +64,7 @@ MAX_BODY_BYTES = 8 * 1024 * 1024
 MAX_SKETCH_PIXELS = 4096 * 4096
 # Requests allowed to wait for the model at once; more get 503 at once instead of piling up.
 MAX_WAITING = 8
+BUSY = "busy: too many requests are waiting; try again"
 WAIT_SECONDS = 60.0
 
 
@@ -169,15 +170,24 @@ class FaceService:
     @contextmanager
     def admitted(self) -> Iterator[None]:
         """A place among the requests that may wait for the model (the one it runs and
-        MAX_WAITING more), or 503 at once. The handler takes it before it reads a body, so
-        however many clients send at once, at most MAX_WAITING + 1 bodies, decoded sketches and
-        faces are in memory."""
+        MAX_WAITING more), or 503 at once. The handler takes it once the body is read and
+        before parsing it: at most MAX_WAITING + 1 parsed bodies, decoded sketches and faces
+        are in memory. (Taken before the body is read, it had cost the 503 to clients still
+        uploading, whose connection then closed under them, and let slow uploads hold every
+        place.)"""
         if not self.waiting.acquire(blocking=False):
-            raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, "busy: too many requests are waiting; try again")
+            raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, BUSY)
         try:
             yield
         finally:
             self.waiting.release()
+
+    def full(self) -> bool:
+        """Whether every place in line is taken now (a request arriving now would get 503)."""
+        if self.waiting.acquire(blocking=False):
+            self.waiting.release()
+            return False
+        return True
 
     def generate(self, request) -> dict:
         """The face (and the shadow, if asked for) of a parsed JSON request. A server calls it
@@ -287,12 +297,15 @@ def make_handler(service: FaceService):
 
         def handle_expect_100(self):
             """Invite the body (Expect: 100-continue) only if it will be read: a refusal is
-            sent at once instead of after the upload, and a method whose body is never read
-            is answered without the invitation."""
+            sent at once instead of after the upload (a full line too, though a place may
+            free up by the time the body is in), and a method whose body is never read is
+            answered without the invitation."""
             if self.command != "POST":
                 return True
             try:
                 self._check_post()
+                if service.full():
+                    raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, BUSY)
             except RequestError as error:
                 self.close_connection = True
                 self._refuse(error)
@@ -318,17 +331,18 @@ def make_handler(service: FaceService):
             self.close_connection = True
             try:
                 length = self._check_post()
-                with service.admitted():  # (before the body is read: a busy server reads no more bodies)
-                    try:
-                        body = self.rfile.read(length)
-                    except TimeoutError:
-                        raise RequestError(HTTPStatus.REQUEST_TIMEOUT,
-                                           f"the body did not arrive within {self.timeout} s") from None
-                    self.close_connection = len(body) < length  # a client that hung up midway
+                try:
+                    body = self.rfile.read(length)
+                except TimeoutError:
+                    raise RequestError(HTTPStatus.REQUEST_TIMEOUT, f"the body did not arrive within {self.timeout} s") \
+                        from None
+                self.close_connection = len(body) < length  # a client that hung up midway
+                with service.admitted():
                     try:
                         request = json.loads(body)
                     except (ValueError, RecursionError):  # (bad JSON or text; numbers over 4300 digits; deep nesting)
                         raise RequestError(HTTPStatus.BAD_REQUEST, "the body is not valid JSON") from None
+                    del body  # (the parsed request holds it again)
                     answer = service.generate(request)
                 self._json(HTTPStatus.OK, answer)
             except RequestError as error:
