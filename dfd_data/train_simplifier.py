@@ -225,11 +225,6 @@ def _paths(out_path: Path) -> tuple[Path, Path]:
     return out_path.with_name(stem + ".ckpt.safetensors"), out_path.with_name(stem + ".stats.json")
 
 
-def checkpoint_path(out_path) -> Path:
-    """Where a run writing `out_path` keeps its checkpoint (which `resume` continues from)."""
-    return _paths(Path(out_path))[0]
-
-
 def _save_checkpoint(path: Path, net, optimizer, state: dict) -> None:
     """Weights, Adam moments and the JSON training state (step, data RNG, history) in one
     atomically written safetensors file: no pickle, and never half-written."""

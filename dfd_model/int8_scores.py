@@ -49,7 +49,6 @@ _FLOAT32_ROUNDING = 2.0 ** -24
 _HALF_SUBNORMAL = 2.0 ** -150  # the most a float32 result can lose to underflow
 _ROWS_PER_CHUNK = 8192  # rows quantised at a time (32 MB of float64 temporaries at 512 wide)
 _QUERIES_PER_CALL = 256  # (each call's products take two float32 rows per query: 36 MB at 17,703 rows)
-_ROWS_CHECKED = 64  # rows of every packed bank whose products are checked against float64
 _ENGINE = threading.Lock()  # (the engine and the warning filters are process-wide)
 
 
@@ -107,19 +106,26 @@ def pack_rows(bank: torch.Tensor) -> tuple[PackedRows | None, float]:
 
 def _computes_as_said(packed: PackedRows, integers: torch.Tensor, scales: torch.Tensor) -> bool:
     """Whether every product of two probe queries (one whose whole values are all +-63, one
-    random) with _ROWS_CHECKED rows spread over the bank lies within its two roundings of the
-    float64 product of the same integers."""
+    random) with every packed row lies within its two roundings of the product of the same
+    integers: summed exactly (float32 holds the sums while D * 64 * 127 < 2^24, float64
+    beyond) and times the row's scale."""
     width = integers.shape[1]
     generator = torch.Generator().manual_seed(0)
     edge = torch.tensor([7.85, -7.85], dtype=torch.float64).repeat(width // 2 + 1)[:width]  # (62.8 once scaled)
     queries = torch.stack([edge, torch.randn(width, generator=generator, dtype=torch.float64)]).numpy()
     inputs, _ = _input_rows(queries)
-    checked = np.unique(np.linspace(0, len(integers) - 1, _ROWS_CHECKED).round().astype(np.int64))
-    rows = integers[checked].double() * scales[checked, None].double()
-    exact = inputs.astype(np.float64) @ rows.numpy().T
-    products = _products(packed, inputs)[:, checked].astype(np.float64)
-    rounding = 2 * _FLOAT32_ROUNDING * (np.abs(inputs.astype(np.float64)) @ np.abs(rows.numpy().T)) + _HALF_SUBNORMAL
-    return bool((np.abs(products - exact) <= rounding).all())
+    products = _products(packed, inputs)
+    exact = torch.float32 if width * 64 * 127 < 2 ** 24 else torch.float64
+    inputs = torch.from_numpy(inputs).to(exact)
+    for start in range(0, len(integers), _ROWS_PER_CHUNK):
+        chunk = slice(start, start + _ROWS_PER_CHUNK)
+        rows = integers[chunk].to(exact)
+        sums, sizes = inputs @ rows.T, inputs.abs() @ rows.abs().T
+        step = scales[chunk].to(exact)
+        rounding = 2 * _FLOAT32_ROUNDING * sizes * step + _HALF_SUBNORMAL
+        if not (torch.from_numpy(products[:, chunk]).to(exact) - sums * step).abs_().le_(rounding).all():
+            return False
+    return True
 
 
 def query_exponents(queries: np.ndarray) -> np.ndarray:

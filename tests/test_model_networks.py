@@ -750,7 +750,9 @@ def test_the_score_error_bound_holds_where_the_int8_query_grid_errs_the_most(mon
     (2j + 0.5 sixty-fourths, rounded to 2j), and the row's signs follow the query's. The rows
     are integers with a peak of 127, which the copy holds exactly, so the bound's query term
     alone must cover the error (0.77 of the bound; dropping the remainder row errs by 20 times
-    the bound, a range row that moves the grid by 10)."""
+    the bound, a range row that moves the grid by 10). Remainders just below a rounding step
+    (j + 0.97 sixty-fourths) must round to the nearest step, not down (which errs by 1.5 times
+    the bound)."""
     from dfd_model.projection import LOW_PRECISION_ROWS
 
     _use_copy(monkeypatch, "int8")
@@ -765,6 +767,30 @@ def test_the_score_error_bound_holds_where_the_int8_query_grid_errs_the_most(mon
     error, bound, index = _score_errors(bank, query)
     assert index.rows_int8 is not None
     assert error[0] > 0.7 * bound and (error <= bound).all()
+    scaled = torch.randint(0, 31, (64,), generator=generator).double() + (
+        torch.randint(0, 31, (64,), generator=generator).double() + 0.97) / 64
+    scaled[0] = 31.5
+    error, bound, _ = _score_errors(bank, (signs * scaled / 8)[None].float())
+    assert (error <= bound).all()
+
+
+def test_int8_scores_of_a_large_batch_are_those_of_its_queries_one_by_one(monkeypatch):
+    """The int8 product takes 256 queries a call: a batch of 600 at scales from 1e-3 to 1e3
+    must score as each query does alone (the same float32 values) and within the bound."""
+    from dfd_model.projection import LOW_PRECISION_ROWS
+
+    _use_copy(monkeypatch, "int8")
+    generator = torch.Generator().manual_seed(4)
+    bank = torch.randn(LOW_PRECISION_ROWS + 1, 32, generator=generator)
+    scales = 10.0 ** (6 * torch.rand(600, 1, generator=generator) - 3)
+    queries = torch.randn(600, 32, generator=generator) * scales
+    index = SearchIndex.of(bank)
+    together = index.scores(queries, bank)
+    assert torch.equal(together, torch.cat([index.scores(query[None], bank) for query in queries]))
+    targets = queries.double()
+    exact = (bank.double() ** 2).sum(1)[None] - 2 * targets @ bank.double().T
+    bounds = torch.from_numpy(index.error_bound(targets.norm(dim=1).numpy(), targets.abs().amax(1).numpy()))
+    assert ((together.double() - exact).abs() <= bounds[:, None]).all()
 
 
 def test_an_int8_product_that_computes_otherwise_is_refused(monkeypatch):
@@ -772,7 +798,7 @@ def test_an_int8_product_that_computes_otherwise_is_refused(monkeypatch):
     A range row that makes its step 128/127 instead of 1 (so every input is quantised off the
     grid) must fail the check, and banks then get the bf16 copy."""
     from dfd_data.devices import native_bf16
-    from dfd_model import int8_scores
+    from dfd_model import int8_scores, projection
     from dfd_model.projection import LOW_PRECISION_ROWS, _copy_kind
 
     if not int8_product_runs():
@@ -784,7 +810,7 @@ def test_an_int8_product_that_computes_otherwise_is_refused(monkeypatch):
         assert not int8_product_runs()
         if not native_bf16(torch.device("cpu")):
             assert _copy_kind(bank) == "bf16"
-            monkeypatch.setattr(int8_scores, "int8_product_runs", lambda: True)  # (the bank's own check must refuse it too)
+            monkeypatch.setattr(projection, "int8_product_runs", lambda: True)  # (the bank's own check must refuse it too)
             index = SearchIndex.of(bank)
             assert index.rows_int8 is None and index.rows_bf16 is not None
     finally:

@@ -306,15 +306,15 @@ def test_resume_without_a_checkpoint_says_it_starts_at_step_0(tmp_path, monkeypa
         raise TrainingError("stopped here")
 
     monkeypatch.setattr(module, "input_statistics", stop)
-    out = tmp_path / "simplifier.safetensors"
-    note = f"train-simplifier: no checkpoint at {module.checkpoint_path(out)}: starting at step 0"
+    out, checkpoint = tmp_path / "simplifier.safetensors", tmp_path / "simplifier.ckpt.safetensors"
+    note = f"train-simplifier: no checkpoint at {checkpoint}: starting at step 0"
     (tmp_path / "empty").mkdir()
     result = CliRunner().invoke(main, ["train-simplifier", str(out), "--clean", str(tmp_path / "empty"), "--resume"])
     assert result.exit_code != 0 and "no PNG/JPG sketches" in result.output and note not in result.output
     result = CliRunner().invoke(main, ["train-simplifier", str(out), "--steps", "1", "--resume", "--device", "cpu"])
     assert result.exit_code != 0 and result.output.splitlines()[0] == note, result.output
     assert "stopped here" in result.output
-    module.checkpoint_path(out).write_bytes(b"")  # (its contents are train_simplifier's to check)
+    checkpoint.write_bytes(b"")  # (its contents are train_simplifier's to check)
     notes = []
     with pytest.raises(TrainingError, match="stopped here"):
         module.train_simplifier(out, steps=1, resume=True, device="cpu", progress=False, echo=notes.append)
