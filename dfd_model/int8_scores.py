@@ -22,8 +22,8 @@ The int32 sums are then exact (inputs of at most 127 times weights of at most 12
 pairwise int16 sums stay below 32,767; the total below 2^31 up to MAX_WIDTH values), each
 output is such a sum converted to float32 and times its row's scale (two roundings), and
 dot_error_terms bounds what is left. The quantized tensor API this uses is deprecated from
-torch 2.13: pack_rows checks every packed bank against float64 products of its own integers,
-and int8_product_runs checks once per process that the product is there at all.
+torch 2.13: pack_rows checks every packed row's products against exact sums of its own
+integers, and int8_product_runs checks once per process that the product is there at all.
 """
 from __future__ import annotations
 

@@ -386,7 +386,8 @@ class SearchIndex:
         return None
 
     def _dots(self, query: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """query [B, D] . every row, [B, N], from the copy copy_scoring names."""
+        """query [B, D] . every row, [B, N], from the bf16 copy where copy_scoring names it (the
+        int8 copy's scores come whole from int8_scores), else from the rows."""
         copy = self.copy_scoring(query.shape[0])
         if copy == "bf16":
             return _dots(self.rows_bf16, query.to(torch.bfloat16))
