@@ -108,22 +108,23 @@ def _computes_as_said(packed: PackedRows, integers: torch.Tensor, scales: torch.
     """Whether every product of two probe queries (one whose whole values are all +-63, one
     random) with every packed row lies within its two roundings of the product of the same
     integers: summed exactly (float32 holds the sums while D * 64 * 127 < 2^24, float64
-    beyond) and times the row's scale."""
+    beyond; in numpy, which no torch autocast or matmul precision setting reaches) and times
+    the row's scale."""
     width = integers.shape[1]
     generator = torch.Generator().manual_seed(0)
     edge = torch.tensor([7.85, -7.85], dtype=torch.float64).repeat(width // 2 + 1)[:width]  # (62.8 once scaled)
     queries = torch.stack([edge, torch.randn(width, generator=generator, dtype=torch.float64)]).numpy()
     inputs, _ = _input_rows(queries)
     products = _products(packed, inputs)
-    exact = torch.float32 if width * 64 * 127 < 2 ** 24 else torch.float64
-    inputs = torch.from_numpy(inputs).to(exact)
+    exact = np.float32 if width * 64 * 127 < 2 ** 24 else np.float64
+    inputs = inputs.astype(exact)
     for start in range(0, len(integers), _ROWS_PER_CHUNK):
         chunk = slice(start, start + _ROWS_PER_CHUNK)
-        rows = integers[chunk].to(exact)
-        sums, sizes = inputs @ rows.T, inputs.abs() @ rows.abs().T
-        step = scales[chunk].to(exact)
+        rows = integers[chunk].numpy().astype(exact)
+        sums, sizes = inputs @ rows.T, np.abs(inputs) @ np.abs(rows).T
+        step = scales[chunk].numpy().astype(exact)
         rounding = 2 * _FLOAT32_ROUNDING * sizes * step + _HALF_SUBNORMAL
-        if not (torch.from_numpy(products[:, chunk]).to(exact) - sums * step).abs_().le_(rounding).all():
+        if not (np.abs(products[:, chunk].astype(exact) - sums * step) <= rounding).all():
             return False
     return True
 

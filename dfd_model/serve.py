@@ -127,7 +127,8 @@ class FaceService:
         self.model = model
         self.shadows = ShadowRenderer(model)
         self.lock = threading.Lock()
-        self.waiting = threading.BoundedSemaphore(MAX_WAITING + 1)  # the request running and those in line
+        self._line = threading.Lock()
+        self.free_places = MAX_WAITING + 1  # for the request the model runs and those in line
 
     def info(self) -> dict:
         return {"resolution": self.model.config.resolution, "genders": list(self.model.genders),
@@ -175,19 +176,20 @@ class FaceService:
         are in memory. (Taken before the body is read, it had cost the 503 to clients still
         uploading, whose connection then closed under them, and let slow uploads hold every
         place.)"""
-        if not self.waiting.acquire(blocking=False):
-            raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, BUSY)
+        with self._line:
+            if self.free_places == 0:
+                raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, BUSY)
+            self.free_places -= 1
         try:
             yield
         finally:
-            self.waiting.release()
+            with self._line:
+                self.free_places += 1
 
     def full(self) -> bool:
-        """Whether every place in line is taken now (a request arriving now would get 503)."""
-        if self.waiting.acquire(blocking=False):
-            self.waiting.release()
-            return False
-        return True
+        """Whether every place in line is taken now (a request arriving now would get 503). A
+        read: taking a place to look had refused requests that arrived meanwhile."""
+        return self.free_places == 0
 
     def generate(self, request) -> dict:
         """The face (and the shadow, if asked for) of a parsed JSON request. A server calls it
@@ -328,7 +330,7 @@ def make_handler(service: FaceService):
         def do_POST(self):  # noqa: N802
             # Until the body is read, an answer must close the connection: the unread body
             # would otherwise be parsed as the client's next request.
-            self.close_connection = True
+            asked_to_close, self.close_connection = self.close_connection, True
             try:
                 length = self._check_post()
                 try:
@@ -336,7 +338,8 @@ def make_handler(service: FaceService):
                 except TimeoutError:
                     raise RequestError(HTTPStatus.REQUEST_TIMEOUT, f"the body did not arrive within {self.timeout} s") \
                         from None
-                self.close_connection = len(body) < length  # a client that hung up midway
+                # (a client that hung up midway, or one that asked to close: Connection: close)
+                self.close_connection = asked_to_close or len(body) < length
                 with service.admitted():
                     try:
                         request = json.loads(body)

@@ -239,26 +239,40 @@ def test_many_concurrent_requests_are_answered_or_refused_and_the_server_survive
 
 def test_a_busy_server_answers_503_before_the_upload_or_after_reading_the_body(tiny_model_folder, monkeypatch):
     """With every place in line taken, a client that asks first (Expect: 100-continue) gets
-    503 instead of the invitation to upload; one that sends its body at once gets 503 once
-    the body is read (refused unread, a large upload had met a closed connection instead)."""
+    503 instead of the invitation to upload; one that sends its body gets 503 once the whole
+    body is in (refused unread, a large upload had met a closed connection instead), on a
+    connection that stays open for its next request unless the client asked to close it."""
     from dfd_model import serve
 
     service = serve.FaceService(SketchToFace.from_pretrained(tiny_model_folder, device="cpu"))
-    for _ in range(serve.MAX_WAITING + 1):
-        assert service.waiting.acquire(blocking=False)
+    service.free_places = 0
     monkeypatch.setattr(serve, "FaceService", lambda model: service)
     httpd = serve.make_server(service.model, "127.0.0.1", 0)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    body = json.dumps({"sketch": _sketch_url(), "padding": "x" * 4_000_000}).encode()
+    body = json.dumps({"sketch": _sketch_url(), "padding": "x" * 100_000}).encode()
+    head = (b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n" % len(body))
     try:
         started = time.monotonic()
-        answer = _exchange(url, b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                                b"Content-Length: %d\r\nExpect: 100-continue\r\n\r\n" % len(body))
+        answer = _exchange(url, head + b"Expect: 100-continue\r\n\r\n")
         assert time.monotonic() - started < 4  # (answered, not waited out: the body never comes)
         assert answer.startswith(b"HTTP/1.1 503 ") and b"100 Continue" not in answer
         assert answer.endswith(b'{"error": "%s"}' % serve.BUSY.encode())
-        assert _post(url, body) == (503, {"error": serve.BUSY})
+        with socket.create_connection(("127.0.0.1", httpd.server_address[1]), timeout=5) as connection:
+            connection.sendall(head + b"\r\n" + body[:50_000])
+            connection.settimeout(0.5)
+            with pytest.raises(TimeoutError):  # (no answer while the body is still coming)
+                connection.recv(1)
+            connection.settimeout(5)
+            connection.sendall(body[50_000:])
+            answer = connection.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 503 ") and b"Connection: close" not in answer
+            connection.sendall(b"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # (the same connection)
+            assert connection.recv(65536).startswith(b"HTTP/1.1 200 ")
+        answer = _exchange(url, head.replace(b"\r\nContent-Length", b"\r\nConnection: close\r\nContent-Length")
+                           + b"\r\n" + body)  # (a client that asks to close is answered so, and closed)
+        assert answer.startswith(b"HTTP/1.1 503 ") and b"Connection: close\r\n" in answer
     finally:
         httpd.shutdown()
         httpd.server_close()

@@ -817,6 +817,42 @@ def test_an_int8_product_that_computes_otherwise_is_refused(monkeypatch):
         int8_product_runs.cache_clear()  # (the next call checks the real product again)
 
 
+def test_the_per_bank_check_reads_every_row():
+    """The check made as a bank's int8 copy is packed compares the products of every row, not
+    a sample: two rows swapped in the packed copy past the first 8,192 (a chunk of the check)
+    must be caught, and so must a single value one step off."""
+    from dfd_model.int8_scores import PackedRows, _computes_as_said
+
+    if not int8_product_runs():
+        pytest.skip("this torch has no fbgemm int8 product to check")
+    generator = torch.Generator().manual_seed(6)
+    integers = torch.randint(-127, 128, (9000, 48), generator=generator, dtype=torch.int8)
+    scales = torch.rand(9000, generator=generator) + 0.01
+    assert _computes_as_said(PackedRows(integers, scales), integers, scales)
+    swapped = integers.clone()
+    swapped[[8500, 8501]] = swapped[[8501, 8500]]
+    assert not _computes_as_said(PackedRows(swapped, scales), integers, scales)
+    stepped = integers.clone()
+    stepped[8999, 47] = stepped[8999, 47] + (1 if stepped[8999, 47] < 127 else -1)
+    assert not _computes_as_said(PackedRows(stepped, scales), integers, scales)
+
+
+def test_the_int8_copy_is_kept_under_autocast(monkeypatch):
+    """A bank first searched inside a CPU autocast region still gets its int8 copy: the check's
+    exact sums are numpy's (a torch float32 product there had run in bf16, refused the bank and,
+    cached, turned the copy off for the whole process)."""
+    from dfd_model.projection import LOW_PRECISION_ROWS
+
+    _use_copy(monkeypatch, "int8")
+    int8_product_runs.cache_clear()
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert int8_product_runs()
+            index = SearchIndex.of(torch.randn(LOW_PRECISION_ROWS + 1, 64))
+        assert index.rows_int8 is not None
+    finally:
+        int8_product_runs.cache_clear()
+
 def test_a_copied_int8_index_is_packed_for_fbgemm_again(monkeypatch):
     """A deep copy or a pickle of an index packs its int8 rows again, for fbgemm whatever the
     current engine: packed for QNNPACK, whose product quantises the query off the grid, the
