@@ -560,6 +560,7 @@ def test_evaluate_prints_all_four_metrics(real_dataset, tmp_path):
 
 
 STALLED_RANK = """
+import os
 import time
 from datetime import timedelta
 
@@ -569,19 +570,27 @@ from dfd_model import distributed
 
 # (4 s: the processes' start, a second or two apart on a busy machine, waits this long too)
 distributed.COLLECTIVE_TIMEOUT, distributed.LONG_WAIT_TIMEOUT = timedelta(seconds=4), timedelta(seconds=60)
+
+
+def say(line):
+    # (one write per line: print's separate write of the newline let the two processes' lines
+    # run together in the shared pipe, "rank 0: waited for allrank 1: waited for all")
+    os.write(1, f"{line}\\n".encode())
+
+
 ranks, device = distributed.start(torch.device("cpu"))
 given = distributed.main_first(ranks, lambda: time.sleep(6) or "its result")
-print(f"rank {ranks.rank}: main_first gave {given!r}", flush=True)
+say(f"rank {ranks.rank}: main_first gave {given!r}")
 time.sleep(6 if ranks.rank == 1 else 0)
 distributed.wait_for_all(ranks)
-print(f"rank {ranks.rank}: waited for all", flush=True)
+say(f"rank {ranks.rank}: waited for all")
 time.sleep(8 if ranks.rank == 1 else 0)
 started = time.monotonic()
 try:
     distributed.mean_over_ranks({"loss": 1.0}, ranks, device)
 except RuntimeError as error:
-    print(f"rank {ranks.rank}: timed out after {distributed.timed_out(error)} min, {time.monotonic() - started:.0f} s",
-          flush=True)
+    say(f"rank {ranks.rank}: timed out after {distributed.timed_out(error)} min, {time.monotonic() - started:.0f} s")
+distributed.stop(ranks)  # as the trainer's close() does; without it a process may abort on exit
 """
 
 
@@ -591,15 +600,17 @@ def test_a_stalled_process_stops_the_run_after_the_collective_timeout_but_long_w
     the banks, wait LONG_WAIT_TIMEOUT in a group of their own. Here, with 4 s and 60 s: rank
     0's 6 s of work in main_first reaches the other process, a process 6 s late to the long
     wait is waited for, and a collective that the other process joins 8 s late fails on rank 0
-    after 4 s."""
+    after 4 s. Leaving the process group after the timeout, as the trainer does, ends both
+    processes cleanly."""
     script = tmp_path / "stalled_rank.py"
     script.write_text(STALLED_RANK)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                              str(script)], capture_output=True, text=True, cwd=REPO, timeout=120,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     lines = [line for line in result.stdout.splitlines() if line.startswith("rank ")]
+    assert result.returncode == 0, result.stdout + result.stderr
     assert {"rank 0: main_first gave 'its result'", "rank 1: main_first gave None", "rank 0: waited for all",
-            "rank 1: waited for all"} <= set(lines), result.stderr
+            "rank 1: waited for all"} <= set(lines), result.stdout + result.stderr
     timed_out = [line for line in lines if line.startswith("rank 0: timed out after")]
     assert timed_out and timed_out[0].startswith(f"rank 0: timed out after {4 / 60}") and \
         int(timed_out[0].split()[-2]) <= 6, lines
