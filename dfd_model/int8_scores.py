@@ -143,10 +143,11 @@ def _input_rows(queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     batch, width = queries.shape
     exponents = query_exponents(queries)
     scaled = np.ldexp(queries, exponents[:, None])
-    whole = np.rint(scaled)
-    inputs = np.zeros((2 * batch + 1, width), np.float32)
-    inputs[0:-1:2] = whole
-    inputs[1:-1:2] = np.rint((scaled - whole) * REMAINDER_SCALE)  # (scaled - whole is exact)
+    inputs = np.empty((2 * batch + 1, width), np.float32)
+    whole = np.rint(scaled, out=inputs[0:-1:2], casting="same_kind")  # (whole numbers up to 63: exact in float32)
+    scaled -= whole  # (exact)
+    np.rint(np.multiply(scaled, REMAINDER_SCALE, out=scaled), out=inputs[1:-1:2], casting="same_kind")
+    inputs[-1] = 0
     inputs[-1, :2] = _RANGE_ROW
     return inputs, exponents
 

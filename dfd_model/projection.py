@@ -360,14 +360,15 @@ class SearchIndex:
         return (bank.data_ptr() == source.data_ptr() and bank.shape == source.shape and bank.stride() == source.stride()
                 and bank.dtype == source.dtype and bank.device == source.device)
 
-    def scores(self, query: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def scores(self, query: torch.Tensor, rows: torch.Tensor, target: np.ndarray | None = None) -> torch.Tensor:
         """|b|^2 - 2 q.b for every row b (the distance order, shifted by |q|^2), [B, N] in float32
         on the bank's device. `query` is of a floating dtype of at least float32's precision, and
-        so is `rows` where it is read (a batch no copy scores), in the query's dtype."""
+        so is `rows` where it is read (a batch no copy scores), in the query's dtype; `target`,
+        where the caller has it, is the query as _as_float64 gives it."""
         device_type = rows.device.type
         if self.copy_scoring(query.shape[0]) == "int8":  # (integer products: no setting changes them)
             # (checked finite first: the product's own quantisation fails on NaN)
-            target = _as_float64(query.detach())
+            target = _as_float64(query.detach()) if target is None else target
             return torch.from_numpy(int8_scores(self.rows_int8, target, self.squared_norms.numpy()))
         if torch.is_autocast_enabled(device_type) or _reduced_float32_products(device_type):
             with _products_as_typed(device_type):
@@ -479,6 +480,8 @@ class _BankSearch:
             rows, index = rows.to(query.device), None
         self.query, self.rows = query, rows
         self.count = min(k, rows.shape[0])
+        # the query in float64 on the host, once: here for a host query, after the scores for a GPU's
+        self.target = _as_float64(query) if query.device.type == "cpu" else None
         self.index = self.scores = self.copy = None  # copy: the low-precision copy that scored the batch
         if self.count < rows.shape[0]:
             work = torch.promote_types(torch.promote_types(query.dtype, rows.dtype), torch.float32)
@@ -486,7 +489,7 @@ class _BankSearch:
             # (a low-precision copy leaves the bank unread: a float64 copy of it had cost 40 ms a search)
             self.copy = self.index.copy_scoring(len(query))
             as_read = rows if rows.dtype == work or self.copy else rows.to(work)
-            self.scores = self.index.scores(query if query.dtype == work else query.to(work), as_read)
+            self.scores = self.index.scores(query if query.dtype == work else query.to(work), as_read, self.target)
 
     def score_tensors(self) -> list[torch.Tensor]:
         """What the host needs to choose candidates: the query, and the scores if any."""
@@ -495,7 +498,8 @@ class _BankSearch:
     def choose(self, fetched: list[torch.Tensor]) -> None:
         """Choose the candidates from the fetched `score_tensors`: `owners` (the query of each)
         and `candidates` (its bank row), flat, by query and then by row."""
-        self.target = _as_float64(fetched[0])
+        if self.target is None:
+            self.target = _as_float64(fetched[0])
         batch = len(self.target)
         if self.scores is None:  # every row is a neighbour
             self.owners, self.candidates = np.repeat(np.arange(batch), self.count), np.tile(np.arange(self.count), batch)
