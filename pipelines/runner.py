@@ -75,13 +75,24 @@ def _argv(command: list[str]) -> list[str]:
 
 
 def _run_command(argv: list[str]) -> int:
-    """Run one step's command; a SIGTERM or SIGHUP sent to the pipeline is passed on to it."""
-    child = subprocess.Popen(argv)
+    """Run one step's command; a SIGTERM or SIGHUP sent to the pipeline is passed on to it,
+    one that arrives while it starts included (the pipeline had died of it, the step left
+    running)."""
     if threading.current_thread() is not threading.main_thread():  # (signal handlers live in the main thread)
-        return child.wait()
-    previous = {number: signal.signal(number, lambda received, _frame: child.send_signal(received))
-                for number in (signal.SIGTERM, signal.SIGHUP)}
+        return subprocess.Popen(argv).wait()
+    child, early = None, []
+
+    def forward(received: int, _frame) -> None:
+        if child is None:
+            early.append(received)
+        else:
+            child.send_signal(received)
+
+    previous = {number: signal.signal(number, forward) for number in (signal.SIGTERM, signal.SIGHUP)}
     try:
+        child = subprocess.Popen(argv)
+        for received in early:
+            child.send_signal(received)
         return child.wait()
     finally:
         for number, handler in previous.items():

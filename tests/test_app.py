@@ -384,7 +384,9 @@ def test_drawing_in_chromium_updates_face_and_shadow(server, tmp_path):
             settled(seq)
             ink, clear = browser.execute_script(count)
             assert 0.8 * 4 * 10 * 160 < ink < 1.2 * 4 * 10 * 160 and clear > 0.9 * (512 * 512 - ink)
+            seq = face.get_attribute("data-seq")
             browser.find_element("id", "clear").click()
+            settled(seq)  # (the blank sketch's answer in before the next load: else it could settle that load early)
         ActionChains(browser).context_click(canvas).perform()  # the right button does not draw
         assert browser.execute_script(count)[0] == 0
 

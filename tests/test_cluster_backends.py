@@ -174,9 +174,10 @@ def test_the_worker_watch_says_when_workers_are_gone_and_when_they_are_back(monk
 
     def nthreads() -> dict:
         workers = next(polls, None)
-        if workers is None:
+        if workers is None:  # (a worker from then on: a late main thread must not see a second notice)
             done.set()
-        return workers or {}
+            return {"w1": 1}
+        return workers
 
     client = types.SimpleNamespace(nthreads=nthreads, scheduler=types.SimpleNamespace(address="tcp://head:8786"))
     with cluster.dask_worker_watch(client, said.append):

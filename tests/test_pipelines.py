@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -94,10 +95,29 @@ def test_a_failed_step_gives_its_exit_status_and_a_termination_signal_reaches_it
         run_pipeline("test", steps, tmp_path, echo=lambda line: None)
     assert caught.value.exit_code == 2
     assert _failure(-9) == ("killed by SIGKILL (out of memory?)", 137)
-    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()  # as `kill PIPELINE_PID` would
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    default = signal.getsignal(signal.SIGTERM)
+
+    def terminate() -> None:  # as `kill PIPELINE_PID` would, once the pipeline listens for it
+        deadline = time.monotonic() + 60
+        while signal.getsignal(signal.SIGTERM) is default and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=terminate, daemon=True).start()
     started = time.monotonic()
-    assert _run_command([sys.executable, "-c", "import time; time.sleep(60)"]) == -signal.SIGTERM
+    assert _run_command(sleeper) == -signal.SIGTERM
     assert time.monotonic() - started < 30
+    start = subprocess.Popen
+
+    def start_late(argv):  # a SIGTERM that arrives as the step starts reaches it too
+        os.kill(os.getpid(), signal.SIGTERM)
+        return start(argv)
+
+    with mock.patch.object(subprocess, "Popen", start_late):
+        assert _run_command(sleeper) == -signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is default
     result = subprocess.run([sys.executable, "-m", "pipelines", "run", "folder", "--photos", str(tmp_path),
                              "--out", str(tmp_path / "run")], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2 and f"--out {tmp_path / 'run'} is inside --photos" in result.stderr
