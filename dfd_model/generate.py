@@ -174,7 +174,7 @@ def generate(model: SketchToFace, inputs: list[str], out: str | os.PathLike, *,
     """Write OUT/<input stem>.png for every readable sketch; see the module docstring. Inputs
     are read a batch at a time, and each batch's faces written before the next is read: an
     interrupted run keeps what it finished, and memory does not grow with the inputs. Ctrl-C
-    raises GenerateInterrupted with the result so far (no grid is made)."""
+    raises GenerateInterrupted with the result so far (no grid, if the grid was not written yet)."""
     out = Path(out)
     paths = collect_inputs(inputs)
     if not paths:
@@ -211,19 +211,20 @@ def generate(model: SketchToFace, inputs: list[str], out: str | os.PathLike, *,
                     if grid and len(tiles) < 3 * GRID_ROWS:
                         tiles += [sketch, drawn[index], face]
             progress.update(len(chunk))
-    except KeyboardInterrupt:
+        progress.close()  # (every face is written: the bar goes before the grid is made)
+        if grid and tiles:
+            sheet = contact_sheet(tiles, thumb=min(256, resolution), columns=3)
+            try:
+                atomic_write_bytes(out / "grid.jpg", encode_jpeg(sheet))
+            except UserError as error:  # (the faces are written: a sheet that cannot be is one more error)
+                result.errors.append(str(error))
+            else:
+                result.grid, result.grid_rows = out / "grid.jpg", len(tiles) // 3
+    except KeyboardInterrupt:  # (while the grid is made too: the faces are written, the summary says so)
         result.not_drawn = len(paths) - len(result.written) - len(result.errors)
         raise GenerateInterrupted(result) from None
     finally:
         progress.close()
-    if grid and tiles:
-        sheet = contact_sheet(tiles, thumb=min(256, resolution), columns=3)
-        try:
-            atomic_write_bytes(out / "grid.jpg", encode_jpeg(sheet))
-        except UserError as error:  # (the faces are written: a sheet that cannot be is one more error)
-            result.errors.append(str(error))
-        else:
-            result.grid, result.grid_rows = out / "grid.jpg", len(tiles) // 3
     return result
 
 

@@ -762,6 +762,15 @@ def test_generate_writes_as_it_goes_and_never_over_its_inputs(tiny_model_folder,
     result = caught.value.result  # the run so far
     assert len(result.written) == 2 and result.not_drawn == 4  # c, d, e and empty.png
 
+    def ctrl_c(*_, **__):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generate_module, "contact_sheet", ctrl_c)  # Ctrl-C while the grid is made
+    with pytest.raises(generate_module.GenerateInterrupted) as caught:
+        generate(model, [str(folder / "a.png"), str(folder / "c.png")], tmp_path / "gridcut", grid=True, quiet=True)
+    assert len(caught.value.result.written) == 2 and caught.value.result.not_drawn == 0
+    assert not (tmp_path / "gridcut" / "grid.jpg").exists()
+
 
 def _five_sketches(folder: Path) -> Path:
     """a.png .. e.png, one stroke each, 128 px."""
