@@ -480,14 +480,15 @@ class _BankSearch:
             rows, index = rows.to(query.device), None
         self.query, self.rows = query, rows
         self.count = min(k, rows.shape[0])
-        # the query in float64 on the host, once: here for a host query, after the scores for a GPU's
-        self.target = _as_float64(query) if query.device.type == "cpu" else None
         self.index = self.scores = self.copy = None  # copy: the low-precision copy that scored the batch
+        self.target = None  # the query in float64 on the host (see choose)
         if self.count < rows.shape[0]:
             work = torch.promote_types(torch.promote_types(query.dtype, rows.dtype), torch.float32)
             self.index = index or SearchIndex.of(rows)
             # (a low-precision copy leaves the bank unread: a float64 copy of it had cost 40 ms a search)
             self.copy = self.index.copy_scoring(len(query))
+            if self.copy == "int8":  # (its product takes the float64 query: converted once, for choose too)
+                self.target = _as_float64(query)
             as_read = rows if rows.dtype == work or self.copy else rows.to(work)
             self.scores = self.index.scores(query if query.dtype == work else query.to(work), as_read, self.target)
 

@@ -77,26 +77,32 @@ def _argv(command: list[str]) -> list[str]:
 def _run_command(argv: list[str]) -> int:
     """Run one step's command; a SIGTERM or SIGHUP sent to the pipeline is passed on to it,
     one that arrives while it starts included (the pipeline had died of it, the step left
-    running)."""
+    running). One that finds no step running (its start failed, or it has just ended) is
+    raised again once the pipeline's own handlers are back: the pipeline stops."""
     if threading.current_thread() is not threading.main_thread():  # (signal handlers live in the main thread)
         return subprocess.Popen(argv).wait()
-    child, early = None, []
+    child, pending = None, []
 
     def forward(received: int, _frame) -> None:
-        if child is None:
-            early.append(received)
-        else:
+        if child is not None and child.returncode is None:
             child.send_signal(received)
+            if child.returncode is None:  # (sent: send_signal reaps a child that has ended, and sends nothing)
+                return
+        pending.append(received)
 
     previous = {number: signal.signal(number, forward) for number in (signal.SIGTERM, signal.SIGHUP)}
     try:
         child = subprocess.Popen(argv)
+        early = pending.copy()
+        pending.clear()
         for received in early:
-            child.send_signal(received)
+            forward(received, None)
         return child.wait()
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+        for received in pending:
+            signal.raise_signal(received)
 
 
 def _failure(code: int) -> tuple[str, int]:

@@ -87,7 +87,7 @@ def test_a_retried_step_that_changed_nothing_does_not_redo_the_later_ones(tmp_pa
                                                                             key="two").fingerprint()
 
 
-def test_a_failed_step_gives_its_exit_status_and_a_termination_signal_reaches_it(tmp_path):
+def test_a_failed_step_gives_its_exit_status_and_a_termination_signal_reaches_it(tmp_path, request):
     from pipelines.runner import _failure, _run_command
 
     steps = [Step("check", "check", command=["dfd-data", "verify"])]  # a usage error: exit status 2
@@ -96,11 +96,14 @@ def test_a_failed_step_gives_its_exit_status_and_a_termination_signal_reaches_it
     assert caught.value.exit_code == 2
     assert _failure(-9) == ("killed by SIGKILL (out of memory?)", 137)
     sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
-    default = signal.getsignal(signal.SIGTERM)
+    received = []  # (the pipeline's own handler here, so that a signal the step misses fails the test, not pytest)
+    default = signal.signal(signal.SIGTERM, lambda number, _frame: received.append(number))
+    request.addfinalizer(lambda: signal.signal(signal.SIGTERM, default))
+    ours = signal.getsignal(signal.SIGTERM)
 
     def terminate() -> None:  # as `kill PIPELINE_PID` would, once the pipeline listens for it
         deadline = time.monotonic() + 60
-        while signal.getsignal(signal.SIGTERM) is default and time.monotonic() < deadline:
+        while signal.getsignal(signal.SIGTERM) is ours and time.monotonic() < deadline:
             time.sleep(0.01)
         time.sleep(0.5)
         os.kill(os.getpid(), signal.SIGTERM)
@@ -117,7 +120,15 @@ def test_a_failed_step_gives_its_exit_status_and_a_termination_signal_reaches_it
 
     with mock.patch.object(subprocess, "Popen", start_late):
         assert _run_command(sleeper) == -signal.SIGTERM
-    assert signal.getsignal(signal.SIGTERM) is default
+    assert signal.getsignal(signal.SIGTERM) is ours and received == []
+
+    def start_fails(argv):  # one that arrives as the step fails to start reaches the pipeline's handler
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise FileNotFoundError(argv[0])
+
+    with mock.patch.object(subprocess, "Popen", start_fails), pytest.raises(FileNotFoundError):
+        _run_command(sleeper)
+    assert signal.getsignal(signal.SIGTERM) is ours and received == [signal.SIGTERM]
     result = subprocess.run([sys.executable, "-m", "pipelines", "run", "folder", "--photos", str(tmp_path),
                              "--out", str(tmp_path / "run")], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2 and f"--out {tmp_path / 'run'} is inside --photos" in result.stderr
