@@ -27,8 +27,7 @@ from dfd_data.samples import write_samples
 from dfd_data.sketch_methods import METHODS, resolve_method, run_method
 from dfd_model.config import ModelConfig
 from dfd_model import projection
-from dfd_model.int8_scores import int8_product_runs
-from dfd_model.projection import FeatureBank, SearchIndex, project
+from dfd_model.projection import FeatureBank, SearchIndex, int8_copy_runs, project
 
 from . import align_throughput, plain_filters
 from .measure import (MATMUL_SIZE, RELEASED_BANKS, Row, dtype_name, eager_copy, forward_flops, interleaved_medians,
@@ -322,7 +321,7 @@ def _other_copy(index: SearchIndex) -> str | None:
     """The low-precision copy this CPU could score one query from instead of the index's own,
     or None: bf16 beside int8, int8 beside bf16 where its kernel runs."""
     ours = index.copy_scoring(1)
-    if ours == "bf16" and index.source.shape[1] >= 2 and int8_product_runs():
+    if ours == "bf16" and int8_copy_runs(index.source.shape[1]):
         return "int8"
     return "bf16" if ours == "int8" else None
 

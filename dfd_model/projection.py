@@ -394,9 +394,9 @@ class SearchIndex:
             return _dots(self.rows_bf16, query.to(torch.bfloat16))
         return _dots(rows, query)
 
-    def error_bound(self, lengths: np.ndarray, peaks: np.ndarray) -> np.ndarray:
+    def error_bound(self, lengths, peaks):
         """The bound on every score's rounding error for queries of `lengths` [B] (|q|) and
-        `peaks` [B] (max |q_i|), [B]."""
+        `peaks` [B] (max |q_i|), [B]: numpy arrays on the host, float64 tensors on a GPU."""
         return lengths * self.error_slope + peaks * self.error_peak_slope + self.error_floor
 
     def float32_error_bound(self, lengths: np.ndarray) -> np.ndarray:
@@ -412,12 +412,17 @@ def _accumulation_rounding(width: int) -> float:
 
 def _copy_kind(bank: torch.Tensor) -> str | None:
     """The low-precision copy a bank is scored from: none on a GPU or for a small bank; int8
-    where fbgemm's int8 product runs (int8_product_runs), the CPU lacks native bf16 and the
-    width suits the product (two values for its range row, sums within int32); else bf16."""
+    where the CPU lacks native bf16 and the copy runs for the bank's width (int8_copy_runs);
+    else bf16."""
     if bank.shape[0] <= LOW_PRECISION_ROWS or bank.device.type != "cpu":
         return None
-    int8 = not native_bf16(bank.device) and 2 <= bank.shape[1] <= MAX_WIDTH and int8_product_runs()
-    return "int8" if int8 else "bf16"
+    return "int8" if not native_bf16(bank.device) and int8_copy_runs(bank.shape[1]) else "bf16"
+
+
+def int8_copy_runs(width: int) -> bool:
+    """Whether rows `width` wide can have the int8 copy here: fbgemm's product runs, and the
+    width suits it (two values for its range row, sums within int32)."""
+    return 2 <= width <= MAX_WIDTH and int8_product_runs()
 
 
 def _dot_error(kind: str | None, gamma: float, longest: float) -> float:
@@ -726,5 +731,5 @@ def blend(f: torch.Tensor, f_proj: torch.Tensor, refine: float) -> torch.Tensor:
     return refine * f_proj + (1.0 - refine) * f
 
 
-__all__ = ["ALL", "DEVICE_MIN_QUERIES", "METHODS", "FeatureBank", "SearchIndex", "blend", "check_index", "check_refine",
+__all__ = ["ALL", "DEVICE_MIN_QUERIES", "METHODS", "FeatureBank", "SearchIndex", "blend", "check_index", "check_refine", "int8_copy_runs",
            "nearest", "project", "project_many", "settle"]

@@ -44,8 +44,8 @@ def project_on_device(query: torch.Tensor, bank: torch.Tensor, k: int, eps: floa
         kept = min(rows.shape[0], count + DEVICE_CANDIDATES)
         best, candidates = scores.topk(kept, dim=1, largest=False, sorted=True)
         target = query.double()
-        bounds = (torch.linalg.vector_norm(target, dim=1) * index.error_slope
-                  + torch.linalg.vector_norm(target, math.inf, dim=1) * index.error_peak_slope + index.error_floor)
+        bounds = index.error_bound(torch.linalg.vector_norm(target, dim=1),
+                                   torch.linalg.vector_norm(target, math.inf, dim=1))
         limits = best[:, count - 1] + 2 * bounds
         covered = best[:, -1] > limits if kept < rows.shape[0] else torch.ones_like(limits, dtype=torch.bool)
         candidates = candidates.sort(dim=1).values  # ascending rows: ties go to the lower row, as on the host
