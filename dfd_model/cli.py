@@ -155,6 +155,10 @@ def train(dataset, stage, out, resume, resolution, steps, batch_size, lr, sketch
         if not isinstance(error, distributed.OtherRankFailed) and not node_wide:
             click.echo(f"Error: rank {rank}: {error}", err=True)
         raise SystemExit(1) from None
+    except KeyboardInterrupt:  # Ctrl-C reaches every process: rank 0 alone says so (click's "Aborted!")
+        if distributed.launched_rank() == 0:
+            raise
+        raise SystemExit(130) from None
     except RuntimeError as error:  # a collective that found another process gone or stalled: one line, not a traceback
         waited = distributed.timed_out(error)
         if distributed.launched_world() <= 1 or (waited is None and not distributed.lost_peer(error)):

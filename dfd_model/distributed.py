@@ -128,6 +128,31 @@ def main_first(ranks: Ranks, work: Callable[[], T]) -> T | None:
     return result
 
 
+def on_every_rank(ranks: Ranks, work: Callable[[], T]) -> T:
+    """`work()` on every process, which then learn whether any failed. If one did, rank 0
+    alone reports it (its own error first, else the first rank's that failed) and the others
+    stop with OtherRankFailed: an error that every process meets (a damaged checkpoint) is one
+    line, not one per process. A bug's error (not a UserError) keeps its traceback anywhere."""
+    if not ranks.active:
+        return work()
+    result, failure = None, None
+    try:
+        result = work()
+    except Exception as error:  # every failure, or the others would wait for this process forever
+        failure = error
+    messages: list = [None] * ranks.world
+    dist.all_gather_object(messages, None if failure is None else str(failure) or type(failure).__name__,
+                           group=ranks.long_waits)
+    failed = [(rank, message) for rank, message in enumerate(messages) if message is not None]
+    if not failed:
+        return result
+    if failure is not None and (ranks.main or not isinstance(failure, UserError)):
+        raise failure
+    if ranks.main:
+        raise UserError(f"rank {failed[0][0]}: {failed[0][1]}")
+    raise OtherRankFailed(f"rank {failed[0][0]} stopped: {failed[0][1]}")
+
+
 # What a collective's error says where the process at the other end has gone (it ended with an
 # error of its own, which it prints): gloo's closed or reset connections, NCCL's remote error.
 # c10d raises the same error types for faults of this process's own (a port in use, a store).
@@ -188,5 +213,5 @@ def replicas_agree(modules: list[nn.Module], ranks: Ranks, device: torch.device)
 
 
 __all__ = ["COLLECTIVE_TIMEOUT", "LONG_WAIT_TIMEOUT", "OtherRankFailed", "Ranks", "barrier", "broadcast_buffers",
-           "launched_rank", "lost_peer", "main_first", "mean_over_ranks", "replicas_agree", "start", "stop",
+           "launched_rank", "lost_peer", "main_first", "mean_over_ranks", "on_every_rank", "replicas_agree", "start", "stop",
            "timed_out", "unwrap", "wait_for_all", "wrap"]

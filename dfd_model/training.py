@@ -224,10 +224,7 @@ class Trainer:
         self.discriminator = MultiscaleDiscriminator(self.model_config).to(device, memory_format=self.layout)
         self.vgg = None
         if self.config.vgg_weights:
-            try:
-                self.vgg = VGG19Features.from_safetensors(self.config.vgg_weights).to(device)
-            except ValueError as error:
-                raise TrainingError(str(error)) from None
+            self.vgg = distributed.on_every_rank(self.ranks, lambda: self._load_vgg(self.config.vgg_weights))
         self.optimizers = {
             "autoencoders": self._adam(self.model.autoencoders.parameters()),
             "generator": self._adam([*self.model.feature_decoders.parameters(), *self.model.generator.parameters()]),
@@ -239,8 +236,8 @@ class Trainer:
         self._pairs_trained_on = None
         checkpoint = latest_checkpoint(self.out)
         if checkpoint is not None:
-            state, self.banks = load_checkpoint(checkpoint, modules=self._modules(), optimizers=self.optimizers,
-                                                device=device)
+            state, self.banks = distributed.on_every_rank(self.ranks, lambda: load_checkpoint(
+                checkpoint, modules=self._modules(), optimizers=self.optimizers, device=device))
             self.stage, self.step = state["stage"], state["step"]
             self.pending_losses = state["pending_losses"]
             self._pairs_trained_on = state.get("pairs")  # (checkpoints from before it was kept lack it)
@@ -273,6 +270,12 @@ class Trainer:
             self.echo(f"no checkpoint in {self.out}: starting at step 0")
         self._wrapped: dict[str, torch.nn.Module] = {}  # see _net
 
+    def _load_vgg(self, path: str) -> VGG19Features:
+        try:
+            return VGG19Features.from_safetensors(path).to(self.device)
+        except ValueError as error:
+            raise TrainingError(str(error)) from None
+
     # ---- configuration ----------------------------------------------------------------------------
     def _resolve_configs(self, model_config, train_config, resume, given):
         """The run's configurations: rank 0 checks the dataset and the run folder and writes the
@@ -296,6 +299,10 @@ class Trainer:
                                 "or choose another --out")
         recorded, processes = checkpoint_configs(checkpoint) if checkpoint else (None, None)
         saved = _read_run_config(path) if path.is_file() else recorded
+        if saved is not None and recorded is not None:
+            # the batch per process goes with the number of processes the checkpoint records: a
+            # resume on another number that stopped before its first checkpoint had rewritten it
+            saved["training"]["batch_size"] = recorded["training"]["batch_size"]
         if saved is not None and resume:
             wanted = self._resumed_config(path, saved, wanted, given, processes)
         if wanted["training"]["sketches"] is None:  # pinned: a set added later must not change the run's data

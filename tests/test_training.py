@@ -374,6 +374,28 @@ def test_resuming_keeps_the_runs_own_settings_and_data(sketched_dataset, tmp_pat
     assert _trainer(dataset, tmp_path / "fresh", resume=True, steps=2, batch_size=4).config.batch_size == 4
 
 
+def test_the_batch_per_process_follows_the_checkpoint_not_an_interrupted_resume(sketched_dataset, tmp_path):
+    """A resume on 2 processes with half the batch rewrites train_config.json before it trains;
+    stopped before its first checkpoint, it leaves the checkpoint's run as it was: one process
+    resumes it with its own batch, given or not (it had been refused, or halved)."""
+    run = tmp_path / "run"
+    _trainer(sketched_dataset, run, steps=2, batch_size=2).run("1")
+    saved = json.loads((run / "train_config.json").read_text())
+    saved["training"]["batch_size"] = 1  # as `torchrun --nproc-per-node 2 ... --batch-size 1 --resume` writes it
+    (run / "train_config.json").write_text(json.dumps(saved))
+    given = Trainer(sketched_dataset, run, ModelConfig(**TINY_128), TrainConfig(steps=2, batch_size=2),
+                    torch.device("cpu"), resume=True, given={"batch_size"}, quiet=True, echo=lambda line: None)
+    assert given.config.batch_size == 2
+    given.close()
+    saved["training"]["batch_size"] = 1
+    (run / "train_config.json").write_text(json.dumps(saved))
+    lines = []
+    kept = Trainer(sketched_dataset, run, ModelConfig(**TINY_128), TrainConfig(steps=2), torch.device("cpu"),
+                   resume=True, given=set(), quiet=True, echo=lines.append)
+    assert kept.config.batch_size == 2 and not any("global batch" in line for line in lines), lines
+    kept.close()
+
+
 def test_a_damaged_checkpoint_or_run_config_is_refused(sketched_dataset, tmp_path):
     _trainer(sketched_dataset, tmp_path / "run", steps=2).run("1")
     latest = json.loads((tmp_path / "run" / "checkpoints" / "latest.json").read_text())["checkpoint"]
@@ -634,6 +656,24 @@ def test_a_process_group_that_cannot_start_is_one_line(sketched_dataset, tmp_pat
     assert "EADDRINUSE" in lines[0]
 
 
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_ctrl_c_under_torchrun_is_said_by_rank_0_alone(sketched_dataset, tmp_path, monkeypatch, rank):
+    """A terminal's Ctrl-C reaches every process torchrun started: rank 0 says "Aborted!", the
+    others end with the shell's code for it and say nothing (each had printed "Aborted!")."""
+    from click.testing import CliRunner
+
+    from dfd_model import training
+    from dfd_model.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "Trainer", interrupted)
+    result = CliRunner().invoke(main, ["train", str(sketched_dataset), "--out", str(tmp_path / "run")],
+                                env={"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": "2"})
+    assert (result.exit_code, result.output.strip()) == ((1, "Aborted!") if rank == "0" else (130, "")), result.output
+
+
 def test_torchrun_with_two_cpu_processes_matches_one_process(sketched_dataset, tmp_path):
     """2 gloo processes x batch 2 against 1 process x batch 4: the same global batches, so
     the loss curves agree (BatchNorm sees per-process statistics, so not to the last bit);
@@ -683,6 +723,15 @@ def test_torchrun_with_two_cpu_processes_matches_one_process(sketched_dataset, t
                              "--out", str(tmp_path / "cut")], capture_output=True, text=True, cwd=REPO)
     assert halved.returncode == 0, halved.stderr
     assert "warning: the run's global batch was 4 (2 processes), this one's is 2 (1)" in halved.stdout
+    # a checkpoint every process finds damaged is one line, from rank 0 (each process had said it)
+    latest = json.loads((tmp_path / "cut" / "checkpoints" / "latest.json").read_text())["checkpoint"]
+    with open(tmp_path / "cut" / "checkpoints" / latest / "tensors.safetensors", "ab") as tensors:
+        tensors.write(b"x")
+    damaged = subprocess.run([*launcher, "-m", "dfd_model", "train", *more, "--batch-size", "2", "--resume",
+                              "--out", str(tmp_path / "cut")], capture_output=True, text=True, cwd=REPO, timeout=600)
+    errors = [line for line in damaged.stderr.splitlines() if "Error" in line and "ChildFailedError" not in line]
+    assert damaged.returncode != 0 and len(errors) == 1, damaged.stderr[-3000:]
+    assert errors[0].startswith(f"Error: {tmp_path / 'cut' / 'checkpoints' / latest / 'tensors.safetensors'}: ")
 
 
 def test_generate_over_a_hostile_folder(tiny_model_folder, sample_photos, tmp_path):
