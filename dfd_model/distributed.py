@@ -18,7 +18,7 @@ import torch
 from torch import distributed as dist
 from torch import nn
 
-from dfd_data.errors import UserError
+from dfd_data.errors import DeviceError, UserError
 
 T = TypeVar("T")
 # How long a training collective waits for the slowest process before the run stops with an
@@ -75,6 +75,7 @@ def start(device: torch.device) -> tuple[Ranks, torch.device]:
     if world <= 1:
         return Ranks(), device
     if device.type == "cuda":
+        _check_one_gpu_each()
         device = torch.device("cuda", launched_local_rank())
         torch.cuda.set_device(device)
     try:
@@ -88,6 +89,17 @@ def start(device: torch.device) -> tuple[Ranks, torch.device]:
         raise UserError(f"cannot start the process group with the run's other processes (store at {where}): "
                         f"{' '.join(str(error).split())}") from None
     return Ranks(launched_rank(), world, launched_local_rank(), long_waits), device
+
+
+def _check_one_gpu_each() -> None:
+    """A DeviceError (said by the machine's first process, see cli.train) where this machine has
+    fewer GPUs than torchrun started processes on it: CUDA's "invalid device ordinal" had
+    been a traceback from the processes left without one."""
+    count = torch.cuda.device_count()
+    here = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), launched_local_rank() + 1)
+    if here > count:
+        raise DeviceError(f"torchrun started {here} processes on this machine, which has {count} CUDA device(s): "
+                          f"one process per GPU (--nproc-per-node {count} or fewer)")
 
 
 def stop(ranks: Ranks) -> None:

@@ -638,6 +638,23 @@ def test_a_stalled_process_stops_the_run_after_the_collective_timeout_but_long_w
         int(timed_out[0].split()[-2]) <= 6, lines
 
 
+@pytest.mark.parametrize("local_rank", ["0", "1"])
+def test_more_processes_than_gpus_is_a_device_error_on_every_process(monkeypatch, local_rank):
+    """torchrun's 2 processes on a machine with 1 GPU: every process of the machine stops with
+    the same DeviceError before touching a device (cli.train lets its first process say it),
+    where the second had met CUDA's "invalid device ordinal" traceback."""
+    from dfd_data.errors import DeviceError
+    from dfd_model import distributed
+
+    for name, value in {"RANK": local_rank, "LOCAL_RANK": local_rank, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail(f"set_device({device}) was called"))
+    with pytest.raises(DeviceError, match=r"^torchrun started 2 processes on this machine, which has 1 CUDA device\(s\): "
+                                          r"one process per GPU \(--nproc-per-node 1 or fewer\)$"):
+        distributed.start(torch.device("cuda"))
+
+
 def test_a_process_group_that_cannot_start_is_one_line(sketched_dataset, tmp_path):
     """A process started by a launch script (MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE set
     for it) whose process group cannot start, here rank 0 with its store's port held by another
