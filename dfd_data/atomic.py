@@ -173,7 +173,9 @@ def all_or_none(root: str | os.PathLike):
 
 def remove_stale_temp_files(folder: str | os.PathLike, recursive: bool = True) -> int:
     """Delete temporary files left by a killed run under `folder` (or, not `recursive`, in it
-    alone); returns how many."""
+    alone); returns how many. Steps sweep their folders as they start and again as they end:
+    when a worker process dies, its pool is torn down and the other workers die mid-write too
+    (their files are done again, but their temporary files had stayed, and `verify` failed)."""
     removed = 0
     for root, dirs, files in os.walk(folder):
         for name in files:

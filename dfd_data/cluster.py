@@ -164,8 +164,21 @@ def _connect_dask(client_type, scheduler: str) -> Iterator[None]:
         else:
             reason = " ".join(str(error).split()) if error else f"no dask scheduler answered in {waited:g} s"
         raise UserError(f"--scheduler {scheduler}: cannot reach the dask scheduler ({reason})")
-    with client:
+    try:
         yield
+    finally:  # (a client that lost its scheduler logs its reconnect loop's traceback as the close cancels it)
+        with _logger_silenced("distributed.client"):
+            client.close()
+
+
+@contextmanager
+def _logger_silenced(name: str) -> Iterator[None]:
+    logger = logging.getLogger(name)
+    disabled, logger.disabled = logger.disabled, True
+    try:
+        yield
+    finally:
+        logger.disabled = disabled
 
 
 def _in_time(connect: Callable[[], object], name: str, seconds: float) -> tuple[object | None, Exception | None]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from .atomic import sha256_file
+from .atomic import remove_stale_temp_files, sha256_file
 from .dataset import Dataset, RecordLog
 from .runner import BatchSummary, Outcome, Task, run_batch
 
@@ -60,5 +60,6 @@ def run_derived_step(dataset: Dataset, step: str, out_dir: str, inputs: dict[str
     with log:
         summary = run_batch(step, tasks, work, jobs=jobs, backend=backend, quiet=quiet, batch_size=batch_size,
                             already_done=len(inputs) - len(pending), on_outcome=on_outcome)
+    remove_stale_temp_files(dataset.path(out_dir))  # (a pool torn down after a worker died killed others mid-write)
     dataset.replace_errors(step, summary.reports)
     return summary, sorted(log.by_id)

@@ -250,7 +250,26 @@ def _isolate(calls: list, jobs: int, backend: str, finished: set[int], suspects:
                 yield from _joblib_outcomes(calls, jobs, backend, finished, [index])
             except Exception as error:
                 finished.add(index)
-                yield from _lost(calls[index], error)
+                yield from _each_task_alone(calls[index], error,
+                                            lambda call: list(_joblib_outcomes([call], jobs, backend, set(), [0])))
+
+
+def _each_task_alone(call, error: BaseException, run_alone: Callable[[tuple], list[Outcome]]) -> Iterator[Outcome]:
+    """Outcomes of a call whose worker died (with `error`) while it ran alone. A batch's tasks
+    then run alone each, through `run_alone(call)`, so that only the one that kills its worker
+    fails: its batch-mates had failed with it, on every run again, as the batches are the same."""
+    function, args, kwargs = call
+    if function is not _run_batch_of_tasks or len(args[1]) == 1:
+        yield from _lost(call, error)
+        return
+    work, tasks = args
+    for task in tasks:
+        single = (function, (work, [task]), kwargs)
+        try:
+            outcomes = run_alone(single)
+        except Exception as single_error:
+            outcomes = _lost(single, single_error)
+        yield from outcomes
 
 
 def _joblib_outcomes(calls: list, jobs: int, backend: str, finished: set[int],
@@ -301,6 +320,7 @@ def _dask_outcomes(calls: list) -> Iterator[Outcome]:
             try:
                 outcomes = future.result()
             except Exception as error:  # the work functions catch their own errors: this is the cluster's
+                _stop_if_cancelled(client, error)
                 if type(error).__name__ == "KilledWorker":
                     blamed.append(futures[future])
                     outcomes = []
@@ -308,11 +328,33 @@ def _dask_outcomes(calls: list) -> Iterator[Outcome]:
                     outcomes = _lost(futures[future], error)
             future.release()
             yield from outcomes
-        for function, args, kwargs in blamed:
-            future = client.submit(function, *args, pure=False, **kwargs)
+        for call in blamed:
             try:
-                outcomes = future.result()
+                outcomes = _dask_result(client, call)
             except Exception as error:
-                outcomes = _lost((function, args, kwargs), error)
-            future.release()
+                _stop_if_cancelled(client, error)
+                outcomes = _each_task_alone(call, error, lambda single: _dask_result(client, single))
             yield from outcomes
+
+
+def _dask_result(client, call) -> list[Outcome]:
+    """The outcomes of one call run on the dask cluster (its error, if the cluster's)."""
+    function, args, kwargs = call
+    future = client.submit(function, *args, pure=False, **kwargs)
+    try:
+        return future.result()
+    finally:
+        future.release()
+
+
+def _stop_if_cancelled(client, error: BaseException) -> None:
+    """A one-line UserError where dask cancelled a call rather than ran it (the client lost the
+    scheduler, or someone cancelled the work): its files were never tried, and had each been
+    recorded as failed. Those finished are recorded; running the command again does the rest."""
+    reason = getattr(error, "reason", None)
+    if type(error).__name__ != "FutureCancelledError" or reason is None:
+        return
+    where = getattr(client.scheduler, "address", None) or "its address"
+    cause = "lost the connection to the scheduler at " + where if reason == "scheduler-connection-lost" else \
+        f"had its work cancelled ({reason})"
+    raise UserError(f"dask: the run {cause}; the files finished are recorded: run the command again for the rest")

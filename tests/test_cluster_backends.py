@@ -162,6 +162,37 @@ def test_a_dask_run_without_workers_says_so_and_goes_on_when_one_joins(dataset_c
     assert len(list((dataset_copy / "sketches" / "canny").glob("*.png"))) == 2
 
 
+def sleep_then_square(task) -> int:
+    time.sleep(0.3)
+    return task.payload ** 2
+
+
+def test_a_run_that_loses_its_dask_scheduler_stops_with_one_line_and_fails_no_file(tmp_path):
+    """The scheduler killed mid-run: dask cancels every call it held. The run stops with one
+    line, and the files it never tried are not failures (each had been recorded as one)."""
+    pytest.importorskip("dask.distributed", reason="the [dask] extra is not installed")
+    from dask.distributed import default_client
+
+    from dfd_data.runner import Task, run_batch
+
+    seen = []
+
+    def kill_the_scheduler_after_the_first(outcome) -> None:
+        seen.append(outcome)
+        if len(seen) == 1:
+            os.kill(default_client().run_on_scheduler(os.getpid), signal.SIGKILL)
+
+    (tmp_path / "cluster").mkdir()
+    with dask_cluster(tmp_path / "cluster", {}) as address, cluster.cluster_session("dask", 1, address):
+        tasks = [Task(str(i), f"file{i}.png", i) for i in range(12)]
+        with pytest.raises(UserError) as stopped:
+            run_batch("demo", tasks, sleep_then_square, backend="dask", quiet=True,
+                      on_outcome=kill_the_scheduler_after_the_first)
+    assert str(stopped.value) == (f"dask: the run lost the connection to the scheduler at {address}; the files "
+                                  "finished are recorded: run the command again for the rest")
+    assert 1 <= len(seen) < 12 and {outcome.status for outcome in seen} == {"done"}
+
+
 def test_the_worker_watch_says_when_workers_are_gone_and_when_they_are_back(monkeypatch):
     """(No dask needed: a stand-in client whose workers go and come.)"""
     import threading

@@ -118,3 +118,60 @@ def test_a_worker_killed_by_one_file_fails_that_file_only(backend, count):
     assert {key: outcome.result for key, outcome in seen.items() if key != "6"} == \
         {str(i): i ** 2 for i in range(count) if i != 6}
     assert seen["6"].message.startswith("file6.png: the worker process died working on it")
+
+
+def squares_or_die(tasks: list[Task]) -> list:
+    """square_or_die over a batch, as a network's batch work function runs."""
+    return [square_or_die(task) for task in tasks]
+
+
+@pytest.mark.parametrize("backend", ["loky", "dask"])
+def test_a_worker_killed_by_one_file_of_a_batch_fails_that_file_only(backend):
+    """A batch whose worker dies is run again a task at a time once it is found: its other
+    files are done, where they had failed with it (and again on every run, as the batches are
+    the same)."""
+    if backend == "dask":
+        pytest.importorskip("dask.distributed", reason="the [dask] extra is not installed")
+    seen = {}
+    tasks = [Task(str(i), f"file{i}.png", i) for i in range(9)]
+    summary = run_batch("demo", tasks, squares_or_die, jobs=2, backend=backend, quiet=True, batch_size=3,
+                        on_outcome=lambda outcome: seen.__setitem__(outcome.task.key, outcome))
+    assert (summary.done, summary.failed) == (8, 1), summary.reports
+    assert {key: outcome.result for key, outcome in seen.items() if key != "6"} == \
+        {str(i): i ** 2 for i in range(9) if i != 6}
+    assert seen["6"].message.startswith("file6.png: the worker process died working on it")
+
+
+def write_or_die_mid_write(tasks: list[Task]) -> list:
+    """Writes each task's file through a temporary one; on payload 6 the worker dies between
+    the two, as a worker killed while its pool is torn down does."""
+    from pathlib import Path
+
+    from dfd_data.atomic import TEMP_PREFIX, atomic_write_text
+
+    results = []
+    for task in tasks:
+        folder = Path(task.label).parent / "out"  # (the label is the input file's path)
+        if task.payload == 6:
+            (folder / f"{TEMP_PREFIX}{task.key}").write_text("half")
+            os.kill(os.getpid(), signal.SIGKILL)
+        atomic_write_text(folder / task.key, str(task.payload))
+        results.append({"id": task.key, "input": "in.txt", "input_sha256": "", "outputs": {}})
+    return results
+
+
+def test_a_step_leaves_no_temporary_file_of_a_worker_killed_mid_write(tmp_path):
+    """The temporary files of workers that died mid-write are swept as the step ends (they had
+    stayed until the next run, and `verify` failed on the finished dataset)."""
+    from dfd_data.dataset import Dataset
+    from dfd_data.derived import run_derived_step
+
+    dataset = Dataset(tmp_path)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "in.txt").write_text("input")
+    summary, done = run_derived_step(dataset, "demo", "out", {str(i): "in.txt" for i in range(8)}, "recipe",
+                                     lambda key, _: int(key), write_or_die_mid_write, jobs=2, backend="loky",
+                                     quiet=True, batch_size=1)
+    assert (summary.done, summary.failed) == (7, 1)
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == \
+        sorted([*(str(i) for i in range(8) if i != 6), "records.jsonl"])
