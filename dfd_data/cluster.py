@@ -18,8 +18,9 @@ import signal
 import socket
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
+from multiprocessing import resource_tracker
 from typing import Callable, Iterator
 
 from .errors import UserError
@@ -65,12 +66,19 @@ def _dask_session(jobs: int, scheduler: str | None) -> Iterator[None]:
     # oversubscribe the cores. The dashboard takes any free port (its default one, taken by
     # another cluster, was a warning on every run), and the workers' own logs stay quiet: a
     # task's error comes back to this process, and Ctrl-C made each worker print tracebacks.
-    # SIGINT ignored by the workers it starts (processes inherit that, and Python leaves a
-    # signal ignored at its start ignored): this process stops them (one line, not 50)
-    with _signal_handled(signal.SIGINT, signal.SIG_IGN):
-        cluster = LocalCluster(n_workers=jobs, threads_per_worker=1, processes=True, dashboard_address=":0",
-                               silence_logs=logging.CRITICAL)
-    with cluster, Client(cluster), _started_here("dask"):
+    # SIGINT is blocked while the cluster starts: the workers inherit the block, also those
+    # started later after a crash (from the event loop's thread, started here), so that this
+    # process alone stops them (one line, not 50), and a Ctrl-C meanwhile waits until the
+    # cluster is up, then stops the command (ignored instead, it had been lost).
+    # (multiprocessing's resource tracker unblocks SIGINT in the thread that starts it, the
+    # cluster's event loop's, which starts the workers: so it is started first, from here)
+    resource_tracker.ensure_running()
+    with ExitStack() as stack:
+        with _signal_blocked(signal.SIGINT):
+            cluster = stack.enter_context(LocalCluster(n_workers=jobs, threads_per_worker=1, processes=True,
+                                                       dashboard_address=":0", silence_logs=logging.CRITICAL))
+        stack.enter_context(Client(cluster))
+        stack.enter_context(_started_here("dask"))
         yield
 
 
@@ -115,6 +123,17 @@ def _started_here(backend: str) -> Iterator[None]:
         yield
     finally:
         _STARTED_HERE.reset(token)
+
+
+@contextmanager
+def _signal_blocked(number: int) -> Iterator[None]:
+    """The signal `number` held back from this thread, and from the threads and processes it
+    starts, during the block; one that arrives meanwhile is delivered as the block ends."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {number})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @contextmanager

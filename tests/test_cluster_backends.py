@@ -162,6 +162,49 @@ def test_a_dask_run_without_workers_says_so_and_goes_on_when_one_joins(dataset_c
     assert len(list((dataset_copy / "sketches" / "canny").glob("*.png"))) == 2
 
 
+def test_ctrl_c_while_a_local_dask_cluster_starts_stops_the_command_once_it_is_up(monkeypatch):
+    """Ctrl-C while the local cluster starts: it had been ignored there, and the command ran to
+    its end. It now waits for the cluster to be up (whose workers inherit SIGINT blocked, so
+    that this process alone stops them), then stops the command, the cluster closed."""
+    pytest.importorskip("dask.distributed", reason="the [dask] extra is not installed")
+    import dask.distributed
+
+    closed = []
+
+    class StartingCluster:
+        def __init__(self, **options):
+            assert signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # (the workers inherit the mask)
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, while it starts
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            closed.append(exc[0])
+
+    monkeypatch.setattr(dask.distributed, "LocalCluster", StartingCluster)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # (pytest-xdist's workers ignore it)
+    try:
+        with pytest.raises(KeyboardInterrupt), cluster.cluster_session("dask", 2):
+            pytest.fail("the session started")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert closed == [KeyboardInterrupt]
+    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+
+def test_the_workers_of_a_local_dask_cluster_leave_ctrl_c_to_the_command():
+    """The local cluster's workers have SIGINT blocked, so that the command alone stops them."""
+    pytest.importorskip("dask.distributed", reason="the [dask] extra is not installed")
+    from dask.distributed import default_client
+
+    with cluster.cluster_session("dask", 2):
+        workers = default_client().run(os.getpid).values()
+        blocked = [int(line.split()[1], 16) for pid in workers for line in Path(f"/proc/{pid}/status").open()
+                   if line.startswith("SigBlk:")]
+    assert len(blocked) == 2 and all(mask & 1 << (signal.SIGINT - 1) for mask in blocked), blocked
+
+
 def sleep_then_square(task) -> int:
     time.sleep(0.3)
     return task.payload ** 2
