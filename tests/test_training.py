@@ -639,10 +639,11 @@ def test_a_stalled_process_stops_the_run_after_the_collective_timeout_but_long_w
 
 
 @pytest.mark.parametrize("local_rank", ["0", "1"])
-def test_more_processes_than_gpus_is_a_device_error_on_every_process(monkeypatch, local_rank):
+def test_more_processes_than_gpus_or_one_gpu_named_is_a_device_error_on_every_process(monkeypatch, local_rank):
     """torchrun's 2 processes on a machine with 1 GPU: every process of the machine stops with
     the same DeviceError before touching a device (cli.train lets its first process say it),
-    where the second had met CUDA's "invalid device ordinal" traceback."""
+    where the second had met CUDA's "invalid device ordinal" traceback. So does --device cuda:1,
+    which each process had replaced with its own GPU without a word."""
     from dfd_data.errors import DeviceError
     from dfd_model import distributed
 
@@ -653,6 +654,10 @@ def test_more_processes_than_gpus_is_a_device_error_on_every_process(monkeypatch
     with pytest.raises(DeviceError, match=r"^torchrun started 2 processes on this machine, which has 1 CUDA device\(s\): "
                                           r"one process per GPU \(--nproc-per-node 1 or fewer\)$"):
         distributed.start(torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # one GPU named, where each process takes its own
+    with pytest.raises(DeviceError, match=r"^--device cuda:1: under torchrun each process takes the GPU of its local "
+                                          r"rank; pass --device cuda \(or auto\)$"):
+        distributed.start(torch.device("cuda", 1))
 
 
 def test_a_process_group_that_cannot_start_is_one_line(sketched_dataset, tmp_path):
