@@ -74,7 +74,7 @@ def _dask_session(jobs: int, scheduler: str | None) -> Iterator[None]:
     # cluster's event loop's, which starts the workers: so it is started first, from here)
     resource_tracker.ensure_running()
     with ExitStack() as stack:
-        with _signal_blocked(signal.SIGINT):
+        with _signal_deferred(signal.SIGINT):
             cluster = stack.enter_context(LocalCluster(n_workers=jobs, threads_per_worker=1, processes=True,
                                                        dashboard_address=":0", silence_logs=logging.CRITICAL))
         stack.enter_context(Client(cluster))
@@ -126,14 +126,23 @@ def _started_here(backend: str) -> Iterator[None]:
 
 
 @contextmanager
-def _signal_blocked(number: int) -> Iterator[None]:
-    """The signal `number` held back from this thread, and from the threads and processes it
-    starts, during the block; one that arrives meanwhile is delivered as the block ends."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {number})
+def _signal_deferred(number: int) -> Iterator[None]:
+    """The signal `number` held back during the block, and raised again as it ends if it came:
+    blocked in this thread and in the threads and processes it starts (which keep the block),
+    and, in the main thread, recorded by a handler of its own (another thread that does not
+    block it, such as a BLAS pool's, may take it)."""
+    came = []
+    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {number})
+    main = threading.current_thread() is threading.main_thread()
+    previous_handler = signal.signal(number, lambda *_: came.append(True)) if main else None
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        if main:
+            signal.signal(number, previous_handler if previous_handler is not None else signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)  # (one pending meets the handler restored)
+        if came:
+            signal.raise_signal(number)
 
 
 @contextmanager

@@ -255,11 +255,12 @@ def _isolate(calls: list, jobs: int, backend: str, finished: set[int], suspects:
 
 
 def _each_task_alone(call, error: BaseException, run_alone: Callable[[tuple], list[Outcome]]) -> Iterator[Outcome]:
-    """Outcomes of a call whose worker died (with `error`) while it ran alone. A batch's tasks
-    then run alone each, through `run_alone(call)`, so that only the one that kills its worker
-    fails: its batch-mates had failed with it, on every run again, as the batches are the same."""
+    """Outcomes of a call that failed (with `error`) while it ran alone. Where its worker died,
+    a batch's tasks then run alone each, through `run_alone(call)`, so that only the one that
+    kills its worker fails: its batch-mates had failed with it, on every run again, as the
+    batches are the same."""
     function, args, kwargs = call
-    if function is not _run_batch_of_tasks or len(args[1]) == 1:
+    if function is not _run_batch_of_tasks or len(args[1]) == 1 or type(error).__name__ not in _WORKER_DEATHS:
         yield from _lost(call, error)
         return
     work, tasks = args
@@ -267,6 +268,8 @@ def _each_task_alone(call, error: BaseException, run_alone: Callable[[tuple], li
         single = (function, (work, [task]), kwargs)
         try:
             outcomes = run_alone(single)
+        except UserError:  # (the run stops: see _stop_if_cancelled)
+            raise
         except Exception as single_error:
             outcomes = _lost(single, single_error)
         yield from outcomes
@@ -331,18 +334,23 @@ def _dask_outcomes(calls: list) -> Iterator[Outcome]:
         for call in blamed:
             try:
                 outcomes = _dask_result(client, call)
+            except UserError:  # (the run stops: see _stop_if_cancelled)
+                raise
             except Exception as error:
-                _stop_if_cancelled(client, error)
                 outcomes = _each_task_alone(call, error, lambda single: _dask_result(client, single))
             yield from outcomes
 
 
 def _dask_result(client, call) -> list[Outcome]:
-    """The outcomes of one call run on the dask cluster (its error, if the cluster's)."""
+    """The outcomes of one call run on the dask cluster (its error, if the cluster's; see
+    _stop_if_cancelled)."""
     function, args, kwargs = call
     future = client.submit(function, *args, pure=False, **kwargs)
     try:
         return future.result()
+    except Exception as error:
+        _stop_if_cancelled(client, error)
+        raise
     finally:
         future.release()
 

@@ -75,7 +75,7 @@ def start(device: torch.device) -> tuple[Ranks, torch.device]:
     if world <= 1:
         return Ranks(), device
     if device.type == "cuda":
-        _check_one_gpu_each(device)
+        _check_one_gpu_each()
         device = torch.device("cuda", launched_local_rank())
         torch.cuda.set_device(device)
     try:
@@ -91,14 +91,10 @@ def start(device: torch.device) -> tuple[Ranks, torch.device]:
     return Ranks(launched_rank(), world, launched_local_rank(), long_waits), device
 
 
-def _check_one_gpu_each(device: torch.device) -> None:
+def _check_one_gpu_each() -> None:
     """A DeviceError (said by the machine's first process, see cli.train) where this machine has
-    fewer GPUs than torchrun started processes on it (CUDA's "invalid device ordinal" had been
-    a traceback from the processes left without one), or where `device` names one GPU: each
-    process takes its local rank's (a --device cuda:1 had been replaced without a word)."""
-    if device.index is not None:
-        raise DeviceError(f"--device {device}: under torchrun each process takes the GPU of its local rank; "
-                          "pass --device cuda (or auto)")
+    fewer GPUs than torchrun started processes on it: CUDA's "invalid device ordinal" had been
+    a traceback from the processes left without one."""
     count = torch.cuda.device_count()
     here = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), launched_local_rank() + 1)
     if here > count:

@@ -299,12 +299,8 @@ class Trainer:
                                 "or choose another --out")
         recorded, processes = checkpoint_configs(checkpoint) if checkpoint else (None, None)
         saved = _read_run_config(path) if path.is_file() else recorded
-        if saved is not None and recorded is not None:
-            # the batch per process goes with the number of processes the checkpoint records: a
-            # resume on another number that stopped before its first checkpoint had rewritten it
-            saved["training"]["batch_size"] = recorded["training"]["batch_size"]
         if saved is not None and resume:
-            wanted = self._resumed_config(path, saved, wanted, given, processes)
+            wanted = self._resumed_config(path, saved, wanted, given, recorded, processes)
         if wanted["training"]["sketches"] is None:  # pinned: a set added later must not change the run's data
             wanted["training"]["sketches"] = choose_sketch_folder(self.dataset, None)
             if saved is not None and resume:  # a run from before the set was recorded
@@ -317,21 +313,24 @@ class Trainer:
         return wanted
 
     def _resumed_config(self, path: Path, saved: dict, wanted: dict, given: Collection[str] | None,
-                        processes: int | None) -> dict:
+                        recorded: dict | None, processes: int | None) -> dict:
         """The saved configuration, with the settings the user chose anew where they may change:
-        the resumable ones, and any before the first checkpoint (`processes`, which ran it, is
-        None: nothing was trained yet). A chosen setting that would make another experiment is
-        refused. The batch is per process: on another number of processes, a batch size that
-        keeps the global batch keeps the run's batches."""
+        the resumable ones, and any before the first checkpoint (`recorded` and `processes`, the
+        configuration and the processes it records, are None: nothing was trained yet). A chosen
+        setting that would make another experiment is refused. The batch is per process: on
+        another number of processes, a batch size that keeps the checkpoint's global batch keeps
+        the run's batches (the saved batch may be that of a resume on other processes stopped
+        before its first checkpoint)."""
         differ, changed = [], []
         for section in ("model", "training"):
             for key, value in saved[section].items():
                 chosen = (given is None or key in given) and not (key == "sketches" and wanted[section][key] is None)
                 if not chosen or wanted[section].get(key) == value:  # (no --sketches: the set it was pinned to)
                     continue
-                if key == "batch_size" and processes and value * processes == wanted[section][key] * self.ranks.world:
+                trained = recorded["training"]["batch_size"] * processes if key == "batch_size" and processes else None
+                if trained == wanted[section][key] * self.ranks.world:
                     changed.append(f"batch_size {value} -> {wanted[section][key]} per process "
-                                   f"(global batch {value * processes} on {self.ranks.world} processes)")
+                                   f"(global batch {trained} on {self.ranks.world} processes)")
                     saved[section][key] = wanted[section][key]
                 elif key not in RESUMABLE_CHANGES and processes is not None \
                         and not (key == "sketches" and value is None):  # (a run from before the set was recorded)

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -184,10 +185,13 @@ def test_ctrl_c_while_a_local_dask_cluster_starts_stops_the_command_once_it_is_u
 
     monkeypatch.setattr(dask.distributed, "LocalCluster", StartingCluster)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # (pytest-xdist's workers ignore it)
+    idle = threading.Event()  # a thread started before, which does not block SIGINT: it may take it
+    threading.Thread(target=idle.wait, daemon=True).start()
     try:
         with pytest.raises(KeyboardInterrupt), cluster.cluster_session("dask", 2):
             pytest.fail("the session started")
     finally:
+        idle.set()
         signal.signal(signal.SIGINT, previous)
     assert closed == [KeyboardInterrupt]
     assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
