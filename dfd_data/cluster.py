@@ -137,10 +137,11 @@ def _signal_deferred(number: int) -> Iterator[None]:
     previous_handler = signal.signal(number, lambda *_: came.append(True)) if main else None
     try:
         yield
-    finally:
+    finally:  # (the mask first: one pending is then recorded, where the handler restored first raised it,
+        # the mask left blocked)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
         if main:
             signal.signal(number, previous_handler if previous_handler is not None else signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)  # (one pending meets the handler restored)
         if came:
             signal.raise_signal(number)
 
