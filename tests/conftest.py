@@ -84,6 +84,13 @@ def sketched_dataset(tmp_path_factory) -> Path:
 # A model small enough to train in seconds on one core (a few hundred thousand parameters).
 TINY_128 = dict(resolution=128, latent_dim=32, ce_base_channels=4, fm_base_channels=4, fm_channels=8, ngf=8,
                 n_blocks=1, ndf=8, n_layers_d=2, num_d=2)
+TINY_SETTINGS = [arg for key, value in TINY_128.items() if key != "resolution" for arg in ("--set", f"{key}={value}")]
+
+
+def run_losses(run: Path) -> list[tuple[int, int, dict]]:
+    """(stage, step, losses) of every row of a training run's stats.jsonl."""
+    return [(row["stage"], row["step"], row["losses"])
+            for row in map(json.loads, (run / "stats.jsonl").read_text().splitlines())]
 
 
 @pytest.fixture(scope="session")
