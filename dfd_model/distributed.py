@@ -225,5 +225,5 @@ def replicas_agree(modules: list[nn.Module], ranks: Ranks, device: torch.device)
 
 
 __all__ = ["COLLECTIVE_TIMEOUT", "LONG_WAIT_TIMEOUT", "OtherRankFailed", "Ranks", "barrier", "broadcast_buffers",
-           "launched_rank", "lost_peer", "main_first", "mean_over_ranks", "on_every_rank", "replicas_agree", "start", "stop",
-           "timed_out", "unwrap", "wait_for_all", "wrap"]
+           "launched_rank", "lost_peer", "main_first", "mean_over_ranks", "on_every_rank", "replicas_agree", "start",
+           "stop", "timed_out", "unwrap", "wait_for_all", "wrap"]

@@ -328,7 +328,7 @@ class Trainer:
                 if not chosen or wanted[section].get(key) == value:  # (no --sketches: the set it was pinned to)
                     continue
                 trained = recorded["training"]["batch_size"] * processes if key == "batch_size" and processes else None
-                if trained == wanted[section][key] * self.ranks.world:
+                if trained is not None and trained == wanted[section][key] * self.ranks.world:
                     changed.append(f"batch_size {value} -> {wanted[section][key]} per process "
                                    f"(global batch {trained} on {self.ranks.world} processes)")
                     saved[section][key] = wanted[section][key]

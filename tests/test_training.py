@@ -387,6 +387,11 @@ def test_a_batch_that_keeps_the_checkpoints_global_batch_is_taken_after_an_inter
     assert "warning: the run's global batch was 4 (1 processes), this one's is 2 (1): training goes on, but not as " \
         "the run would have" in lines
     kept.close()
+    # (a setting chosen as None beside a saved value is refused, not multiplied by the processes)
+    saved["training"]["vgg_weights"] = "vgg19.safetensors"
+    (run / "train_config.json").write_text(json.dumps(saved))
+    with pytest.raises(TrainingError, match=r"other settings \(training.vgg_weights\)"):
+        _trainer(sketched_dataset, run, resume=True, steps=2, batch_size=2)
 
 
 def test_a_damaged_checkpoint_or_run_config_is_refused(sketched_dataset, tmp_path):
