@@ -2,12 +2,14 @@
 packages, and a small aligned dataset built once per test session."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 # Under pytest-xdist (the README's `-n 2`) each test process, and every command it starts, runs
 # OpenMP and BLAS on one thread unless the caller chose otherwise: two processes of two threads
@@ -43,21 +45,43 @@ def one_torch_thread():
     torch.set_num_threads(previous)
 
 
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], object]) -> Path:
+    """The folder `name`, filled by `build(folder)` once per test run: under pytest-xdist the
+    first process to ask builds it in the folder every process of the run shares, the others
+    wait for it and read it (the tiny model alone had cost each process 30 to 80 s). Whoever
+    uses it only reads it."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # pytest-N, above each process's popen-gwK (never shared by two runs)
+    folder = shared / "built-once" / name
+    folder.parent.mkdir(exist_ok=True)
+    with open(folder.parent / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder.parent / f"{name}.done").exists():
+            shutil.rmtree(folder, ignore_errors=True)  # (what a process that failed to build it left)
+            folder.mkdir()
+            build(folder)
+            (folder.parent / f"{name}.done").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def sample_photos(tmp_path_factory) -> Path:
     """grace_hopper.jpg and astronaut.png, copied from matplotlib and scikit-image."""
-    folder = tmp_path_factory.mktemp("samples")
-    write_samples(folder)
-    return folder
+    return built_once(tmp_path_factory, "samples", write_samples)
+
+
+def _build_sample_dataset(folder: Path, photos: Path) -> None:
+    root = folder / "faces"
+    assert dfd_data("align", photos, root, "--size", "128", "--jobs", "1").returncode == 0
+    assert dfd_data("crop-components", root, "--jobs", "1").returncode == 0
 
 
 @pytest.fixture(scope="session")
 def sample_dataset(tmp_path_factory, sample_photos) -> Path:
     """The two sample photos aligned at 128 px and cropped; copy it before changing it."""
-    root = tmp_path_factory.mktemp("sample-dataset") / "faces"
-    assert dfd_data("align", sample_photos, root, "--size", "128", "--jobs", "1").returncode == 0
-    assert dfd_data("crop-components", root, "--jobs", "1").returncode == 0
-    return root
+    return built_once(tmp_path_factory, "sample-dataset", lambda folder: _build_sample_dataset(folder, sample_photos)) \
+        / "faces"
 
 
 def label_dataset(root: Path, rows: list[tuple[str, str, str]]) -> None:
@@ -70,15 +94,19 @@ def label_dataset(root: Path, rows: list[tuple[str, str, str]]) -> None:
 def sketched_dataset(tmp_path_factory) -> Path:
     """The two package sample photos aligned at 128 px with photocopy sketches, one labelled
     female and one male (a fresh clone has these without ../shared/data)."""
-    photos = tmp_path_factory.mktemp("train-photos")
+    return built_once(tmp_path_factory, "train-dataset", _build_sketched_dataset) / "faces"
+
+
+def _build_sketched_dataset(folder: Path) -> None:
+    photos = folder / "photos"
+    photos.mkdir()
     write_samples(photos)
-    root = tmp_path_factory.mktemp("train-dataset") / "faces"
+    root = folder / "faces"
     assert dfd_data("align", photos, root, "--size", "128", "--jobs", "1").returncode == 0
     result = dfd_data("build-sketches", root, "--method", "photocopy", "--jobs", "1", "--quiet")
     assert result.returncode == 0, result.stderr
     ids = sorted(json.loads(line)["id"] for line in (root / "records.jsonl").read_text().splitlines())
     label_dataset(root, [(ids[0], "female", "train"), (ids[1], "male", "train")])
-    return root
 
 
 # A model small enough to train in seconds on one core (a few hundred thousand parameters).
@@ -102,11 +130,12 @@ def tiny_model_folder(sketched_dataset, tmp_path_factory) -> Path:
     from dfd_model.config import ModelConfig
     from dfd_model.training import TrainConfig, Trainer
 
-    run = tmp_path_factory.mktemp("tiny-run") / "run"
-    config = TrainConfig(steps=40, batch_size=2, log_every=10, grid_every=100, checkpoint_every=100)
-    Trainer(sketched_dataset, run, ModelConfig(**TINY_128), config, torch.device("cpu"), quiet=True,
-            echo=lambda line: None).run("all")
-    return run / "model"
+    def train(folder: Path) -> None:
+        config = TrainConfig(steps=40, batch_size=2, log_every=10, grid_every=100, checkpoint_every=100)
+        Trainer(sketched_dataset, folder / "run", ModelConfig(**TINY_128), config, torch.device("cpu"), quiet=True,
+                echo=lambda line: None).run("all")
+
+    return built_once(tmp_path_factory, "tiny-run", train) / "run" / "model"
 
 
 @pytest.fixture

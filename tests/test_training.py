@@ -17,12 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
 from dfd_data.components import COMPONENTS
 from dfd_data.dataset import Dataset
 from dfd_data.errors import UserError
 from dfd_data.image_io import ImageError, encode_png, read_image
 from dfd_model.checkpoint import untrained_warning
+from dfd_model.cli import main
 from dfd_model.config import ModelConfig
 from dfd_model.generate import letterbox, load_sketch, photo_reason
 from dfd_model.sketch_to_face import SketchToFace
@@ -456,12 +458,13 @@ def test_smoke_command_then_generate(sketched_dataset, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "resolution=128" in result.stdout and "train: stage 1: 3 steps" in result.stdout
     assert json.loads((run / "train_config.json").read_text())["model"]["ngf"] == 8
-    again = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
-    assert again.returncode == 1 and "pass --resume" in again.stderr and "Traceback" not in again.stderr
-    bare = subprocess.run([sys.executable, "-m", "dfd_model", "train", str(sketched_dataset), "--out", str(run),
-                           "--resume", "--quiet"], capture_output=True, text=True, cwd=REPO)
-    assert bare.returncode == 0, bare.stderr  # the run's own settings: not 50,000 steps at 512 px
-    assert "train: nothing left to do" in bare.stdout and "steps=3" in bare.stdout
+    # (the commands after the first, and the last generate, run in this process: 5 to 10 s of imports saved each)
+    again = CliRunner().invoke(main, command[3:])
+    assert again.exit_code == 1 and "pass --resume" in again.output and again.exception is not None
+    assert not isinstance(again.exception, Exception)  # SystemExit: the one-line error, no traceback
+    bare = CliRunner().invoke(main, ["train", str(sketched_dataset), "--out", str(run), "--resume", "--quiet"])
+    assert bare.exit_code == 0, bare.output  # the run's own settings: not 50,000 steps at 512 px
+    assert "train: nothing left to do" in bare.output and "steps=3" in bare.output
 
     sketch = read_image(next((sketched_dataset / "sketches" / "photocopy").glob("*.png")))[:, :, 0]
     inputs = tmp_path / "inputs"
@@ -478,9 +481,9 @@ def test_smoke_command_then_generate(sketched_dataset, tmp_path):
     assert "generate: 1 faces, 1 failed" in result.stdout
     assert read_image(out / "wide.png").shape == (128, 128, 3)
     assert read_image(out / "grid.jpg").shape == (128, 3 * 128, 3)
-    bad = subprocess.run([sys.executable, "-m", "dfd_model", "generate", "--model", str(run / "model"),
-                          str(inputs), "-o", str(out), "--refine", "chin=0.5"], capture_output=True, text=True, cwd=REPO)
-    assert bad.returncode == 2 and "unknown component 'chin'" in bad.stderr
+    bad = CliRunner().invoke(main, ["generate", "--model", str(run / "model"), str(inputs), "-o", str(out),
+                                    "--refine", "chin=0.5"])
+    assert bad.exit_code == 2 and "unknown component 'chin'" in bad.output
 
 
 def test_sketch_inputs_are_letterboxed_and_photos_recognised(sample_photos, tmp_path):
@@ -693,10 +696,6 @@ def _ctrl_c_at_the_fourth_sketch(monkeypatch) -> None:
 def test_generate_stopped_by_ctrl_c_prints_its_summary_and_exits_130(tiny_model_folder, tmp_path, monkeypatch):
     """The command's side of the interrupted run above: the summary line, exit code 130 (the
     shell's for Ctrl-C), the first batch's faces and no grid or temporary file."""
-    from click.testing import CliRunner
-
-    from dfd_model.cli import main
-
     folder = _five_sketches(tmp_path / "in")
     _ctrl_c_at_the_fourth_sketch(monkeypatch)
     out = tmp_path / "out"
@@ -710,10 +709,6 @@ def test_generate_stopped_by_ctrl_c_prints_its_summary_and_exits_130(tiny_model_
 def test_model_commands_refuse_bad_options_and_outputs_in_one_line(tiny_model_folder, tmp_path):
     """NaN and infinite numbers, an output folder under a file or among evaluate's inputs, and
     a training run's folder given for its model: one line each, before any output is made."""
-    from click.testing import CliRunner
-
-    from dfd_model.cli import main
-
     pairs = tmp_path / "pairs"
     (pairs / "sketches").mkdir(parents=True)
     (pairs / "photos").mkdir()
@@ -795,10 +790,6 @@ def _full_disk_args(dataset) -> list[str]:
 @pytest.fixture(scope="module")
 def never_stopped(sketched_dataset, tmp_path_factory) -> Path:
     """The run a full disk's ones must end equal to (one for every moment the disk fills)."""
-    from click.testing import CliRunner
-
-    from dfd_model.cli import main
-
     run = tmp_path_factory.mktemp("never-stopped") / "whole"
     whole = CliRunner().invoke(main, [*_full_disk_args(sketched_dataset), "--out", str(run)])
     assert whole.exit_code == 0, whole.output
@@ -811,10 +802,7 @@ def test_a_disk_that_fills_up_stops_training_with_one_line_and_resume_repeats_th
     """Every fsync after the first few fails with ENOSPC, as on a full disk: train stops with one
     line naming the file it could not write, leaves no temporary file or half checkpoint, and a
     --resume once there is space again ends with the losses and weights of a run never stopped."""
-    from click.testing import CliRunner
-
     from dfd_data.atomic import TEMP_PREFIX
-    from dfd_model.cli import main
 
     args = _full_disk_args(sketched_dataset)
     run = tmp_path / "full"

@@ -12,7 +12,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
+from dfd_model.cli import main
 from dfd_model.sketch_to_face import SketchToFace
 from tests.conftest import REPO, TINY_SETTINGS, run_losses
 
@@ -115,10 +117,7 @@ def test_a_process_group_that_cannot_start_is_one_line(sketched_dataset, tmp_pat
 def test_ctrl_c_under_torchrun_is_said_by_rank_0_alone(sketched_dataset, tmp_path, monkeypatch, rank):
     """A terminal's Ctrl-C reaches every process torchrun started: rank 0 says "Aborted!", the
     others end with the shell's code for it and say nothing (each had printed "Aborted!")."""
-    from click.testing import CliRunner
-
     from dfd_model import training
-    from dfd_model.cli import main
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -135,9 +134,9 @@ def test_torchrun_with_two_cpu_processes_matches_one_process(sketched_dataset, t
     every checkpoint verified that both processes hold identical parameters."""
     common = [str(sketched_dataset), "--stage", "all", "--resolution", "128", "--steps", "6", "--log-every", "1",
               "--checkpoint-every", "3", "--quiet", *TINY_SETTINGS]
-    single = subprocess.run([sys.executable, "-m", "dfd_model", "train", *common, "--batch-size", "4",
-                             "--out", str(tmp_path / "single")], capture_output=True, text=True, cwd=REPO)
-    assert single.returncode == 0, single.stderr
+    # (the one-process runs run in this process: each command started had cost 5 to 10 s of imports)
+    single = CliRunner().invoke(main, ["train", *common, "--batch-size", "4", "--out", str(tmp_path / "single")])
+    assert single.exit_code == 0, single.output
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     double = subprocess.run([*launcher, "-m", "dfd_model", "train", *common, "--batch-size", "2",
                              "--out", str(tmp_path / "double")], capture_output=True, text=True, cwd=REPO, timeout=600)
@@ -169,15 +168,13 @@ def test_torchrun_with_two_cpu_processes_matches_one_process(sketched_dataset, t
     # resumed by one process with twice the batch, the run keeps its global batch (and batches);
     # with the same batch per process it goes on with half its global batch: said, not silent
     more = [arg if arg != "6" else "7" for arg in common]
-    resumed = subprocess.run([sys.executable, "-m", "dfd_model", "train", *more, "--batch-size", "4", "--resume",
-                              "--out", str(tmp_path / "double")], capture_output=True, text=True, cwd=REPO)
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = CliRunner().invoke(main, ["train", *more, "--batch-size", "4", "--resume", "--out", str(tmp_path / "double")])
+    assert resumed.exit_code == 0, resumed.output
     assert "resuming with batch_size 2 -> 4 per process (global batch 4 on 1 processes), steps 6 -> 7" \
-        in resumed.stdout and "warning: the run's global batch" not in resumed.stdout
-    halved = subprocess.run([sys.executable, "-m", "dfd_model", "train", *more, "--batch-size", "2", "--resume",
-                             "--out", str(tmp_path / "cut")], capture_output=True, text=True, cwd=REPO)
-    assert halved.returncode == 0, halved.stderr
-    assert "warning: the run's global batch was 4 (2 processes), this one's is 2 (1)" in halved.stdout
+        in resumed.output and "warning: the run's global batch" not in resumed.output
+    halved = CliRunner().invoke(main, ["train", *more, "--batch-size", "2", "--resume", "--out", str(tmp_path / "cut")])
+    assert halved.exit_code == 0, halved.output
+    assert "warning: the run's global batch was 4 (2 processes), this one's is 2 (1)" in halved.output
     # a checkpoint every process finds damaged is one line, from rank 0 (each process had said it)
     latest = json.loads((tmp_path / "cut" / "checkpoints" / "latest.json").read_text())["checkpoint"]
     with open(tmp_path / "cut" / "checkpoints" / latest / "tensors.safetensors", "ab") as tensors:
@@ -193,10 +190,7 @@ def test_a_process_that_finds_another_gone_says_so_in_one_line(sketched_dataset,
     """Under torchrun, a process whose collective finds another process gone (it ended with
     its own error, which it printed) ends with one line, not gloo's 50-line traceback; any
     other RuntimeError is a bug and keeps its traceback, as it does outside torchrun."""
-    from click.testing import CliRunner
-
     import dfd_model.training as training
-    from dfd_model.cli import main
 
     class PeerGone:  # (what rank 0 met in a real 2-process run whose rank 1 failed at step 3)
         error = RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection "
@@ -237,9 +231,7 @@ def test_a_process_that_finds_another_gone_says_so_in_one_line(sketched_dataset,
 def test_a_missing_device_under_torchrun_is_reported_once_per_machine(sketched_dataset, tmp_path, monkeypatch):
     """`--device cuda` on a machine without CUDA fails in every process before they connect:
     the first process of each machine says so, the others exit quietly."""
-    from click.testing import CliRunner
 
-    from dfd_model.cli import main
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("WORLD_SIZE", "4")
