@@ -163,7 +163,9 @@ def train(dataset, stage, out, resume, resolution, steps, batch_size, lr, sketch
         waited = distributed.timed_out(error)
         if distributed.launched_world() <= 1 or (waited is None and not distributed.lost_peer(error)):
             raise
-        cause = "has ended (see its error)" if waited is None else f"did not take its part within {waited:g} min (stalled?)"
+        # (a process other than rank 0 that Ctrl-C stopped exits without a word: see above)
+        cause = ("has ended (see its error; one stopped by Ctrl-C or a signal prints none)" if waited is None
+                 else f"did not take its part within {waited:g} min (stalled?)")
         click.echo(f"Error: rank {distributed.launched_rank()}: stopped: another process of the run {cause}: "
                    f"{' '.join(str(error).split())}", err=True)
         raise SystemExit(1) from None

@@ -214,8 +214,8 @@ def test_a_process_that_finds_another_gone_says_so_in_one_line(sketched_dataset,
     args = ["train", str(sketched_dataset), "--out", str(tmp_path / "run")]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1 and result.stdout == "" and result.stderr == (
-        "Error: rank 0: stopped: another process of the run has ended (see its error): [/__w/pytorch/pytorch/"
-        "third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:5309. This is "
+        "Error: rank 0: stopped: another process of the run has ended (see its error; one stopped by Ctrl-C or a "
+        "signal prints none): [/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:5309. This is "
         "typically caused by a remote worker crashing.\n")
     PeerGone.error = RuntimeError("a bug")
     assert isinstance(CliRunner().invoke(main, args).exception, RuntimeError)
