@@ -421,8 +421,8 @@ def _copy_kind(bank: torch.Tensor) -> str | None:
 
 def int8_copy_runs(width: int) -> bool:
     """Whether rows `width` wide can have the int8 copy here: fbgemm's product runs, and the
-    width suits it (two values for its range row, sums within int32)."""
-    return 2 <= width <= MAX_WIDTH and int8_product_runs()
+    width keeps its sums within int32."""
+    return width <= MAX_WIDTH and int8_product_runs()
 
 
 def _dot_error(kind: str | None, gamma: float, longest: float) -> float:

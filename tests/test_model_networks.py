@@ -606,13 +606,18 @@ def test_a_cpu_gets_the_copy_it_scores_fastest():
     bf16, bf16 with it); small banks get none. Wherever torch has fbgemm, its product must pass
     the check int8_product_runs makes (else every such CPU would quietly lose the int8 copy)."""
     from dfd_data.devices import native_bf16
-    from dfd_model.projection import LOW_PRECISION_ROWS, _copy_kind
+    from dfd_model.projection import LOW_PRECISION_ROWS, _copy_kind, nearest
 
     large, small = torch.zeros(LOW_PRECISION_ROWS + 1, 100), torch.zeros(LOW_PRECISION_ROWS, 100)
     assert _copy_kind(small) is None
     assert int8_product_runs() == ("fbgemm" in torch.backends.quantized.supported_engines)
     assert _copy_kind(large) == ("int8" if int8_product_runs() and not native_bf16(torch.device("cpu")) else "bf16")
-    assert _copy_kind(torch.zeros(LOW_PRECISION_ROWS + 1, 1)) == "bf16"  # (no room for the range row's two values)
+    # the input's range has columns of its own: a bank one value wide gets the copy too, and is searched exactly
+    narrow = torch.randn(LOW_PRECISION_ROWS + 1, 1, generator=torch.Generator().manual_seed(0))
+    assert _copy_kind(narrow) == _copy_kind(large)
+    queries = torch.tensor([[0.0], [0.25], [-1.7], [3e-30]])
+    found = nearest(queries, narrow, 3)[1]
+    assert torch.equal(found, (narrow.double().T - queries.double()).abs().sort(dim=1, stable=True).indices[:, :3])
     too_wide = torch.zeros(1, MAX_WIDTH + 1).expand(LOW_PRECISION_ROWS + 1, -1)  # (its sums could pass int32's range)
     assert _copy_kind(too_wide) == "bf16"
 
@@ -717,7 +722,7 @@ def test_the_score_error_bound_holds_where_int8_rounding_errs_the_most(monkeypat
     row[0] = 127 / 64
     query = torch.ones(1, 512)
     error, bound, index = _score_errors(row.repeat(LOW_PRECISION_ROWS + 1, 1), query)
-    stored = torch.ops.quantized.linear_unpack(index.rows_int8.packed)[0].int_repr()
+    stored = index.rows_int8.unpacked()[0]
     assert torch.equal(stored[0, 1:], torch.full((511,), 20, dtype=torch.int8))
     residual_term = 2 * 1.01 * float(query.norm()) * float((row - stored[0].float() / 64).norm())
     assert error.min() > 7.1 and (error <= bound).all() and bound - residual_term < 2.8
