@@ -74,8 +74,8 @@ class FeatureBank:
                 if not isinstance(tensor, torch.Tensor) or tensor.ndim != 2 or not torch.is_floating_point(tensor):
                     described = list(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
                     raise ValueError(f"{where}: expected a float tensor [N, D], got {described}")
-                if tensor.shape[0] == 0:
-                    raise ValueError(f"{where} is empty: it needs at least one latent vector")
+                if tensor.shape[0] == 0 or tensor.shape[1] == 0:
+                    raise ValueError(f"{where} is empty: it needs at least one latent vector of at least one value")
                 if latent_dim is None:
                     latent_dim = tensor.shape[1]
                 elif tensor.shape[1] != latent_dim:
@@ -186,6 +186,8 @@ def _check_projection_inputs(query, bank, k, eps, method) -> None:
         raise ValueError(f"project: bank must be a float tensor [N, D], got {described}")
     if bank.shape[0] == 0:
         raise ValueError("project: the feature bank is empty; encode some training sketches into it first")
+    if bank.shape[1] == 0:
+        raise ValueError("project: the feature bank's latents are empty (no values)")
     if bank.shape[1] != query.shape[1]:
         raise ValueError(f"project: query latents have {query.shape[1]} values, the bank's {bank.shape[1]}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -422,7 +424,7 @@ def _copy_kind(bank: torch.Tensor) -> str | None:
 def int8_copy_runs(width: int) -> bool:
     """Whether rows `width` wide can have the int8 copy here: fbgemm's product runs, and the
     width keeps its sums within int32."""
-    return width <= MAX_WIDTH and int8_product_runs()
+    return 1 <= width <= MAX_WIDTH and int8_product_runs()
 
 
 def _dot_error(kind: str | None, gamma: float, longest: float) -> float:

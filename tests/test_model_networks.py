@@ -25,7 +25,7 @@ from dfd_model.networks import (ComponentAutoEncoder, ComponentDecoder, Componen
                                 GlobalGenerator, MultiscaleDiscriminator, NLayerDiscriminator, count_parameters,
                                 denormalize_image, fuse_feature_maps, normalize_sketch)
 from dfd_model.int8_scores import MAX_WIDTH, int8_product_runs
-from dfd_model.projection import FeatureBank, SearchIndex, blend, project
+from dfd_model.projection import LOW_PRECISION_ROWS, FeatureBank, SearchIndex, blend, project
 from dfd_model.sketch_to_face import SketchToFace, crop_sketch_components
 
 TINY = dict(resolution=192, latent_dim=32, ce_base_channels=4, fm_base_channels=4, fm_channels=8, ngf=8,
@@ -289,6 +289,11 @@ def test_projection_edge_cases():
         project(torch.randn(1, 8), torch.empty(0, 8))
     with pytest.raises(ValueError, match="empty"):
         FeatureBank({"nose": torch.empty(0, 8)})
+    for empty_rows in (torch.empty(5, 0), torch.empty(LOW_PRECISION_ROWS + 1, 0)):  # (a large one: no copy to make)
+        with pytest.raises(ValueError, match="empty"):
+            FeatureBank({"nose": empty_rows})
+        with pytest.raises(ValueError, match="empty"):
+            project(torch.randn(1, 0), empty_rows)
     with pytest.raises(ValueError, match="8 values"):
         project(torch.randn(1, 8), torch.randn(5, 7))
     with pytest.raises(ValueError, match=r"\[B, D\]"):
@@ -606,7 +611,7 @@ def test_a_cpu_gets_the_copy_it_scores_fastest():
     bf16, bf16 with it); small banks get none. Wherever torch has fbgemm, its product must pass
     the check int8_product_runs makes (else every such CPU would quietly lose the int8 copy)."""
     from dfd_data.devices import native_bf16
-    from dfd_model.projection import LOW_PRECISION_ROWS, _copy_kind, nearest
+    from dfd_model.projection import _copy_kind, nearest
 
     large, small = torch.zeros(LOW_PRECISION_ROWS + 1, 100), torch.zeros(LOW_PRECISION_ROWS, 100)
     assert _copy_kind(small) is None
@@ -653,7 +658,7 @@ def test_searches_stay_exact_where_products_underflow(scoring_copy, scale):
     """Latents around 1e-21 make float32 and bf16 products subnormal, where rounding is no
     longer relative: the bound's floor must cover it (the int8 copy's scores had erred by 9.5
     times the bound, and at 1e-22 four searches went wrong)."""
-    from dfd_model.projection import LOW_PRECISION_ROWS, nearest
+    from dfd_model.projection import nearest
 
     generator = torch.Generator().manual_seed(8)
     bank = torch.randn(LOW_PRECISION_ROWS * 2, 512, generator=generator) * scale
@@ -673,7 +678,7 @@ def test_scores_that_overflow_when_scored_again_leave_the_choice_to_float64(scor
     """A query of 1.7e19 puts the products of two rows' scores past float32's range when the
     candidates are scored again: numpy's 2 * q.b is -inf for the farther row, which must not
     then pass for the nearest (it did, from either copy)."""
-    from dfd_model.projection import LOW_PRECISION_ROWS, nearest
+    from dfd_model.projection import nearest
 
     length = 1.7014e19
     bank = torch.zeros(LOW_PRECISION_ROWS + 52, 16)
@@ -699,8 +704,6 @@ def test_the_score_error_bound_holds_where_bf16_rounding_errs_the_most(monkeypat
     of a bf16 score errs the same way: q and b lose 0.99 of a unit roundoff towards 1 in each
     entry, and their float32 sum, 514, is a tie that bf16 rounds down to 512. The score then
     errs by 11.9, more than a bound without the product's final rounding allows (8.3)."""
-    from dfd_model.projection import LOW_PRECISION_ROWS
-
     _use_copy(monkeypatch, "bf16")
     near_one = 1 + 0.99 * 2.0 ** -8
     row = torch.full((512,), near_one)
@@ -715,8 +718,6 @@ def test_the_score_error_bound_holds_where_int8_rounding_errs_the_most(monkeypat
     and the query points along that loss. Each row here is 127/64 (the peak: a scale of exactly
     1/64) then 511 values of 20.49/64, each stored as 20/64; the query is all ones. The score
     errs by 7.2: more than a bound without the copy's residual allows (2.7)."""
-    from dfd_model.projection import LOW_PRECISION_ROWS
-
     _use_copy(monkeypatch, "int8")
     row = torch.full((512,), 20.49 / 64)
     row[0] = 127 / 64
@@ -732,8 +733,6 @@ def test_int8_scores_stay_within_their_bound_at_every_query_scale(monkeypatch, s
     """The int8 product takes each query scaled by a power of two into its input range: tiny
     queries (1e-40 is below the scaling's limit), huge ones, and queries whose values fill the
     range to its edge (+-63 after scaling) must all be scored within the bound."""
-    from dfd_model.projection import LOW_PRECISION_ROWS
-
     _use_copy(monkeypatch, "int8")
     generator = torch.Generator().manual_seed(11)
     bank = torch.randn(LOW_PRECISION_ROWS + 1, 64, generator=generator)
@@ -755,11 +754,9 @@ def test_the_score_error_bound_holds_where_the_int8_query_grid_errs_the_most(mon
     (2j + 0.5 sixty-fourths, rounded to 2j), and the row's signs follow the query's. The rows
     are integers with a peak of 127, which the copy holds exactly, so the bound's query term
     alone must cover the error (0.77 of the bound; dropping the remainder row errs by 20 times
-    the bound, a range row that moves the grid by 10). Remainders just below a rounding step
+    the bound, a range that moves the grid by 10). Remainders just below a rounding step
     (j + 0.97 sixty-fourths) must round to the nearest step, not down (which errs by 1.5 times
     the bound)."""
-    from dfd_model.projection import LOW_PRECISION_ROWS
-
     _use_copy(monkeypatch, "int8")
     generator = torch.Generator().manual_seed(0)
     signs = torch.where(torch.rand(64, generator=generator) < 0.5, -1.0, 1.0).double()
@@ -782,8 +779,6 @@ def test_the_score_error_bound_holds_where_the_int8_query_grid_errs_the_most(mon
 def test_int8_scores_of_a_large_batch_are_those_of_its_queries_one_by_one(monkeypatch):
     """The int8 product takes 256 queries a call: a batch of 600 at scales from 1e-3 to 1e3
     must score as each query does alone (the same float32 values) and within the bound."""
-    from dfd_model.projection import LOW_PRECISION_ROWS
-
     _use_copy(monkeypatch, "int8")
     generator = torch.Generator().manual_seed(4)
     bank = torch.randn(LOW_PRECISION_ROWS + 1, 32, generator=generator)
@@ -800,11 +795,11 @@ def test_int8_scores_of_a_large_batch_are_those_of_its_queries_one_by_one(monkey
 
 def test_an_int8_product_that_computes_otherwise_is_refused(monkeypatch):
     """int8_product_runs checks that fbgemm's product computes exactly what the bound assumes.
-    A range row that makes its step 128/127 instead of 1 (so every input is quantised off the
+    A range that makes its step 128/127 instead of 1 (so every input is quantised off the
     grid) must fail the check, and banks then get the bf16 copy."""
     from dfd_data.devices import native_bf16
     from dfd_model import int8_scores, projection
-    from dfd_model.projection import LOW_PRECISION_ROWS, _copy_kind
+    from dfd_model.projection import _copy_kind
 
     if not int8_product_runs():
         pytest.skip("this torch has no fbgemm int8 product to check")
@@ -846,8 +841,6 @@ def test_the_int8_copy_is_kept_under_autocast(monkeypatch):
     """A bank first searched inside a CPU autocast region still gets its int8 copy: the check's
     exact sums are numpy's (a torch float32 product there had run in bf16, refused the bank and,
     cached, turned the copy off for the whole process)."""
-    from dfd_model.projection import LOW_PRECISION_ROWS
-
     _use_copy(monkeypatch, "int8")
     int8_product_runs.cache_clear()
     try:
@@ -862,8 +855,6 @@ def test_a_copied_int8_index_is_packed_for_fbgemm_again(monkeypatch):
     """A deep copy or a pickle of an index packs its int8 rows again, for fbgemm whatever the
     current engine: packed for QNNPACK, whose product quantises the query off the grid, the
     copy had erred by 2.9 times its bound and returned a wrong neighbour."""
-    from dfd_model.projection import LOW_PRECISION_ROWS
-
     _use_copy(monkeypatch, "int8")
     if "qnnpack" not in torch.backends.quantized.supported_engines:
         pytest.skip("this torch has no QNNPACK engine to copy under")
@@ -902,7 +893,7 @@ def test_large_banks_are_searched_by_matrix_product_and_reranked_exactly(scoring
     """Banks above LOW_PRECISION_ROWS are scored from a low-precision copy (many queries at once
     in float32 on CPUs that emulate bf16); the search must find the same neighbours as an
     exhaustive exact search, and a bank vector must still project onto itself exactly."""
-    from dfd_model.projection import LOW_PRECISION_ROWS, nearest
+    from dfd_model.projection import nearest
 
     generator = torch.Generator().manual_seed(3)
     bank = torch.randn(LOW_PRECISION_ROWS * 2, 64, generator=generator)
@@ -930,8 +921,6 @@ def _several_searches(device: str) -> list[tuple[torch.Tensor, torch.Tensor, Sea
     """Batches of queries against banks of every kind project_many meets: a bank scored from a
     low-precision copy (on a CPU), a small float32 one with its index, one searched without an
     index, a float64 one, and one with fewer rows than k (every row a neighbour)."""
-    from dfd_model.projection import LOW_PRECISION_ROWS
-
     generator = torch.Generator().manual_seed(5)
     banks = [torch.randn(LOW_PRECISION_ROWS + 500, 512, generator=generator), torch.randn(300, 512, generator=generator),
              torch.randn(300, 512, generator=generator), torch.randn(200, 512, generator=generator).double(),

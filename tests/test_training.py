@@ -460,11 +460,11 @@ def test_smoke_command_then_generate(sketched_dataset, tmp_path):
     assert json.loads((run / "train_config.json").read_text())["model"]["ngf"] == 8
     # (the commands after the first, and the last generate, run in this process: 5 to 10 s of imports saved each)
     again = CliRunner().invoke(main, command[3:])
-    assert again.exit_code == 1 and "pass --resume" in again.output and again.exception is not None
+    assert again.exit_code == 1 and "pass --resume" in again.stderr and again.exception is not None
     assert not isinstance(again.exception, Exception)  # SystemExit: the one-line error, no traceback
     bare = CliRunner().invoke(main, ["train", str(sketched_dataset), "--out", str(run), "--resume", "--quiet"])
     assert bare.exit_code == 0, bare.output  # the run's own settings: not 50,000 steps at 512 px
-    assert "train: nothing left to do" in bare.output and "steps=3" in bare.output
+    assert "train: nothing left to do" in bare.stdout and "steps=3" in bare.stdout
 
     sketch = read_image(next((sketched_dataset / "sketches" / "photocopy").glob("*.png")))[:, :, 0]
     inputs = tmp_path / "inputs"
@@ -483,7 +483,7 @@ def test_smoke_command_then_generate(sketched_dataset, tmp_path):
     assert read_image(out / "grid.jpg").shape == (128, 3 * 128, 3)
     bad = CliRunner().invoke(main, ["generate", "--model", str(run / "model"), str(inputs), "-o", str(out),
                                     "--refine", "chin=0.5"])
-    assert bad.exit_code == 2 and "unknown component 'chin'" in bad.output
+    assert bad.exit_code == 2 and "unknown component 'chin'" in bad.stderr
 
 
 def test_sketch_inputs_are_letterboxed_and_photos_recognised(sample_photos, tmp_path):

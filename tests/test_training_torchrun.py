@@ -171,10 +171,10 @@ def test_torchrun_with_two_cpu_processes_matches_one_process(sketched_dataset, t
     resumed = CliRunner().invoke(main, ["train", *more, "--batch-size", "4", "--resume", "--out", str(tmp_path / "double")])
     assert resumed.exit_code == 0, resumed.output
     assert "resuming with batch_size 2 -> 4 per process (global batch 4 on 1 processes), steps 6 -> 7" \
-        in resumed.output and "warning: the run's global batch" not in resumed.output
+        in resumed.stdout and "warning: the run's global batch" not in resumed.output
     halved = CliRunner().invoke(main, ["train", *more, "--batch-size", "2", "--resume", "--out", str(tmp_path / "cut")])
     assert halved.exit_code == 0, halved.output
-    assert "warning: the run's global batch was 4 (2 processes), this one's is 2 (1)" in halved.output
+    assert "warning: the run's global batch was 4 (2 processes), this one's is 2 (1)" in halved.stdout
     # a checkpoint every process finds damaged is one line, from rank 0 (each process had said it)
     latest = json.loads((tmp_path / "cut" / "checkpoints" / "latest.json").read_text())["checkpoint"]
     with open(tmp_path / "cut" / "checkpoints" / latest / "tensors.safetensors", "ab") as tensors:
