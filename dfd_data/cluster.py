@@ -228,27 +228,62 @@ def _in_time(connect: Callable[[], object], name: str, seconds: float) -> tuple[
     return outcome.get("result"), outcome.get("error")
 
 
+def _host_and_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of a host:port RAY_ADDRESS; None for "auto", ray:// and http:// addresses,
+    which ray reports on itself."""
+    match = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^/:\s]+):(\d+)", address)
+    return None if match is None else (match[1].strip("[]"), int(match[2]))
+
+
 def _check_ray_address(address: str) -> None:
     """A one-line UserError when RAY_ADDRESS is host:port and nothing accepts a connection
     there: ray.init would retry for ever."""
-    match = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^/:\s]+):(\d+)", address)
-    if match is None:
-        return  # "auto", "local", ray:// and http:// addresses: ray reports those itself
+    where = _host_and_port(address)
+    if where is None:
+        return
     try:
-        with socket.create_connection((match[1].strip("[]"), int(match[2])), timeout=CONNECT_SECONDS / 2):
+        with socket.create_connection(where, timeout=CONNECT_SECONDS / 2):
             pass
     except (OSError, ValueError) as error:  # (a malformed host name is a UnicodeError)
         raise UserError(f"ray: cannot reach the cluster at RAY_ADDRESS={address} ({error})") from None
 
 
-class _RayNotices(logging.Filter):
-    """Drops two notices ray prints on every run, about what the command chose for the user:
-    that the local instance it starts uses token authentication (ray's secure default; its
-    warning that authentication is off still shows), and that ray's pool ignores the start
-    method joblib passes it."""
+def _check_ray_credentials(address: str) -> None:
+    """A one-line UserError when the ray head at the host:port `address` refuses this process's
+    credentials. A head uses token authentication when its token exists as it starts (ray's
+    local instances, ours too, leave one in ~/.ray), and ray sends the token to an address it
+    is given only with RAY_AUTH_MODE=token: ray.init had retried until the connection time ran
+    out, then read as "no ray head answered", with a warning a second. ray's own GCS client
+    says at once (its private API: where it is missing or fails otherwise, ray.init decides)."""
+    if _host_and_port(address) is None:
+        return
+    try:
+        from ray._raylet import GcsClient
+        from ray.exceptions import AuthenticationError
+    except ImportError:
+        return
+    try:
+        GcsClient(address=address)
+    except AuthenticationError as error:
+        reason = " ".join(str(error).split()).split(". ")[0]
+        raise UserError(f"ray: the cluster at RAY_ADDRESS={address} refused this command ({reason}); a head that "
+                        "uses token authentication needs RAY_AUTH_MODE=token here, and its token in ~/.ray/auth_token, "
+                        "RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN") from None
+    except Exception:  # (ray.init meets it too, and reports it)
+        return
 
-    LOGGERS = ("ray._private.authentication.authentication_token_setup", "ray.util.multiprocessing.pool")
-    NOTICES = ("Token authentication is enabled for this Ray cluster", "The 'context' argument is not supported")
+
+class _RayNotices(logging.Filter):
+    """Drops three notices ray prints on every run, about what the command chose for the user:
+    that the local instance it starts uses token authentication (ray's secure default; its
+    warning that authentication is off still shows), that ray's pool ignores the start method
+    joblib passes it, and that a connection to RAY_ADDRESS (made off the main thread, to be
+    timed) sets no SIGTERM handler (the command's own stays)."""
+
+    LOGGERS = ("ray._private.authentication.authentication_token_setup", "ray.util.multiprocessing.pool",
+               "ray._private.worker")
+    NOTICES = ("Token authentication is enabled for this Ray cluster", "The 'context' argument is not supported",
+               "SIGTERM handler is not set because current thread is not the main thread")
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (isinstance(record.msg, str) and record.msg.startswith(self.NOTICES))
@@ -294,6 +329,8 @@ def _ray_connection(ray, jobs: int) -> Iterator[None]:
     options = {"address": address} if address else {"address": "local", "num_cpus": jobs, "include_dashboard": False}
 
     def start() -> bool:
+        if address:
+            _check_ray_credentials(address)
         ray.init(logging_level=logging.WARNING, **options)
         return True
 
@@ -306,7 +343,7 @@ def _ray_connection(ray, jobs: int) -> Iterator[None]:
             started, error = None, caught
     if not started:
         if error is not None and not isinstance(error, (ConnectionError, RuntimeError, ValueError)):
-            raise error  # a bug, not a cluster that cannot be reached: keep its traceback
+            raise error  # a refusal (a UserError's one line), or a bug (its traceback): no cluster out of reach
         reason = " ".join(str(error).split()) if error else f"no ray head answered in {CONNECT_SECONDS} s"
         raise UserError(f"ray: cannot start or reach the cluster{f' at {address}' if address else ''} ({reason})")
     try:
