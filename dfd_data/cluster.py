@@ -266,9 +266,11 @@ def _check_ray_credentials(address: str) -> None:
         GcsClient(address=address)
     except AuthenticationError as error:
         reason = " ".join(str(error).split()).split(". ")[0]
+        where = "~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN"
+        needed = f"the head's token here (in {where})" if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" \
+            else f"RAY_AUTH_MODE=token here, and its token in {where}"
         raise UserError(f"ray: the cluster at RAY_ADDRESS={address} refused this command ({reason}); a head that "
-                        "uses token authentication needs RAY_AUTH_MODE=token here, and its token in ~/.ray/auth_token, "
-                        "RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN") from None
+                        f"uses token authentication needs {needed}") from None
     except Exception:  # (ray.init meets it too, and reports it)
         return
 
@@ -347,14 +349,15 @@ def _ray_connection(ray, jobs: int) -> Iterator[None]:
         reason = " ".join(str(error).split()) if error else f"no ray head answered in {CONNECT_SECONDS} s"
         raise UserError(f"ray: cannot start or reach the cluster{f' at {address}' if address else ''} ({reason})")
     try:
-        if address:
+        # SIGTERM ends the command at once, as without ray (status 143; every file finished is
+        # already recorded): ray's own handlers printed about 40 lines of C++ stack and aborted
+        # (status 134), or, connected to RAY_ADDRESS, 8 lines and 143. Its workers' crash
+        # reports are left as they are.
+        with ExitStack() as stack:
+            if not address:
+                stack.enter_context(_started_here("ray"))
+            stack.enter_context(_signal_handled(signal.SIGTERM, signal.SIG_DFL))
             yield
-        else:
-            # SIGTERM ends the command at once, as without ray (status 143; every file finished
-            # is already recorded): ray's own handlers printed about 40 lines of C++ stack and
-            # aborted (status 134). Its workers' crash reports are left as they are.
-            with _started_here("ray"), _signal_handled(signal.SIGTERM, signal.SIG_DFL):
-                yield
     finally:
         ray.shutdown()
 

@@ -361,7 +361,8 @@ def test_a_ray_head_started_apart_runs_the_commands_and_one_that_refuses_them_sa
     where a token exists (ray's local instances, ours too, leave one in ~/.ray), and ray sends
     its token to a given address only with RAY_AUTH_MODE=token. Without it the command is
     refused at once, in one line that says so (it had waited 20 s between a warning a second,
-    then said "no ray head answered"); with the token it aligns as loky does."""
+    then said "no ray head answered"); with the token it aligns as loky does, and SIGTERM ends
+    a run there as it ends a local one."""
     pytest.importorskip("ray", reason="the [ray] extra is not installed")
     token = "0123456789abcdef" * 2
     home = tmp_path / "home"  # (the head's token and the commands' stay out of this user's ~/.ray)
@@ -397,6 +398,22 @@ def test_a_ray_head_started_apart_runs_the_commands_and_one_that_refuses_them_sa
         assert files_under(root, "images") == files_under(loky_run, "images")
         assert records(root / "records.jsonl") == records(loky_run / "records.jsonl")
         assert records(root / "errors.jsonl") == records(loky_run / "errors.jsonl")
+        # SIGTERM ends a run there as it ends a local one (ray's handler had printed 8 lines of C++ stack)
+        with open(tmp_path / "stderr", "w+") as stderr:
+            run = subprocess.Popen([sys.executable, "-m", "dfd_data", "align", str(photos), str(tmp_path / "stopped"),
+                                    "--size", "128", "--jobs", "2", "--backend", "ray"], cwd=REPO, stderr=stderr,
+                                   env={**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token},
+                                   stdout=subprocess.DEVNULL)
+            try:
+                deadline = time.monotonic() + 120
+                while "align:" not in (tmp_path / "stderr").read_text() and time.monotonic() < deadline:
+                    assert run.poll() is None, (tmp_path / "stderr").read_text()
+                    time.sleep(0.1)  # (the progress bar shows once the run has connected)
+                run.send_signal(signal.SIGTERM)
+                assert run.wait(60) == -signal.SIGTERM
+            finally:
+                run.kill()
+        assert "SIGTERM" not in (tmp_path / "stderr").read_text()
     finally:
         head.terminate()  # (`ray start --block` stops every process of its node on SIGTERM)
         try:
