@@ -339,21 +339,28 @@ def test_sigterm_ends_a_ray_run_as_it_ends_a_local_one(dataset_copy, tmp_path):
     RAY_ADDRESS=local, ray's name for such an instance, starts it the same way (it had been
     started off the main thread, as a remote cluster is, where ray sets no handler and warns)."""
     pytest.importorskip("ray", reason="the [ray] extra is not installed")
-    with open(tmp_path / "stderr", "w+") as stderr:
-        run = subprocess.Popen([sys.executable, "-m", "dfd_data", "build-sketches", str(dataset_copy), "--method",
-                                NETWORK_METHOD, "--backend", "ray", "--jobs", "2", "--preview", "0"],
-                               cwd=REPO, env={**os.environ, "RAY_ADDRESS": "local"}, stdout=subprocess.DEVNULL,
+    stderr = _stderr_of_sigterm_once_running(["build-sketches", str(dataset_copy), "--method", NETWORK_METHOD,
+                                              "--backend", "ray", "--jobs", "2", "--preview", "0"],
+                                             {**os.environ, "RAY_ADDRESS": "local"}, tmp_path / "stderr")
+    assert "SIGTERM" not in stderr
+
+
+def _stderr_of_sigterm_once_running(args: list[str], env: dict, log: Path) -> str:
+    """The stderr of `dfd-data ARGS`, sent SIGTERM as soon as its progress bar shows (once the
+    run has connected to its cluster), which must end it at once (status 143)."""
+    with open(log, "w+") as stderr:
+        run = subprocess.Popen([sys.executable, "-m", "dfd_data", *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                stderr=stderr, text=True)
         try:
             deadline = time.monotonic() + 120
-            while "build-sketches:" not in (tmp_path / "stderr").read_text() and time.monotonic() < deadline:
-                assert run.poll() is None, (tmp_path / "stderr").read_text()
-                time.sleep(0.2)  # (the progress bar shows once ray runs)
+            while f"{args[0]}:" not in log.read_text() and time.monotonic() < deadline:
+                assert run.poll() is None, log.read_text()
+                time.sleep(0.1)
             run.send_signal(signal.SIGTERM)
             assert run.wait(60) == -signal.SIGTERM
         finally:
             run.kill()
-    assert "SIGTERM" not in (tmp_path / "stderr").read_text()
+    return log.read_text()
 
 
 def test_a_ray_head_started_apart_runs_the_commands_and_one_that_refuses_them_says_why(photos, loky_run, tmp_path):
@@ -399,21 +406,10 @@ def test_a_ray_head_started_apart_runs_the_commands_and_one_that_refuses_them_sa
         assert records(root / "records.jsonl") == records(loky_run / "records.jsonl")
         assert records(root / "errors.jsonl") == records(loky_run / "errors.jsonl")
         # SIGTERM ends a run there as it ends a local one (ray's handler had printed 8 lines of C++ stack)
-        with open(tmp_path / "stderr", "w+") as stderr:
-            run = subprocess.Popen([sys.executable, "-m", "dfd_data", "align", str(photos), str(tmp_path / "stopped"),
-                                    "--size", "128", "--jobs", "2", "--backend", "ray"], cwd=REPO, stderr=stderr,
-                                   env={**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token},
-                                   stdout=subprocess.DEVNULL)
-            try:
-                deadline = time.monotonic() + 120
-                while "align:" not in (tmp_path / "stderr").read_text() and time.monotonic() < deadline:
-                    assert run.poll() is None, (tmp_path / "stderr").read_text()
-                    time.sleep(0.1)  # (the progress bar shows once the run has connected)
-                run.send_signal(signal.SIGTERM)
-                assert run.wait(60) == -signal.SIGTERM
-            finally:
-                run.kill()
-        assert "SIGTERM" not in (tmp_path / "stderr").read_text()
+        stderr = _stderr_of_sigterm_once_running(
+            ["align", str(photos), str(tmp_path / "stopped"), "--size", "128", "--jobs", "2", "--backend", "ray"],
+            {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}, tmp_path / "stderr")
+        assert "SIGTERM" not in stderr
     finally:
         head.terminate()  # (`ray start --block` stops every process of its node on SIGTERM)
         try:
