@@ -91,16 +91,14 @@ def label_dataset(root: Path, rows: list[tuple[str, str, str]]) -> None:
 
 
 @pytest.fixture(scope="session")
-def sketched_dataset(tmp_path_factory) -> Path:
+def sketched_dataset(tmp_path_factory, sample_photos) -> Path:
     """The two package sample photos aligned at 128 px with photocopy sketches, one labelled
     female and one male (a fresh clone has these without ../shared/data)."""
-    return built_once(tmp_path_factory, "train-dataset", _build_sketched_dataset) / "faces"
+    return built_once(tmp_path_factory, "train-dataset",
+                      lambda folder: _build_sketched_dataset(folder, sample_photos)) / "faces"
 
 
-def _build_sketched_dataset(folder: Path) -> None:
-    photos = folder / "photos"
-    photos.mkdir()
-    write_samples(photos)
+def _build_sketched_dataset(folder: Path, photos: Path) -> None:
     root = folder / "faces"
     assert dfd_data("align", photos, root, "--size", "128", "--jobs", "1").returncode == 0
     result = dfd_data("build-sketches", root, "--method", "photocopy", "--jobs", "1", "--quiet")
