@@ -84,7 +84,7 @@ def test_both_stages_learn_on_real_sketch_crops(real_dataset, tmp_path):
     assert read_image(tmp_path / "run" / "grids" / "stage2-step0000040.jpg").shape == (2 * 128, 6 * 128, 3)  # two faces a row
 
 
-def test_a_resumed_run_repeats_the_uninterruptedrun_losses(sketched_dataset, tmp_path, monkeypatch):
+def test_a_resumed_run_repeats_the_uninterrupted_losses(sketched_dataset, tmp_path, monkeypatch):
     """Killed in stage 2 at step 4, resumed from the step-2 checkpoint: the same stats rows
     (each averaging three steps, so the row at step 3 spans the checkpoint) and weights."""
     _trainer(sketched_dataset, tmp_path / "whole", log_every=3).run("all")
@@ -755,7 +755,7 @@ def never_killed(sketched_dataset, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("seed", [1, 2])
-def test_train_killed_at_a_random_moment_resumes_to_the_samerun_losses(sketched_dataset, never_killed, tmp_path, seed):
+def test_train_killed_at_a_random_moment_resumes_to_the_same_losses(sketched_dataset, never_killed, tmp_path, seed):
     """SIGKILL `dfd-model train` at a random point (maybe while it writes a checkpoint or a
     stats line), rerun it with --resume until it finishes: the losses and the saved model
     equal those of a run never interrupted."""
@@ -797,7 +797,7 @@ def never_stopped(sketched_dataset, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("writes_before_full", [4, 9])
-def test_a_disk_that_fills_up_stops_training_with_one_line_and_resume_repeats_therun_losses(
+def test_a_disk_that_fills_up_stops_training_with_one_line_and_resume_repeats_the_losses(
         sketched_dataset, never_stopped, tmp_path, monkeypatch, writes_before_full):
     """Every fsync after the first few fails with ENOSPC, as on a full disk: train stops with one
     line naming the file it could not write, leaves no temporary file or half checkpoint, and a
