@@ -1,5 +1,5 @@
-"""Cluster backends for the batch runner: dask (through its own futures, see
-runner._dask_outcomes) and ray (through joblib's backend mechanism).
+"""Cluster backends for the batch runner: dask and ray, each through its own futures (see
+runner._dask_outcomes and runner._ray_outcomes).
 
 Users who already run a dask scheduler or a ray cluster can spread `align`,
 `build-sketches` and `crop-components` over it; without an address, a local cluster with
@@ -35,6 +35,9 @@ CONNECT_MARGIN_SECONDS = 5  # beyond dask's connect timeout, for a server that a
 # workers have not started (or have all left) holds the tasks, and the run waited without a word.
 NO_WORKER_NOTICE_SECONDS = 15
 _WATCH_SECONDS = 1.0  # between two looks at the cluster's workers
+# How long a ray run may find its head (the GCS) refusing connections before it stops with one
+# line: ray itself waited 60 s without a word, Ctrl-C ignored, then ended the process from C++.
+HEAD_SILENCE_SECONDS = 10
 # The backends whose cluster in use this command started on this machine (see started_here).
 _STARTED_HERE: ContextVar[frozenset] = ContextVar("dfd_clusters_started_here", default=frozenset())
 
@@ -114,6 +117,34 @@ def dask_worker_watch(client, say: Callable[[str], None]) -> Iterator[None]:
         yield
     finally:
         stop.set()
+
+
+class RayHeadWatch:
+    """Tells the run when the head of the session's ray cluster is gone: its GCS port has
+    refused connections (or let them time out) for HEAD_SILENCE_SECONDS. A run that had lost it
+    waited 60 s without a word and ignoring Ctrl-C, until ray ended the process from C++."""
+
+    def __init__(self, gcs_address: str):
+        self.gcs_address = gcs_address
+        self.where = _host_and_port(gcs_address)
+        self.silent_since: float | None = None
+
+    def check(self) -> None:
+        """A one-line UserError once the head has been silent for HEAD_SILENCE_SECONDS."""
+        if self.where is None:
+            return
+        try:
+            with socket.create_connection(self.where, timeout=_WATCH_SECONDS):
+                self.silent_since = None
+                return
+        except OSError:
+            pass
+        now = time.monotonic()
+        self.silent_since = self.silent_since or now
+        if now - self.silent_since >= HEAD_SILENCE_SECONDS:
+            raise UserError(f"ray: the cluster's head at {self.gcs_address} has not answered for "
+                            f"{HEAD_SILENCE_SECONDS} s (stopped, or out of reach); the files finished are recorded: "
+                            "run the command again for the rest")
 
 
 @contextmanager
@@ -276,15 +307,13 @@ def _check_ray_credentials(address: str) -> None:
 
 
 class _RayNotices(logging.Filter):
-    """Drops three notices ray prints on every run, about what the command chose for the user:
+    """Drops two notices ray prints on every run, about what the command chose for the user:
     that the local instance it starts uses token authentication (ray's secure default; its
-    warning that authentication is off still shows), that ray's pool ignores the start method
-    joblib passes it, and that a connection to RAY_ADDRESS (made off the main thread, to be
-    timed) sets no SIGTERM handler (the command's own stays)."""
+    warning that authentication is off still shows), and that a connection to RAY_ADDRESS
+    (made off the main thread, to be timed) sets no SIGTERM handler (the command's own stays)."""
 
-    LOGGERS = ("ray._private.authentication.authentication_token_setup", "ray.util.multiprocessing.pool",
-               "ray._private.worker")
-    NOTICES = ("Token authentication is enabled for this Ray cluster", "The 'context' argument is not supported",
+    LOGGERS = ("ray._private.authentication.authentication_token_setup", "ray._private.worker")
+    NOTICES = ("Token authentication is enabled for this Ray cluster",
                "SIGTERM handler is not set because current thread is not the main thread")
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -307,10 +336,8 @@ def _ray_notices_dropped() -> Iterator[None]:
 def _ray_session(jobs: int) -> Iterator[None]:
     try:
         import ray
-        from ray.util.joblib import register_ray
     except ImportError as error:
         raise _missing_extra("ray", error) from None
-    register_ray()
     with _ray_notices_dropped():
         if ray.is_initialized():  # the command's own session, or the caller's: theirs to end
             yield
@@ -329,6 +356,17 @@ def _ray_connection(ray, jobs: int) -> Iterator[None]:
         _check_ray_address(address)
     # ("local": a new local instance, even where an earlier `ray start` left its address behind)
     options = {"address": address} if address else {"address": "local", "num_cpus": jobs, "include_dashboard": False}
+    environment = dict(os.environ)
+    try:
+        with _ray_started(ray, address, options):
+            yield
+    finally:
+        _restore_environment(environment)
+
+
+@contextmanager
+def _ray_started(ray, address: str | None, options: dict) -> Iterator[None]:
+    """ray.init with `options` (in time, for an `address`) for the block, then ray.shutdown."""
 
     def start() -> bool:
         if address:
@@ -360,6 +398,16 @@ def _ray_connection(ray, jobs: int) -> Iterator[None]:
             yield
     finally:
         ray.shutdown()
+
+
+def _restore_environment(environment: dict[str, str]) -> None:
+    """os.environ as `environment` again: ray.init leaves its own settings in this process's
+    environment (RAY_AUTH_MODE=token after a local instance, among others), which the
+    commands this process runs or starts later inherited: a connection to a head without
+    token authentication then failed in ray's C++ check for a token."""
+    for name in set(os.environ) - set(environment):
+        del os.environ[name]
+    os.environ.update(environment)
 
 
 @contextmanager

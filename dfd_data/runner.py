@@ -1,7 +1,8 @@
 """The batch runner behind every `dfd-data` command that works file by file.
 
-It runs a module-level work function over tasks with joblib (loky processes by default,
-threads, or a ray cluster) or dask's futures (see cluster.py), shows a progress bar, keeps
+It runs a module-level work function over tasks with joblib (loky processes by default, or
+threads) or on a cluster through its own futures, dask's or ray's (see cluster.py), shows a
+progress bar, keeps
 going when one file fails, also when a worker process dies on it (a crash in native code, the
 kernel's out-of-memory killer), and ends with a one-line summary. Files that failed because a
 worker's machine lacks what the step needs (errors.SetupError: weights, a device), which the
@@ -16,6 +17,7 @@ task failed or was skipped, the others did not).
 """
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import sys
@@ -27,13 +29,14 @@ from typing import Any, Callable, Iterable, Iterator
 import joblib
 from tqdm import tqdm
 
-from .cluster import CLUSTER_BACKENDS, cluster_session, dask_worker_watch
+from .cluster import CLUSTER_BACKENDS, RayHeadWatch, cluster_session, dask_worker_watch
 from .errors import SetupError, UserError
 
 BACKENDS = ("loky", "threading", *CLUSTER_BACKENDS)
-# ray's joblib backend returns results only as a whole list: it runs in rounds of this many
-# calls per worker slot of the cluster, so the progress bar and the records advance as work ends.
-LIST_ONLY_BACKENDS = {"ray": 4}
+# Calls given out to a ray cluster at a time, per CPU of it: enough to keep every CPU busy
+# while results travel back, few enough that waiting on them stays cheap.
+RAY_CALLS_PER_CPU = 4
+_RAY_WAIT_SECONDS = 1.0  # the longest a ray run waits for a result before it looks at its head
 
 
 def usable_cpus() -> int:
@@ -194,8 +197,8 @@ def run_batch(
 
 # Errors that mean a worker process died (loky, ray, dask): anything else that reaches the
 # runner from the pool (the work functions catch their own) is a call that could not run there.
-_WORKER_DEATHS = {"TerminatedWorkerError", "BrokenProcessPool", "RayActorError", "ActorDiedError",
-                  "WorkerCrashedError", "KilledWorker"}
+_WORKER_DEATHS = {"TerminatedWorkerError", "BrokenProcessPool", "WorkerCrashedError", "OutOfMemoryError",
+                  "NodeDiedError", "KilledWorker"}
 # joblib dispatches calls in order, a few per worker ahead: the call whose worker died is among
 # the first this many (per worker) of those left unfinished.
 _SUSPECTS_PER_JOB = 4
@@ -213,13 +216,16 @@ def _lost(call, error: BaseException) -> list[Outcome]:
 
 
 def _outcomes(calls: list, jobs: int, backend: str) -> Iterator[Outcome]:
-    """Outcomes as the calls finish (ray: round by round). A cluster decides its own
-    parallelism. A worker that dies ends the joblib call with an error, losing the calls in
+    """Outcomes as the calls finish. A cluster decides its own parallelism. With joblib, a
+    worker that dies ends the joblib call with an error, losing the calls in
     flight: the first few unfinished ones (the suspects) then run in groups of `jobs`, and a
     group that fails again one call at a time, until the call that kills its worker is found
     and reported as failed; the others go on in full passes."""
     if backend == "dask":
         yield from _dask_outcomes(calls)
+        return
+    if backend == "ray":
+        yield from _ray_outcomes(calls, jobs)
         return
     finished: set[int] = set()
     left = list(range(len(calls)))
@@ -277,26 +283,15 @@ def _each_task_alone(call, error: BaseException, run_alone: Callable[[tuple], li
 
 def _joblib_outcomes(calls: list, jobs: int, backend: str, finished: set[int],
                      chosen: list[int]) -> Iterator[Outcome]:
-    """Outcomes of the `chosen` calls through joblib; adds each finished call's index to
+    """Outcomes of the `chosen` calls through joblib (loky or threading); adds each finished call's index to
     `finished`. With `jobs` above 1, even one call runs in a worker process (joblib would run
     a single job in this one, where a crash ends the command)."""
     indexed = [joblib.delayed(_indexed)(index, *calls[index]) for index in chosen]
-    n_jobs = -1 if backend in CLUSTER_BACKENDS else 1 if jobs <= 1 else max(2, min(jobs, len(indexed)))
+    n_jobs = 1 if jobs <= 1 else max(2, min(jobs, len(indexed)))
     with joblib.parallel_config(backend=backend, n_jobs=n_jobs):
-        if backend not in LIST_ONLY_BACKENDS:
-            for index, outcomes in joblib.Parallel(return_as="generator_unordered")(indexed):
-                finished.add(index)
-                yield from outcomes
-            return
-        import ray
-
-        slots = max(jobs, int(ray.cluster_resources().get("CPU", 1)))
-        round_size = LIST_ONLY_BACKENDS[backend] * slots
-        with joblib.Parallel(return_as="list") as parallel:  # one pool of workers for every round
-            for start in range(0, len(indexed), round_size):
-                for index, outcomes in parallel(indexed[start:start + round_size]):
-                    finished.add(index)
-                    yield from outcomes
+        for index, outcomes in joblib.Parallel(return_as="generator_unordered")(indexed):
+            finished.add(index)
+            yield from outcomes
 
 
 def _indexed(index: int, function: Callable, args: tuple, kwargs: dict) -> tuple[int, list[Outcome]]:
@@ -366,3 +361,56 @@ def _stop_if_cancelled(client, error: BaseException) -> None:
     cause = "lost the connection to the scheduler at " + where if reason == "scheduler-connection-lost" else \
         f"had its work cancelled ({reason})"
     raise UserError(f"dask: the run {cause}; the files finished are recorded: run the command again for the rest")
+
+
+def _ray_outcomes(calls: list, jobs: int) -> Iterator[Outcome]:
+    """Outcomes as the calls finish on the session's ray cluster, through ray's own tasks, at
+    most RAY_CALLS_PER_CPU per CPU of the cluster (or of `jobs`, if more) given out at a time.
+    joblib's ray backend returns results only as a whole list: the run had gone in rounds, and
+    Ctrl-C, SIGTERM or a lost head discarded the finished files of the round at work, and its
+    slowest call held up the next round. A head that is gone stops the run with one line (see
+    cluster.RayHeadWatch). ray names the call whose worker died (none is retried): that call
+    runs again alone, in case its machine rather than its file failed (a node that died fails
+    all its calls), and a batch that fails again so runs a task at a time, as with dask."""
+    import ray
+
+    remote = ray.remote(max_retries=0)(_called)
+    window = RAY_CALLS_PER_CPU * max(jobs, int(ray.cluster_resources().get("CPU", 1)))
+    head = RayHeadWatch(ray.get_runtime_context().gcs_address)
+    waiting, pending = iter(calls), {}
+    while True:
+        for call in itertools.islice(waiting, window - len(pending)):
+            pending[remote.remote(*call)] = call
+        if not pending:
+            return
+        # (in steps: Python sees Ctrl-C between them, and the head is checked while nothing ends)
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=_RAY_WAIT_SECONDS)
+        if not ready:
+            head.check()
+            continue
+        [reference] = ready
+        call = pending.pop(reference)
+        try:
+            outcomes = ray.get(reference)
+        except Exception as error:  # the work functions catch their own errors: this is the cluster's
+            if type(error).__name__ not in _WORKER_DEATHS:
+                outcomes = _lost(call, error)
+            else:
+                outcomes = _ray_call_again(remote, call)
+        yield from outcomes
+
+
+def _ray_call_again(remote, call) -> Iterator[Outcome]:
+    """The outcomes of a call whose worker died, run again alone (see _ray_outcomes)."""
+    import ray
+
+    try:
+        outcomes = ray.get(remote.remote(*call))
+    except Exception as error:
+        outcomes = _each_task_alone(call, error, lambda single: ray.get(remote.remote(*single)))
+    yield from outcomes
+
+
+def _called(function: Callable, args: tuple, kwargs: dict):
+    """Runs in a ray worker: one call."""
+    return function(*args, **kwargs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -240,6 +241,34 @@ def test_a_run_that_loses_its_dask_scheduler_stops_with_one_line_and_fails_no_fi
     assert 1 <= len(seen) < 12 and {outcome.status for outcome in seen} == {"done"}
 
 
+def square_slowly_for_zero(task) -> int:
+    """Takes 8 s for the file whose payload is 0, no time for the others."""
+    if task.payload == 0:
+        time.sleep(8)
+    return task.payload ** 2
+
+
+def test_a_ray_run_records_each_file_as_it_ends_and_leaves_the_environment_as_it_was():
+    """joblib's ray backend returned results only a round (4 calls per CPU) at a time: a slow
+    file held back the records of its round, and Ctrl-C, SIGTERM or a lost head discarded
+    them. Every other file is now recorded while the slow one still runs. ray.init had also
+    left RAY_AUTH_MODE=token and other settings in the process's environment, which commands
+    started from it later inherited."""
+    pytest.importorskip("ray", reason="the [ray] extra is not installed")
+    from dfd_data.runner import Task, run_batch
+
+    environment = dict(os.environ)
+    arrivals = {}
+    started = time.monotonic()
+    summary = run_batch("demo", [Task(str(i), f"file{i}.png", i) for i in range(12)], square_slowly_for_zero,
+                        jobs=2, backend="ray", quiet=True,
+                        on_outcome=lambda outcome: arrivals.__setitem__(outcome.task.payload, time.monotonic()))
+    assert (summary.done, summary.failed) == (12, 0)
+    assert max(arrivals, key=arrivals.get) == 0 and arrivals[0] - max(arrivals[i] for i in range(1, 12)) > 4, \
+        {payload: round(moment - started, 1) for payload, moment in arrivals.items()}
+    assert dict(os.environ) == environment
+
+
 def test_the_worker_watch_says_when_workers_are_gone_and_when_they_are_back(monkeypatch):
     """(No dask needed: a stand-in client whose workers go and come.)"""
     import threading
@@ -363,24 +392,22 @@ def _stderr_of_sigterm_once_running(args: list[str], env: dict, log: Path) -> st
     return log.read_text()
 
 
-def test_a_ray_head_started_apart_runs_the_commands_and_one_that_refuses_them_says_why(photos, loky_run, tmp_path):
-    """RAY_ADDRESS names a head started with `ray start`, which turns token authentication on
-    where a token exists (ray's local instances, ours too, leave one in ~/.ray), and ray sends
-    its token to a given address only with RAY_AUTH_MODE=token. Without it the command is
-    refused at once, in one line that says so (it had waited 20 s between a warning a second,
-    then said "no ray head answered"); with the token it aligns as loky does, and SIGTERM ends
-    a run there as it ends a local one."""
-    pytest.importorskip("ray", reason="the [ray] extra is not installed")
-    token = "0123456789abcdef" * 2
-    home = tmp_path / "home"  # (the head's token and the commands' stay out of this user's ~/.ray)
+RAY_TOKEN = "0123456789abcdef" * 2
+
+
+@contextmanager
+def ray_head(home: Path) -> Iterator[tuple[subprocess.Popen, int]]:
+    """(its process, its port): a ray head started apart (`ray start --head --block`) with
+    token authentication, its token RAY_TOKEN and its own HOME (its token and the commands'
+    stay out of this user's ~/.ray), stopped after the block."""
     home.mkdir()
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     head = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--port",
                              str(port), "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats"],
-                            env={**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env={**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": RAY_TOKEN},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 90
         while True:
@@ -390,6 +417,25 @@ def test_a_ray_head_started_apart_runs_the_commands_and_one_that_refuses_them_sa
             except OSError:
                 assert head.poll() is None and time.monotonic() < deadline, "the ray head did not start"
                 time.sleep(0.2)
+        yield head, port
+    finally:
+        head.terminate()  # (`ray start --block` stops every process of its node on SIGTERM)
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+
+
+def test_a_ray_head_started_apart_runs_the_commands_and_one_that_refuses_them_says_why(photos, loky_run, tmp_path):
+    """RAY_ADDRESS names a head started with `ray start`, which turns token authentication on
+    where a token exists (ray's local instances, ours too, leave one in ~/.ray), and ray sends
+    its token to a given address only with RAY_AUTH_MODE=token. Without it the command is
+    refused at once, in one line that says so (it had waited 20 s between a warning a second,
+    then said "no ray head answered"); with the token it aligns as loky does, and SIGTERM ends
+    a run there as it ends a local one."""
+    pytest.importorskip("ray", reason="the [ray] extra is not installed")
+    home = tmp_path / "home"
+    with ray_head(home) as (_, port):
         env = {**os.environ, "HOME": str(home), "RAY_ADDRESS": f"127.0.0.1:{port}"}
         started = time.monotonic()
         refused = dfd_data("align", photos, tmp_path / "refused", "--backend", "ray", timeout=120, env=env)
@@ -399,7 +445,7 @@ def test_a_ray_head_started_apart_runs_the_commands_and_one_that_refuses_them_sa
             "needs RAY_AUTH_MODE=token here" in refused.stderr, refused.stderr
         root = tmp_path / "faces"
         result = dfd_data("align", photos, root, "--size", "128", "--jobs", "2", "--backend", "ray", timeout=300,
-                          env={**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
+                          env={**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": RAY_TOKEN})
         assert result.returncode == 1, result.stderr  # the two broken photos, as with loky
         assert "SIGTERM handler is not set" not in result.stderr  # (ray's notice of what the command chose)
         assert files_under(root, "images") == files_under(loky_run, "images")
@@ -408,14 +454,56 @@ def test_a_ray_head_started_apart_runs_the_commands_and_one_that_refuses_them_sa
         # SIGTERM ends a run there as it ends a local one (ray's handler had printed 8 lines of C++ stack)
         stderr = _stderr_of_sigterm_once_running(
             ["align", str(photos), str(tmp_path / "stopped"), "--size", "128", "--jobs", "2", "--backend", "ray"],
-            {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}, tmp_path / "stderr")
+            {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": RAY_TOKEN}, tmp_path / "stderr")
         assert "SIGTERM" not in stderr
-    finally:
-        head.terminate()  # (`ray start --block` stops every process of its node on SIGTERM)
-        try:
-            head.wait(60)
-        except subprocess.TimeoutExpired:
-            head.kill()
+
+
+# Runs 40 files of sleep_then_square on the ray head at RAY_ADDRESS and kills the head's
+# process group (argv[1]) as the first ends; prints each file's status, then the error's line.
+_LOSE_THE_HEAD = """
+import os, signal, sys
+from dfd_data import cluster
+from dfd_data.errors import UserError
+from dfd_data.runner import Task, run_batch
+from tests.test_cluster_backends import sleep_then_square
+
+cluster.HEAD_SILENCE_SECONDS = 3
+seen = []
+
+def kill_the_head_after_the_first(outcome):
+    seen.append(outcome.status)
+    if len(seen) == 1:
+        os.killpg(int(sys.argv[1]), signal.SIGKILL)
+
+try:
+    with cluster.cluster_session("ray", 2):
+        run_batch("demo", [Task(str(i), f"file{i}.png", i) for i in range(40)], sleep_then_square, backend="ray",
+                  quiet=True, on_outcome=kill_the_head_after_the_first)
+except UserError as error:
+    print(" ".join(seen))
+    print(error)
+"""
+
+
+def test_a_run_that_loses_its_ray_head_stops_with_one_line_and_every_finished_file_recorded(tmp_path):
+    """The head killed mid-run: ray had waited 60 s without a word, ignoring Ctrl-C, then ended
+    the process from C++ (status 1, no summary), and the finished files of the round at work
+    were not recorded. Now the run stops with one line once the head has been silent for
+    HEAD_SILENCE_SECONDS (3 here), every file that ended before recorded. (The run is a process
+    of its own: ray keeps a process's first token.)"""
+    pytest.importorskip("ray", reason="the [ray] extra is not installed")
+    home = tmp_path / "home"
+    with ray_head(home) as (head, port):
+        started = time.monotonic()
+        run = subprocess.run([sys.executable, "-c", _LOSE_THE_HEAD, str(head.pid)], cwd=REPO, capture_output=True,
+                             text=True, timeout=120,
+                             env={**os.environ, "HOME": str(home), "RAY_ADDRESS": f"127.0.0.1:{port}",
+                                  "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": RAY_TOKEN})
+    assert run.returncode == 0 and time.monotonic() - started < 40, run.stderr
+    statuses, line = run.stdout.strip().splitlines()
+    assert 1 <= len(statuses.split()) < 40 and set(statuses.split()) == {"done"}
+    assert re.fullmatch(r"ray: the cluster's head at [\d.]+:\d+ has not answered for 3 s \(stopped, or out of "
+                        r"reach\); the files finished are recorded: run the command again for the rest", line), line
 
 
 def test_scheduler_address_only_goes_with_dask(photos, tmp_path):
@@ -474,10 +562,7 @@ def test_a_cluster_that_answers_but_is_not_one_is_one_line_in_time(monkeypatch):
     ray = types.ModuleType("ray")
     ray.is_initialized, ray.shutdown = (lambda: False), (lambda: None)
     ray.init = lambda **options: never.wait()  # what ray.init does against such a port
-    ray_joblib = types.ModuleType("ray.util.joblib")
-    ray_joblib.register_ray = lambda: None
-    for name, module in (("ray", ray), ("ray.util", types.ModuleType("ray.util")), ("ray.util.joblib", ray_joblib)):
-        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setitem(sys.modules, "ray", ray)
     monkeypatch.setattr(cluster, "CONNECT_SECONDS", 1)
     monkeypatch.setattr(cluster, "_check_ray_address", lambda address: None)  # (its port does accept)
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")

@@ -103,13 +103,19 @@ def square_or_die(task: Task) -> int:
     return task.payload ** 2
 
 
-@pytest.mark.parametrize("backend, count", [("loky", 10), ("loky", 7), ("dask", 10)])
+def _skip_without(backend: str) -> None:
+    """Skips a test of a cluster backend whose extra is not installed."""
+    if backend in ("dask", "ray"):
+        pytest.importorskip({"dask": "dask.distributed", "ray": "ray"}[backend],
+                            reason=f"the [{backend}] extra is not installed")
+
+
+@pytest.mark.parametrize("backend, count", [("loky", 10), ("loky", 7), ("dask", 10), ("ray", 10)])
 def test_a_worker_killed_by_one_file_fails_that_file_only(backend, count):
     """The dead worker's file is reported as failed and every other file is done: loky had
     aborted the batch with a traceback, joblib's dask backend waited for ever. (With 7 files
     the search for the culprit ends on a single call, which must still run in a worker.)"""
-    if backend == "dask":
-        pytest.importorskip("dask.distributed", reason="the [dask] extra is not installed")
+    _skip_without(backend)
     seen = {}
     tasks = [Task(str(i), f"file{i}.png", i) for i in range(count)]
     summary = run_batch("demo", tasks, square_or_die, jobs=2, backend=backend, quiet=True,
@@ -125,13 +131,12 @@ def squares_or_die(tasks: list[Task]) -> list:
     return [square_or_die(task) for task in tasks]
 
 
-@pytest.mark.parametrize("backend", ["loky", "dask"])
+@pytest.mark.parametrize("backend", ["loky", "dask", "ray"])
 def test_a_worker_killed_by_one_file_of_a_batch_fails_that_file_only(backend):
     """A batch whose worker dies is run again a task at a time once it is found: its other
     files are done, where they had failed with it (and again on every run, as the batches are
     the same)."""
-    if backend == "dask":
-        pytest.importorskip("dask.distributed", reason="the [dask] extra is not installed")
+    _skip_without(backend)
     seen = {}
     tasks = [Task(str(i), f"file{i}.png", i) for i in range(9)]
     summary = run_batch("demo", tasks, squares_or_die, jobs=2, backend=backend, quiet=True, batch_size=3,
