@@ -17,8 +17,11 @@ task failed or was skipped, the others did not).
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
+import multiprocessing
 import os
+import signal
 import socket
 import sys
 import time
@@ -29,7 +32,7 @@ from typing import Any, Callable, Iterable, Iterator
 import joblib
 from tqdm import tqdm
 
-from .cluster import CLUSTER_BACKENDS, RayHeadWatch, cluster_session, dask_worker_watch
+from .cluster import CLUSTER_BACKENDS, RayHeadWatch, cluster_session, dask_worker_watch, signal_handled
 from .errors import SetupError, UserError
 
 BACKENDS = ("loky", "threading", *CLUSTER_BACKENDS)
@@ -288,10 +291,23 @@ def _joblib_outcomes(calls: list, jobs: int, backend: str, finished: set[int],
     a single job in this one, where a crash ends the command)."""
     indexed = [joblib.delayed(_indexed)(index, *calls[index]) for index in chosen]
     n_jobs = 1 if jobs <= 1 else max(2, min(jobs, len(indexed)))
-    with joblib.parallel_config(backend=backend, n_jobs=n_jobs):
+    with joblib.parallel_config(backend=backend, n_jobs=n_jobs), signal_handled(signal.SIGTERM, _end_with_the_workers):
         for index, outcomes in joblib.Parallel(return_as="generator_unordered")(indexed):
             finished.add(index)
             yield from outcomes
+
+
+def _end_with_the_workers(number: int, frame) -> None:
+    """SIGTERM during a joblib run: this process's child processes (loky's workers) killed,
+    then this process ended by the signal as without a handler (status 143). Orphaned, loky's
+    workers had gone on with the files they held (written whole, never recorded) and held the
+    command's output open until loky's idle timeout, 300 s: a caller reading it waited that
+    long."""
+    for child in multiprocessing.active_children():
+        with contextlib.suppress(OSError):  # (loky's processes have no kill(); one may have ended)
+            os.kill(child.pid, signal.SIGKILL)
+    signal.signal(number, signal.SIG_DFL)
+    os.kill(os.getpid(), number)
 
 
 def _indexed(index: int, function: Callable, args: tuple, kwargs: dict) -> tuple[int, list[Outcome]]:

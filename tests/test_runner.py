@@ -180,3 +180,55 @@ def test_a_step_leaves_no_temporary_file_of_a_worker_killed_mid_write(tmp_path):
     assert (summary.done, summary.failed) == (7, 1)
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == \
         sorted([*(str(i) for i in range(8) if i != 6), "records.jsonl"])
+
+
+def pid_after_a_while(task: Task) -> int:
+    """The worker's pid, after 0.3 s of work."""
+    import time
+
+    time.sleep(0.3)
+    return os.getpid()
+
+
+# Runs 60 tasks of pid_after_a_while on 2 loky workers; prints each result (a worker's pid) as
+# it comes.
+_PRINT_THE_WORKERS = """
+from dfd_data.runner import Task, run_batch
+from tests.test_runner import pid_after_a_while
+
+run_batch("demo", [Task(str(i), f"file{i}.png", i) for i in range(60)], pid_after_a_while, jobs=2, quiet=True,
+          on_outcome=lambda outcome: print(outcome.result, flush=True))
+"""
+
+
+def test_sigterm_on_a_loky_run_ends_its_workers_with_it():
+    """SIGTERM ended the command and left its loky workers orphaned: they went on with the
+    files they held, never recorded, and held its output open for loky's idle timeout (300 s),
+    so that a caller reading it waited that long. Now the workers end with the command, which
+    ends with status 143 as before."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    run = subprocess.Popen([sys.executable, "-c", _PRINT_THE_WORKERS], cwd=REPO, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        workers = {int(run.stdout.readline()) for _ in range(4)}  # (by then both workers have answered)
+        run.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        run.communicate(timeout=60)  # (the output's end: every process that held it is gone)
+        assert run.returncode == -signal.SIGTERM and time.monotonic() - started < 10
+    finally:
+        run.kill()
+    assert not [pid for pid in workers if _running(pid)]
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` exists and has not ended (a zombie has, awaiting its reaper)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
