@@ -2,9 +2,8 @@
 
 It runs a module-level work function over tasks with joblib (loky processes by default, or
 threads) or on a cluster through its own futures, dask's or ray's (see cluster.py), shows a
-progress bar, keeps
-going when one file fails, also when a worker process dies on it (a crash in native code, the
-kernel's out-of-memory killer), and ends with a one-line summary. Files that failed because a
+progress bar, keeps going when one file fails, also when a worker process dies on it (a crash
+in native code, the kernel's out-of-memory killer), and ends with a one-line summary. Files that failed because a
 worker's machine lacks what the step needs (errors.SetupError: weights, a device), which the
 steps check on every machine of a cluster before they start (worker_check.py) but a worker
 may still lack (one that joined later), are also counted per machine, one line each. Resume
@@ -220,10 +219,10 @@ def _lost(call, error: BaseException) -> list[Outcome]:
 
 def _outcomes(calls: list, jobs: int, backend: str) -> Iterator[Outcome]:
     """Outcomes as the calls finish. A cluster decides its own parallelism. With joblib, a
-    worker that dies ends the joblib call with an error, losing the calls in
-    flight: the first few unfinished ones (the suspects) then run in groups of `jobs`, and a
-    group that fails again one call at a time, until the call that kills its worker is found
-    and reported as failed; the others go on in full passes."""
+    worker that dies ends the joblib call with an error, losing the calls in flight: the first
+    few unfinished ones (the suspects) then run in groups of `jobs`, and a group that fails
+    again one call at a time, until the call that kills its worker is found and reported as
+    failed; the others go on in full passes."""
     if backend == "dask":
         yield from _dask_outcomes(calls)
         return
@@ -286,9 +285,9 @@ def _each_task_alone(call, error: BaseException, run_alone: Callable[[tuple], li
 
 def _joblib_outcomes(calls: list, jobs: int, backend: str, finished: set[int],
                      chosen: list[int]) -> Iterator[Outcome]:
-    """Outcomes of the `chosen` calls through joblib (loky or threading); adds each finished call's index to
-    `finished`. With `jobs` above 1, even one call runs in a worker process (joblib would run
-    a single job in this one, where a crash ends the command)."""
+    """Outcomes of the `chosen` calls through joblib (loky or threading); adds each finished
+    call's index to `finished`. With `jobs` above 1, even one call runs in a worker process
+    (joblib would run a single job in this one, where a crash ends the command)."""
     indexed = [joblib.delayed(_indexed)(index, *calls[index]) for index in chosen]
     n_jobs = 1 if jobs <= 1 else max(2, min(jobs, len(indexed)))
     with joblib.parallel_config(backend=backend, n_jobs=n_jobs), signal_handled(signal.SIGTERM, _end_with_the_workers):
