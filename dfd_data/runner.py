@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import multiprocessing
 import os
 import signal
@@ -380,7 +381,8 @@ def _stop_if_cancelled(client, error: BaseException) -> None:
 
 def _ray_outcomes(calls: list, jobs: int) -> Iterator[Outcome]:
     """Outcomes as the calls finish on the session's ray cluster, through ray's own tasks, at
-    most RAY_CALLS_PER_CPU per CPU of the cluster (or of `jobs`, if more) given out at a time.
+    most RAY_CALLS_PER_CPU per CPU of the cluster (or of `jobs`, if more: an autoscaling
+    cluster grows for the calls it is given) given out at a time.
     joblib's ray backend returns results only as a whole list: the run had gone in rounds, and
     Ctrl-C, SIGTERM or a lost head discarded the finished files of the round at work, and its
     slowest call held up the next round. A head that is gone stops the run with one line (see
@@ -390,10 +392,13 @@ def _ray_outcomes(calls: list, jobs: int) -> Iterator[Outcome]:
     import ray
 
     remote = ray.remote(max_retries=0)(_called)
-    window = RAY_CALLS_PER_CPU * max(jobs, int(ray.cluster_resources().get("CPU", 1)))
     head = RayHeadWatch(ray.get_runtime_context().gcs_address)
     waiting, pending = iter(calls), {}
+    window, counted = 0, -math.inf
     while True:
+        if time.monotonic() - counted >= _RAY_WAIT_SECONDS:  # (counted again: a cluster that grows is given more)
+            window = RAY_CALLS_PER_CPU * max(jobs, int(ray.cluster_resources().get("CPU", 1)))
+            counted = time.monotonic()
         for call in itertools.islice(waiting, window - len(pending)):
             pending[remote.remote(*call)] = call
         if not pending:
