@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 import multiprocessing
 import os
 import signal
@@ -268,13 +267,11 @@ def _each_task_alone(call, error: BaseException, run_alone: Callable[[tuple], li
     a batch's tasks then run alone each, through `run_alone(call)`, so that only the one that
     kills its worker fails: its batch-mates had failed with it, on every run again, as the
     batches are the same."""
-    function, args, kwargs = call
-    if function is not _run_batch_of_tasks or len(args[1]) == 1 or type(error).__name__ not in _WORKER_DEATHS:
+    singles = _single_task_calls(call) if type(error).__name__ in _WORKER_DEATHS else None
+    if singles is None:
         yield from _lost(call, error)
         return
-    work, tasks = args
-    for task in tasks:
-        single = (function, (work, [task]), kwargs)
+    for single in singles:
         try:
             outcomes = run_alone(single)
         except UserError:  # (the run stops: see _stop_if_cancelled)
@@ -282,6 +279,15 @@ def _each_task_alone(call, error: BaseException, run_alone: Callable[[tuple], li
         except Exception as single_error:
             outcomes = _lost(single, single_error)
         yield from outcomes
+
+
+def _single_task_calls(call) -> list[tuple] | None:
+    """A batch call's tasks as calls of one task each; None for a call of one task."""
+    function, args, kwargs = call
+    if function is not _run_batch_of_tasks or len(args[1]) == 1:
+        return None
+    work, tasks = args
+    return [(function, (work, [task]), kwargs) for task in tasks]
 
 
 def _joblib_outcomes(calls: list, jobs: int, backend: str, finished: set[int],
@@ -381,26 +387,25 @@ def _stop_if_cancelled(client, error: BaseException) -> None:
 
 def _ray_outcomes(calls: list, jobs: int) -> Iterator[Outcome]:
     """Outcomes as the calls finish on the session's ray cluster, through ray's own tasks, at
-    most RAY_CALLS_PER_CPU per CPU of the cluster (or of `jobs`, if more: an autoscaling
-    cluster grows for the calls it is given) given out at a time.
+    most RAY_CALLS_PER_CPU per CPU the cluster has as the run starts (or per `jobs`, if more:
+    an autoscaling cluster grows for the calls it is given) given out at a time.
     joblib's ray backend returns results only as a whole list: the run had gone in rounds, and
     Ctrl-C, SIGTERM or a lost head discarded the finished files of the round at work, and its
     slowest call held up the next round. A head that is gone stops the run with one line (see
-    cluster.RayHeadWatch). ray names the call whose worker died (none is retried): that call
-    runs again alone, in case its machine rather than its file failed (a node that died fails
-    all its calls), and a batch that fails again so runs a task at a time, as with dask."""
+    cluster.RayHeadWatch). ray names the call whose worker died (none is retried by ray): that
+    call runs once more, in case its machine rather than its file failed (a node that died
+    fails all its calls), and a batch that fails so again runs a task at a time, as with dask;
+    each among the other calls, waited for as they are."""
     import ray
 
     remote = ray.remote(max_retries=0)(_called)
     head = RayHeadWatch(ray.get_runtime_context().gcs_address)
-    waiting, pending = iter(calls), {}
-    window, counted = 0, -math.inf
+    # (counted once: asked again during the run, the cluster's resources waited 60 s on a lost head)
+    window = RAY_CALLS_PER_CPU * max(jobs, int(ray.cluster_resources().get("CPU", 1)))
+    waiting, pending = iter(calls), {}  # pending: reference -> (call, how many times it ran before)
     while True:
-        if time.monotonic() - counted >= _RAY_WAIT_SECONDS:  # (counted again: a cluster that grows is given more)
-            window = RAY_CALLS_PER_CPU * max(jobs, int(ray.cluster_resources().get("CPU", 1)))
-            counted = time.monotonic()
-        for call in itertools.islice(waiting, window - len(pending)):
-            pending[remote.remote(*call)] = call
+        for call in itertools.islice(waiting, max(0, window - len(pending))):
+            pending[remote.remote(*call)] = call, 0
         if not pending:
             return
         # (in steps: Python sees Ctrl-C between them, and the head is checked while nothing ends)
@@ -409,26 +414,16 @@ def _ray_outcomes(calls: list, jobs: int) -> Iterator[Outcome]:
             head.check()
             continue
         [reference] = ready
-        call = pending.pop(reference)
+        call, runs = pending.pop(reference)
         try:
             outcomes = ray.get(reference)
         except Exception as error:  # the work functions catch their own errors: this is the cluster's
-            if type(error).__name__ not in _WORKER_DEATHS:
-                outcomes = _lost(call, error)
-            else:
-                outcomes = _ray_call_again(remote, call)
+            death = type(error).__name__ in _WORKER_DEATHS
+            again = [call] if death and runs == 0 else _single_task_calls(call) if death and runs == 1 else None
+            outcomes = _lost(call, error) if again is None else []
+            for retry in again or []:
+                pending[remote.remote(*retry)] = retry, runs + 1
         yield from outcomes
-
-
-def _ray_call_again(remote, call) -> Iterator[Outcome]:
-    """The outcomes of a call whose worker died, run again alone (see _ray_outcomes)."""
-    import ray
-
-    try:
-        outcomes = ray.get(remote.remote(*call))
-    except Exception as error:
-        outcomes = _each_task_alone(call, error, lambda single: ray.get(remote.remote(*single)))
-    yield from outcomes
 
 
 def _called(function: Callable, args: tuple, kwargs: dict):

@@ -147,6 +147,36 @@ def test_a_worker_killed_by_one_file_of_a_batch_fails_that_file_only(backend):
     assert seen["6"].message.startswith("file6.png: the worker process died working on it")
 
 
+def die_once_then_take_long(task: Task) -> int:
+    """The file whose label names a marker that is not there yet kills its worker (and leaves the
+    marker); run again it takes 5 s. The others take 0.3 s."""
+    import time
+    from pathlib import Path
+
+    if task.payload == 0:
+        marker = Path(task.label)
+        if not marker.exists():
+            marker.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(5)
+    else:
+        time.sleep(0.3)
+    return task.payload
+
+
+def test_a_ray_run_records_the_other_files_while_a_call_whose_worker_died_runs_again(tmp_path):
+    """The call whose worker died ran again with a blocking wait of its own: meanwhile nothing
+    was recorded or given out, Ctrl-C lost what had ended, and a head lost then went unseen
+    until ray ended the command from C++ 60 s later. It now runs among the others."""
+    _skip_without("ray")
+    order = []
+    tasks = [Task(str(i), str(tmp_path / "died") if i == 0 else f"file{i}.png", i) for i in range(20)]
+    summary = run_batch("demo", tasks, die_once_then_take_long, jobs=2, backend="ray", quiet=True,
+                        on_outcome=lambda outcome: order.append(outcome.task.payload))
+    assert (summary.done, summary.failed) == (20, 0), summary.reports
+    assert order.index(0) >= 10, order  # (19 files of 0.3 s on the other CPU while it takes 5 s)
+
+
 def write_or_die_mid_write(tasks: list[Task]) -> list:
     """Writes each task's file through a temporary one; on payload 6 the worker dies between
     the two, as a worker killed while its pool is torn down does."""
