@@ -21,11 +21,13 @@ def _batch_options(func):
     func = click.option("--scheduler", metavar="ADDRESS",
                         help="dask scheduler to connect to (default with --backend dask: a local cluster of --jobs workers).")(func)
     func = click.option("--backend", type=click.Choice(BACKENDS), default="loky", show_default=True,
-                        help="joblib backend: loky processes, threads, or a dask or ray cluster "
+                        help="Where the work runs: loky processes or threads here, or a dask or ray cluster "
                              "(extras [dask], [ray]; ray connects to RAY_ADDRESS when set).")(func)
     func = click.option("--jobs", "-j", type=click.IntRange(1, 256), default=usable_cpus(), show_default=True,
-                        help="Parallel workers (default: the CPUs this process may use). With 1, the work "
-                             "runs in this process.")(func)
+                        help="Parallel workers (default: the CPUs this process may use); with 1 and loky or "
+                             "threading, the work runs in this process. The size of a local dask or ray "
+                             "cluster; on a ray cluster, the fewest calls given out at a time (4 per CPU "
+                             "otherwise).")(func)
     return func
 
 

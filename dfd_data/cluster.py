@@ -122,29 +122,46 @@ def dask_worker_watch(client, say: Callable[[str], None]) -> Iterator[None]:
 class RayHeadWatch:
     """Tells the run when the head of the session's ray cluster is gone: its GCS port has
     refused connections (or let them time out) for HEAD_SILENCE_SECONDS. A run that had lost it
-    waited 60 s without a word and ignoring Ctrl-C, until ray ended the process from C++."""
+    waited 60 s without a word and ignoring Ctrl-C, until ray ended the process from C++. The
+    watch counts only where it reached the head as the run began: the address ray reports is
+    the head's own view, which a client elsewhere (ray://, a forwarded port) may not reach."""
 
     def __init__(self, gcs_address: str):
         self.gcs_address = gcs_address
-        self.where = _host_and_port(gcs_address)
+        where = _host_and_port(gcs_address)
+        self.where = where if where is not None and self._reached(where) else None
         self.silent_since: float | None = None
+        self.looked = time.monotonic()
+
+    @staticmethod
+    def _reached(where: tuple[str, int]) -> bool:
+        try:
+            with socket.create_connection(where, timeout=_WATCH_SECONDS):
+                return True
+        except OSError:
+            return False
+
+    def answers(self) -> bool:
+        """Whether the head accepts a connection now (True where the watch does not count)."""
+        self.looked = time.monotonic()
+        return self.where is None or self._reached(self.where)
 
     def check(self) -> None:
-        """A one-line UserError once the head has been silent for HEAD_SILENCE_SECONDS."""
-        if self.where is None:
+        """A one-line UserError once the head has been silent for HEAD_SILENCE_SECONDS; at most
+        one look a _WATCH_SECONDS."""
+        if time.monotonic() - self.looked < _WATCH_SECONDS:
             return
-        try:
-            with socket.create_connection(self.where, timeout=_WATCH_SECONDS):
-                self.silent_since = None
-                return
-        except OSError:
-            pass
-        now = time.monotonic()
-        self.silent_since = self.silent_since or now
-        if now - self.silent_since >= HEAD_SILENCE_SECONDS:
-            raise UserError(f"ray: the cluster's head at {self.gcs_address} has not answered for "
-                            f"{HEAD_SILENCE_SECONDS} s (stopped, or out of reach); the files finished are recorded: "
-                            "run the command again for the rest")
+        if self.answers():
+            self.silent_since = None
+            return
+        self.silent_since = self.silent_since or time.monotonic()
+        if time.monotonic() - self.silent_since >= HEAD_SILENCE_SECONDS:
+            raise self.lost(f"has not answered for {HEAD_SILENCE_SECONDS} s")
+
+    def lost(self, how: str) -> UserError:
+        """The run's one line for a head that `how` (e.g. "has not answered for 10 s")."""
+        return UserError(f"ray: the cluster's head at {self.gcs_address} {how} (stopped, or out of reach); the files "
+                         "finished are recorded: run the command again for the rest")
 
 
 @contextmanager
@@ -401,10 +418,11 @@ def _ray_started(ray, address: str | None, options: dict) -> Iterator[None]:
 
 
 def _restore_environment(environment: dict[str, str]) -> None:
-    """os.environ as `environment` again: ray.init leaves its own settings in this process's
-    environment (RAY_AUTH_MODE=token after a local instance, among others), which the
-    commands this process runs or starts later inherited: a connection to a head without
-    token authentication then failed in ray's C++ check for a token."""
+    """os.environ as `environment` again (what changed in it during the session, by ray or
+    not, is undone): ray.init leaves its own settings in this process's environment
+    (RAY_AUTH_MODE=token after a local instance, among others), which the commands this
+    process runs or starts later inherited: a connection to a head without token
+    authentication then failed in ray's C++ check for a token."""
     for name in set(os.environ) - set(environment):
         del os.environ[name]
     os.environ.update(environment)

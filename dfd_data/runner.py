@@ -185,7 +185,7 @@ def run_batch(
                      for i in range(0, len(tasks), batch_size)]
         else:
             calls = [joblib.delayed(_run_task)(work, task) for task in tasks]
-        with cluster_session(backend, jobs), \
+        with cluster_session(backend, jobs), _workers_ended_on_sigterm(backend, jobs), \
                 tqdm(total=len(tasks), desc=step, unit=unit, disable=quiet, dynamic_ncols=True) as bar:
             for outcome in _outcomes(calls, jobs, backend):
                 summary.count(outcome)
@@ -218,11 +218,10 @@ def _lost(call, error: BaseException) -> list[Outcome]:
 
 
 def _outcomes(calls: list, jobs: int, backend: str) -> Iterator[Outcome]:
-    """Outcomes as the calls finish. A cluster decides its own parallelism. With joblib, a
-    worker that dies ends the joblib call with an error, losing the calls in flight: the first
-    few unfinished ones (the suspects) then run in groups of `jobs`, and a group that fails
-    again one call at a time, until the call that kills its worker is found and reported as
-    failed; the others go on in full passes."""
+    """Outcomes as the calls finish. With joblib, a worker that dies ends the joblib call with
+    an error, losing the calls in flight: the first few unfinished ones (the suspects) then run
+    in groups of `jobs`, and a group that fails again one call at a time, until the call that
+    kills its worker is found and reported as failed; the others go on in full passes."""
     if backend == "dask":
         yield from _dask_outcomes(calls)
         return
@@ -297,23 +296,37 @@ def _joblib_outcomes(calls: list, jobs: int, backend: str, finished: set[int],
     (joblib would run a single job in this one, where a crash ends the command)."""
     indexed = [joblib.delayed(_indexed)(index, *calls[index]) for index in chosen]
     n_jobs = 1 if jobs <= 1 else max(2, min(jobs, len(indexed)))
-    with joblib.parallel_config(backend=backend, n_jobs=n_jobs), signal_handled(signal.SIGTERM, _end_with_the_workers):
+    with joblib.parallel_config(backend=backend, n_jobs=n_jobs):
         for index, outcomes in joblib.Parallel(return_as="generator_unordered")(indexed):
             finished.add(index)
             yield from outcomes
 
 
-def _end_with_the_workers(number: int, frame) -> None:
-    """SIGTERM during a joblib run: this process's child processes (loky's workers) killed,
-    then this process ended by the signal as without a handler (status 143). Orphaned, loky's
-    workers had gone on with the files they held (written whole, never recorded) and held the
-    command's output open until loky's idle timeout, 300 s: a caller reading it waited that
-    long."""
-    for child in multiprocessing.active_children():
-        with contextlib.suppress(OSError):  # (loky's processes have no kill(); one may have ended)
-            os.kill(child.pid, signal.SIGKILL)
-    signal.signal(number, signal.SIG_DFL)
-    os.kill(os.getpid(), number)
+@contextlib.contextmanager
+def _workers_ended_on_sigterm(backend: str, jobs: int) -> Iterator[None]:
+    """For a loky run with worker processes: SIGTERM kills this process's child processes (the
+    workers), then goes where it went before (a handler of the caller's, or the default end,
+    status 143). Orphaned, loky's workers had gone on with the files they held (written whole,
+    never recorded) and held the command's output open until loky's idle timeout, 300 s: a
+    caller reading it waited that long. (Only there: a Python handler waits for the main
+    thread's native call of the moment, where the default ends the process at once.)"""
+    before = signal.getsignal(signal.SIGTERM)
+    if backend != "loky" or jobs <= 1 or before is signal.SIG_IGN:
+        yield
+        return
+
+    def end_with_the_workers(number: int, frame) -> None:
+        for child in multiprocessing.active_children():
+            with contextlib.suppress(OSError):  # (loky's processes have no kill(); one may have ended)
+                os.kill(child.pid, signal.SIGKILL)
+        if callable(before):
+            before(number, frame)
+            return
+        signal.signal(number, signal.SIG_DFL)
+        os.kill(os.getpid(), number)
+
+    with signal_handled(signal.SIGTERM, end_with_the_workers):
+        yield
 
 
 def _indexed(index: int, function: Callable, args: tuple, kwargs: dict) -> tuple[int, list[Outcome]]:
@@ -387,43 +400,46 @@ def _stop_if_cancelled(client, error: BaseException) -> None:
 
 def _ray_outcomes(calls: list, jobs: int) -> Iterator[Outcome]:
     """Outcomes as the calls finish on the session's ray cluster, through ray's own tasks, at
-    most RAY_CALLS_PER_CPU per CPU the cluster has as the run starts (or per `jobs`, if more:
-    an autoscaling cluster grows for the calls it is given) given out at a time.
+    most RAY_CALLS_PER_CPU per CPU the cluster has as the run starts, or `jobs` if more (an
+    autoscaling cluster grows for the calls it is given), given out at a time.
     joblib's ray backend returns results only as a whole list: the run had gone in rounds, and
     Ctrl-C, SIGTERM or a lost head discarded the finished files of the round at work, and its
     slowest call held up the next round. A head that is gone stops the run with one line (see
-    cluster.RayHeadWatch). ray names the call whose worker died (none is retried by ray): that
-    call runs once more, in case its machine rather than its file failed (a node that died
-    fails all its calls), and a batch that fails so again runs a task at a time, as with dask;
-    each among the other calls, waited for as they are."""
+    cluster.RayHeadWatch), also where a call fails as it goes: its files are not failures.
+    ray names the call whose worker died (none is retried by ray): that call runs once more,
+    in case its machine rather than its file failed (a node that died fails all its calls),
+    and a batch that fails so again runs a task at a time, as with dask; each among the other
+    calls, waited for as they are."""
     import ray
 
     remote = ray.remote(max_retries=0)(_called)
     head = RayHeadWatch(ray.get_runtime_context().gcs_address)
     # (counted once: asked again during the run, the cluster's resources waited 60 s on a lost head)
-    window = RAY_CALLS_PER_CPU * max(jobs, int(ray.cluster_resources().get("CPU", 1)))
+    window = max(jobs, RAY_CALLS_PER_CPU * int(ray.cluster_resources().get("CPU", 1)))
     waiting, pending = iter(calls), {}  # pending: reference -> (call, how many times it ran before)
     while True:
         for call in itertools.islice(waiting, max(0, window - len(pending))):
             pending[remote.remote(*call)] = call, 0
         if not pending:
             return
-        # (in steps: Python sees Ctrl-C between them, and the head is checked while nothing ends)
-        ready, _ = ray.wait(list(pending), num_returns=1, timeout=_RAY_WAIT_SECONDS)
-        if not ready:
-            head.check()
+        head.check()  # (at most once a second, whether calls end or not)
+        # (in steps: Python sees Ctrl-C between them; then every call that has ended, in one look)
+        if not ray.wait(list(pending), num_returns=1, timeout=_RAY_WAIT_SECONDS)[0]:
             continue
-        [reference] = ready
-        call, runs = pending.pop(reference)
-        try:
-            outcomes = ray.get(reference)
-        except Exception as error:  # the work functions catch their own errors: this is the cluster's
-            death = type(error).__name__ in _WORKER_DEATHS
-            again = [call] if death and runs == 0 else _single_task_calls(call) if death and runs == 1 else None
-            outcomes = _lost(call, error) if again is None else []
-            for retry in again or []:
-                pending[remote.remote(*retry)] = retry, runs + 1
-        yield from outcomes
+        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
+        for reference in ready:
+            call, runs = pending.pop(reference)
+            try:
+                outcomes = ray.get(reference)
+            except Exception as error:  # the work functions catch their own errors: this is the cluster's
+                death = type(error).__name__ in _WORKER_DEATHS
+                if not death and not head.answers():  # (a call lost with its head: no failure of its files)
+                    raise head.lost("stopped answering") from None
+                again = [call] if death and runs == 0 else _single_task_calls(call) if death and runs == 1 else None
+                outcomes = _lost(call, error) if again is None else []
+                for retry in again or []:
+                    pending[remote.remote(*retry)] = retry, runs + 1
+            yield from outcomes
 
 
 def _called(function: Callable, args: tuple, kwargs: dict):
