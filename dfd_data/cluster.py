@@ -195,7 +195,7 @@ def _signal_deferred(number: int) -> Iterator[None]:
 
 
 @contextmanager
-def signal_handled(number: int, handler) -> Iterator[None]:
+def _signal_handled(number: int, handler) -> Iterator[None]:
     """`handler` for the signal `number` during the block, in the main thread (the only one
     that may set handlers; elsewhere nothing changes), and the handler before it after."""
     if threading.current_thread() is not threading.main_thread():
@@ -411,7 +411,7 @@ def _ray_started(ray, address: str | None, options: dict) -> Iterator[None]:
         with ExitStack() as stack:
             if not address:
                 stack.enter_context(_started_here("ray"))
-            stack.enter_context(signal_handled(signal.SIGTERM, signal.SIG_DFL))
+            stack.enter_context(_signal_handled(signal.SIGTERM, signal.SIG_DFL))
             yield
     finally:
         ray.shutdown()

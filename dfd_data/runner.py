@@ -16,9 +16,8 @@ task failed or was skipped, the others did not).
 """
 from __future__ import annotations
 
-import contextlib
+import ctypes
 import itertools
-import multiprocessing
 import os
 import signal
 import socket
@@ -31,7 +30,7 @@ from typing import Any, Callable, Iterable, Iterator
 import joblib
 from tqdm import tqdm
 
-from .cluster import CLUSTER_BACKENDS, RayHeadWatch, cluster_session, dask_worker_watch, signal_handled
+from .cluster import CLUSTER_BACKENDS, RayHeadWatch, cluster_session, dask_worker_watch
 from .errors import SetupError, UserError
 
 BACKENDS = ("loky", "threading", *CLUSTER_BACKENDS)
@@ -185,7 +184,7 @@ def run_batch(
                      for i in range(0, len(tasks), batch_size)]
         else:
             calls = [joblib.delayed(_run_task)(work, task) for task in tasks]
-        with cluster_session(backend, jobs), _workers_ended_on_sigterm(backend, jobs), \
+        with cluster_session(backend, jobs), \
                 tqdm(total=len(tasks), desc=step, unit=unit, disable=quiet, dynamic_ncols=True) as bar:
             for outcome in _outcomes(calls, jobs, backend):
                 summary.count(outcome)
@@ -296,43 +295,57 @@ def _joblib_outcomes(calls: list, jobs: int, backend: str, finished: set[int],
     (joblib would run a single job in this one, where a crash ends the command)."""
     indexed = [joblib.delayed(_indexed)(index, *calls[index]) for index in chosen]
     n_jobs = 1 if jobs <= 1 else max(2, min(jobs, len(indexed)))
-    with joblib.parallel_config(backend=backend, n_jobs=n_jobs):
+    workers = {"initializer": _end_with_this_process, "initargs": (os.getpid(),)} if backend == "loky" else {}
+    with joblib.parallel_config(backend=backend, n_jobs=n_jobs, **workers):
         for index, outcomes in joblib.Parallel(return_as="generator_unordered")(indexed):
             finished.add(index)
             yield from outcomes
 
 
-@contextlib.contextmanager
-def _workers_ended_on_sigterm(backend: str, jobs: int) -> Iterator[None]:
-    """For a loky run with worker processes: SIGTERM kills this process's child processes (the
-    workers), then goes where it went before (a handler of the caller's, or the default end,
-    status 143). Orphaned, loky's workers had gone on with the files they held (written whole,
-    never recorded) and held the command's output open until loky's idle timeout, 300 s: a
-    caller reading it waited that long. (Only there: a Python handler waits for the main
-    thread's native call of the moment, where the default ends the process at once.)"""
-    before = signal.getsignal(signal.SIGTERM)
-    if backend != "loky" or jobs <= 1 or before is signal.SIG_IGN:
-        yield
+class _ParentGone(BaseException):
+    """Raised in a loky worker whose parent process has ended, through the call at work: its
+    half-written outputs are removed on the way out (see atomic.py), as the work functions
+    catch only Exception."""
+
+
+_calls_at_work = 0  # (in a worker: whether a call runs, for the SIGTERM handler)
+
+
+def _end_with_this_process(parent: int) -> None:
+    """Runs in each loky worker as it starts (Linux): the kernel sends it SIGTERM when `parent`
+    ends, and SIGTERM ends it, the call at work unwound first. Orphaned, loky's workers had gone
+    on with the calls they held, their files never recorded, and held the command's output open
+    until loky's idle timeout, 300 s, after the command itself was ended (SIGTERM, Ctrl-C
+    twice, kill -9): a caller reading it waited that long. (Linux sends it when the thread
+    that started the worker ends: the one that runs the batch, the main thread in a command.)"""
+    if not sys.platform.startswith("linux"):
         return
+    signal.signal(signal.SIGTERM, _on_sigterm_in_worker)
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # (it ended before the request: no signal will come)
+        os._exit(128 + signal.SIGTERM)
 
-    def end_with_the_workers(number: int, frame) -> None:
-        for child in multiprocessing.active_children():
-            with contextlib.suppress(OSError):  # (loky's processes have no kill(); one may have ended)
-                os.kill(child.pid, signal.SIGKILL)
-        if callable(before):
-            before(number, frame)
-            return
-        signal.signal(number, signal.SIG_DFL)
-        os.kill(os.getpid(), number)
 
-    with signal_handled(signal.SIGTERM, end_with_the_workers):
-        yield
+_PR_SET_PDEATHSIG = 1  # (linux/prctl.h)
+
+
+def _on_sigterm_in_worker(number: int, frame) -> None:
+    if _calls_at_work:
+        raise _ParentGone()
+    os._exit(128 + number)
 
 
 def _indexed(index: int, function: Callable, args: tuple, kwargs: dict) -> tuple[int, list[Outcome]]:
     """Runs in the worker: `function(*args, **kwargs)` with the call's index, so that the
     runner knows which calls a dead worker left unfinished."""
-    return index, function(*args, **kwargs)
+    global _calls_at_work
+    _calls_at_work += 1
+    try:
+        return index, function(*args, **kwargs)
+    except _ParentGone:
+        os._exit(128 + signal.SIGTERM)
+    finally:
+        _calls_at_work -= 1
 
 
 def _dask_outcomes(calls: list) -> Iterator[Outcome]:

@@ -213,9 +213,19 @@ def test_a_step_leaves_no_temporary_file_of_a_worker_killed_mid_write(tmp_path):
 
 
 def pid_after_a_while(task: Task) -> int:
-    """The worker's pid, after 0.3 s of work."""
+    """The worker's pid, after 0.3 s of work, also as a file name in PAYLOAD/pids; task 0 first
+    writes one of its item's two files in PAYLOAD/item, then waits 60 s before the second."""
     import time
+    from pathlib import Path
 
+    from dfd_data.atomic import all_or_none
+
+    (Path(task.payload) / "pids" / str(os.getpid())).touch()
+    if task.key == "0":
+        with all_or_none(Path(task.payload) / "item") as write:
+            write("first.txt", b"1")
+            time.sleep(60)
+            write("second.txt", b"2")
     time.sleep(0.3)
     return os.getpid()
 
@@ -223,41 +233,43 @@ def pid_after_a_while(task: Task) -> int:
 # Runs 60 tasks of pid_after_a_while on 2 loky workers; prints each result (a worker's pid) as
 # it comes.
 _PRINT_THE_WORKERS = """
+import sys
 from dfd_data.runner import Task, run_batch
 from tests.test_runner import pid_after_a_while
 
-run_batch("demo", [Task(str(i), f"file{i}.png", i) for i in range(60)], pid_after_a_while, jobs=2, quiet=True,
-          on_outcome=lambda outcome: print(outcome.result, flush=True))
+run_batch("demo", [Task(str(i), f"file{i}.png", sys.argv[1]) for i in range(60)], pid_after_a_while, jobs=2,
+          quiet=True, on_outcome=lambda outcome: print(outcome.result, flush=True))
 """
 
 
-def test_sigterm_on_a_loky_run_ends_its_workers_with_it():
-    """SIGTERM ended the command and left its loky workers orphaned: they went on with the
-    files they held, never recorded, and held its output open for loky's idle timeout (300 s),
-    so that a caller reading it waited that long. Now the workers end with the command, which
-    ends with status 143 as before."""
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGKILL"])
+def test_loky_workers_end_with_the_process_that_runs_them(tmp_path, signal_name):
+    """A command ended by SIGTERM (or kill -9) left its loky workers orphaned: they went on
+    with the files they held, never recorded, and held its output open for loky's idle timeout
+    (300 s), so that a caller reading it waited that long. Now each worker ends with it, the
+    item it was writing removed (one file of two had stayed)."""
     import subprocess
     import sys
     import time
 
     from tests.conftest import REPO
 
-    run = subprocess.Popen([sys.executable, "-c", _PRINT_THE_WORKERS], cwd=REPO, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+    (tmp_path / "pids").mkdir()
+    run = subprocess.Popen([sys.executable, "-c", _PRINT_THE_WORKERS, str(tmp_path)], cwd=REPO,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        workers = set()
-        for _ in range(40):  # (until both workers have answered)
-            workers.add(int(run.stdout.readline()))
-            if len(workers) == 2:
-                break
-        assert len(workers) == 2, workers
-        run.send_signal(signal.SIGTERM)
+        for _ in range(3):  # (a few files done: the other worker is at work too)
+            run.stdout.readline()
+        workers = {int(path.name) for path in (tmp_path / "pids").iterdir()}
+        assert len(workers) == 2 and (tmp_path / "item" / "first.txt").exists(), workers
+        run.send_signal(getattr(signal, signal_name))
         started = time.monotonic()
         run.communicate(timeout=60)  # (the output's end: every process that held it is gone)
-        assert run.returncode == -signal.SIGTERM and time.monotonic() - started < 10
+        assert run.returncode == -getattr(signal, signal_name) and time.monotonic() - started < 10
     finally:
         run.kill()
     assert not [pid for pid in workers if _running(pid)]
+    assert list((tmp_path / "item").iterdir()) == []
 
 
 def _running(pid: int) -> bool:
