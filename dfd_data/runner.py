@@ -330,6 +330,7 @@ _PR_SET_PDEATHSIG = 1  # (linux/prctl.h)
 
 
 def _on_sigterm_in_worker(number: int, frame) -> None:
+    signal.signal(number, signal.SIG_IGN)  # (once: a second must not cut the unwinding short)
     if _calls_at_work:
         raise _ParentGone()
     os._exit(128 + number)

@@ -269,6 +269,9 @@ def test_loky_workers_end_with_the_process_that_runs_them(tmp_path, signal_name)
     finally:
         run.kill()
     assert not [pid for pid in workers if _running(pid)]
+    deadline = time.monotonic() + 5
+    while list((tmp_path / "item").iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert list((tmp_path / "item").iterdir()) == []
 
 
