@@ -159,8 +159,14 @@ def all_or_none(root: str | os.PathLike):
 
     def write(relpath: str, data: bytes) -> None:
         path = Path(root, relpath)
-        atomic_write_bytes(path, data)
+        # (listed first: an interruption (Ctrl-C, a worker's parent gone) just after the file
+        # lands had left it behind, unlisted)
         written.append(path)
+        try:
+            atomic_write_bytes(path, data)
+        except Exception:  # the write itself failed: whatever is at `path` is not this block's
+            written.pop()
+            raise
 
     try:
         yield write
