@@ -143,6 +143,14 @@ def dataset_copy(sample_dataset, tmp_path) -> Path:
     return target
 
 
+def skip_without_extra(backend: str) -> None:
+    """Skips a test of the dask or ray backend where its extra is not installed (the other
+    backends need none)."""
+    if backend in ("dask", "ray"):
+        pytest.importorskip({"dask": "dask.distributed", "ray": "ray"}[backend],
+                            reason=f"the [{backend}] extra is not installed")
+
+
 def dfd_data(*args, check: bool = False, **kwargs) -> subprocess.CompletedProcess:
     """Run the real `dfd-data` command line in a subprocess, as a user would."""
     command = [sys.executable, "-m", "dfd_data", *map(str, args), "--quiet"] if args[0] in ("align", "crop-components") \

@@ -25,7 +25,7 @@ from dfd_data.dataset import Dataset, read_jsonl
 from dfd_data.errors import ModelMissingError, UserError
 from dfd_data.image_io import read_image
 from dfd_data.weights import hed_weights_path
-from tests.conftest import REPO, dfd_data
+from tests.conftest import REPO, dfd_data, skip_without_extra
 from tests.hostile import bad_files, good_variants, write_folder
 
 NETWORK_METHOD = "photocopy+simplify"
@@ -73,9 +73,7 @@ def loky_run(photos) -> Path:
 def test_cluster_backend_builds_the_same_dataset_as_loky(photos, loky_run, backend, one_torch_thread):
     """threading runs every job in this one process: what workers share must be safe to share
     (one dlib detector shared by two threads once gave images each other's faces)."""
-    if backend != "threading":
-        pytest.importorskip({"dask": "dask.distributed", "ray": "ray"}[backend],
-                            reason=f"the [{backend}] extra is not installed")
+    skip_without_extra(backend)
     root = photos.parent / backend
     # align exits 1 like loky: the two broken photos failed, the others did not.
     assert prepare(photos, root, "--backend", backend) == {"align": 1, "photocopy": 0, NETWORK_METHOD: 0, "crop": 0}

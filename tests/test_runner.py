@@ -7,6 +7,7 @@ import signal
 import pytest
 
 from dfd_data.runner import SkipItem, Task, run_batch
+from tests.conftest import REPO, skip_without_extra
 
 
 def square_or_fail(task: Task) -> int:
@@ -103,19 +104,12 @@ def square_or_die(task: Task) -> int:
     return task.payload ** 2
 
 
-def _skip_without(backend: str) -> None:
-    """Skips a test of a cluster backend whose extra is not installed."""
-    if backend in ("dask", "ray"):
-        pytest.importorskip({"dask": "dask.distributed", "ray": "ray"}[backend],
-                            reason=f"the [{backend}] extra is not installed")
-
-
 @pytest.mark.parametrize("backend, count", [("loky", 10), ("loky", 7), ("dask", 10), ("ray", 10)])
 def test_a_worker_killed_by_one_file_fails_that_file_only(backend, count):
     """The dead worker's file is reported as failed and every other file is done: loky had
     aborted the batch with a traceback, joblib's dask backend waited for ever. (With 7 files
     the search for the culprit ends on a single call, which must still run in a worker.)"""
-    _skip_without(backend)
+    skip_without_extra(backend)
     seen = {}
     tasks = [Task(str(i), f"file{i}.png", i) for i in range(count)]
     summary = run_batch("demo", tasks, square_or_die, jobs=2, backend=backend, quiet=True,
@@ -136,7 +130,7 @@ def test_a_worker_killed_by_one_file_of_a_batch_fails_that_file_only(backend):
     """A batch whose worker dies is run again a task at a time once it is found: its other
     files are done, where they had failed with it (and again on every run, as the batches are
     the same)."""
-    _skip_without(backend)
+    skip_without_extra(backend)
     seen = {}
     tasks = [Task(str(i), f"file{i}.png", i) for i in range(9)]
     summary = run_batch("demo", tasks, squares_or_die, jobs=2, backend=backend, quiet=True, batch_size=3,
@@ -168,7 +162,7 @@ def test_a_ray_run_records_the_other_files_while_a_call_whose_worker_died_runs_a
     """The call whose worker died ran again with a blocking wait of its own: meanwhile nothing
     was recorded or given out, Ctrl-C lost what had ended, and a head lost then went unseen
     until ray ended the command from C++ 60 s later. It now runs among the others."""
-    _skip_without("ray")
+    skip_without_extra("ray")
     order = []
     tasks = [Task(str(i), str(tmp_path / "died") if i == 0 else f"file{i}.png", i) for i in range(20)]
     summary = run_batch("demo", tasks, die_once_then_take_long, jobs=2, backend="ray", quiet=True,
@@ -251,8 +245,6 @@ def test_loky_workers_end_with_the_process_that_runs_them(tmp_path, signal_name)
     import subprocess
     import sys
     import time
-
-    from tests.conftest import REPO
 
     (tmp_path / "pids").mkdir()
     run = subprocess.Popen([sys.executable, "-c", _PRINT_THE_WORKERS, str(tmp_path)], cwd=REPO,
