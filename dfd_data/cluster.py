@@ -31,8 +31,9 @@ CLUSTER_BACKENDS = ("dask", "ray")
 # connect timeout: see _dask_connect_seconds.)
 CONNECT_SECONDS = 20
 CONNECT_MARGIN_SECONDS = 5  # beyond dask's connect timeout, for a server that accepted and never answers
-# How long a dask run may find no worker in the cluster before it says so: a scheduler whose
-# workers have not started (or have all left) holds the tasks, and the run waited without a word.
+# How long a dask run may find no worker in the cluster, or a ray run no CPU, before it says so:
+# a cluster whose workers have not started (or have all left) holds the tasks, and the run
+# waited without a word.
 NO_WORKER_NOTICE_SECONDS = 15
 _WATCH_SECONDS = 1.0  # between two looks at the cluster's workers
 # How long a ray run may find its head (the GCS) refusing connections before it stops with one
@@ -162,6 +163,29 @@ class RayHeadWatch:
         """The run's one line for a head that `how` (e.g. "has not answered for 10 s")."""
         return UserError(f"ray: the cluster's head at {self.gcs_address} {how} (stopped, or out of reach); the files "
                          "finished are recorded: run the command again for the rest")
+
+
+class RayCpuNotice:
+    """Says once when a ray cluster that had no CPU as the run began (its nodes not started yet,
+    or none with CPUs) has ended no call for NO_WORKER_NOTICE_SECONDS, and once more when calls
+    end after that: ray held the tasks without a word. The run goes on waiting, as an
+    autoscaler starts nodes for the tasks it holds."""
+
+    def __init__(self, cpus: int, gcs_address: str, say: Callable[[str], None]):
+        self.waiting_since = time.monotonic() if cpus == 0 else None
+        self.gcs_address, self.say, self.said = gcs_address, say, False
+
+    def nothing_ended(self) -> None:
+        if self.waiting_since is None or self.said or time.monotonic() - self.waiting_since < NO_WORKER_NOTICE_SECONDS:
+            return
+        self.say(f"ray: the cluster at {self.gcs_address} has had no CPU for {NO_WORKER_NOTICE_SECONDS} s; the run "
+                 f"waits for one (start a node with: ray start --address {self.gcs_address}), or press Ctrl-C")
+        self.said = True
+
+    def ended(self) -> None:
+        if self.said:
+            self.say("ray: a node with CPUs joined; the run goes on")
+        self.waiting_since, self.said = None, False
 
 
 @contextmanager

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Iterator
 import joblib
 from tqdm import tqdm
 
-from .cluster import CLUSTER_BACKENDS, RayHeadWatch, cluster_session, dask_worker_watch
+from .cluster import CLUSTER_BACKENDS, RayCpuNotice, RayHeadWatch, cluster_session, dask_worker_watch
 from .errors import SetupError, UserError
 
 BACKENDS = ("loky", "threading", *CLUSTER_BACKENDS)
@@ -423,13 +423,16 @@ def _ray_outcomes(calls: list, jobs: int) -> Iterator[Outcome]:
     ray names the call whose worker died (none is retried by ray): that call runs once more,
     in case its machine rather than its file failed (a node that died fails all its calls),
     and a batch that fails so again runs a task at a time, as with dask; each among the other
-    calls, waited for as they are."""
+    calls, waited for as they are. A cluster without CPUs is reported while the run waits for
+    one (see cluster.RayCpuNotice)."""
     import ray
 
     remote = ray.remote(max_retries=0)(_called)
     head = RayHeadWatch(ray.get_runtime_context().gcs_address)
     # (counted once: asked again during the run, the cluster's resources waited 60 s on a lost head)
-    window = max(jobs, RAY_CALLS_PER_CPU * int(ray.cluster_resources().get("CPU", 1)))
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    window = max(jobs, RAY_CALLS_PER_CPU * max(cpus, 1))
+    no_cpu = RayCpuNotice(cpus, head.gcs_address, lambda notice: tqdm.write(notice, file=sys.stderr))
     waiting, pending = iter(calls), {}  # pending: reference -> (call, how many times it ran before)
     while True:
         for call in itertools.islice(waiting, max(0, window - len(pending))):
@@ -439,7 +442,9 @@ def _ray_outcomes(calls: list, jobs: int) -> Iterator[Outcome]:
         head.check()  # (at most once a second, whether calls end or not)
         # (in steps: Python sees Ctrl-C between them; then every call that has ended, in one look)
         if not ray.wait(list(pending), num_returns=1, timeout=_RAY_WAIT_SECONDS)[0]:
+            no_cpu.nothing_ended()
             continue
+        no_cpu.ended()
         ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
         for reference in ready:
             call, runs = pending.pop(reference)

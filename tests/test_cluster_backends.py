@@ -394,16 +394,16 @@ RAY_TOKEN = "0123456789abcdef" * 2
 
 
 @contextmanager
-def ray_head(home: Path) -> Iterator[tuple[subprocess.Popen, int]]:
-    """(its process, its port): a ray head started apart (`ray start --head --block`) with
-    token authentication, its token RAY_TOKEN and its own HOME (its token and the commands'
-    stay out of this user's ~/.ray), stopped after the block."""
+def ray_head(home: Path, cpus: int = 2) -> Iterator[tuple[subprocess.Popen, int]]:
+    """(its process, its port): a ray head of `cpus` CPUs started apart (`ray start --head
+    --block`) with token authentication, its token RAY_TOKEN and its own HOME (its token and
+    the commands' stay out of this user's ~/.ray), stopped after the block."""
     home.mkdir()
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     head = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--port",
-                             str(port), "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats"],
+                             str(port), "--num-cpus", str(cpus), "--include-dashboard", "false", "--disable-usage-stats"],
                             env={**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": RAY_TOKEN},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -454,6 +454,41 @@ def test_a_ray_head_started_apart_runs_the_commands_and_one_that_refuses_them_sa
             ["align", str(photos), str(tmp_path / "stopped"), "--size", "128", "--jobs", "2", "--backend", "ray"],
             {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": RAY_TOKEN}, tmp_path / "stderr")
         assert "SIGTERM" not in stderr
+
+
+def test_a_ray_run_without_cpus_says_so_and_goes_on_when_a_node_joins(dataset_copy, tmp_path):
+    """A ray cluster without CPUs (a head started with none, its nodes not started yet) holds
+    the tasks: the run waited without a word. It now says so while it waits, as with dask,
+    and finishes once a node with a CPU joins."""
+    pytest.importorskip("ray", reason="the [ray] extra is not installed")
+    from dfd_data.cluster import NO_WORKER_NOTICE_SECONDS
+
+    home, log = tmp_path / "home", tmp_path / "stderr"
+    with ray_head(home, cpus=0) as (_, port), open(log, "w+") as stderr, ExitStack() as stack:
+        env = {**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": RAY_TOKEN}
+        run = subprocess.Popen([sys.executable, "-m", "dfd_data", "build-sketches", str(dataset_copy), "--method",
+                                "canny", "--backend", "ray", "--quiet", "--preview", "0"], cwd=REPO,
+                               env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}, stdout=subprocess.DEVNULL,
+                               stderr=stderr, text=True)
+        stack.callback(run.kill)
+        deadline = time.monotonic() + NO_WORKER_NOTICE_SECONDS + 60
+        while "has had no CPU" not in log.read_text() and time.monotonic() < deadline:
+            assert run.poll() is None, log.read_text()
+            time.sleep(0.5)
+        assert not list(dataset_copy.glob("sketches/**/*.png"))  # (nothing ran yet)
+        node = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--address",
+                                 f"127.0.0.1:{port}", "--block", "--num-cpus", "1", "--disable-usage-stats"],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        stack.callback(node.wait, 60)
+        stack.callback(node.terminate)  # (`--block`: SIGTERM stops the node's processes)
+        assert run.wait(180) == 0, log.read_text()
+    notices = [line for line in log.read_text().splitlines() if line.startswith("ray: ")]
+    address = r"[\d.]+:%d" % port
+    assert len(notices) == 2 and re.fullmatch(
+        rf"ray: the cluster at ({address}) has had no CPU for {NO_WORKER_NOTICE_SECONDS} s; the run waits for one "
+        rf"\(start a node with: ray start --address \1\), or press Ctrl-C", notices[0]), notices
+    assert notices[1] == "ray: a node with CPUs joined; the run goes on"
+    assert len(list((dataset_copy / "sketches" / "canny").glob("*.png"))) == 2
 
 
 # Runs 40 files of sleep_then_square on the ray head at RAY_ADDRESS and kills the head's
