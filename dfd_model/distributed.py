@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Callable, TypeVar
 
 import torch
 from torch import distributed as dist
 from torch import nn
 
+from dfd_data.atomic import atomic_write_text
 from dfd_data.errors import DeviceError, UserError
 
 T = TypeVar("T")
@@ -165,6 +169,41 @@ def on_every_rank(ranks: Ranks, work: Callable[[], T]) -> T:
     raise OtherRankFailed(f"rank {failed[0][0]} stopped: {failed[0][1]}")
 
 
+def check_shared_folder(ranks: Ranks, folder: Path) -> None:
+    """Stops every process, rank 0 with one line, unless each one sees `folder` (which rank 0
+    has created) as rank 0 does. Rank 0 alone writes the run folder and the others read it: on
+    machines without storage they share, a process that did not find the run's configuration
+    failed alone, and rank 0 said only that another process had ended; one that found an old
+    run there would have trained from another configuration. Rank 0 writes a mark of a name
+    never used before (an NFS client may remember that a name it looked up was missing), and
+    removes it once every process has looked."""
+    if not ranks.active:
+        return
+    token = main_first(ranks, lambda: _marked(folder))
+    shared = [token]
+    dist.broadcast_object_list(shared, src=0, group=ranks.long_waits)
+    mark = folder / f".seen-by-every-rank-{shared[0]}"
+    try:
+        seen = mark.read_text() == shared[0]
+    except OSError:
+        seen = False
+    sights: list = [None] * ranks.world
+    dist.all_gather_object(sights, (seen, socket.gethostname()), group=ranks.long_waits)
+    if ranks.main:
+        mark.unlink(missing_ok=True)
+    blind = [(rank, host) for rank, (seen, host) in enumerate(sights) if not seen]
+    if blind:
+        message = (f"{folder}: rank {blind[0][0]} (on {blind[0][1]}) does not see this run folder as rank 0 (on "
+                   f"{sights[0][1]}) does: torchrun on several machines needs --out on storage that every machine shares")
+        raise UserError(message) if ranks.main else OtherRankFailed(message)
+
+
+def _marked(folder: Path) -> str:
+    token = secrets.token_hex(16)
+    atomic_write_text(folder / f".seen-by-every-rank-{token}", token)
+    return token
+
+
 # What a collective's error says where the process at the other end has gone (it ended with an
 # error of its own, which it prints): gloo's closed or reset connections, NCCL's remote error.
 # c10d raises the same error types for faults of this process's own (a port in use, a store).
@@ -225,5 +264,5 @@ def replicas_agree(modules: list[nn.Module], ranks: Ranks, device: torch.device)
 
 
 __all__ = ["COLLECTIVE_TIMEOUT", "LONG_WAIT_TIMEOUT", "OtherRankFailed", "Ranks", "barrier", "broadcast_buffers",
-           "launched_rank", "lost_peer", "main_first", "mean_over_ranks", "on_every_rank", "replicas_agree", "start",
-           "stop", "timed_out", "unwrap", "wait_for_all", "wrap"]
+           "check_shared_folder", "launched_rank", "lost_peer", "main_first", "mean_over_ranks", "on_every_rank",
+           "replicas_agree", "start", "stop", "timed_out", "unwrap", "wait_for_all", "wrap"]

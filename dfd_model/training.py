@@ -279,10 +279,12 @@ class Trainer:
     # ---- configuration ----------------------------------------------------------------------------
     def _resolve_configs(self, model_config, train_config, resume, given):
         """The run's configurations: rank 0 checks the dataset and the run folder and writes the
-        resolved configuration, which the other processes then read."""
+        resolved configuration, which the other processes then read (in the same folder: see
+        distributed.check_shared_folder)."""
         path = self.out / CONFIG_FILE
         wanted = distributed.main_first(self.ranks, lambda: self._write_run_config(path, model_config, train_config,
                                                                                   resume, given))
+        distributed.check_shared_folder(self.ranks, self.out)
         wanted = wanted if wanted is not None else _read_run_config(path)
         try:
             return ModelConfig.from_dict(wanted["model"], complete=True), TrainConfig.from_dict(wanted["training"])
