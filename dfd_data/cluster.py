@@ -178,13 +178,14 @@ class RayCpuNotice:
     def nothing_ended(self) -> None:
         if self.waiting_since is None or self.said or time.monotonic() - self.waiting_since < NO_WORKER_NOTICE_SECONDS:
             return
-        self.say(f"ray: the cluster at {self.gcs_address} has had no CPU for {NO_WORKER_NOTICE_SECONDS} s; the run "
-                 f"waits for one (start a node with: ray start --address {self.gcs_address}), or press Ctrl-C")
+        self.say(f"ray: the cluster at {self.gcs_address} had no CPU as the run began, and no call has ended in "
+                 f"{NO_WORKER_NOTICE_SECONDS} s; the run waits (start a node with CPUs: ray start --address "
+                 f"{self.gcs_address}; an autoscaler starts its own), or press Ctrl-C")
         self.said = True
 
     def ended(self) -> None:
         if self.said:
-            self.say("ray: a node with CPUs joined; the run goes on")
+            self.say("ray: calls have begun to end; the run goes on")
         self.waiting_since, self.said = None, False
 
 

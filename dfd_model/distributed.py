@@ -8,10 +8,12 @@ torchrun everything here is a no-op for a single process.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
 import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -175,33 +177,57 @@ def check_shared_folder(ranks: Ranks, folder: Path) -> None:
     machines without storage they share, a process that did not find the run's configuration
     failed alone, and rank 0 said only that another process had ended; one that found an old
     run there would have trained from another configuration. Rank 0 writes a mark of a name
-    never used before (an NFS client may remember that a name it looked up was missing), and
-    removes it once every process has looked."""
+    never used before and removes it once every process has looked."""
     if not ranks.active:
         return
     token = main_first(ranks, lambda: _marked(folder))
     shared = [token]
-    dist.broadcast_object_list(shared, src=0, group=ranks.long_waits)
-    mark = folder / f".seen-by-every-rank-{shared[0]}"
+    dist.broadcast_object_list(shared, src=0)
+    mark = folder / f"{_MARK_PREFIX}{shared[0]}"
     try:
-        seen = mark.read_text() == shared[0]
-    except OSError:
-        seen = False
-    sights: list = [None] * ranks.world
-    dist.all_gather_object(sights, (seen, socket.gethostname()), group=ranks.long_waits)
-    if ranks.main:
-        mark.unlink(missing_ok=True)
-    blind = [(rank, host) for rank, (seen, host) in enumerate(sights) if not seen]
+        sights: list = [None] * ranks.world
+        dist.all_gather_object(sights, (_unseen_because(mark, shared[0]), socket.gethostname()))
+    finally:
+        if ranks.main:
+            with contextlib.suppress(OSError):  # (litter at worst: every process has looked)
+                mark.unlink(missing_ok=True)
+    blind = [(rank, host, reason) for rank, (reason, host) in enumerate(sights) if reason is not None]
     if blind:
-        message = (f"{folder}: rank {blind[0][0]} (on {blind[0][1]}) does not see this run folder as rank 0 (on "
-                   f"{sights[0][1]}) does: torchrun on several machines needs --out on storage that every machine shares")
+        rank, host, reason = blind[0]
+        message = (f"{folder}: rank {rank} (on {host}) does not see this run folder as rank 0 (on {sights[0][1]}) "
+                   f"does ({reason}): torchrun on several machines needs --out on storage that every machine shares")
         raise UserError(message) if ranks.main else OtherRankFailed(message)
+
+
+_MARK_PREFIX = ".seen-by-every-rank-"
+# How long a process looks for rank 0's mark before it counts as unseen. An NFS client may
+# remember for up to a minute that the run folder was missing (every process looks at --out as
+# its options are read, before rank 0 creates it); listing the folders above makes it look again.
+MARK_SEARCH_SECONDS = 5.0
 
 
 def _marked(folder: Path) -> str:
     token = secrets.token_hex(16)
-    atomic_write_text(folder / f".seen-by-every-rank-{token}", token)
+    atomic_write_text(folder / f"{_MARK_PREFIX}{token}", token)
     return token
+
+
+def _unseen_because(mark: Path, token: str) -> str | None:
+    """None where `mark` holds `token`, else why not (the last error met in MARK_SEARCH_SECONDS)."""
+    deadline = time.monotonic() + MARK_SEARCH_SECONDS
+    while True:
+        try:
+            if mark.read_text() == token:
+                return None
+            reason = "the mark it reads differs"
+        except OSError as error:
+            reason = error.strerror or type(error).__name__
+        if time.monotonic() >= deadline:
+            return reason
+        for folder in (mark.parent.parent, mark.parent):
+            with contextlib.suppress(OSError):
+                os.listdir(folder)
+        time.sleep(0.25)
 
 
 # What a collective's error says where the process at the other end has gone (it ended with an

@@ -248,9 +248,8 @@ def test_a_missing_device_under_torchrun_is_reported_once_per_machine(sketched_d
     assert printed == {0: f"Error: {message}\n", 1: "", 2: f"Error: rank 2: {message}\n", 3: ""}
 
 
-def _mount_namespace_allowed() -> bool:
-    return shutil.which("unshare") is not None and \
-        subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode == 0
+# A process in a mount namespace of its own with an empty tmpfs over the folder $0; runs "$@"
+_OWN_VIEW = ["unshare", "-m", "--propagation", "private", "sh", "-c", 'mount -t tmpfs tmpfs "$0" && exec "$@"']
 
 
 def test_a_process_that_cannot_see_the_run_folder_stops_the_run_with_one_line(sketched_dataset, tmp_path):
@@ -258,28 +257,29 @@ def test_a_process_that_cannot_see_the_run_folder_stops_the_run_with_one_line(sk
     other processes read it: torchrun on several machines needs it on storage they share.
     Here rank 1 runs in a mount namespace of its own, with an empty tmpfs over the folder that
     holds the run, as a machine without that storage sees it."""
-    if not _mount_namespace_allowed():
-        pytest.skip("needs `unshare -m` (root) to give one process a view of the folders of its own")
     runs = tmp_path / "runs"
     runs.mkdir()
+    if shutil.which("unshare") is None or subprocess.run([*_OWN_VIEW, str(runs), "true"],
+                                                         capture_output=True).returncode != 0:
+        pytest.skip("needs `unshare -m` and a tmpfs mount (root) to give one process a view of the folders of its own")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     command = [sys.executable, "-m", "dfd_model", "train", str(sketched_dataset), "--resolution", "128", "--steps", "1",
                "--quiet", "--out", str(runs / "run"), *TINY_SETTINGS]
-    blind = subprocess.Popen(["unshare", "-m", "sh", "-c", 'mount -t tmpfs tmpfs "$0" && exec "$@"', str(runs),
-                              *command], cwd=REPO, env={**env, "RANK": "1", "LOCAL_RANK": "1"},
+    blind = subprocess.Popen([*_OWN_VIEW, str(runs), *command], cwd=REPO, env={**env, "RANK": "1", "LOCAL_RANK": "1"},
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         main_rank = subprocess.run(command, cwd=REPO, env={**env, "RANK": "0", "LOCAL_RANK": "0"},
                                    capture_output=True, text=True, timeout=180)
-        blind_out, blind_err = blind.communicate(timeout=60)
+        _, blind_err = blind.communicate(timeout=60)
     finally:
         blind.kill()
     host = socket.gethostname()
     assert main_rank.returncode == 1 and main_rank.stderr.strip().splitlines() == [
-        f"Error: {runs / 'run'}: rank 1 (on {host}) does not see this run folder as rank 0 (on {host}) does: torchrun "
-        "on several machines needs --out on storage that every machine shares"], main_rank.stderr
+        f"Error: {runs / 'run'}: rank 1 (on {host}) does not see this run folder as rank 0 (on {host}) does (No such "
+        "file or directory): torchrun on several machines needs --out on storage that every machine shares"], \
+        main_rank.stderr + blind_err
     assert blind.returncode == 1 and blind_err == "", blind_err
     assert sorted(path.name for path in (runs / "run").iterdir()) == ["train_config.json"]
