@@ -16,7 +16,6 @@ task failed or was skipped, the others did not).
 """
 from __future__ import annotations
 
-import ctypes
 import itertools
 import os
 import signal
@@ -32,6 +31,7 @@ from tqdm import tqdm
 
 from .cluster import CLUSTER_BACKENDS, RayCpuNotice, RayHeadWatch, cluster_session, dask_worker_watch
 from .errors import SetupError, UserError
+from .parent_death import signal_when_parent_ends
 
 BACKENDS = ("loky", "threading", *CLUSTER_BACKENDS)
 # Calls given out to a ray cluster at a time, per CPU of it: enough to keep every CPU busy
@@ -321,12 +321,9 @@ def _end_with_this_process(parent: int) -> None:
     if not sys.platform.startswith("linux"):
         return
     signal.signal(signal.SIGTERM, _on_sigterm_in_worker)
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    signal_when_parent_ends(signal.SIGTERM)
     if os.getppid() != parent:  # (it ended before the request: no signal will come)
         os._exit(128 + signal.SIGTERM)
-
-
-_PR_SET_PDEATHSIG = 1  # (linux/prctl.h)
 
 
 def _on_sigterm_in_worker(number: int, frame) -> None:

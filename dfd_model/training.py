@@ -49,6 +49,7 @@ from .config import ModelConfig
 from .losses import VGG19Features, feature_matching_loss, lsgan_loss, perceptual_loss
 from .networks import MultiscaleDiscriminator, denormalize_image, fuse_feature_maps
 from .projection import FeatureBank
+from .run_lock import RunFolderLock
 from .sketch_to_face import SketchToFace, crop_sketch_components
 from .training_checkpoint import (checkpoint_configs, checkpoint_name, latest_checkpoint, load_checkpoint,
                                   save_checkpoint)
@@ -206,6 +207,7 @@ class Trainer:
         """`given`: the settings the user chose (the command line's explicit options); a resumed
         run keeps its own value of every other one. None: all of them. `stage`, the one `run`
         will be asked for, is checked before the data is stacked (minutes, for a large set)."""
+        self._lock: RunFolderLock | None = None
         self.ranks, device = distributed.start(device)
         main = self.ranks.main
         self.dataset, self.out, self.device = Dataset(dataset), Path(out), device
@@ -311,6 +313,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError) as error:
             raise TrainingError(f"{self.out}: cannot create the run folder ({error.strerror})") from None
+        self._lock = RunFolderLock(self.out, self.echo)  # (rank 0 alone writes the folder)
         atomic_write_text(path, json.dumps(wanted, indent=2, sort_keys=True) + "\n")
         return wanted
 
@@ -573,8 +576,11 @@ class Trainer:
 
     # ---- the loop --------------------------------------------------------------------------------------
     def close(self) -> None:
-        """Leave the process group (torchrun runs); the trainer cannot be used afterwards."""
+        """Leave the process group (torchrun runs) and let go of the run folder; the trainer
+        cannot be used afterwards."""
         distributed.stop(self.ranks)
+        if self._lock is not None:
+            self._lock.release()
 
     def _check_stage(self, stage: str) -> None:
         if stage == "2" and self.stage == 1:

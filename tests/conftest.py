@@ -186,3 +186,27 @@ def pytest_terminal_summary(terminalreporter):
     if TALLY.tried:
         terminalreporter.write_sep("-", "hostile inputs")
         terminalreporter.write_line(TALLY.line())
+
+
+def running(pid: int) -> bool:
+    """Whether process `pid` exists and has not ended (a zombie has, awaiting its reaper)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(entry / "stat") as stat:
+                if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+        except (FileNotFoundError, ProcessLookupError):  # (it ended meanwhile)
+            pass
+    return found

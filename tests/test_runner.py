@@ -7,7 +7,7 @@ import signal
 import pytest
 
 from dfd_data.runner import SkipItem, Task, run_batch
-from tests.conftest import REPO, skip_without_extra
+from tests.conftest import REPO, running, skip_without_extra
 
 
 def square_or_fail(task: Task) -> int:
@@ -260,17 +260,8 @@ def test_loky_workers_end_with_the_process_that_runs_them(tmp_path, signal_name)
         assert run.returncode == -getattr(signal, signal_name) and time.monotonic() - started < 10
     finally:
         run.kill()
-    assert not [pid for pid in workers if _running(pid)]
+    assert not [pid for pid in workers if running(pid)]
     deadline = time.monotonic() + 5
     while list((tmp_path / "item").iterdir()) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert list((tmp_path / "item").iterdir()) == []
-
-
-def _running(pid: int) -> bool:
-    """Whether process `pid` exists and has not ended (a zombie has, awaiting its reaper)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -827,3 +828,40 @@ def test_a_batch_larger_than_the_training_set_is_said_before_training(sketched_d
     warning = "warning: a batch is larger than the training set, so every batch repeats pairs"
     assert _trainer(sketched_dataset, tmp_path / "fits").describe().endswith("2 training pairs, 2 validation faces")
     assert _trainer(sketched_dataset, tmp_path / "repeats", batch_size=3).describe().endswith(warning)
+
+
+_HOLD_THE_RUN_FOLDER = """
+import sys, time
+from pathlib import Path
+from dfd_model.run_lock import RunFolderLock
+lock = RunFolderLock(Path(sys.argv[1]), print)
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_process_training_into_a_run_folder_is_refused_until_the_first_ends(sketched_dataset, tmp_path):
+    """Two processes training into one run folder (a resume started while the run still went
+    on, or torchrun processes that outlived their agent) had each removed the other's
+    checkpoint in progress and written the stats twice. The second is now refused in one line
+    naming the first; trainers of one process share the folder (a script may make a new one
+    to resume), and the folder is free again once the first process ends, however it ends."""
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_THE_RUN_FOLDER, str(run)], cwd=REPO,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        refused = CliRunner().invoke(main, ["train", str(sketched_dataset), "--out", str(run), "--resume",
+                                            "--resolution", "128", "--steps", "1", "--quiet", *TINY_SETTINGS])
+        assert refused.exit_code == 1 and refused.output.strip().splitlines() == [
+            f"Error: {run}: another process is training into this run folder (pid {holder.pid} on "
+            f"{socket.gethostname()}); let it finish or stop it, then run this again"], refused.output
+        assert sorted(path.name for path in run.iterdir()) == [".training.lock"]  # (nothing written)
+    finally:
+        holder.kill()
+        holder.wait()
+    first = _trainer(sketched_dataset, run, steps=1)
+    second = _trainer(sketched_dataset, run, resume=True, steps=1)  # (the same process: shared)
+    first.close()
+    second.close()

@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -17,7 +19,7 @@ from click.testing import CliRunner
 
 from dfd_model.cli import main
 from dfd_model.sketch_to_face import SketchToFace
-from tests.conftest import REPO, TINY_SETTINGS, run_losses
+from tests.conftest import REPO, TINY_SETTINGS, children, run_losses, running
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -282,4 +284,33 @@ def test_a_process_that_cannot_see_the_run_folder_stops_the_run_with_one_line(sk
         "file or directory): torchrun on several machines needs --out on storage that every machine shares"], \
         main_rank.stderr + blind_err
     assert blind.returncode == 1 and blind_err == "", blind_err
-    assert sorted(path.name for path in (runs / "run").iterdir()) == ["train_config.json"]
+    assert sorted(path.name for path in (runs / "run").iterdir()) == [".training.lock", "train_config.json"]
+
+
+def test_the_processes_of_a_torchrun_agent_killed_end_with_it(sketched_dataset, tmp_path):
+    """torchrun's agent starts each process in a session of its own: killed (kill -9, an
+    out-of-memory kill), it had left them training on, orphaned, into the run folder that a
+    resumed run then wrote too. They now end with it."""
+    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                              "-m", "dfd_model", "train", str(sketched_dataset), "--resolution", "128", "--steps",
+                              "100000", "--log-every", "1", "--quiet", "--out", str(tmp_path / "run"), *TINY_SETTINGS],
+                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "run" / "stats.jsonl").exists():  # (training: both processes took their part)
+            assert agent.poll() is None and time.monotonic() < deadline
+            time.sleep(0.5)
+        workers = children(agent.pid)
+        assert len(workers) == 2, workers
+        agent.kill()
+        agent.wait()
+        deadline = time.monotonic() + 15
+        while any(running(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [pid for pid in workers if running(pid)]
+    finally:
+        agent.kill()
+        for pid in workers:
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
