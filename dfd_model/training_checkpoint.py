@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from dfd_data.atomic import atomic_write_safetensors, atomic_write_text, sha256_bytes, sha256_file
+from dfd_data.atomic import WriteError, atomic_write_safetensors, atomic_write_text, sha256_bytes, sha256_file
 from dfd_data.errors import UserError
 
 from .projection import FeatureBank
@@ -102,8 +102,10 @@ def save_checkpoint(run: Path, name: str, *, modules: dict[str, torch.nn.Module]
                     "tensors_sha256": digest, **state}
         document["state_sha256"] = _state_digest(document)
         atomic_write_text(temp / STATE_FILE, json.dumps(document, indent=1, sort_keys=True))
-    except BaseException:  # a full disk: no half checkpoint stays behind to take space
+    except BaseException as error:  # a full disk: no half checkpoint stays behind to take space
         shutil.rmtree(temp, ignore_errors=True)
+        if isinstance(error, WriteError):  # (named as the checkpoint's file, not the temporary folder's)
+            raise WriteError.of(error, folder / name / Path(error.filename).name) from None
         raise
     final = folder / name
     shutil.rmtree(final, ignore_errors=True)

@@ -813,6 +813,7 @@ def test_a_disk_that_fills_up_stops_training_with_one_line_and_resume_repeats_th
     assert full.exit_code == 1 and "Traceback" not in full.output
     line = full.output.strip().splitlines()[-1]
     assert line.startswith(f"Error: {run}/") and line.endswith(": cannot write (No space left on device)"), line
+    assert "/.tmp-" not in line  # (the file meant, not the temporary folder written through)
     assert not [p for p in run.rglob("*") if p.name.startswith((TEMP_PREFIX, ".tmp-"))]
     resumed = CliRunner().invoke(main, [*args, "--out", str(run), "--resume"])
     assert resumed.exit_code == 0, resumed.output
