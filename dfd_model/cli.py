@@ -20,7 +20,30 @@ precision_option = click.option(
     help="auto: bf16 where the hardware computes it natively (AMX CPUs, CUDA), else fp32 (float32 everywhere, TF32 off on CUDA).")
 
 
-@click.group(cls=UserErrorGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+class _OneVoiceGroup(UserErrorGroup):
+    """Under torchrun every process reads the same command line: a refusal of it (an unknown
+    option, a dataset that is not there) is said by rank 0 alone, with the usage, as the
+    training's own refusals are; the other processes end with its status without a word (each
+    had printed it)."""
+
+    def main(self, *args, **kwargs):
+        from .distributed import launched_rank
+
+        if launched_rank() == 0 or kwargs.get("standalone_mode") is False:
+            return super().main(*args, **kwargs)
+        try:
+            result = super().main(*args, **{**kwargs, "standalone_mode": False})
+        except click.UsageError as error:
+            raise SystemExit(error.exit_code) from None
+        except click.ClickException as error:  # (what the process met itself: said as it would be alone)
+            error.show()
+            raise SystemExit(error.exit_code) from None
+        except click.Abort:
+            raise SystemExit(130) from None
+        raise SystemExit(result if isinstance(result, int) else 0)
+
+
+@click.group(cls=_OneVoiceGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(__version__, prog_name="dfd-model")
 def main():
     """Train the two-stage DeepFaceDrawing model and turn sketches into faces."""

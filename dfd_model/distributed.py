@@ -213,6 +213,8 @@ MARK_SEARCH_SECONDS = 5.0
 
 
 def _marked(folder: Path) -> str:
+    for left in folder.glob(f"{_MARK_PREFIX}*"):  # (a run ended by a signal mid-check leaves its mark)
+        left.unlink(missing_ok=True)
     token = secrets.token_hex(16)
     atomic_write_text(folder / f"{_MARK_PREFIX}{token}", token)
     return token

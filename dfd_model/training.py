@@ -287,11 +287,16 @@ class Trainer:
         wanted = distributed.main_first(self.ranks, lambda: self._write_run_config(path, model_config, train_config,
                                                                                   resume, given))
         distributed.check_shared_folder(self.ranks, self.out)
-        wanted = wanted if wanted is not None else _read_run_config(path)
-        try:
-            return ModelConfig.from_dict(wanted["model"], complete=True), TrainConfig.from_dict(wanted["training"])
-        except (TypeError, ValueError) as error:  # a train_config.json edited by hand, or from another version
-            raise TrainingError(f"{path}: {error}; restore it or start a new --out") from None
+
+        def parsed() -> tuple[ModelConfig, TrainConfig]:
+            settings = wanted if wanted is not None else _read_run_config(path)
+            try:
+                return (ModelConfig.from_dict(settings["model"], complete=True),
+                        TrainConfig.from_dict(settings["training"]))
+            except (TypeError, ValueError) as error:  # a train_config.json edited by hand, or from another version
+                raise TrainingError(f"{path}: {error}; restore it or start a new --out") from None
+
+        return distributed.on_every_rank(self.ranks, parsed)  # (one line for a file every process reads)
 
     def _write_run_config(self, path: Path, model_config: ModelConfig, train_config: TrainConfig,
                           resume: bool, given: Collection[str] | None) -> dict:

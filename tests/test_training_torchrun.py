@@ -187,6 +187,15 @@ def test_torchrun_with_two_cpu_processes_matches_one_process(sketched_dataset, t
     errors = [line for line in damaged.stderr.splitlines() if "Error" in line and "ChildFailedError" not in line]
     assert damaged.returncode != 0 and len(errors) == 1, damaged.stderr[-3000:]
     assert errors[0].startswith(f"Error: {tmp_path / 'cut' / 'checkpoints' / latest / 'tensors.safetensors'}: ")
+    # so is a run configuration every process finds out of bounds (each had said it)
+    settings = json.loads((tmp_path / "cut" / "train_config.json").read_text())
+    settings["model"]["ngf"] = -1
+    (tmp_path / "cut" / "train_config.json").write_text(json.dumps(settings))
+    edited = subprocess.run([*launcher, "-m", "dfd_model", "train", *more, "--batch-size", "2", "--resume",
+                             "--out", str(tmp_path / "cut")], capture_output=True, text=True, cwd=REPO, timeout=600)
+    errors = [line for line in edited.stderr.splitlines() if "Error" in line and "ChildFailedError" not in line]
+    assert edited.returncode != 0 and len(errors) == 1, edited.stderr[-3000:]
+    assert errors[0].startswith(f"Error: {tmp_path / 'cut' / 'train_config.json'}: model config: ngf=-1"), errors
 
 
 def test_a_process_that_finds_another_gone_says_so_in_one_line(sketched_dataset, tmp_path, monkeypatch):
@@ -314,3 +323,17 @@ def test_the_processes_of_a_torchrun_agent_killed_end_with_it(sketched_dataset, 
         for pid in workers:
             if running(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("arguments", [["/no/such/dataset"], ["DATASET", "--set", "no_such_setting=1"]])
+def test_a_command_line_that_every_process_refuses_is_said_by_rank_0_alone(sketched_dataset, tmp_path, arguments):
+    """Every process torchrun starts reads the same command line: each had printed its
+    refusal, with the usage."""
+    arguments = [str(sketched_dataset) if argument == "DATASET" else argument for argument in arguments]
+    said = {}
+    for rank in ("0", "1"):
+        result = CliRunner().invoke(main, ["train", *arguments, "--out", str(tmp_path / "run")],
+                                    env={"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": "2"})
+        said[rank] = result.exit_code, result.output
+    assert said["0"][0] == said["1"][0] == 2 and "Usage:" in said["0"][1] and said["1"][1] == "", said
+    assert not (tmp_path / "run").exists()
