@@ -191,7 +191,7 @@ def test_torchrun_with_two_cpu_processes_matches_one_process(sketched_dataset, t
     settings = json.loads((tmp_path / "cut" / "train_config.json").read_text())
     settings["model"]["ngf"] = -1
     (tmp_path / "cut" / "train_config.json").write_text(json.dumps(settings))
-    edited = subprocess.run([*launcher, "-m", "dfd_model", "train", *more, "--batch-size", "2", "--resume",
+    edited = subprocess.run([*launcher, "-m", "dfd_model", "train", str(sketched_dataset), "--resume", "--quiet",
                              "--out", str(tmp_path / "cut")], capture_output=True, text=True, cwd=REPO, timeout=600)
     errors = [line for line in edited.stderr.splitlines() if "Error" in line and "ChildFailedError" not in line]
     assert edited.returncode != 0 and len(errors) == 1, edited.stderr[-3000:]
