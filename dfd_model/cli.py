@@ -22,18 +22,22 @@ precision_option = click.option(
 
 class _OneVoiceGroup(UserErrorGroup):
     """Under torchrun every process reads the same command line: a refusal of it (an unknown
-    option, a dataset that is not there) is said by rank 0 alone, with the usage, as the
-    training's own refusals are; the other processes end with its status without a word (each
-    had printed it)."""
+    option, a dataset that is not there) is said by rank 0 with the usage, and by the first
+    process of each other machine in one line after its rank (its files may differ: a dataset
+    on storage that machine lacks), as missing devices are; the other processes end with its
+    status without a word (each had printed it)."""
 
     def main(self, *args, **kwargs):
-        from .distributed import launched_rank
+        from .distributed import launched_local_rank, launched_rank
 
-        if launched_rank() == 0 or kwargs.get("standalone_mode") is False:
+        rank = launched_rank()
+        if rank == 0 or kwargs.get("standalone_mode") is False:
             return super().main(*args, **kwargs)
         try:
             result = super().main(*args, **{**kwargs, "standalone_mode": False})
         except click.UsageError as error:
+            if launched_local_rank() == 0:
+                click.echo(f"Error: rank {rank}: {error.format_message()}", err=True)
             raise SystemExit(error.exit_code) from None
         except click.ClickException as error:  # (what the process met itself: said as it would be alone)
             error.show()

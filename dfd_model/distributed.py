@@ -79,13 +79,13 @@ def launched_local_rank() -> int:
 
 def start(device: torch.device) -> tuple[Ranks, torch.device]:
     """Join torchrun's process group if there is one; returns the ranks and this process's device."""
-    world = launched_world()
-    if world <= 1:
-        return Ranks(), device
     if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun's agent, which starts each in a session of its own
         # the agent killed (kill -9, out of memory), its processes had trained on, orphaned, into a
         # run folder that a resumed run then wrote too; SIGTERM is what the agent sends them itself
         signal_when_parent_ends(signal.SIGTERM)
+    world = launched_world()
+    if world <= 1:
+        return Ranks(), device
     if device.type == "cuda":
         _check_one_gpu_each()
         device = torch.device("cuda", launched_local_rank())

@@ -22,7 +22,8 @@ LOCK_FILE = ".training.lock"
 # Trainers of one process share a folder's lock (a flock taken twice by one process refuses the
 # second), so a script may make a new trainer to resume a run before the old one is collected.
 _HELD: dict[str, list] = {}
-_HELD_CHANGES = threading.Lock()
+# (re-entrant: a holder collected by the garbage collector inside a change releases in its thread)
+_HELD_CHANGES = threading.RLock()
 
 
 class RunFolderBusy(UserError):

@@ -208,6 +208,14 @@ class Trainer:
         run keeps its own value of every other one. None: all of them. `stage`, the one `run`
         will be asked for, is checked before the data is stacked (minutes, for a large set)."""
         self._lock: RunFolderLock | None = None
+        try:
+            self._set_up(dataset, out, model_config, train_config, device, resume, given, stage, quiet, echo)
+        except BaseException:  # (a refused run lets go of the folder at once, not when it is collected)
+            if self._lock is not None:
+                self._lock.release()
+            raise
+
+    def _set_up(self, dataset, out, model_config, train_config, device, resume, given, stage, quiet, echo) -> None:
         self.ranks, device = distributed.start(device)
         main = self.ranks.main
         self.dataset, self.out, self.device = Dataset(dataset), Path(out), device
@@ -301,6 +309,8 @@ class Trainer:
     def _write_run_config(self, path: Path, model_config: ModelConfig, train_config: TrainConfig,
                           resume: bool, given: Collection[str] | None) -> dict:
         self.dataset.require()
+        if path.is_file():  # a run: held before anything of it is read (rank 0 alone writes the folder)
+            self._lock = RunFolderLock(self.out, self.echo)
         wanted = {"model": model_config.to_dict(), "training": asdict(train_config)}
         checkpoint = latest_checkpoint(self.out)
         if checkpoint is not None and not resume:
@@ -318,7 +328,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError) as error:
             raise TrainingError(f"{self.out}: cannot create the run folder ({error.strerror})") from None
-        self._lock = RunFolderLock(self.out, self.echo)  # (rank 0 alone writes the folder)
+        self._lock = self._lock or RunFolderLock(self.out, self.echo)
         atomic_write_text(path, json.dumps(wanted, indent=2, sort_keys=True) + "\n")
         return wanted
 

@@ -95,7 +95,10 @@ def save_checkpoint(run: Path, name: str, *, modules: dict[str, torch.nn.Module]
         tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     temp = folder / f".tmp-{name}"
     shutil.rmtree(temp, ignore_errors=True)
-    temp.mkdir()
+    try:
+        temp.mkdir()
+    except OSError as error:  # (a full disk)
+        raise WriteError.of(error, folder / name) from None
     try:
         _, digest = atomic_write_safetensors(temp / TENSORS_FILE, tensors)
         document = {"format": FORMAT, "format_version": FORMAT_VERSION, "optimizers": optimizer_meta,

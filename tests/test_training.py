@@ -863,6 +863,14 @@ def test_a_second_process_training_into_a_run_folder_is_refused_until_the_first_
         holder.kill()
         holder.wait()
     first = _trainer(sketched_dataset, run, steps=1)
+    first.run("1")
     second = _trainer(sketched_dataset, run, resume=True, steps=1)  # (the same process: shared)
     first.close()
     second.close()
+    with pytest.raises(TrainingError, match="already holds a training run") as refused_here:
+        _trainer(sketched_dataset, run, steps=1)
+    # the refused trainer, alive in the traceback, let go of the folder as it was refused
+    holder = subprocess.run([sys.executable, "-c", _HOLD_THE_RUN_FOLDER.replace("120", "0"), str(run)], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert holder.stdout == "held\n", holder.stderr
+    assert refused_here.traceback  # (held until here)

@@ -328,12 +328,15 @@ def test_the_processes_of_a_torchrun_agent_killed_end_with_it(sketched_dataset, 
 @pytest.mark.parametrize("arguments", [["/no/such/dataset"], ["DATASET", "--set", "no_such_setting=1"]])
 def test_a_command_line_that_every_process_refuses_is_said_by_rank_0_alone(sketched_dataset, tmp_path, arguments):
     """Every process torchrun starts reads the same command line: each had printed its
-    refusal, with the usage."""
+    refusal, with the usage. Rank 0 now says it with the usage, the first process of another
+    machine (whose files may differ) in one line, the others nothing."""
     arguments = [str(sketched_dataset) if argument == "DATASET" else argument for argument in arguments]
     said = {}
-    for rank in ("0", "1"):
+    for rank, local_rank in (("0", "0"), ("1", "1"), ("2", "0")):
         result = CliRunner().invoke(main, ["train", *arguments, "--out", str(tmp_path / "run")],
-                                    env={"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": "2"})
+                                    env={"RANK": rank, "LOCAL_RANK": local_rank, "WORLD_SIZE": "4"})
         said[rank] = result.exit_code, result.output
-    assert said["0"][0] == said["1"][0] == 2 and "Usage:" in said["0"][1] and said["1"][1] == "", said
+    assert said["0"][0] == said["1"][0] == said["2"][0] == 2 and "Usage:" in said["0"][1] and said["1"][1] == "", said
+    refusal = said["0"][1].strip().splitlines()[-1].removeprefix("Error: ")
+    assert said["2"][1] == f"Error: rank 2: {refusal}\n", said
     assert not (tmp_path / "run").exists()
