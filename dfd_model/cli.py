@@ -36,7 +36,8 @@ class _OneVoiceGroup(UserErrorGroup):
         try:
             result = super().main(*args, **{**kwargs, "standalone_mode": False})
         except click.UsageError as error:
-            if launched_local_rank() == 0:
+            asked_for_help = type(error).__name__ == "NoArgsIsHelpError"  # (no command: the help, as the usage)
+            if launched_local_rank() == 0 and not asked_for_help:
                 click.echo(f"Error: rank {rank}: {error.format_message()}", err=True)
             raise SystemExit(error.exit_code) from None
         except click.ClickException as error:  # (what the process met itself: said as it would be alone)

@@ -41,6 +41,11 @@ COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 LONG_WAIT_TIMEOUT = timedelta(hours=4)
 
 
+# This process's parent as this module was imported (the command line imports it first):
+# torchrun's agent, under torchrun.
+_PARENT_AT_IMPORT = os.getppid()
+
+
 class OtherRankFailed(UserError):
     """Raised on the processes other than rank 0 when rank 0's share of the work failed: they
     stop with it rather than wait for it in the next collective."""
@@ -83,6 +88,8 @@ def start(device: torch.device) -> tuple[Ranks, torch.device]:
         # the agent killed (kill -9, out of memory), its processes had trained on, orphaned, into a
         # run folder that a resumed run then wrote too; SIGTERM is what the agent sends them itself
         signal_when_parent_ends(signal.SIGTERM)
+        if os.getppid() != _PARENT_AT_IMPORT:  # (the agent ended before the request: no signal will come)
+            signal.raise_signal(signal.SIGTERM)
     world = launched_world()
     if world <= 1:
         return Ranks(), device

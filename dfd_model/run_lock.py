@@ -18,10 +18,10 @@ except ImportError:  # (Windows: runs are not guarded there)
     fcntl = None
 
 LOCK_FILE = ".training.lock"
-# The locks this process holds: resolved run folder -> [its open lock file, trainers holding it].
+# The locks this process holds: (device, inode) of a lock file -> [it open, trainers holding it].
 # Trainers of one process share a folder's lock (a flock taken twice by one process refuses the
 # second), so a script may make a new trainer to resume a run before the old one is collected.
-_HELD: dict[str, list] = {}
+_HELD: dict[tuple[int, int], list] = {}
 # (re-entrant: a holder collected by the garbage collector inside a change releases in its thread)
 _HELD_CHANGES = threading.RLock()
 
@@ -39,13 +39,16 @@ class RunFolderLock:
         self.key = None
         if fcntl is None:
             return
-        key = str(folder.resolve())
+        handle = open(folder / LOCK_FILE, "a+")
+        status = os.fstat(handle.fileno())
+        key = (status.st_dev, status.st_ino)  # (the file itself: a folder made again under its old name is new)
         with _HELD_CHANGES:
-            if key not in _HELD:
-                handle = _locked(folder, warn)
-                if handle is None:
-                    return
+            if key in _HELD:
+                handle.close()
+            elif _locked(folder, handle, warn):
                 _HELD[key] = [handle, 0]
+            else:
+                return
             _HELD[key][1] += 1
         self.key = key
 
@@ -65,10 +68,10 @@ class RunFolderLock:
             self.release()
 
 
-def _locked(folder: Path, warn: Callable[[str], None]) -> IO[str] | None:
-    """The lock file of `folder`, locked by this process; None (said) where the file system
-    has no locks; RunFolderBusy where another process holds it."""
-    handle = open(folder / LOCK_FILE, "a+")
+def _locked(folder: Path, handle: IO[str], warn: Callable[[str], None]) -> bool:
+    """Whether this process now holds the lock file open in `handle` (closed where not):
+    False (said) where the file system has no locks; RunFolderBusy where another process holds
+    it."""
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -81,11 +84,11 @@ def _locked(folder: Path, warn: Callable[[str], None]) -> IO[str] | None:
         handle.close()
         warn(f"warning: {folder}: cannot lock the run folder ({error.strerror}): nothing stops another process "
              "from training into it at the same time")
-        return None
+        return False
     handle.truncate(0)
     handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     handle.flush()
-    return handle
+    return True
 
 
 __all__ = ["LOCK_FILE", "RunFolderBusy", "RunFolderLock"]

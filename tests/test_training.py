@@ -837,31 +837,43 @@ from pathlib import Path
 from dfd_model.run_lock import RunFolderLock
 lock = RunFolderLock(Path(sys.argv[1]), print)
 print("held", flush=True)
-time.sleep(120)
+time.sleep(float(sys.argv[2]))
 """
+
+
+@contextlib.contextmanager
+def _held_by_another_process(run: Path, seconds: float = 120):
+    """A process holding `run`'s lock for the block (or `seconds`); yields its pid."""
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_THE_RUN_FOLDER, str(run), str(seconds)], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n", holder.communicate()[1]
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def _busy_line(run: Path, pid: int) -> str:
+    return (f"Error: {run}: another process is training into this run folder (pid {pid} on {socket.gethostname()}); "
+            "let it finish or stop it, then run this again")
 
 
 def test_a_second_process_training_into_a_run_folder_is_refused_until_the_first_ends(sketched_dataset, tmp_path):
     """Two processes training into one run folder (a resume started while the run still went
     on, or torchrun processes that outlived their agent) had each removed the other's
     checkpoint in progress and written the stats twice. The second is now refused in one line
-    naming the first; trainers of one process share the folder (a script may make a new one
-    to resume), and the folder is free again once the first process ends, however it ends."""
+    naming the first, before it reads or says anything of the run; trainers of one process
+    share the folder (a script may make a new one to resume), a trainer refused as it starts
+    lets go of it, and it is free again once the first process ends, however it ends."""
     run = tmp_path / "run"
     run.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", _HOLD_THE_RUN_FOLDER, str(run)], cwd=REPO,
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "held\n"
-        refused = CliRunner().invoke(main, ["train", str(sketched_dataset), "--out", str(run), "--resume",
-                                            "--resolution", "128", "--steps", "1", "--quiet", *TINY_SETTINGS])
-        assert refused.exit_code == 1 and refused.output.strip().splitlines() == [
-            f"Error: {run}: another process is training into this run folder (pid {holder.pid} on "
-            f"{socket.gethostname()}); let it finish or stop it, then run this again"], refused.output
+    args = ["train", str(sketched_dataset), "--out", str(run), "--resolution", "128", "--steps", "1", "--quiet",
+            *TINY_SETTINGS]
+    with _held_by_another_process(run) as pid:
+        refused = CliRunner().invoke(main, args)
+        assert refused.exit_code == 1 and refused.output.strip().splitlines() == [_busy_line(run, pid)], refused.output
         assert sorted(path.name for path in run.iterdir()) == [".training.lock"]  # (nothing written)
-    finally:
-        holder.kill()
-        holder.wait()
     first = _trainer(sketched_dataset, run, steps=1)
     first.run("1")
     second = _trainer(sketched_dataset, run, resume=True, steps=1)  # (the same process: shared)
@@ -870,7 +882,10 @@ def test_a_second_process_training_into_a_run_folder_is_refused_until_the_first_
     with pytest.raises(TrainingError, match="already holds a training run") as refused_here:
         _trainer(sketched_dataset, run, steps=1)
     # the refused trainer, alive in the traceback, let go of the folder as it was refused
-    holder = subprocess.run([sys.executable, "-c", _HOLD_THE_RUN_FOLDER.replace("120", "0"), str(run)], cwd=REPO,
-                            capture_output=True, text=True, timeout=60)
-    assert holder.stdout == "held\n", holder.stderr
-    assert refused_here.traceback  # (held until here)
+    with _held_by_another_process(run, seconds=0):
+        assert refused_here.traceback  # (held until here)
+    # a run held elsewhere: refused before its settings are read (a new lr had been said first)
+    with _held_by_another_process(run) as pid:
+        busy = CliRunner().invoke(main, ["train", str(sketched_dataset), "--out", str(run), "--resume", "--lr", "1e-4",
+                                         "--quiet"])
+        assert busy.exit_code == 1 and busy.output.strip().splitlines() == [_busy_line(run, pid)], busy.output

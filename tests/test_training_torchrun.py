@@ -326,7 +326,7 @@ def test_the_processes_of_a_torchrun_agent_killed_end_with_it(sketched_dataset, 
 
 
 @pytest.mark.parametrize("arguments", [["/no/such/dataset"], ["DATASET", "--set", "no_such_setting=1"]])
-def test_a_command_line_that_every_process_refuses_is_said_by_rank_0_alone(sketched_dataset, tmp_path, arguments):
+def test_a_command_line_that_every_process_refuses_is_said_once_per_machine(sketched_dataset, tmp_path, arguments):
     """Every process torchrun starts reads the same command line: each had printed its
     refusal, with the usage. Rank 0 now says it with the usage, the first process of another
     machine (whose files may differ) in one line, the others nothing."""
@@ -340,3 +340,6 @@ def test_a_command_line_that_every_process_refuses_is_said_by_rank_0_alone(sketc
     refusal = said["0"][1].strip().splitlines()[-1].removeprefix("Error: ")
     assert said["2"][1] == f"Error: rank 2: {refusal}\n", said
     assert not (tmp_path / "run").exists()
+    # no command at all: the help, from rank 0 alone
+    helped = [CliRunner().invoke(main, [], env={"RANK": rank, "LOCAL_RANK": "0", "WORLD_SIZE": "4"}) for rank in "02"]
+    assert "Commands:" in helped[0].output and helped[1].output == "", helped[1].output
