@@ -93,12 +93,12 @@ def save_checkpoint(run: Path, name: str, *, modules: dict[str, torch.nn.Module]
     tensors["rng.cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    temp = folder / f".tmp-{name}"
+    temp, final = folder / f".tmp-{name}", folder / name
     shutil.rmtree(temp, ignore_errors=True)
     try:
         temp.mkdir()
     except OSError as error:  # (a full disk)
-        raise WriteError.of(error, folder / name) from None
+        raise WriteError.of(error, final) from None
     try:
         _, digest = atomic_write_safetensors(temp / TENSORS_FILE, tensors)
         document = {"format": FORMAT, "format_version": FORMAT_VERSION, "optimizers": optimizer_meta,
@@ -108,9 +108,8 @@ def save_checkpoint(run: Path, name: str, *, modules: dict[str, torch.nn.Module]
     except BaseException as error:  # a full disk: no half checkpoint stays behind to take space
         shutil.rmtree(temp, ignore_errors=True)
         if isinstance(error, WriteError):  # (named as the checkpoint's file, not the temporary folder's)
-            raise WriteError.of(error, folder / name / Path(error.filename).name) from None
+            raise WriteError.of(error, final / Path(error.filename).name) from None
         raise
-    final = folder / name
     shutil.rmtree(final, ignore_errors=True)
     os.replace(temp, final)
     atomic_write_text(folder / LATEST, json.dumps({"checkpoint": name, "tensors_sha256": document["tensors_sha256"]}))
