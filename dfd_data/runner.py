@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from .cluster import CLUSTER_BACKENDS, RayCpuNotice, RayHeadWatch, cluster_session, dask_worker_watch
 from .errors import SetupError, UserError
-from .parent_death import signal_when_parent_ends
+from .parent_death import end_with_parent
 
 BACKENDS = ("loky", "threading", *CLUSTER_BACKENDS)
 # Calls given out to a ray cluster at a time, per CPU of it: enough to keep every CPU busy
@@ -321,9 +321,7 @@ def _end_with_this_process(parent: int) -> None:
     if not sys.platform.startswith("linux"):
         return
     signal.signal(signal.SIGTERM, _on_sigterm_in_worker)
-    signal_when_parent_ends(signal.SIGTERM)
-    if os.getppid() != parent:  # (it ended before the request: no signal will come)
-        os._exit(128 + signal.SIGTERM)
+    end_with_parent(parent)
 
 
 def _on_sigterm_in_worker(number: int, frame) -> None:

@@ -12,7 +12,6 @@ import contextlib
 import os
 import re
 import secrets
-import signal
 import socket
 import time
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from torch import nn
 
 from dfd_data.atomic import atomic_write_text
 from dfd_data.errors import DeviceError, UserError
-from dfd_data.parent_death import signal_when_parent_ends
+from dfd_data.parent_death import end_with_parent
 
 T = TypeVar("T")
 # How long a training collective waits for the slowest process before the run stops with an
@@ -87,9 +86,7 @@ def start(device: torch.device) -> tuple[Ranks, torch.device]:
     if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun's agent, which starts each in a session of its own
         # the agent killed (kill -9, out of memory), its processes had trained on, orphaned, into a
         # run folder that a resumed run then wrote too; SIGTERM is what the agent sends them itself
-        signal_when_parent_ends(signal.SIGTERM)
-        if os.getppid() != _PARENT_AT_IMPORT:  # (the agent ended before the request: no signal will come)
-            signal.raise_signal(signal.SIGTERM)
+        end_with_parent(_PARENT_AT_IMPORT)
     world = launched_world()
     if world <= 1:
         return Ranks(), device
