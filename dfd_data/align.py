@@ -20,7 +20,7 @@ from .faces import LANDMARK_MODEL_FILE, dlib_models, find_faces, package_model_p
 from .ffhq_alignment import TEMPLATE_LEFT_EYE, TEMPLATE_MOUTH, TEMPLATE_RIGHT_EYE, align_face, ffhq_quad
 from .image_io import IMAGE_EXTENSIONS, decode_image, encode_png, read_bytes, read_image
 from .runner import BatchSummary, Outcome, SkipItem, Task, run_batch
-from .sources import Source, list_sources
+from .sources import Source, list_sources, nth_face_id
 from .versions import tool_versions
 from .worker_check import check_workers
 
@@ -60,7 +60,7 @@ def align_source(task: Task) -> list[dict]:
     records = []
     with all_or_none(job.out_root) as write:
         for index, face in enumerate(chosen):
-            face_id = f"{source.id}_f{index}" if params.all_faces else source.id
+            face_id = nth_face_id(source.id, index) if params.all_faces else source.id
             quad = ffhq_quad(face.landmarks)
             png = encode_png(align_face(image, quad, params.size))
             relpath = f"images/{face_id}.png"
@@ -110,6 +110,9 @@ def align_folder(src: str | os.PathLike, dst: str | os.PathLike, params: AlignPa
         raise DatasetError(f"{src}: source folder does not exist")
     if os.path.realpath(src) == os.path.realpath(dataset.root):
         raise DatasetError(f"{dataset.root}: the dataset folder must not be the source folder; name a new one")
+    if Path(os.path.realpath(src)).is_relative_to(os.path.realpath(dataset.root)):  # its images/ could be SRC itself
+        raise DatasetError(f"{dataset.root}: the dataset folder must not hold the source folder {src} (aligned faces "
+                           f"would be written among the photos); name a folder outside it")
     if params.size % 32 or params.size < 64:
         raise DatasetError(f"--size {params.size}: must be a multiple of 32 and at least 64")
     package_model_path(LANDMARK_MODEL_FILE)  # fail once, up front, rather than on every photo

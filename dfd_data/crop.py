@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
+import numpy as np
 
 from .atomic import all_or_none, atomic_write_npy, atomic_write_text, remove_stale_temp_files, sha256_bytes
 from .components import COMPONENTS, component_windows, crop_components
@@ -135,7 +136,9 @@ def _pack(dataset: Dataset, out_dir: str, ids: list[str], gray: bool, resolution
 
         def rows(name=name):
             for record_id in ids:
-                image = cv2.imread(str(dataset.path(f"{out_dir}/{name}/{record_id}.png")), cv2.IMREAD_UNCHANGED)
+                # (from its bytes: OpenCV's imread crashed on a path that is not valid UTF-8)
+                data = read_bytes(dataset.path(f"{out_dir}/{name}/{record_id}.png"))
+                image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
                 yield (image if gray else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)).tobytes()
 
         files[target.relative_to(dataset.root).as_posix()] = atomic_write_npy(target, shape, rows())

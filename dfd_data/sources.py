@@ -44,15 +44,34 @@ def list_sources(folder: str | os.PathLike, skip: str | os.PathLike | None = Non
     return [Source(folder / rel, rel, ids[rel]) for rel in found], ignored
 
 
+def nth_face_id(source_id: str, index: int) -> str:
+    """The id of a photo's face number `index` under --all-faces."""
+    return f"{source_id}_f{index}"
+
+
+_FACE_ID = re.compile(r"(.+)_f[0-9]+")  # what nth_face_id makes
+
+
 def unique_ids(relpaths: list[str]) -> dict[str, str]:
     """Map relative paths to ids: the path without extension, '/' as '__', unsafe characters
-    as '_'; clashes (a.jpg and a.png) get a short hash of the full path."""
+    as '_'; clashes (a.jpg and a.png) get a short hash of the full path, and so does a name
+    that another photo's faces take under --all-faces (x_f0.png beside x.png, whose first face
+    is x_f0: one record had taken the other's place)."""
     def base(rel: str) -> str:
         stem = rel.rsplit(".", 1)[0]
         return re.sub(r"[^\w.\-]", "_", stem.replace("/", "__")).lstrip(".") or "image"
 
+    def hashed(rel: str) -> str:
+        return f"{base(rel)}-{hashlib.sha256(rel.encode()).hexdigest()[:8]}"
+
     counts: dict[str, int] = {}
     for rel in relpaths:
         counts[base(rel)] = counts.get(base(rel), 0) + 1
-    return {rel: base(rel) if counts[base(rel)] == 1 else f"{base(rel)}-{hashlib.sha256(rel.encode()).hexdigest()[:8]}"
-            for rel in relpaths}
+    ids = {rel: base(rel) if counts[base(rel)] == 1 else hashed(rel) for rel in relpaths}
+    taken = set(ids.values())
+
+    def a_face_of_another(name: str) -> bool:
+        match = _FACE_ID.fullmatch(name)
+        return match is not None and match.group(1) in taken
+
+    return {rel: hashed(rel) if a_face_of_another(name) else name for rel, name in ids.items()}

@@ -167,6 +167,14 @@ def test_odd_names_and_a_dataset_inside_its_source_folder(tmp_path, sample_photo
     assert "align: 2 done, 0 skipped, 0 failed" in second.stdout  # photos/aligned holds a dataset, not photos
     same = dfd_data("align", photos, photos)
     assert same.returncode == 1 and "must not be the source folder" in same.stderr
+    # a dataset folder holding the source folder: its images/ had overwritten the photos there
+    held = tmp_path / "set" / "images"
+    held.mkdir(parents=True)
+    (held / "astronaut.png").write_bytes((sample_photos / "astronaut.png").read_bytes())
+    holding = dfd_data("align", held, tmp_path / "set", "--size", "64")
+    assert holding.returncode == 1 and "must not hold the source folder" in holding.stderr
+    assert (held / "astronaut.png").read_bytes() == (sample_photos / "astronaut.png").read_bytes()
+    assert sorted(p.name for p in (tmp_path / "set").iterdir()) == ["images"]
     (tmp_path / "file").write_text("")
     blocked = dfd_data("align", photos, tmp_path / "file" / "faces")
     assert blocked.returncode == 1 and "Traceback" not in blocked.stderr
@@ -189,6 +197,18 @@ def test_all_faces_keeps_every_face(tmp_path, sample_photos):
     assert [r["id"] for r in records] == ["two_f0", "two_f1"]
     assert all(r["faces_found"] == 2 for r in records)
     assert json.loads((tmp_path / "all" / "records.jsonl").read_text().splitlines()[0])["face_index"] == 0
+    # photos named as two.png's faces are: each keeps a record of its own, however the results arrive
+    (src / "two_f0.png").write_bytes((sample_photos / "astronaut.png").read_bytes())
+    (src / "two_f1.jpg").write_text("not a photo")
+    for run in range(2):
+        result = dfd_data("align", src, tmp_path / "clash", "--size", "128", "--all-faces", "--jobs", "2")
+        assert result.returncode == 1 and ("align: 2 done" if run == 0 else "align: 0 done") in result.stdout
+        records = Dataset(tmp_path / "clash").records()
+        by_source = {}
+        for record in records:
+            by_source.setdefault(record["source"], []).append(record["status"])
+        assert by_source == {"two.png": ["aligned", "aligned"], "two_f0.png": ["aligned"], "two_f1.jpg": ["error"]}
+        assert len({record["id"] for record in records}) == 4
 
 
 def test_missing_landmark_model_names_the_package(tmp_path, sample_photos, monkeypatch):

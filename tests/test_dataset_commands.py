@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -305,3 +306,15 @@ def test_label_rows_that_would_put_wrong_labels_in_are_refused_with_their_row(tm
     assert result.returncode == 0, result.stderr
     assert {r["id"]: r["attributes"] for r in Dataset(root).aligned()} == {
         "men__001": {"gender": "male", "split": "train"}, "women__001": {"gender": "female", "split": "test"}}
+
+
+def test_a_dataset_whose_path_is_not_utf8_is_cropped(sample_dataset, tmp_path):
+    """OpenCV's imread ended the process with a segmentation fault on a path whose bytes are
+    not UTF-8 (an old archive's Latin-1 name); the crops are now read from their bytes."""
+    root = tmp_path / os.fsdecode(b"faces-\xfe")
+    shutil.copytree(sample_dataset, root)
+    shutil.rmtree(root / "components")
+    result = dfd_data("crop-components", root, "--jobs", "1")
+    assert result.returncode == 0, result.stderr
+    assert Dataset(root).verify().ok
+    assert np.load(root / "components/images/nose.npy").shape[0] == 2
