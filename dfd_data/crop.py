@@ -54,15 +54,15 @@ def crop_one(task: Task) -> dict:
     """Worker: crop one aligned image or sketch and write its five component PNGs."""
     job: _Job = task.payload
     path = Path(job.root, job.input_relpath)
+    if job.photo_sha256 is not None and job.drawn_from_sha256 != job.photo_sha256:
+        # cropping it would pair the new photo's crops with crops of a sketch of the old one
+        made = "was drawn from an older version of its photo" if job.drawn_from_sha256 else \
+            "is not recorded by build-sketches (not sketched yet, or its run was stopped)"
+        raise DatasetError(f"{path}: {made}; run build-sketches again")
     data = read_bytes(path)
     image = decode_image(data, path)
     if image.shape[:2] != (job.resolution, job.resolution):
         raise DatasetError(f"{path}: is {image.shape[1]}x{image.shape[0]}, expected {job.resolution}x{job.resolution} like the dataset")
-    if job.photo_sha256 is not None and job.drawn_from_sha256 != job.photo_sha256:
-        # cropping it would pair the new photo's crops with crops of a sketch of the old one
-        made = "was drawn from an older version of its photo" if job.drawn_from_sha256 else \
-            "is not recorded by build-sketches"
-        raise DatasetError(f"{path}: {made}; run build-sketches again")
     if job.gray:
         image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
     outputs = {}
@@ -85,7 +85,8 @@ def crop_dataset(root: str | os.PathLike, sources: list[str] | None = None, *, j
     if not aligned:
         raise DatasetError(f"{dataset.root}: has no aligned images to crop")
     known = available_sources(dataset)
-    for source in sources or []:
+    sources = list(dict.fromkeys(source.rstrip("/") for source in sources or []))  # (a shell completes sketches/canny/)
+    for source in sources:
         if source not in known:
             raise DatasetError(f"{dataset.root}: no source folder {source!r} (available: {', '.join(known)})")
     check_workers(backend, "crop-components", writes=(dataset.root,))  # every machine of a cluster sees the dataset

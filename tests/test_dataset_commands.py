@@ -64,9 +64,12 @@ def test_sketch_sets_are_cropped_in_gray_and_a_missing_sketch_is_reported(datase
     assert dfd_data("build-sketches", dataset_copy, "--method", "canny", "--jobs", "1", "--quiet").returncode == 0
     sketch = read_image(dataset_copy / "sketches/canny/astronaut.png")[:, :, 0]
     (dataset_copy / "sketches/canny/grace_hopper.png").unlink()
-    result = dfd_data("crop-components", dataset_copy, "--source", "sketches/canny", "--jobs", "1")
+    # a shell's completion adds the slash; a source given twice is cropped once
+    result = dfd_data("crop-components", dataset_copy, "--source", "sketches/canny/", "--source", "sketches/canny",
+                      "--jobs", "1")
     assert result.returncode == 1
     assert "crop-components:sketches/canny: 1 done, 0 skipped, 1 failed" in result.stdout
+    assert result.stdout.count("crop-components:") == 1
     errors = [row for row in read_jsonl(dataset_copy / "errors.jsonl") if row["step"] == "crop-components:sketches/canny"]
     assert len(errors) == 1 and "grace_hopper.png" in errors[0]["file"] and "cannot read file" in errors[0]["reason"]
     stack = np.load(dataset_copy / "components/sketches/canny/nose.npy")
@@ -75,6 +78,14 @@ def test_sketch_sets_are_cropped_in_gray_and_a_missing_sketch_is_reported(datase
     rerun = dfd_data("crop-components", dataset_copy, "--jobs", "1")  # images already done; the sketch retried
     assert "crop-components:images: 0 done, 2 skipped (2 already done), 0 failed" in rerun.stdout
     assert rerun.returncode == 1
+    # a sketch build-sketches has not made (its run stopped before it) names the command to run
+    records = dataset_copy / "sketches/canny/records.jsonl"
+    records.write_text("".join(line + "\n" for line in records.read_text().splitlines() if "grace_hopper" not in line))
+    unsketched = dfd_data("crop-components", dataset_copy, "--source", "sketches/canny", "--jobs", "1")
+    assert unsketched.returncode == 1
+    errors = [row for row in read_jsonl(dataset_copy / "errors.jsonl") if row["step"] == "crop-components:sketches/canny"]
+    assert errors[0]["reason"].endswith("is not recorded by build-sketches (not sketched yet, or its run was stopped); "
+                                        "run build-sketches again")
 
 
 def test_a_sketch_of_an_older_photo_is_not_cropped(tmp_path, sample_photos):
