@@ -117,8 +117,8 @@ Examples:
               help="1: component auto-encoders and feature banks; 2: feature decoders, generator and "
                    "discriminators (needs stage 1 in the same run folder); all: both.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="Run folder. Default: the next free runs/run-NNN.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint, with its own "
+              help="Run folder. Default: the next free runs/run-NNN (with --resume: the latest one).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out (or the latest runs/run-NNN) from its latest checkpoint, with its own "
               "settings: options given again must match them, except --steps, --lr, the --*-every ones and --set amp.")
 @click.option("--resolution", type=int, default=512, help="Side of sketches and faces (multiple of 32, >= 64).")
 @click.option("--steps", type=click.IntRange(1), default=50_000, help="Optimisation steps per stage.")
@@ -151,7 +151,7 @@ def train(dataset, stage, out, resume, resolution, steps, batch_size, lr, sketch
 
     from . import distributed
     from .config import ModelConfig
-    from .training import TrainConfig, Trainer, next_run_folder
+    from .training import TrainConfig, Trainer, latest_run_folder, next_run_folder
 
     model_settings, train_settings = _split_settings(settings)
     try:
@@ -162,7 +162,10 @@ def train(dataset, stage, out, resume, resolution, steps, batch_size, lr, sketch
             **train_settings})
     except (TypeError, ValueError) as error:
         raise click.BadParameter(str(error)) from None
-    run_folder = Path(out) if out else next_run_folder(Path("runs"))
+    run_folder = Path(out) if out else (latest_run_folder if resume else next_run_folder)(Path("runs"))
+    if run_folder is None:  # (a fresh folder would have started a new run with the default settings)
+        raise click.UsageError("--resume without --out resumes the latest runs/run-NNN, and there is none here; "
+                               "name the run's folder with --out")
     try:
         trainer = Trainer(dataset, run_folder, model_config, train_config, resolve_device(device), resume=resume,
                           given=_given_settings(model_settings, train_settings), stage=stage, quiet=quiet,
@@ -183,10 +186,10 @@ def train(dataset, stage, out, resume, resolution, steps, batch_size, lr, sketch
         if not isinstance(error, distributed.OtherRankFailed) and not node_wide:
             click.echo(f"Error: rank {rank}: {error}", err=True)
         raise SystemExit(1) from None
-    except KeyboardInterrupt:  # Ctrl-C reaches every process: rank 0 alone says so (click's "Aborted!")
+    except KeyboardInterrupt:  # Ctrl-C reaches every process: rank 0 alone says so
         if distributed.launched_rank() == 0:
-            raise
-        raise SystemExit(130) from None
+            click.echo("Aborted! (--resume continues the run from its latest checkpoint)", err=True)
+        raise SystemExit(130) from None  # (the shell's code for a run stopped by Ctrl-C, as generate's)
     except RuntimeError as error:  # a collective that found another process gone or stalled: one line, not a traceback
         waited = distributed.timed_out(error)
         if distributed.launched_world() <= 1 or (waited is None and not distributed.lost_peer(error)):

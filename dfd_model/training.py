@@ -113,6 +113,8 @@ class TrainConfig:
             raise ValueError("training config: lr must be in (0, 1) and the betas below 1")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"training config: seed must be a non-negative integer, got {self.seed!r}")
+        if not isinstance(self.amp, bool):  # ("disable" had been taken as on)
+            raise ValueError(f"training config: amp must be true or false, got {self.amp!r}")
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
@@ -124,11 +126,21 @@ class TrainConfig:
 
 
 # ---- the run folder ---------------------------------------------------------------------------------
+def _run_numbers(parent: Path) -> list[int]:
+    """The NNN of every parent/run-NNN folder."""
+    return [int(p.name[4:]) for p in parent.glob("run-[0-9][0-9][0-9]*") if p.name[4:].isdigit()] \
+        if parent.is_dir() else []
+
+
 def next_run_folder(parent: Path) -> Path:
     """parent/run-NNN with the next free number."""
-    numbers = [int(p.name[4:]) for p in parent.glob("run-[0-9][0-9][0-9]*") if p.name[4:].isdigit()] \
-        if parent.is_dir() else []
-    return parent / f"run-{max(numbers, default=0) + 1:03d}"
+    return parent / f"run-{max(_run_numbers(parent), default=0) + 1:03d}"
+
+
+def latest_run_folder(parent: Path) -> Path | None:
+    """parent/run-NNN with the highest number, or None where there is none."""
+    numbers = _run_numbers(parent)
+    return parent / f"run-{max(numbers):03d}" if numbers else None
 
 
 STAGE_NETS = {"autoencoders": 1, "generator": 2, "discriminator": 2}  # the stage that trains each
@@ -184,6 +196,18 @@ def _split_halves(outputs: list[list[torch.Tensor]]) -> tuple[list[list[torch.Te
     first = [[layer.chunk(2)[0] for layer in scale] for scale in outputs]
     second = [[layer.chunk(2)[1] for layer in scale] for scale in outputs]
     return first, second
+
+
+def _check_nothing_trained(out: Path, resume: bool) -> None:
+    """A one-line TrainingError where `out`, which holds no checkpoint, holds a trained model or,
+    unless resuming (a run stopped before its first checkpoint starts again), training stats:
+    a fresh start would replace them."""
+    if (out / "model").exists():
+        raise TrainingError(f"{out}: holds a trained model but no checkpoint to {'resume' if resume else 'continue'} "
+                            "from (checkpoints/ removed?); choose another --out to train again")
+    if not resume and (out / STATS_FILE).is_file() and (out / STATS_FILE).stat().st_size:
+        raise TrainingError(f"{out}: already holds a training run (its {STATS_FILE}); pass --resume to start it again "
+                            "from its settings, or choose another --out")
 
 
 def _read_run_config(path: Path) -> dict:
@@ -309,6 +333,9 @@ class Trainer:
     def _write_run_config(self, path: Path, model_config: ModelConfig, train_config: TrainConfig,
                           resume: bool, given: Collection[str] | None) -> dict:
         self.dataset.require()
+        if self.out.resolve().is_relative_to(self.dataset.root.resolve()):
+            raise TrainingError(f"{self.out}: the run folder must not be inside the dataset {self.dataset.root} (its "
+                                "files would be taken for the dataset's); choose another --out")
         if path.is_file():  # a run: held before anything of it is read (rank 0 alone writes the folder)
             self._lock = RunFolderLock(self.out, self.echo)
         wanted = {"model": model_config.to_dict(), "training": asdict(train_config)}
@@ -316,6 +343,8 @@ class Trainer:
         if checkpoint is not None and not resume:
             raise TrainingError(f"{self.out}: already holds a training run; pass --resume to continue it "
                                 "or choose another --out")
+        if checkpoint is None:  # a run's results without its checkpoints (removed to free room): nothing to resume
+            _check_nothing_trained(self.out, resume)
         recorded, processes = checkpoint_configs(checkpoint) if checkpoint else (None, None)
         saved = _read_run_config(path) if path.is_file() else recorded
         if saved is not None and resume:
@@ -407,6 +436,10 @@ class Trainer:
         if not train_rows:
             raise TrainingDataError(f"{self.dataset.root}: no aligned face with a {sketch_folder} sketch is in the "
                                     "training split")
+        unsketched = len(self.dataset.aligned()) - len(train_rows) - len(held_out)
+        if unsketched:
+            self.echo(f"{unsketched} aligned faces have no {sketch_folder} sketch and are left out: run dfd-data "
+                      "build-sketches to add them")
         resolution = self.model_config.resolution
         if self._pairs_trained_on not in (None, pairs_fingerprint(train_rows, resolution)):  # before stacking them
             raise TrainingError(f"{self.out}: was trained on other pairs than {self.dataset.root} gives now (its "

@@ -367,6 +367,61 @@ def test_resuming_keeps_the_runs_own_settings_and_data(sketched_dataset, tmp_pat
     assert _trainer(dataset, tmp_path / "fresh", resume=True, steps=2, batch_size=4).config.batch_size == 4
 
 
+def test_what_a_run_folder_holds_is_never_trained_over(sketched_dataset, tmp_path):
+    """A run whose checkpoints were removed (to free room: the full model's take 6 GiB each)
+    keeps its model: neither a fresh run nor a resume trains over it, nor a fresh run over its
+    stats (both had replaced them without a word). A run folder inside the dataset is refused
+    before it is made, and aligned faces without a sketch are said to be left out."""
+    dataset = tmp_path / "faces"
+    shutil.copytree(sketched_dataset, dataset)
+    run = tmp_path / "run"
+    _trainer(dataset, run, steps=2).run("all")
+    model = (run / "model" / "model.safetensors").read_bytes()
+    shutil.rmtree(run / "checkpoints")
+    for resume in (False, True):
+        with pytest.raises(TrainingError, match="holds a trained model but no checkpoint"):
+            _trainer(dataset, run, resume=resume, steps=2)
+    assert (run / "model" / "model.safetensors").read_bytes() == model
+    shutil.rmtree(run / "model")
+    with pytest.raises(TrainingError, match=r"already holds a training run \(its stats.jsonl\)"):
+        _trainer(dataset, run, steps=2)
+    _trainer(dataset, run, resume=True, steps=2).close()  # (stopped before a checkpoint: it starts again)
+    for inside in (dataset, dataset / "runs" / "one"):
+        with pytest.raises(TrainingError, match="must not be inside the dataset"):
+            _trainer(dataset, inside, steps=2)
+    assert not (dataset / "runs").exists() and not (dataset / "train_config.json").exists()
+    sketches = dataset / "sketches" / "photocopy" / "records.jsonl"
+    sketches.write_text("".join(line + "\n" for line in sketches.read_text().splitlines()[1:]))
+    lines = []
+    Trainer(dataset, tmp_path / "fewer", ModelConfig(**TINY_128), TrainConfig(steps=2, batch_size=2),
+            torch.device("cpu"), quiet=True, echo=lines.append).close()
+    assert "1 aligned faces have no photocopy sketch and are left out: run dfd-data build-sketches to add them" in lines
+    with pytest.raises(ValueError, match="amp must be true or false"):  # ("disable" had been taken as on)
+        TrainConfig(amp="disable")
+
+
+def test_resume_without_out_takes_the_latest_run(sketched_dataset, tmp_path, monkeypatch):
+    """--resume without --out had started a new run, with the default full-size settings, in
+    the next free runs/run-NNN; it now resumes the latest one, and says so where there is none."""
+    from dfd_model import training
+
+    folders = []
+
+    def recorded(dataset, out, *args, **kwargs):  # (nothing trains, whatever folder the command picks)
+        folders.append(Path(out))
+        raise TrainingError("recorded")
+
+    monkeypatch.setattr(training, "Trainer", recorded)
+    monkeypatch.chdir(tmp_path)
+    none = CliRunner().invoke(main, ["train", str(sketched_dataset), "--resume"])
+    assert none.exit_code == 2 and "resumes the latest runs/run-NNN, and there is none here" in none.output
+    (tmp_path / "runs" / "run-002").mkdir(parents=True)
+    (tmp_path / "runs" / "run-010").mkdir()
+    for resume in (["--resume"], []):
+        assert CliRunner().invoke(main, ["train", str(sketched_dataset), *resume]).exit_code == 1
+    assert folders == [Path("runs/run-010"), Path("runs/run-011")]
+
+
 def test_a_batch_that_keeps_the_checkpoints_global_batch_is_taken_after_an_interrupted_resume(sketched_dataset,
                                                                                               tmp_path):
     """A resume on 2 processes with half the batch rewrites train_config.json before it trains;

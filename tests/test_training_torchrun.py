@@ -118,8 +118,9 @@ def test_a_process_group_that_cannot_start_is_one_line(sketched_dataset, tmp_pat
 
 @pytest.mark.parametrize("rank", ["0", "1"])
 def test_ctrl_c_under_torchrun_is_said_by_rank_0_alone(sketched_dataset, tmp_path, monkeypatch, rank):
-    """A terminal's Ctrl-C reaches every process torchrun started: rank 0 says "Aborted!", the
-    others end with the shell's code for it and say nothing (each had printed "Aborted!")."""
+    """A terminal's Ctrl-C reaches every process torchrun started: rank 0 says "Aborted!" and how
+    to go on, the others say nothing (each had printed "Aborted!"); all end with the shell's code
+    for it (rank 0, and a run without torchrun, had ended with 1)."""
     from dfd_model import training
 
     def interrupted(*args, **kwargs):
@@ -128,7 +129,8 @@ def test_ctrl_c_under_torchrun_is_said_by_rank_0_alone(sketched_dataset, tmp_pat
     monkeypatch.setattr(training, "Trainer", interrupted)
     result = CliRunner().invoke(main, ["train", str(sketched_dataset), "--out", str(tmp_path / "run")],
                                 env={"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": "2"})
-    assert (result.exit_code, result.output.strip()) == ((1, "Aborted!") if rank == "0" else (130, "")), result.output
+    said = "Aborted! (--resume continues the run from its latest checkpoint)" if rank == "0" else ""
+    assert (result.exit_code, result.output.strip()) == (130, said), result.output
 
 
 def test_torchrun_with_two_cpu_processes_matches_one_process(sketched_dataset, tmp_path):
