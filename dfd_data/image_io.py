@@ -73,6 +73,9 @@ def decode_image(data: bytes, path: str | os.PathLike = "<bytes>", max_pixels: i
         raise ImageError(path, "empty file (0 bytes)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        # (a camera's damaged EXIF block: the pixels decode, the orientation is read where it can
+        # be; Pillow's warning named no file and took two lines in a batch's output)
+        warnings.filterwarnings("ignore", message=".*[Cc]orrupt EXIF", category=UserWarning)
         try:
             image = Image.open(io.BytesIO(data))
         except UnidentifiedImageError:

@@ -49,20 +49,24 @@ def nth_face_id(source_id: str, index: int) -> str:
     return f"{source_id}_f{index}"
 
 
+# An id names files with a suffix or two (id-1fa948f1_f12.png, sketches' id.png): a longer one had
+# passed a file system's 255 bytes, and its photo failed on every run.
+MAX_ID_BYTES = 200
 _FACE_ID = re.compile(r"(.+)_f[0-9]+")  # what nth_face_id makes
 
 
 def unique_ids(relpaths: list[str]) -> dict[str, str]:
     """Map relative paths to ids: the path without extension, '/' as '__', unsafe characters
-    as '_'; clashes (a.jpg and a.png) get a short hash of the full path, and so does a name
-    that another photo's faces take under --all-faces (x_f0.png beside x.png, whose first face
-    is x_f0: one record had taken the other's place)."""
+    as '_', cut to MAX_ID_BYTES; clashes (a.jpg and a.png) get a short hash of the full path,
+    and so does a name that another photo's faces take under --all-faces (x_f0.png beside
+    x.png, whose first face is x_f0: one record had taken the other's place)."""
     def base(rel: str) -> str:
         stem = rel.rsplit(".", 1)[0]
-        return re.sub(r"[^\w.\-]", "_", stem.replace("/", "__")).lstrip(".") or "image"
+        name = re.sub(r"[^\w.\-]", "_", stem.replace("/", "__")).lstrip(".") or "image"
+        return name.encode()[:MAX_ID_BYTES].decode(errors="ignore")  # (a cut character is dropped whole)
 
     def hashed(rel: str) -> str:
-        return f"{base(rel)}-{hashlib.sha256(rel.encode()).hexdigest()[:8]}"
+        return f"{base(rel)}-{hashlib.sha256(os.fsencode(rel)).hexdigest()[:8]}"
 
     counts: dict[str, int] = {}
     for rel in relpaths:

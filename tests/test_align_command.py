@@ -239,6 +239,24 @@ def test_linked_folders_are_followed_once_and_empty_folders_refused(tmp_path, sa
     assert result.returncode == 1 and "no image files found" in result.stderr
 
 
+def test_ids_fit_file_names_and_never_take_another_photos_place():
+    """Ids name files with suffixes: a 250-byte name (or 85 characters of another script) had
+    passed the file system's 255 bytes on every run. Names alike once cut, names alike in
+    another case of bytes (not UTF-8), and the name of another photo's face all get a hash."""
+    from dfd_data.sources import MAX_ID_BYTES, unique_ids
+
+    long, greek = "a" * 250, "\u03b1" * 120
+    latin1 = os.fsdecode(b"caf\xe9")
+    names = [f"{long}.jpg", f"{long}.png", f"{long}x.png", f"{greek}.png", f"{latin1}.png", f"{latin1}.jpg",
+             "x.png", "x_f0.png", "x_f12.jpg", "y_f0.png"]
+    ids = unique_ids(names)
+    assert len(set(ids.values())) == len(names)
+    assert all(len((ident + "-12345678_f99.png").encode()) <= 255 for ident in ids.values())
+    assert ids[f"{greek}.png"] == "\u03b1" * (MAX_ID_BYTES // 2)
+    assert [ids[name][:-9] for name in ("x_f0.png", "x_f12.jpg")] == ["x_f0", "x_f12"] and ids["y_f0.png"] == "y_f0"
+    assert ids["x.png"] == "x" and ids[f"{latin1}.png"].startswith("caf_-")
+
+
 def test_a_rerun_follows_edited_photos(tmp_path, sample_photos):
     """A photo edited in place is aligned again even when its size did not change (a mirrored
     BMP is byte for byte as long), and a photo that no longer shows a face loses its aligned

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from dfd_data import atomic
 from dfd_data.atomic import TEMP_PREFIX, atomic_write_bytes
@@ -208,3 +208,26 @@ def test_safetensors_written_one_tensor_at_a_time_read_back_exactly(tmp_path, mo
         atomic_write_safetensors(target, {"other": torch.ones(3)})
     assert target.read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(TEMP_PREFIX)]
+
+
+def test_a_photo_with_a_damaged_exif_block_decodes_without_warnings():
+    """Pillow warns of a damaged EXIF block in two lines that name no file, once per photo of
+    a batch (under ray, with colour codes); the pixels decode all the same."""
+    import warnings
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # an orientation, so that the block is read
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((64, 48, 3), np.uint8)).save(buffer, "JPEG", exif=exif.tobytes())
+    data = bytearray(buffer.getvalue())
+    ifd = data.find(b"Exif\x00\x00") + 6
+    data[ifd + 8:ifd + 10] = b"\xff\x7f"  # an entry count far past the block's end
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        image = Image.open(io.BytesIO(bytes(data)))
+        ImageOps.exif_transpose(image)
+        assert any("Corrupt EXIF" in str(warning.message) for warning in caught)  # (Pillow's own warning)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert sorted(decode_image(bytes(data), "damaged.jpg").shape) == [3, 48, 64]  # (turned where it could be read)
+    assert not caught
