@@ -212,6 +212,19 @@ def _given_settings(model_settings: dict, train_settings: dict) -> set[str]:
         | set(model_settings) | set(train_settings)
 
 
+def _check_gender(model, gender: str | None) -> None:
+    """A usage error unless `gender` is None or one of the model's banks' genders."""
+    from .projection import ALL
+
+    if gender is None or gender in model.genders:
+        return
+    if set(model.genders) <= {ALL}:  # (the help for an unsplit model had named its one bank, "all")
+        raise click.BadParameter(f"{gender!r}: the model's banks are not split by gender (its dataset recorded none)",
+                                 param_hint="--gender")
+    raise click.BadParameter(f"{gender!r} is not one of the model's genders ({', '.join(model.genders)})",
+                             param_hint="--gender")
+
+
 def _load_model(folder: str, device: str, precision: str):
     """The model in `folder`, prepared for inference; a model saved after stage 1 only is
     loaded with a warning (its faces are an untrained generator's)."""
@@ -283,12 +296,14 @@ def generate(model_folder, inputs, out, refine, gender, from_photo, grid, batch_
     if from_photo is not None and from_photo not in METHODS:
         raise click.BadParameter(f"unknown sketch method {from_photo!r} (known: {', '.join(METHODS)})",
                                  param_hint="--from-photo")
+    if from_photo is not None and "hed" in from_photo:  # (once, up front: it had been said for every file, unnamed)
+        from dfd_data.weights import hed_weights_path
+
+        hed_weights_path()
     refine_value = _parse_refine(refine)
     started = time.time()
     model = _load_model(model_folder, device, precision)
-    if gender is not None and gender not in model.genders:
-        known = ", ".join(model.genders) or "none: the model's banks are not split by gender"
-        raise click.BadParameter(f"{gender!r} is not one of the model's genders ({known})", param_hint="--gender")
+    _check_gender(model, gender)
     try:
         result = run(model, list(inputs), out, refine=refine_value, gender=gender, from_photo=from_photo,
                      batch_size=batch_size, grid=grid, quiet=quiet)
@@ -338,9 +353,7 @@ def evaluate(model_folder, pairs, out, refine, gender, sketch_method, tol, batch
         raise click.BadParameter(f"unknown sketch method {sketch_method!r} (known: {', '.join(METHODS)})",
                                  param_hint="--sketch-method")
     model = _load_model(model_folder, device, precision)
-    if gender is not None and gender not in model.genders:
-        raise click.BadParameter(f"{gender!r} is not one of the model's genders ({', '.join(model.genders) or 'none'})",
-                                 param_hint="--gender")
+    _check_gender(model, gender)
     result = run(model, pairs, out, refine=refine, gender=gender, sketch_method=sketch_method, tol=tol,
                  batch_size=batch_size, quiet=quiet)
     for line in result.skipped:

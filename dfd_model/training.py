@@ -383,7 +383,7 @@ class Trainer:
                     saved[section][key] = wanted[section][key]
                 elif key not in RESUMABLE_CHANGES and processes is not None \
                         and not (key == "sketches" and value is None):  # (a run from before the set was recorded)
-                    differ.append(f"{section}.{key}")
+                    differ.append(f"{section}.{key} {value} (given {wanted[section][key]})")
                 else:
                     changed.append(f"{key} {value} -> {wanted[section][key]}")
                     saved[section][key] = wanted[section][key]

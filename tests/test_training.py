@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
 import torch
@@ -319,7 +320,7 @@ def test_stage_two_needs_stage_one_and_settings_must_match_on_resume(sketched_da
     assert "saved after training stage 1 only" in untrained_warning(tmp_path / "run" / "model")
     with pytest.raises(TrainingError, match="pass --resume"):  # and train_config.json is left as it was
         _trainer(sketched_dataset, tmp_path / "run", steps=2, lr=1e-3)
-    with pytest.raises(TrainingError, match="training.seed"):
+    with pytest.raises(TrainingError, match=r"settings \(training.seed 0 \(given 1\)\)"):  # (what each was, too)
         _trainer(sketched_dataset, tmp_path / "run", resume=True, steps=2, seed=1)
     summary = _trainer(sketched_dataset, tmp_path / "run", resume=True, steps=2).run("2")
     assert summary.startswith("train: stage 2: 2 steps")
@@ -534,7 +535,7 @@ def test_smoke_command_then_generate(sketched_dataset, tmp_path):
                              "--gender", "male", "--quiet"], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 1  # the photo failed, and says why and what to do
     assert "photo.png: looks like a" in result.stderr and "--from-photo" in result.stderr
-    assert "generate: 1 faces, 1 failed" in result.stdout
+    assert "generate: 1 face, 1 failed" in result.stdout
     assert read_image(out / "wide.png").shape == (128, 128, 3)
     assert read_image(out / "grid.jpg").shape == (128, 3 * 128, 3)
     bad = CliRunner().invoke(main, ["generate", "--model", str(run / "model"), str(inputs), "-o", str(out),
@@ -792,6 +793,23 @@ def test_model_commands_refuse_bad_options_and_outputs_in_one_line(tiny_model_fo
     shutil.copytree(tiny_model_folder, run / "model")
     result = CliRunner().invoke(main, ["generate", "--model", str(run), str(sketch), "-o", str(tmp_path / "o")])
     assert result.exit_code == 1 and f"looks like a training run: pass {run / 'model'}" in result.output
+    # a gender the model lacks names those it has; a model without gender banks says so
+    generate = ["generate", str(sketch), "-o", str(tmp_path / "g"), "--gender", "woman", "--model"]
+    result = CliRunner().invoke(main, [*generate, str(tiny_model_folder)])
+    assert result.exit_code == 2 and "'woman' is not one of the model's genders (female, male)" in result.output
+    # a sketch method whose weights are missing: one line before any file, none per file
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(encode_png(np.full((64, 64, 3), (200, 150, 120), np.uint8)))
+    result = CliRunner().invoke(main, ["generate", "--model", str(tiny_model_folder), "--from-photo", "hed", str(photo),
+                                       str(photo), "-o", str(tmp_path / "h")], env={"DFD_HOME": str(tmp_path / "bare")})
+    assert result.exit_code == 1 and result.output.count("HED weights not found") == 1, result.output
+    assert not (tmp_path / "h").exists()
+    from types import SimpleNamespace
+
+    from dfd_model.cli import _check_gender
+
+    with pytest.raises(click.BadParameter, match="the model's banks are not split by gender"):
+        _check_gender(SimpleNamespace(genders=("all",)), "woman")  # (it had named the one bank, "all")
 
 
 def _kill_test_command(dataset) -> list[str]:
