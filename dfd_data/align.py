@@ -119,7 +119,10 @@ def align_folder(src: str | os.PathLike, dst: str | os.PathLike, params: AlignPa
     manifest = dataset.load_manifest()
     previous = manifest["steps"].get(STEP)
     if previous and previous.get("params") != asdict(params):
-        raise DatasetError(f"{dataset.root}: already aligned with {previous.get('params')}; use a new folder for {asdict(params)}")
+        before = previous.get("params") or {}
+        options = f"--size {before.get('size')}" + (" --all-faces" if before.get("all_faces") else "")
+        raise DatasetError(f"{dataset.root}: already aligned with {options}; pass them to go on with it, or use a new "
+                           f"folder for --size {params.size}{' --all-faces' if params.all_faces else ''}")
     source_root = str(src.resolve())
     if manifest.get("sources") and manifest["sources"][0].get("path") != source_root:
         raise DatasetError(f"{dataset.root}: built from {manifest['sources'][0]['path']}, not {source_root}; use a new folder")

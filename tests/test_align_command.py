@@ -86,7 +86,7 @@ def test_rerun_resumes_and_changes_nothing(hostile_run):
 def test_changing_parameters_needs_a_new_folder(hostile_run):
     src, dst, _result, _files = hostile_run
     result = dfd_data("align", src, dst, "--size", "256")
-    assert result.returncode == 1 and "already aligned with" in result.stderr
+    assert result.returncode == 1 and "already aligned with --size 128; pass them to go on with it, or use a new folder for --size 256" in result.stderr
     assert "Traceback" not in result.stderr
 
 
