@@ -176,6 +176,7 @@ def _align_sources(dataset: Dataset, src: Path, sources: list[Source], ignored: 
         summary = run_batch(STEP, tasks, align_source, jobs=jobs, backend=backend, quiet=quiet,
                             already_done=len(sources) - len(pending), on_outcome=on_outcome)
     remove_stale_temp_files(dataset.root)  # (a pool torn down after a worker died killed others mid-write)
+    dataset.remove_unrecorded_images("images", log.by_id.values())
     summary.not_images = ignored
     waiting = {task.key for task in tasks}
     summary.reports = sorted(summary.reports + [  # photos known to show no face are still reported

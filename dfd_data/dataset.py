@@ -271,6 +271,18 @@ class Dataset:
         """Records of aligned faces, sorted by id."""
         return [r for r in self.records() if r.get("status") == "aligned"]
 
+    def remove_unrecorded_images(self, folder: str, records: Iterable[dict]) -> None:
+        """Delete the PNGs under `folder` that none of `records` names in its outputs: those of an
+        item whose run was stopped between writing and recording them, and whose input has gone
+        since (an input still there is redone over them). They had stayed for good, and verify
+        failed on them."""
+        recorded = {relpath for record in records for relpath in record.get("outputs", {})}
+        for dirpath, _dirnames, filenames in os.walk(self.path(folder)):
+            for name in filenames:
+                path = Path(dirpath, name)
+                if name.endswith(".png") and path.relative_to(self.root).as_posix() not in recorded:
+                    path.unlink(missing_ok=True)
+
     def replace_errors(self, step: str, reports: list[dict]) -> None:
         """Replace `step`'s lines in errors.jsonl by this run's reports; with none left the file
         goes, so that a run finished after a failed one leaves what an unbroken run leaves."""

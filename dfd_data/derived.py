@@ -61,5 +61,6 @@ def run_derived_step(dataset: Dataset, step: str, out_dir: str, inputs: dict[str
         summary = run_batch(step, tasks, work, jobs=jobs, backend=backend, quiet=quiet, batch_size=batch_size,
                             already_done=len(inputs) - len(pending), on_outcome=on_outcome)
     remove_stale_temp_files(dataset.path(out_dir))  # (a pool torn down after a worker died killed others mid-write)
+    dataset.remove_unrecorded_images(out_dir, log.by_id.values())
     dataset.replace_errors(step, summary.reports)
     return summary, sorted(log.by_id)

@@ -329,3 +329,19 @@ def test_a_dataset_whose_path_is_not_utf8_is_cropped(sample_dataset, tmp_path):
     assert result.returncode == 0, result.stderr
     assert Dataset(root).verify().ok
     assert np.load(root / "components/images/nose.npy").shape[0] == 2
+
+
+def test_outputs_no_record_names_are_removed_by_the_next_run(dataset_copy, sample_photos):
+    """A run stopped between writing an image's outputs and recording them leaves files no
+    record names; once that image's photo is gone, nothing redid them, and verify failed on
+    them for good. The next run of the step removes them."""
+    ghosts = [dataset_copy / "images" / "ghost.png", dataset_copy / "components/images/nose/ghost.png"]
+    for ghost in ghosts:
+        ghost.write_bytes((dataset_copy / "images" / "astronaut.png").read_bytes())
+    assert not Dataset(dataset_copy).verify().ok
+    assert dfd_data("align", sample_photos, dataset_copy, "--size", "128", "--jobs", "1").returncode == 0
+    assert not ghosts[0].exists() and ghosts[1].exists()
+    assert dfd_data("crop-components", dataset_copy, "--jobs", "1").returncode == 0
+    assert not ghosts[1].exists()
+    assert Dataset(dataset_copy).verify().ok
+    assert sorted(p.name for p in (dataset_copy / "images").iterdir()) == ["astronaut.png", "grace_hopper.png"]
