@@ -118,8 +118,9 @@ Examples:
                    "discriminators (needs stage 1 in the same run folder); all: both.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Run folder. Default: the next free runs/run-NNN (with --resume: the latest one).")
-@click.option("--resume", is_flag=True, help="Continue the run in --out (or the latest runs/run-NNN) from its latest checkpoint, with its own "
-              "settings: options given again must match them, except --steps, --lr, the --*-every ones and --set amp.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out (or the latest runs/run-NNN) from its latest "
+              "checkpoint, with its own settings: options given again must match them, except --steps, --lr, the "
+              "--*-every ones and --set amp.")
 @click.option("--resolution", type=int, default=512, help="Side of sketches and faces (multiple of 32, >= 64).")
 @click.option("--steps", type=click.IntRange(1), default=50_000, help="Optimisation steps per stage.")
 @click.option("--batch-size", type=click.IntRange(1), default=8)

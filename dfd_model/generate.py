@@ -147,7 +147,8 @@ class GenerateResult:
         shown = f" (the first {self.grid_rows})" if self.grid_rows < len(self.written) else ""
         grid = f"; grid {self.grid}{shown}" if self.grid else ""
         stopped = "" if self.not_drawn is None else f"; interrupted, {self.not_drawn} not drawn"
-        return f"generate: {len(self.written)} face{'' if len(self.written) == 1 else 's'}{failed} in {seconds:.1f} s{grid}{stopped}"
+        faces = f"{len(self.written)} face{'' if len(self.written) == 1 else 's'}"
+        return f"generate: {faces}{failed} in {seconds:.1f} s{grid}{stopped}"
 
 
 class GenerateInterrupted(KeyboardInterrupt):

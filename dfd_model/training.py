@@ -383,12 +383,12 @@ class Trainer:
                     saved[section][key] = wanted[section][key]
                 elif key not in RESUMABLE_CHANGES and processes is not None \
                         and not (key == "sketches" and value is None):  # (a run from before the set was recorded)
-                    differ.append(f"{section}.{key} {value} (given {wanted[section][key]})")
+                    differ.append(f"{section}.{key} was {value!r}, given {wanted[section][key]!r}")
                 else:
                     changed.append(f"{key} {value} -> {wanted[section][key]}")
                     saved[section][key] = wanted[section][key]
         if differ:
-            raise TrainingError(f"{path}: the run was started with other settings ({', '.join(differ)}); "
+            raise TrainingError(f"{path}: the run was started with other settings ({'; '.join(differ)}); "
                                 "resume with the same options or start a new --out")
         if changed:
             self.echo(f"resuming with {', '.join(changed)}")

@@ -320,7 +320,7 @@ def test_stage_two_needs_stage_one_and_settings_must_match_on_resume(sketched_da
     assert "saved after training stage 1 only" in untrained_warning(tmp_path / "run" / "model")
     with pytest.raises(TrainingError, match="pass --resume"):  # and train_config.json is left as it was
         _trainer(sketched_dataset, tmp_path / "run", steps=2, lr=1e-3)
-    with pytest.raises(TrainingError, match=r"settings \(training.seed 0 \(given 1\)\)"):  # (what each was, too)
+    with pytest.raises(TrainingError, match=r"settings \(training.seed was 0, given 1\)"):  # (what each was, too)
         _trainer(sketched_dataset, tmp_path / "run", resume=True, steps=2, seed=1)
     summary = _trainer(sketched_dataset, tmp_path / "run", resume=True, steps=2).run("2")
     assert summary.startswith("train: stage 2: 2 steps")
@@ -449,7 +449,8 @@ def test_a_batch_that_keeps_the_checkpoints_global_batch_is_taken_after_an_inter
     # (a setting chosen as None beside a saved value is refused, not multiplied by the processes)
     saved["training"]["vgg_weights"] = "vgg19.safetensors"
     (run / "train_config.json").write_text(json.dumps(saved))
-    with pytest.raises(TrainingError, match=r"other settings \(training.vgg_weights\)"):
+    with pytest.raises(TrainingError,
+                       match=r"other settings \(training.vgg_weights was 'vgg19.safetensors', given None\)"):
         _trainer(sketched_dataset, run, resume=True, steps=2, batch_size=2)
 
 
