@@ -55,12 +55,12 @@ def align_source(task: Task) -> list[dict]:
     image = decode_image(data, source.path)
     faces = find_faces(image)
     if not faces:
-        raise SkipItem(_no_face(source), [{"id": source.id, **base, "status": "no_face"}])
+        raise SkipItem(_no_face(source), [{"id": record_ids(source, params, 1)[0], **base, "status": "no_face"}])
     chosen = faces if params.all_faces else faces[:1]
     records = []
     with all_or_none(job.out_root) as write:
         for index, face in enumerate(chosen):
-            face_id = nth_face_id(source.id, index) if params.all_faces else source.id
+            face_id = record_ids(source, params, len(chosen))[index]
             quad = ffhq_quad(face.landmarks)
             png = encode_png(align_face(image, quad, params.size))
             relpath = f"images/{face_id}.png"
@@ -74,17 +74,26 @@ def align_source(task: Task) -> list[dict]:
     return records
 
 
+def record_ids(source: Source, params: AlignParams, count: int) -> list[str]:
+    """The ids of a photo's `count` records (its faces; else its one no-face or error record)."""
+    return [nth_face_id(source.id, index) for index in range(count)] if params.all_faces else [source.id]
+
+
 def _no_face(source: Source) -> str:
     return f"{source.path}: no face found"
 
 
 def _is_complete(dataset: Dataset, records: list[dict], source: Source, params: dict) -> bool:
     """Aligned with `params`, or found without a face (detection gives the same answer for
-    the same bytes), from the photo's present bytes, with every output present and unaltered.
+    the same bytes), from the photo's present bytes, with every output present and unaltered,
+    under the ids this version gives (a record taken by another photo's is missing).
     The parameters are checked per record because an interrupted first run leaves records
     but no manifest to compare them with."""
     no_face = len(records) == 1 and records[0].get("status") == "no_face"
     if not records or not (no_face or all(r.get("status") == "aligned" for r in records)):
+        return False
+    count = 1 if no_face else records[0].get("faces_found", len(records)) if params.get("all_faces") else 1
+    if [r.get("id") for r in records] != record_ids(source, AlignParams(**params), count):  # (ids of an older run)
         return False
     if any(r.get("params", params) != params for r in records):  # (records from before params were kept: the manifest's check)
         return False
@@ -158,16 +167,18 @@ def _align_sources(dataset: Dataset, src: Path, sources: list[Source], ignored: 
 
     def on_outcome(outcome: Outcome) -> None:
         old = by_source.get(outcome.task.key, [])
-        attributes = {r["id"]: r["attributes"] for r in old if r.get("attributes")}
+        # labels follow the face (its index), whatever id an older run gave it
+        attributes = {r.get("face_index", 0): r["attributes"] for r in old if r.get("attributes")}
         if outcome.status == "failed":
             source: Source = outcome.task.payload.source
-            new = [{"id": source.id, "source": source.relpath, "status": "error", "reason": outcome.message}]
+            new = [{"id": record_ids(source, params, 1)[0], "source": source.relpath, "status": "error",
+                    "reason": outcome.message}]
         else:
             new = outcome.result
         _drop(dataset, log, old, keep=new)
         for record in new:
-            if record["id"] in attributes:
-                record["attributes"] = attributes[record["id"]]
+            if record.get("status") == "aligned" and record["face_index"] in attributes:
+                record["attributes"] = attributes[record["face_index"]]
             log.put(record)
 
     manifest["resolution"] = params.size

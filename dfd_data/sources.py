@@ -45,21 +45,20 @@ def list_sources(folder: str | os.PathLike, skip: str | os.PathLike | None = Non
 
 
 def nth_face_id(source_id: str, index: int) -> str:
-    """The id of a photo's face number `index` under --all-faces."""
+    """The record id of a photo's face number `index` under --all-faces, and of its only record
+    where it shows no face or failed (which had taken its bare id: x_f0.png's then replaced
+    x.png's first face). Distinct sources' ids never meet: x_fI = y_fJ only where x = y."""
     return f"{source_id}_f{index}"
 
 
 # An id names files with a suffix or two (id-1fa948f1_f12.png, sketches' id.png): a longer one had
 # passed a file system's 255 bytes, and its photo failed on every run.
 MAX_ID_BYTES = 200
-_FACE_ID = re.compile(r"(.+)_f[0-9]+")  # what nth_face_id makes
 
 
 def unique_ids(relpaths: list[str]) -> dict[str, str]:
     """Map relative paths to ids: the path without extension, '/' as '__', unsafe characters
-    as '_', cut to MAX_ID_BYTES; clashes (a.jpg and a.png) get a short hash of the full path,
-    and so does a name that another photo's faces take under --all-faces (x_f0.png beside
-    x.png, whose first face is x_f0: one record had taken the other's place)."""
+    as '_', cut to MAX_ID_BYTES; clashes (a.jpg and a.png) get a short hash of the full path."""
     def base(rel: str) -> str:
         stem = rel.rsplit(".", 1)[0]
         name = re.sub(r"[^\w.\-]", "_", stem.replace("/", "__")).lstrip(".") or "image"
@@ -71,11 +70,4 @@ def unique_ids(relpaths: list[str]) -> dict[str, str]:
     counts: dict[str, int] = {}
     for rel in relpaths:
         counts[base(rel)] = counts.get(base(rel), 0) + 1
-    ids = {rel: base(rel) if counts[base(rel)] == 1 else hashed(rel) for rel in relpaths}
-    taken = set(ids.values())
-
-    def a_face_of_another(name: str) -> bool:
-        match = _FACE_ID.fullmatch(name)
-        return match is not None and match.group(1) in taken
-
-    return {rel: hashed(rel) if a_face_of_another(name) else name for rel, name in ids.items()}
+    return {rel: base(rel) if counts[base(rel)] == 1 else hashed(rel) for rel in relpaths}

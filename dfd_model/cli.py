@@ -189,7 +189,7 @@ def train(dataset, stage, out, resume, resolution, steps, batch_size, lr, sketch
         raise SystemExit(1) from None
     except KeyboardInterrupt:  # Ctrl-C reaches every process: rank 0 alone says so
         if distributed.launched_rank() == 0:
-            click.echo("Aborted! (--resume continues the run from its latest checkpoint)", err=True)
+            click.echo(f"Aborted! (--out {run_folder} --resume continues the run from its latest checkpoint)", err=True)
         raise SystemExit(130) from None  # (the shell's code for a run stopped by Ctrl-C, as generate's)
     except RuntimeError as error:  # a collective that found another process gone or stalled: one line, not a traceback
         waited = distributed.timed_out(error)

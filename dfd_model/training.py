@@ -113,8 +113,9 @@ class TrainConfig:
             raise ValueError("training config: lr must be in (0, 1) and the betas below 1")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"training config: seed must be a non-negative integer, got {self.seed!r}")
-        if not isinstance(self.amp, bool):  # ("disable" had been taken as on)
+        if self.amp not in (True, False):  # ("disable" had been taken as on; 1 and 0 are read as they mean)
             raise ValueError(f"training config: amp must be true or false, got {self.amp!r}")
+        object.__setattr__(self, "amp", bool(self.amp))
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
@@ -438,8 +439,9 @@ class Trainer:
                                     "training split")
         unsketched = len(self.dataset.aligned()) - len(train_rows) - len(held_out)
         if unsketched:
-            self.echo(f"{unsketched} aligned faces have no {sketch_folder} sketch and are left out: run dfd-data "
-                      "build-sketches to add them")
+            faces = "1 aligned face has" if unsketched == 1 else f"{unsketched} aligned faces have"
+            self.echo(f"{faces} no {sketch_folder} sketch and {'is' if unsketched == 1 else 'are'} left out: run "
+                      "dfd-data build-sketches to add them")
         resolution = self.model_config.resolution
         if self._pairs_trained_on not in (None, pairs_fingerprint(train_rows, resolution)):  # before stacking them
             raise TrainingError(f"{self.out}: was trained on other pairs than {self.dataset.root} gives now (its "

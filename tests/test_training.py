@@ -396,9 +396,10 @@ def test_what_a_run_folder_holds_is_never_trained_over(sketched_dataset, tmp_pat
     lines = []
     Trainer(dataset, tmp_path / "fewer", ModelConfig(**TINY_128), TrainConfig(steps=2, batch_size=2),
             torch.device("cpu"), quiet=True, echo=lines.append).close()
-    assert "1 aligned faces have no photocopy sketch and are left out: run dfd-data build-sketches to add them" in lines
+    assert "1 aligned face has no photocopy sketch and is left out: run dfd-data build-sketches to add them" in lines
     with pytest.raises(ValueError, match="amp must be true or false"):  # ("disable" had been taken as on)
         TrainConfig(amp="disable")
+    assert (TrainConfig(amp=0).amp, TrainConfig(amp=1).amp) == (False, True)
 
 
 def test_resume_without_out_takes_the_latest_run(sketched_dataset, tmp_path, monkeypatch):

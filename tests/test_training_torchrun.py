@@ -129,7 +129,8 @@ def test_ctrl_c_under_torchrun_is_said_by_rank_0_alone(sketched_dataset, tmp_pat
     monkeypatch.setattr(training, "Trainer", interrupted)
     result = CliRunner().invoke(main, ["train", str(sketched_dataset), "--out", str(tmp_path / "run")],
                                 env={"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": "2"})
-    said = "Aborted! (--resume continues the run from its latest checkpoint)" if rank == "0" else ""
+    said = f"Aborted! (--out {tmp_path / 'run'} --resume continues the run from its latest checkpoint)" if rank == "0" \
+        else ""
     assert (result.exit_code, result.output.strip()) == (130, said), result.output
 
 
