@@ -58,9 +58,9 @@ def align_source(task: Task) -> list[dict]:
         raise SkipItem(_no_face(source), [{"id": record_ids(source, params, 1)[0], **base, "status": "no_face"}])
     chosen = faces if params.all_faces else faces[:1]
     records = []
+    ids = record_ids(source, params, len(chosen))
     with all_or_none(job.out_root) as write:
-        for index, face in enumerate(chosen):
-            face_id = record_ids(source, params, len(chosen))[index]
+        for index, (face, face_id) in enumerate(zip(chosen, ids)):
             quad = ffhq_quad(face.landmarks)
             png = encode_png(align_face(image, quad, params.size))
             relpath = f"images/{face_id}.png"
@@ -92,7 +92,7 @@ def _is_complete(dataset: Dataset, records: list[dict], source: Source, params: 
     no_face = len(records) == 1 and records[0].get("status") == "no_face"
     if not records or not (no_face or all(r.get("status") == "aligned" for r in records)):
         return False
-    count = 1 if no_face else records[0].get("faces_found", len(records)) if params.get("all_faces") else 1
+    count = records[0].get("faces_found", len(records)) if params.get("all_faces") and not no_face else 1
     if [r.get("id") for r in records] != record_ids(source, AlignParams(**params), count):  # (ids of an older run)
         return False
     if any(r.get("params", params) != params for r in records):  # (records from before params were kept: the manifest's check)
