@@ -433,11 +433,10 @@ class Trainer:
 
     def _load_data(self) -> tuple[PairSet, list[tuple[str, np.ndarray, np.ndarray]]]:
         sketch_folder = choose_sketch_folder(self.dataset, self.config.sketches)
-        train_rows, held_out = split_records(self.dataset, sketch_folder)
+        train_rows, held_out, unsketched = split_records(self.dataset, sketch_folder)
         if not train_rows:
             raise TrainingDataError(f"{self.dataset.root}: no aligned face with a {sketch_folder} sketch is in the "
                                     "training split")
-        unsketched = len(self.dataset.aligned()) - len(train_rows) - len(held_out)
         if unsketched:
             faces = "1 aligned face has" if unsketched == 1 else f"{unsketched} aligned faces have"
             self.echo(f"{faces} no {sketch_folder} sketch and {'is' if unsketched == 1 else 'are'} left out: run "

@@ -77,21 +77,23 @@ def choose_sketch_folder(dataset: Dataset, wanted: str | None) -> str:
     raise TrainingDataError(f"{dataset.root}: holds several sketch sets ({', '.join(found)}); choose one with --sketches")
 
 
-def split_records(dataset: Dataset, sketch_folder: str) -> tuple[list[dict], list[dict]]:
+def split_records(dataset: Dataset, sketch_folder: str) -> tuple[list[dict], list[dict], int]:
     """(training, held-out) aligned records that have a finished sketch in `sketch_folder`,
-    each with "sketch" and "gender" filled in, sorted by id."""
+    each with "sketch" and "gender" filled in, sorted by id; and how many aligned records
+    have none."""
     done = {row.get("id"): row for row in read_jsonl(dataset.path(f"sketches/{sketch_folder}/records.jsonl"))}
-    train, held_out = [], []
+    train, held_out, unsketched = [], [], 0
     for record in dataset.aligned():
         sketch = done.get(record["id"])
         if not sketch or not sketch.get("outputs"):
+            unsketched += 1
             continue
         attributes = record.get("attributes", {})
         row = {"id": record["id"], "image": record["image"], "sketch": next(iter(sketch["outputs"])),
                "digests": [*record.get("outputs", {}).values(), *sketch["outputs"].values()],
                "gender": attributes.get("gender", UNKNOWN_GENDER)}
         (held_out if attributes.get("split") in HELD_OUT_SPLITS else train).append(row)
-    return sorted(train, key=lambda r: r["id"]), sorted(held_out, key=lambda r: r["id"])
+    return sorted(train, key=lambda r: r["id"]), sorted(held_out, key=lambda r: r["id"]), unsketched
 
 
 def pairs_fingerprint(rows: list[dict], resolution: int) -> str:
